@@ -1,0 +1,30 @@
+# Two entry points for a fresh clone: `make demo` and `make test`. Both set up .venv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean-demo
+
+install: $(STAMP)
+
+# torch goes first and pinned, so pip takes the local CPU wheel and never resolves a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check retrocli tests bench examples
+
+demo: install
+	bash examples/demo.sh
+
+bench: install
+	$(BIN)/python bench/bench_chunk.py

@@ -1,0 +1,217 @@
+"""`retro chunk`: tokenize a corpus with the LM tokenizer and cut it into fixed-size chunks.
+
+Chunks never cross a document boundary; a document's last chunk may be short. The DB is written in a
+sibling `<out>.partial` directory and renamed into place at the very end, so a DB that exists at `out`
+is always complete. Memory stays bounded: documents are tokenized in batches and flushed in blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from retrocli import __version__
+from retrocli.corpus import CorpusOptions, CorpusStats, iter_documents
+from retrocli.db import (
+    DOCS_PER_ZARR_CHUNK,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    ROWS_PER_ZARR_CHUNK,
+    STORE,
+    TOKENIZER_FILE,
+    RetroDB,
+    remove_db_dir,
+    write_json_atomic,
+)
+from retrocli.errors import RetroError
+from retrocli.progress import NullProgress, Progress
+from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
+
+TOKENIZE_BATCH_CHARS = 4_000_000  # text handed to the Rust tokenizer at once (it parallelises inside)
+
+
+@dataclass
+class ChunkOptions:
+    chunk_size: int = 64
+    tokenizer: str | None = None  # None: the packaged default
+    text_field: str = "text"
+    id_field: str | None = None
+    strict: bool = False
+
+
+class _GrowingArray:
+    """Append rows to a zarr array in whole zarr chunks, so writes are aligned and memory bounded."""
+
+    def __init__(self, array: zarr.Array, rows_per_flush: int):
+        self.array = array
+        self.rows_per_flush = rows_per_flush
+        self.pending: list[np.ndarray] = []
+        self.pending_rows = 0
+        self.written = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.pending.append(rows)
+            self.pending_rows += len(rows)
+        if self.pending_rows >= self.rows_per_flush:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.pending:
+            return
+        data = np.concatenate(self.pending)
+        cut = len(data) if final else (len(data) // self.rows_per_flush) * self.rows_per_flush
+        head, tail = data[:cut], data[cut:]
+        if len(head):
+            new_len = self.written + len(head)
+            self.array.resize((new_len, *self.array.shape[1:]))
+            self.array[self.written : new_len] = head
+            self.written = new_len
+        self.pending = [tail] if len(tail) else []
+        self.pending_rows = len(tail)
+
+    def close(self) -> None:
+        self._flush(final=True)
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+def _split_into_chunks(ids: list[int], chunk_size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.asarray(ids, dtype=dtype)
+    count = -(-len(arr) // chunk_size)
+    padded = np.zeros(count * chunk_size, dtype=dtype)
+    padded[: len(arr)] = arr
+    lengths = np.full(count, chunk_size, dtype=np.int64)
+    lengths[-1] = len(arr) - (count - 1) * chunk_size
+    return padded.reshape(count, chunk_size), lengths
+
+
+def chunk_corpus(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    options: ChunkOptions | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> RetroDB:
+    """Chunk `inputs` into a new DB at `out` and return it opened."""
+    options = options or ChunkOptions()
+    progress = progress or NullProgress()
+    out = Path(out)
+    if options.chunk_size < 1 or options.chunk_size > 4096:
+        raise RetroError("--chunk-size: must be between 1 and 4096")
+    if out.exists() and not overwrite:
+        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    tokenizer = load_tokenizer(options.tokenizer)
+    corpus_opts = CorpusOptions(options.text_field, options.id_field, options.strict)
+
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)  # an earlier run died; chunking restarts (it is the cheap stage)
+    partial.mkdir(parents=True)
+    started = time.time()
+    try:
+        stats, counts = _write_chunks(inputs, partial, tokenizer, options, corpus_opts, progress)
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "db_id": uuid.uuid4().hex,
+            "created_by": f"retrocli {__version__}",
+            "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+            "chunk_size": options.chunk_size,
+            "counts": counts,
+            "stages": {
+                "chunk": {
+                    "status": "complete",
+                    "seconds": round(time.time() - started, 3),
+                    "inputs": [str(Path(p).absolute()) for p in inputs],
+                    "options": asdict(options),
+                    "corpus": stats.to_dict(),
+                }
+            },
+        }
+        (partial / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")
+        write_json_atomic(partial / MANIFEST, manifest)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        remove_db_dir(out)
+    os.replace(partial, out)
+    return RetroDB(out)
+
+
+def _write_chunks(inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts, progress):
+    m = options.chunk_size
+    dtype = _token_dtype(tokenizer.vocab_size)
+    len_dtype = np.uint8 if m <= 255 else np.uint16
+    root = zarr.open_group(str(dest / STORE), mode="w")
+
+    def array(name, shape, dt, chunks, fill=0):
+        return root.create_array(name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill)
+
+    tokens = _GrowingArray(array("chunks/tokens", (0, m), dtype, (ROWS_PER_ZARR_CHUNK, m)), ROWS_PER_ZARR_CHUNK)
+    lengths = _GrowingArray(array("chunks/length", (0,), len_dtype, (ROWS_PER_ZARR_CHUNK,)), ROWS_PER_ZARR_CHUNK)
+    chunk_doc = _GrowingArray(array("chunks/doc", (0,), np.int64, (ROWS_PER_ZARR_CHUNK,)), ROWS_PER_ZARR_CHUNK)
+    offsets = _GrowingArray(array("docs/chunk_offset", (0,), np.int64, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
+    doc_file = _GrowingArray(array("docs/file", (0,), np.int32, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
+    doc_pos = _GrowingArray(array("docs/position", (0,), np.int64, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
+    ext_ids = None
+    if options.id_field:
+        ext_ids = _GrowingArray(array("docs/external_id", (0,), str, (DOCS_PER_ZARR_CHUNK,), ""), DOCS_PER_ZARR_CHUNK)
+
+    stats = CorpusStats()
+    file_index: dict[str, int] = {}
+    n_docs = n_chunks = n_tokens = 0
+    offsets.append(np.zeros(1, dtype=np.int64))
+    task = progress.start("chunk", total=None, unit="docs")
+
+    def flush(batch):
+        nonlocal n_docs, n_chunks, n_tokens
+        encoded = tokenizer.encode_batch([doc.text for doc in batch])
+        doc_offsets = np.empty(len(batch), dtype=np.int64)
+        for i, (doc, ids) in enumerate(zip(batch, encoded)):
+            rows, lens = _split_into_chunks(ids, m, dtype)
+            tokens.append(rows)
+            lengths.append(lens.astype(len_dtype))
+            chunk_doc.append(np.full(len(rows), n_docs + i, dtype=np.int64))
+            n_chunks += len(rows)
+            n_tokens += len(ids)
+            doc_offsets[i] = n_chunks
+        offsets.append(doc_offsets)
+        doc_file.append(np.array([file_index.setdefault(d.path, len(file_index)) for d in batch], np.int32))
+        doc_pos.append(np.array([d.position for d in batch], np.int64))
+        if ext_ids is not None:
+            ext_ids.append(np.array([d.external_id for d in batch], dtype=object).astype(str))
+        n_docs += len(batch)
+        task.advance(len(batch))
+
+    batch, batch_chars = [], 0
+    for doc in iter_documents(inputs, corpus_opts, stats):
+        batch.append(doc)
+        batch_chars += len(doc.text)
+        if batch_chars >= TOKENIZE_BATCH_CHARS:
+            flush(batch)
+            batch, batch_chars = [], 0
+    if batch:
+        flush(batch)
+    for growing in (tokens, lengths, chunk_doc, offsets, doc_file, doc_pos) + ((ext_ids,) if ext_ids else ()):
+        growing.close()
+    paths = list(file_index)
+    files = root.create_array("files/path", shape=(len(paths),), dtype=str, chunks=(max(1, min(len(paths), 65536)),))
+    files[:] = np.array(paths, dtype=object).astype(str)
+    task.finish()
+    return stats, {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": stats.files}

@@ -1,0 +1,257 @@
+"""The chunk database: a directory with a JSON manifest, a copy of the tokenizer and one zarr v3 group.
+
+Layout (see docs/db-format.md):
+
+    DB/manifest.json          format version, tokenizer, chunk size, counts, per-stage status
+    DB/tokenizer.json         the exact tokenizer the chunks are in
+    DB/store.zarr/            zarr v3 group
+        chunks/tokens   [N, m]  uint16 (uint32 for vocabularies over 65535), padded with 0
+        chunks/length   [N]     uint8/uint16, real tokens in the chunk (the last of a doc may be short)
+        chunks/doc      [N]     int64, the document each chunk belongs to
+        docs/chunk_offset [D+1] int64, chunks of doc d are offset[d]:offset[d+1]
+        docs/file       [D]     int32, index into files/path
+        docs/position   [D]     int64, 1-based JSONL line, 0-based Parquet row, 0 for text files
+        docs/external_id [D]    string, only when --id-field was given
+        files/path      [F]     string
+        embeddings      [N, dim] float16 (embed stage)
+    DB/index/shard-*.hnsw     hnswlib indexes (index stage)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from retrocli.errors import RetroError
+
+FORMAT_NAME = "retrocli-db"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STORE = "store.zarr"
+TOKENIZER_FILE = "tokenizer.json"
+# Rows per zarr chunk for per-chunk arrays: a 10M-chunk DB is ~610 files per array, each ~2 MB raw.
+ROWS_PER_ZARR_CHUNK = 16384
+DOCS_PER_ZARR_CHUNK = 65536
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON so a reader (or a kill -9) never sees half a file: temp file, fsync, rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    file = path / MANIFEST
+    if not path.exists():
+        raise RetroError(f"{path}: no such DB directory")
+    if not file.exists():
+        raise RetroError(f"{path}: not a retro DB (no {MANIFEST}); build one with `retro chunk`")
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RetroError(f"{file}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise RetroError(f"{file}: not a retro DB manifest (field 'format' is not '{FORMAT_NAME}')")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise RetroError(f"{file}: field 'format_version' missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise RetroError(
+            f"{file}: format_version {version} was written by a newer retrocli "
+            f"(this one reads up to {FORMAT_VERSION}); upgrade retrocli"
+        )
+    return manifest
+
+
+def stage_status(manifest: dict, stage: str) -> str:
+    return manifest.get("stages", {}).get(stage, {}).get("status", "missing")
+
+
+def remove_db_dir(path: Path) -> None:
+    """Delete an existing DB for --overwrite, but never a directory that is not one of ours."""
+    if not path.exists():
+        return
+    if path.is_dir() and (path / MANIFEST).exists():
+        shutil.rmtree(path)
+    elif path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    else:
+        raise RetroError(f"{path}: exists and is not a retro DB; refusing to overwrite it")
+
+
+@dataclass
+class ChunkRef:
+    """One chunk, resolved for people: what `neighbors` prints and the API hands back."""
+
+    id: int
+    doc: int
+    tokens: np.ndarray
+    text: str
+    source: str
+
+
+class RetroDB:
+    """Read access to a DB. Opening never writes; writers live in the stage modules."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        if stage_status(self.manifest, "chunk") != "complete":
+            raise RetroError(f"{self.path}: chunk stage is not complete; rerun `retro chunk`")
+        try:
+            self.root = zarr.open_group(str(self.path / STORE), mode="r")
+            self._tokens = self.root["chunks/tokens"]
+        except Exception as err:  # zarr raises several types for missing/corrupt metadata
+            raise RetroError(f"{self.path / STORE}: cannot open the zarr store ({err})") from None
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        return int(self.manifest["chunk_size"])
+
+    @property
+    def num_chunks(self) -> int:
+        return int(self.manifest["counts"]["chunks"])
+
+    @property
+    def num_docs(self) -> int:
+        return int(self.manifest["counts"]["documents"])
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def stage(self, name: str) -> str:
+        return stage_status(self.manifest, name)
+
+    # -- small per-chunk arrays, loaded once (9 bytes a chunk) --------------------------------------
+    @cached_property
+    def chunk_doc(self) -> np.ndarray:
+        return self.root["chunks/doc"][:]
+
+    @cached_property
+    def chunk_length(self) -> np.ndarray:
+        return self.root["chunks/length"][:].astype(np.int64)
+
+    @cached_property
+    def doc_offsets(self) -> np.ndarray:
+        return self.root["docs/chunk_offset"][:]
+
+    @cached_property
+    def _files(self) -> np.ndarray:
+        return self.root["files/path"][:]
+
+    @cached_property
+    def tokenizer(self):
+        from retrocli.tokenizer import tokenizer_from_json
+
+        text = (self.path / TOKENIZER_FILE).read_text(encoding="utf-8")
+        loaded = tokenizer_from_json(text, self.manifest["tokenizer"]["name"])
+        if loaded.sha256 != self.manifest["tokenizer"]["sha256"]:
+            raise RetroError(f"{self.path / TOKENIZER_FILE}: sha256 does not match the manifest")
+        return loaded
+
+    # -- chunk access ----------------------------------------------------------------------------
+    def _check(self, chunk_id: int) -> int:
+        chunk_id = int(chunk_id)
+        if not 0 <= chunk_id < self.num_chunks:
+            raise RetroError(f"chunk id {chunk_id} out of range (DB has {self.num_chunks} chunks)")
+        return chunk_id
+
+    def chunk_tokens(self, chunk_id: int) -> np.ndarray:
+        chunk_id = self._check(chunk_id)
+        return self._tokens[chunk_id, : self.chunk_length[chunk_id]].astype(np.int64)
+
+    def tokens_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Padded tokens [stop-start, m] and lengths for a contiguous range: the bulk read path."""
+        return self._tokens[start:stop], self.chunk_length[start:stop]
+
+    def chunk_text(self, chunk_id: int) -> str:
+        # A chunk boundary can split a multi-byte character; its halves decode as U+FFFD here,
+        # while document_text() decodes the whole document and is exact.
+        return self.tokenizer.decode(self.chunk_tokens(chunk_id))
+
+    def continuation(self, chunk_id: int) -> int | None:
+        """The next chunk of the same document (RETRO's F), or None at a document's end."""
+        chunk_id = self._check(chunk_id)
+        nxt = chunk_id + 1
+        if nxt < self.num_chunks and self.chunk_doc[nxt] == self.chunk_doc[chunk_id]:
+            return nxt
+        return None
+
+    def doc_of(self, chunk_id: int) -> int:
+        return int(self.chunk_doc[self._check(chunk_id)])
+
+    def doc_chunks(self, doc: int) -> range:
+        return range(int(self.doc_offsets[doc]), int(self.doc_offsets[doc + 1]))
+
+    def document_text(self, doc: int) -> str:
+        chunks = self.doc_chunks(doc)
+        tokens, lengths = self.tokens_block(chunks.start, chunks.stop)
+        ids = np.concatenate([row[:n] for row, n in zip(tokens, lengths)])
+        return self.tokenizer.decode(ids.tolist())
+
+    def source(self, doc: int) -> str:
+        """Where a document came from: its file, plus line (JSONL) or row (Parquet)."""
+        doc = int(doc)
+        path = str(self._files[int(self.root["docs/file"][doc])])
+        position = int(self.root["docs/position"][doc])
+        if path.endswith(".parquet"):
+            ref = f"{path}:row {position}"
+        elif position > 0:
+            ref = f"{path}:line {position}"
+        else:
+            ref = path
+        if "docs/external_id" in self.root:
+            ref += f" (id {self.root['docs/external_id'][doc]})"
+        return ref
+
+    def chunk(self, chunk_id: int) -> ChunkRef:
+        chunk_id = self._check(chunk_id)
+        doc = self.doc_of(chunk_id)
+        return ChunkRef(chunk_id, doc, self.chunk_tokens(chunk_id), self.chunk_text(chunk_id), self.source(doc))
+
+    # -- sizes on disk for `retro info` ---------------------------------------------------------------
+    def disk_usage(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        store = self.path / STORE
+        for meta in sorted(store.rglob("zarr.json")):
+            array_dir = meta.parent
+            if array_dir == store or not (array_dir / "c").exists() and _is_group(meta):
+                continue
+            name = array_dir.relative_to(store).as_posix()
+            sizes[name] = sum(f.stat().st_size for f in array_dir.rglob("*") if f.is_file())
+        index_dir = self.path / "index"
+        if index_dir.exists():
+            sizes["index"] = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file())
+        return sizes
+
+
+def _is_group(meta: Path) -> bool:
+    try:
+        return json.loads(meta.read_text()).get("node_type") == "group"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def open_db(path: str | os.PathLike) -> RetroDB:
+    """Open a DB for reading. Raises RetroError with a one-line reason if it is not usable."""
+    return RetroDB(path)
