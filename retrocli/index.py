@@ -1,0 +1,180 @@
+"""`retro index`: hnswlib HNSW indexes over the chunk embeddings, sharded so memory stays bounded.
+
+Shard s holds chunks [s*S, (s+1)*S) under their global ids. A query searches every shard and merges
+the per-shard top-k, which is exactly the top-k of the union of what the shards return. Shards are
+written as `index/shard-NNNNN.hnsw` (hnswlib's own format, no pickle) via a temp name and rename, and
+the manifest records each finished shard, so an interrupted build resumes at the next shard.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from retrocli.db import MANIFEST, RetroDB, open_db, write_json_atomic
+from retrocli.embed import load_embeddings
+from retrocli.errors import RetroError
+from retrocli.progress import NullProgress, Progress
+
+SPACES = ("l2", "ip", "cosine")
+DEFAULT_SHARD_SIZE = 1_000_000  # ~1.9 GB of RAM per shard at 384-d, M=32
+DEFAULT_M = 32
+DEFAULT_EF_CONSTRUCTION = 200
+DEFAULT_EF_SEARCH = 128
+INDEX_DIR = "index"
+ADD_BLOCK = 16384
+
+
+@dataclass
+class IndexOptions:
+    space: str = "l2"
+    M: int = DEFAULT_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = 100
+    threads: int | None = None
+
+
+def _shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.hnsw"
+
+
+def index_db(path: str | os.PathLike, options: IndexOptions | None = None, progress: Progress | None = None) -> RetroDB:
+    """Build (or finish building) the HNSW shards of the DB at `path`."""
+    options = options or IndexOptions()
+    progress = progress or NullProgress()
+    if options.space not in SPACES:
+        raise RetroError(f"--space: must be one of {', '.join(SPACES)}, got '{options.space}'")
+    if options.M < 2 or options.ef_construction < 1 or options.shard_size < 1:
+        raise RetroError("--M must be ≥ 2, --ef-construction and --shard-size ≥ 1")
+    db = open_db(path)
+    manifest = db.manifest
+    n, dim = db.num_chunks, int(manifest["embedder"]["dim"]) if manifest.get("embedder") else 0
+    load_embeddings(db, 0, 0)  # raises a clear error when embed is not complete
+    params = {"space": options.space, "M": options.M, "ef_construction": options.ef_construction,
+              "shard_size": options.shard_size, "seed": options.seed, "dim": dim}
+    state = manifest.get("stages", {}).get("index", {})
+    recorded = manifest.get("index") or {}
+    if state.get("status") in ("running", "complete"):
+        same = all(recorded.get(key) == value for key, value in params.items())
+        if state["status"] == "complete" and same:
+            return db
+        if state["status"] == "running" and not same:
+            raise RetroError(
+                f"{db.path}: an interrupted index build used other parameters "
+                f"({ {k: recorded.get(k) for k in params} }); rerun with those or pass --overwrite"
+            )
+        if state["status"] == "complete":
+            raise RetroError(f"{db.path}: already indexed with other parameters; pass --overwrite to rebuild")
+    index_dir = db.path / INDEX_DIR
+    index_dir.mkdir(exist_ok=True)
+    if state.get("status") != "running":
+        recorded = {**params, "shards": []}
+        manifest["index"] = recorded
+        state = {"status": "running"}
+        manifest.setdefault("stages", {})["index"] = state
+        write_json_atomic(db.path / MANIFEST, manifest)
+    num_shards = max(1, -(-n // options.shard_size))
+    done = {s["shard"] for s in recorded["shards"]}
+    task = progress.start("index", total=n, unit="vectors",
+                          completed=sum(s["count"] for s in recorded["shards"]))
+    started = time.time()
+    for shard in range(num_shards):
+        if shard in done:
+            continue
+        start, stop = shard * options.shard_size, min(n, (shard + 1) * options.shard_size)
+        index = hnswlib.Index(space=options.space, dim=dim)
+        index.init_index(max_elements=max(stop - start, 1), M=options.M,
+                         ef_construction=options.ef_construction, random_seed=options.seed)
+        threads = options.threads or os.cpu_count() or 1
+        for block in range(start, stop, ADD_BLOCK):
+            block_stop = min(stop, block + ADD_BLOCK)
+            vectors = load_embeddings(db, block, block_stop)
+            index.add_items(vectors, np.arange(block, block_stop), num_threads=threads)
+            task.advance(block_stop - block)
+        final = index_dir / _shard_name(shard)
+        tmp = final.with_suffix(".partial")
+        index.save_index(str(tmp))
+        os.replace(tmp, final)
+        recorded["shards"].append({"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start,
+                                   "count": stop - start, "bytes": final.stat().st_size})
+        write_json_atomic(db.path / MANIFEST, manifest)
+    state["status"] = "complete"
+    state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
+    write_json_atomic(db.path / MANIFEST, manifest)
+    task.finish()
+    return open_db(path)
+
+
+class ShardedIndex:
+    """All shards of a DB, loaded for search. Exact merge of per-shard top-k."""
+
+    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH):
+        if db.stage("index") != "complete":
+            raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
+        meta = db.manifest["index"]
+        self.space, self.dim = meta["space"], int(meta["dim"])
+        self.size = db.num_chunks
+        self.ef = ef
+        self.shards: list[hnswlib.Index] = []
+        for shard in meta["shards"]:
+            file = db.path / shard["file"]
+            if not file.exists():
+                raise RetroError(f"{file}: index shard missing; rebuild with `retro index {db.path} --overwrite`")
+            if file.stat().st_size != shard["bytes"]:
+                raise RetroError(f"{file}: index shard is corrupt (size differs from the manifest); "
+                                 f"rebuild with `retro index {db.path} --overwrite`")
+            index = hnswlib.Index(space=self.space, dim=self.dim)
+            try:
+                index.load_index(str(file), max_elements=shard["count"])
+            except (RuntimeError, ValueError, MemoryError) as err:
+                raise RetroError(f"{file}: cannot load index shard ({err})") from None
+            if index.get_current_count() != shard["count"]:
+                raise RetroError(f"{file}: index shard is corrupt (holds {index.get_current_count()} "
+                                 f"vectors, manifest says {shard['count']})")
+            self.shards.append(index)
+
+    def search(self, vectors: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        q = len(vectors)
+        ids = np.full((q, k), -1, dtype=np.int64)
+        dists = np.full((q, k), np.inf, dtype=np.float32)
+        if q == 0 or k == 0:
+            return ids, dists
+        all_ids, all_dists = [], []
+        for index in self.shards:
+            kk = min(k, index.get_current_count())
+            if kk == 0:
+                continue
+            index.set_ef(max(self.ef, kk))
+            labels, distances = index.knn_query(vectors, k=kk, num_threads=threads)
+            all_ids.append(labels.astype(np.int64))
+            all_dists.append(distances.astype(np.float32))
+        if not all_ids:
+            return ids, dists
+        cat_ids, cat_dists = np.concatenate(all_ids, axis=1), np.concatenate(all_dists, axis=1)
+        # Stable sort on (distance, id) keeps ties deterministic across shardings.
+        order = np.lexsort((cat_ids, cat_dists), axis=1)[:, :k]
+        width = order.shape[1]
+        ids[:, :width] = np.take_along_axis(cat_ids, order, axis=1)
+        dists[:, :width] = np.take_along_axis(cat_dists, order, axis=1)
+        return ids, dists
+
+
+def remove_index(db_path: Path) -> None:
+    """For --overwrite: forget the index stage and delete its files."""
+    import shutil
+
+    from retrocli.db import read_manifest
+
+    manifest = read_manifest(db_path)
+    manifest.pop("index", None)
+    manifest.get("stages", {}).pop("index", None)
+    write_json_atomic(db_path / MANIFEST, manifest)
+    shutil.rmtree(db_path / INDEX_DIR, ignore_errors=True)

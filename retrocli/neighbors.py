@@ -1,0 +1,338 @@
+"""`retro neighbors`: the k nearest DB chunks of any text, with their continuations ([N, F] pairs).
+
+Two modes. Query mode chunks free text with the DB's tokenizer, embeds each chunk with the DB's
+recorded embedder and searches the index. Batch mode precomputes the neighbours of every chunk of a
+dataset (another DB, a corpus, or the DB itself) into zarr arrays, resumable block by block; that is
+what RETRO training reads (with --exclude-same-doc, the paper's rule).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from retrocli.db import MANIFEST, STORE, RetroDB, open_db, read_manifest, write_json_atomic
+from retrocli.embed import db_embedder, embed_db, load_embeddings
+from retrocli.errors import RetroError
+from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+from retrocli.progress import NullProgress, Progress
+
+NEIGHBORS_FORMAT = "retrocli-neighbors"
+NEIGHBORS_VERSION = 1
+DEFAULT_BATCH_BLOCK = 4096
+SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
+
+
+def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest run of consecutive tokens shared by a and b (longest common substring)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if len(a) == 0 or len(b) == 0:
+        return 0
+    best = 0
+    run = np.zeros(len(b) + 1, dtype=np.int32)
+    for token in a:
+        # run[j+1] = length of the common run ending at a[i], b[j]
+        new = np.zeros_like(run)
+        new[1:] = np.where(b == token, run[:-1] + 1, 0)
+        run = new
+        best = max(best, int(run.max()))
+    return best
+
+
+def search_excluding(
+    index: ShardedIndex, vectors: np.ndarray, k: int, exclude_doc: np.ndarray | None, chunk_doc: np.ndarray,
+    exclude_ids: list[set] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per query, dropping neighbours whose document is exclude_doc[q] (or whose doc is in
+    exclude_ids[q]). Widens the search for the rows that lost too many candidates."""
+    q = len(vectors)
+    ids = np.full((q, k), -1, dtype=np.int64)
+    dists = np.full((q, k), np.inf, dtype=np.float32)
+    pending = np.arange(q)
+    want = k if exclude_doc is None and exclude_ids is None else 4 * k + 8
+    while len(pending):
+        want = min(want, index.size)
+        cand_ids, cand_dists = index.search(vectors[pending], want)
+        keep = cand_ids >= 0
+        if exclude_doc is not None:
+            keep &= chunk_doc[np.maximum(cand_ids, 0)] != exclude_doc[pending][:, None]
+        if exclude_ids is not None:
+            for row, qi in enumerate(pending):
+                if exclude_ids[qi]:
+                    docs = chunk_doc[np.maximum(cand_ids[row], 0)]
+                    keep[row] &= ~np.isin(docs, list(exclude_ids[qi]))
+        still = []
+        for row, qi in enumerate(pending):
+            got_ids, got_d = cand_ids[row][keep[row]][:k], cand_dists[row][keep[row]][:k]
+            if len(got_ids) < k and want < index.size:
+                still.append(qi)
+                continue
+            ids[qi, : len(got_ids)] = got_ids
+            dists[qi, : len(got_d)] = got_d
+        pending = np.array(still, dtype=np.int64)
+        want *= 4
+    return ids, dists
+
+
+# -- query mode -----------------------------------------------------------------------------------
+
+@dataclass
+class Neighbor:
+    id: int
+    distance: float
+    doc: int
+    source: str
+    text: str
+    continuation_id: int | None
+    continuation: str | None
+
+
+@dataclass
+class QueryChunk:
+    index: int
+    text: str
+    tokens: list[int]
+    neighbors: list[Neighbor] = field(default_factory=list)
+
+
+def split_query(db: RetroDB, text: str) -> list[QueryChunk]:
+    """Chunk a query exactly as the DB was chunked: DB tokenizer, DB chunk size."""
+    ids = db.tokenizer.encode_batch([text])[0]
+    m = db.chunk_size
+    pieces = [ids[i : i + m] for i in range(0, len(ids), m)]
+    return [QueryChunk(i, db.tokenizer.decode(p), p) for i, p in enumerate(pieces)]
+
+
+def neighbor_refs(db: RetroDB, ids: np.ndarray, dists: np.ndarray) -> list[Neighbor]:
+    out = []
+    for nid, dist in zip(ids, dists):
+        if nid < 0:
+            continue
+        cont = db.continuation(int(nid))
+        doc = db.doc_of(int(nid))
+        out.append(Neighbor(int(nid), float(dist), doc, db.source(doc), db.chunk_text(int(nid)),
+                            cont, db.chunk_text(cont) if cont is not None else None))
+    return out
+
+
+def check_k(db: RetroDB, k: int) -> None:
+    if k < 1:
+        raise RetroError("--k: must be at least 1")
+    if k > db.num_chunks:
+        raise RetroError(f"--k {k} is larger than the DB ({db.num_chunks} chunks)")
+
+
+def query_neighbors(
+    db: RetroDB | str | os.PathLike, queries: list[str], k: int = 2, ef: int = DEFAULT_EF_SEARCH,
+    exclude_same_doc: bool = False,
+) -> list[list[QueryChunk]]:
+    """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source)."""
+    db = db if isinstance(db, RetroDB) else open_db(db)
+    check_k(db, k)
+    if not queries:
+        raise RetroError("no query given: pass --query TEXT or --query-file FILE")
+    for number, text in enumerate(queries, start=1):
+        if not text.strip():
+            raise RetroError(f"query {number} is empty")
+    index = ShardedIndex(db, ef=ef)
+    embedder = db_embedder(db)
+    per_query = [split_query(db, text) for text in queries]
+    flat = [chunk for chunks in per_query for chunk in chunks]
+    vectors = embedder.embed([chunk.text for chunk in flat])
+    exclude = None
+    if exclude_same_doc:
+        exclude = [_own_docs(db, index, vec, chunk) for vec, chunk in zip(vectors, flat)]
+    ids, dists = search_excluding(index, vectors, k, None, db.chunk_doc, exclude)
+    for chunk, row_ids, row_d in zip(flat, ids, dists):
+        chunk.neighbors = neighbor_refs(db, row_ids, row_d)
+    return per_query
+
+
+def _own_docs(db: RetroDB, index: ShardedIndex, vector: np.ndarray, chunk: QueryChunk) -> set[int]:
+    """The DB documents the query chunk was taken from: those holding a near-exact copy of it."""
+    cand, _ = index.search(vector[None, :], min(10, index.size))
+    own = set()
+    for nid in cand[0]:
+        if nid < 0:
+            continue
+        tokens = db.chunk_tokens(int(nid))
+        cont = db.continuation(int(nid))
+        if cont is not None:
+            tokens = np.concatenate([tokens, db.chunk_tokens(cont)])
+        prev = int(nid) - 1
+        if prev >= 0 and db.doc_of(prev) == db.doc_of(int(nid)):
+            tokens = np.concatenate([db.chunk_tokens(prev), tokens])
+        if longest_common_run(np.array(chunk.tokens), tokens) >= SAME_DOC_RUN * len(chunk.tokens):
+            own.add(db.doc_of(int(nid)))
+    return own
+
+
+# -- batch mode -----------------------------------------------------------------------------------
+
+def _is_db(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).exists()
+
+
+def batch_neighbors(
+    db_path: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    k: int = 2,
+    ef: int = DEFAULT_EF_SEARCH,
+    exclude_same_doc: bool = False,
+    block_size: int = DEFAULT_BATCH_BLOCK,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    max_blocks: int | None = None,
+    text_field: str = "text",
+    id_field: str | None = None,
+) -> Path:
+    """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable."""
+    progress = progress or NullProgress()
+    db = open_db(db_path)
+    check_k(db, k)
+    out = Path(out)
+    inputs = [Path(p) for p in inputs]
+    self_query = len(inputs) == 1 and _is_db(inputs[0]) and \
+        read_manifest(inputs[0]).get("db_id") == db.manifest.get("db_id")
+    if exclude_same_doc and not self_query:
+        raise RetroError("--exclude-same-doc needs --input to be the DB itself (its documents are the DB's)")
+    if self_query and _is_db(out) or (out.exists() and out.resolve() == db.path.resolve()):
+        raise RetroError(f"{out}: --out must be a new directory, not a DB")
+    settings = {"db_id": db.manifest["db_id"], "db": str(db.path.absolute()),
+                "input": [str(p.absolute()) for p in inputs], "k": k, "ef": ef,
+                "exclude_same_doc": exclude_same_doc, "block_size": block_size}
+    manifest_file = out / MANIFEST
+    if out.exists() and overwrite:
+        if manifest_file.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        else:
+            raise RetroError(f"{out}: exists and is not a neighbours directory; refusing to overwrite it")
+    if manifest_file.exists():
+        manifest = _read_neighbors_manifest(out)
+        if manifest["status"] == "complete" and manifest["settings"] == settings:
+            return out
+        if manifest["settings"] != settings:
+            raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
+    elif out.exists() and any(out.iterdir()):
+        raise RetroError(f"{out}: exists and is not a neighbours directory")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": NEIGHBORS_FORMAT, "format_version": NEIGHBORS_VERSION, "status": "running",
+                    "settings": settings, "done_blocks": []}
+        write_json_atomic(manifest_file, manifest)
+
+    # The queries: the DB itself, another DB, or a corpus chunked+embedded like the DB (into out/queries).
+    if self_query:
+        queries = db
+    elif len(inputs) == 1 and _is_db(inputs[0]):
+        queries = open_db(inputs[0])
+        _check_compatible(db, queries)
+        if queries.stage("embed") != "complete":
+            embed_db(queries.path, db.manifest["embedder"]["name"], db.manifest["embedder"]["precision"],
+                     threads=threads, progress=progress)
+            queries = open_db(queries.path)
+        _check_same_embedder(db, queries)
+    else:
+        from retrocli.chunk import ChunkOptions, chunk_corpus
+
+        qpath = out / "queries"
+        if not _is_db(qpath):
+            chunk_corpus(inputs, qpath, ChunkOptions(db.chunk_size, str(db.path / "tokenizer.json"),
+                                                    text_field, id_field), overwrite=True, progress=progress)
+        recorded = db.manifest["embedder"]
+        queries = embed_db(qpath, recorded["name"], recorded["precision"], threads=threads, progress=progress)
+        _check_same_embedder(db, queries)
+
+    n = queries.num_chunks
+    store = out / STORE
+    if not store.exists():
+        root = zarr.open_group(str(store), mode="w")
+        chunks = (min(block_size, max(n, 1)), k)
+        root.create_array("ids", shape=(n, k), dtype=np.int64, chunks=chunks, fill_value=-1)
+        root.create_array("distances", shape=(n, k), dtype=np.float32, chunks=chunks, fill_value=np.inf)
+        manifest["num_queries"] = n
+        manifest["query_db"] = str(queries.path.absolute())
+        write_json_atomic(manifest_file, manifest)
+    root = zarr.open_group(str(store), mode="r+")
+    index = ShardedIndex(db, ef=ef)
+    done = set(manifest["done_blocks"])
+    num_blocks = -(-n // block_size)
+    todo = [b for b in range(num_blocks) if b not in done]
+    task = progress.start("neighbors", total=n, unit="chunks",
+                          completed=n - sum(min(block_size, n - b * block_size) for b in todo))
+    started = time.time()
+    for count, block in enumerate(todo):
+        if max_blocks is not None and count >= max_blocks:
+            return out
+        start, stop = block * block_size, min(n, (block + 1) * block_size)
+        vectors = load_embeddings(queries, start, stop)
+        exclude = queries.chunk_doc[start:stop] if exclude_same_doc else None
+        ids, dists = search_excluding(index, vectors, k, exclude, db.chunk_doc)
+        root["ids"][start:stop] = ids
+        root["distances"][start:stop] = dists
+        done.add(block)
+        manifest["done_blocks"] = sorted(done)
+        write_json_atomic(manifest_file, manifest)
+        task.advance(stop - start)
+    manifest["status"] = "complete"
+    manifest["seconds"] = round(manifest.get("seconds", 0) + time.time() - started, 3)
+    manifest.pop("done_blocks", None)
+    write_json_atomic(manifest_file, manifest)
+    task.finish()
+    return out
+
+
+def _check_compatible(db: RetroDB, other: RetroDB) -> None:
+    if other.manifest["tokenizer"]["sha256"] != db.manifest["tokenizer"]["sha256"]:
+        raise RetroError(f"{other.path}: tokenized with a different tokenizer than {db.path}")
+    if other.chunk_size != db.chunk_size:
+        raise RetroError(f"{other.path}: chunk size {other.chunk_size} differs from {db.path} ({db.chunk_size})")
+
+
+def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
+    a, b = db.manifest.get("embedder") or {}, other.manifest.get("embedder") or {}
+    if a.get("sha256") != b.get("sha256") or a.get("pooling") != b.get("pooling"):
+        raise RetroError(f"{other.path}: embedded with '{b.get('name')}', not the DB's embedder '{a.get('name')}'")
+
+
+def _read_neighbors_manifest(path: Path) -> dict:
+    import json
+
+    file = path / MANIFEST
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RetroError(f"{file}: unreadable neighbours manifest ({err})") from None
+    if manifest.get("format") != NEIGHBORS_FORMAT:
+        raise RetroError(f"{file}: not a neighbours directory (format is not '{NEIGHBORS_FORMAT}')")
+    if manifest.get("format_version", 0) > NEIGHBORS_VERSION:
+        raise RetroError(f"{file}: written by a newer retrocli; upgrade")
+    return manifest
+
+
+@dataclass
+class NeighborArrays:
+    ids: np.ndarray
+    distances: np.ndarray
+    manifest: dict
+
+
+def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
+    """Read a finished batch-neighbours directory: ids and distances [num_chunks, k], -1 for missing."""
+    path = Path(path)
+    if not (path / MANIFEST).exists():
+        raise RetroError(f"{path}: not a neighbours directory (no {MANIFEST})")
+    manifest = _read_neighbors_manifest(path)
+    if manifest["status"] != "complete":
+        raise RetroError(f"{path}: batch neighbours are incomplete; rerun the same `retro neighbors` command")
+    root = zarr.open_group(str(path / STORE), mode="r")
+    return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
