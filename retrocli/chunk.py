@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from retrocli import __version__
-from retrocli.corpus import CorpusOptions, CorpusStats, iter_documents
+from retrocli.corpus import CorpusOptions, CorpusStats, expand_inputs, iter_documents
 from retrocli.db import (
     DOCS_PER_ZARR_CHUNK,
     FORMAT_NAME,
@@ -201,14 +201,16 @@ def _write_chunks(
     doc_pos = per_doc("docs/position", np.int64)
     ext_ids = per_doc("docs/external_id", str, "") if options.id_field else None
 
+    files = expand_inputs(inputs)  # validate every path before any progress is shown
     stats = CorpusStats()
     file_index: dict[str, int] = {}
     n_docs = n_chunks = n_tokens = 0
     offsets.append(np.zeros(1, dtype=np.int64))
-    task = progress.start("chunk", total=None, unit="docs")
+    task = progress.start("chunk", total=sum(f.stat().st_size for f in files) // 1024 or 1, unit="KB read")
+    reported_kb = 0
 
     def flush(batch):
-        nonlocal n_docs, n_chunks, n_tokens
+        nonlocal n_docs, n_chunks, n_tokens, reported_kb
         encoded = tokenizer.encode_batch([doc.text for doc in batch])
         doc_offsets = np.empty(len(batch), dtype=np.int64)
         for i, ids in enumerate(encoded):
@@ -225,10 +227,11 @@ def _write_chunks(
         if ext_ids is not None:
             ext_ids.append(np.array([d.external_id for d in batch], dtype=object).astype(str))
         n_docs += len(batch)
-        task.advance(len(batch))
+        task.advance(stats.bytes_read // 1024 - reported_kb)
+        reported_kb = stats.bytes_read // 1024
 
     batch, batch_chars = [], 0
-    for doc in iter_documents(inputs, corpus_opts, stats):
+    for doc in iter_documents(files, corpus_opts, stats):
         batch.append(doc)
         batch_chars += len(doc.text)
         if batch_chars >= TOKENIZE_BATCH_CHARS:

@@ -300,8 +300,10 @@ def neighbors(
     overwrite: Annotated[bool, typer.Option(help="Batch mode: replace --out")] = False,
     json_output: JsonOut = False,
 ):
-    """Nearest DB chunks of a text, each with its continuation ([N, F]) and source; or, with --input
-    and --out, the k neighbours of every chunk of a dataset written to zarr."""
+    """Nearest DB chunks of a text with their continuations ([N, F]) and sources; batch mode with --input/--out.
+
+    Batch mode writes the k neighbours of every chunk of a DB or corpus to zarr (what training reads).
+    """
     from retrocli.db import open_db
     from retrocli.embed import check_embedder_matches
     from retrocli.neighbors import batch_neighbors, query_neighbors
@@ -346,7 +348,7 @@ def neighbors(
             table.add_column("dist", width=6)
             table.add_column("neighbour [N]", ratio=3)
             table.add_column("continuation [F]", ratio=3)
-            table.add_column("source", ratio=2)
+            table.add_column("source", ratio=2, overflow="fold")
             for rank, nb in enumerate(chunk.neighbors, start=1):
                 table.add_row(str(rank), f"{nb.distance:.3f}", escape(nb.text),
                               escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",

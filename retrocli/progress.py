@@ -64,8 +64,10 @@ class RichProgress:
         self.bar.__enter__()
         return self
 
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:  # on an error, clear the bars so the one error line stands alone
+            self.bar.live.transient = True
+        return self.bar.__exit__(exc_type, exc, tb)
 
     def start(self, name: str, total: int | None, unit: str, completed: int = 0) -> Task:
         task_id = self.bar.add_task(name, total=total, completed=completed, unit=unit, rate="")
