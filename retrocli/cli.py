@@ -356,6 +356,143 @@ def neighbors(
             console.print(table)
 
 
+TestInputs = Annotated[list[Path], typer.Option("--test", help="Test set: files/dirs as for `retro chunk` (repeatable)")]
+KNeighbors = Annotated[int, typer.Option("--k", help="Neighbours (with continuations) per test chunk")]
+Alpha = Annotated[float, typer.Option(help="A chunk leaks when r(C) > alpha (paper: 0.125)")]
+NGram = Annotated[int, typer.Option(help="n of the n-grams for document Jaccard (paper: 13)")]
+NumPerm = Annotated[int, typer.Option(help="MinHash permutations")]
+JaccardThreshold = Annotated[float, typer.Option(help="Near-duplicate when n-gram Jaccard ≥ this (paper: 0.8)")]
+WorkDir = Annotated[Path | None, typer.Option(help="Keep the embedded test set here (resumable); default: temp")]
+
+
+def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads):
+    return dict(k=k, alpha=alpha, ngram=ngram, num_perm=num_perm, jaccard_threshold=jaccard_threshold, ef=ef,
+                work_dir=work_dir, text_field=text_field, threads=threads)
+
+
+def _print_leakage(report) -> None:
+    from rich.markup import escape
+
+    console.print(
+        f"[bold]leakage of {report.num_test_docs:,} test documents ({report.num_test_chunks:,} chunks) "
+        f"against {escape(report.db)}[/], k={report.k}"
+    )
+    console.print(f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
+                  f"({100 * report.leaking_fraction:.1f}%)   mean r(C): {report.mean_r:.3f}")
+    hist = Table(title="r(C) histogram", show_edge=False)
+    hist.add_column("r(C)")
+    hist.add_column("chunks", justify="right")
+    hist.add_column("")
+    edges, counts = report.histogram["edges"], report.histogram["counts"]
+    top = max(counts) or 1
+    for i in range(0, len(counts), 2):  # pairs of bins keep the table short
+        c = counts[i] + counts[i + 1]
+        hist.add_row(f"{edges[i]:.2f}–{edges[i + 2]:.2f}", f"{c:,}", "█" * max(0, round(30 * c / (2 * top))))
+    console.print(hist)
+    docs = Table(title="test documents by max r (top 10)", show_edge=False)
+    for col in ("document", "chunks", "max r", "mean r", "leaking"):
+        docs.add_column(col, justify="left" if col == "document" else "right", overflow="fold")
+    for d in report.documents[:10]:
+        docs.add_row(escape(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}",
+                     str(d["leaking_chunks"]))
+    console.print(docs)
+    for ex in report.examples:
+        console.print(f"[bold]r={ex['r']:.3f}[/] test {escape(ex['test_source'])} ↔ DB {escape(ex['db_source'])}")
+        t = ex["test_text"]
+        console.print(f"  {escape(t[0][-60:])}[reverse]{escape(t[1][:240])}[/]{escape(t[2][:60])}", highlight=False)
+    dup = report.near_duplicates
+    console.print(f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
+                  f"[bold]{len(dup)}[/] pairs "
+                  f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)")
+    for p in dup[:20]:
+        console.print(f"  {escape(p['db_source'])} ≈ test {escape(p['test_source'])}  J={p['jaccard']:.3f}")
+
+
+@app.command("leakage-report")
+@handle_errors
+def leakage_report_cmd(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    test: TestInputs,
+    k: KNeighbors = 10,
+    alpha: Alpha = 0.125,
+    examples: Annotated[int, typer.Option(help="Leaking chunks to show side by side")] = 5,
+    ngram: NGram = 13,
+    num_perm: NumPerm = 128,
+    jaccard_threshold: JaccardThreshold = 0.8,
+    ef: Annotated[int, typer.Option(help="HNSW search width")] = 128,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here")] = None,
+    fail_above: Annotated[float | None, typer.Option(help="Exit 1 if the leaking fraction exceeds this")] = None,
+    work_dir: WorkDir = None,
+    text_field: TextField = "text",
+    threads: Threads = None,
+):
+    """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
+    from retrocli.leakage import leakage_report
+    from retrocli.leakage_html import render_html
+
+    with progress_display() as progress:
+        report = leakage_report(db, test, examples=examples, progress=progress, **_report_options(
+            k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads))
+    _print_leakage(report)
+    data = report.to_json()
+    if json_path:
+        _write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False))
+        console.print(f"JSON → {json_path}")
+    if html:
+        _write_text(html, render_html(data))
+        console.print(f"HTML → {html}")
+    if fail_above is not None and report.leaking_fraction > fail_above:
+        err_console.print(f"[bold red]leakage {report.leaking_fraction:.3f} exceeds --fail-above {fail_above}[/]")
+        raise typer.Exit(1)
+
+
+def _write_text(path: Path, text: str) -> None:
+    from retrocli.db import write_text_atomic
+
+    try:
+        write_text_atomic(path, text)
+    except OSError as err:
+        raise RetroError(f"{path}: cannot write ({err.strerror})") from None
+
+
+@app.command()
+@handle_errors
+def dedupe(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed); never modified")],
+    test: TestInputs,
+    out: Annotated[Path, typer.Option(help="New DB without the flagged documents")],
+    drop_leaking_chunks: Annotated[bool, typer.Option(help="Also drop DB documents holding a chunk with r > alpha")] = False,
+    k: KNeighbors = 10,
+    alpha: Alpha = 0.125,
+    ngram: NGram = 13,
+    num_perm: NumPerm = 128,
+    jaccard_threshold: JaccardThreshold = 0.8,
+    ef: Annotated[int, typer.Option(help="HNSW search width")] = 128,
+    work_dir: WorkDir = None,
+    text_field: TextField = "text",
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
+    json_output: JsonOut = False,
+):
+    """Write a copy of the DB without the documents that near-duplicate (or, optionally, leak into) a test set."""
+    from retrocli.leakage import dedupe as run_dedupe
+
+    with progress_display(enabled=not json_output) as progress:
+        new_db, report, dropped = run_dedupe(
+            db, test, out, drop_leaking_chunks=drop_leaking_chunks, overwrite=overwrite, progress=progress,
+            examples=0, **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field,
+                                          threads))
+    summary = {"out": str(new_db.path), "removed_documents": sorted(dropped),
+               "documents": new_db.num_docs, "chunks": new_db.num_chunks,
+               "near_duplicate_pairs": len(report.near_duplicates)}
+    if json_output:
+        print_json(summary)
+        return
+    console.print(f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
+                  f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)")
+
+
 def main() -> None:
     app()
 

@@ -59,6 +59,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """A report file appears whole or not at all."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     file = path / MANIFEST

@@ -1,0 +1,449 @@
+"""`retro leakage-report` and `retro dedupe`: how much of a test set already sits in the DB (paper §2.1, §2.6).
+
+Chunk overlap (§2.6): each test chunk C gets its k nearest DB chunks, each with its continuation [N, F];
+s(C) is the longest run of consecutive tokens C shares with any of them and r(C) = s(C) / len(C). A chunk
+leaks when r(C) > α (default 0.125: fewer than 8 of 64 tokens in a row is "no local leakage", §4.4).
+
+Document near-duplicates (§2.1): 13-gram Jaccard between test and DB documents, estimated with MinHash +
+LSH (datasketch) and verified exactly before anything is reported. Documents are compared as LM-token
+13-grams; each n-gram is reduced to a 32-bit hash with numpy and fed to datasketch's MinHash, which is
+several times faster than hashing each n-gram's bytes with SHA-1 (see bench/bench_leakage.py).
+"""
+
+from __future__ import annotations
+
+import copy as copy_module
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrocli.db import RetroDB, open_db
+from retrocli.errors import RetroError
+from retrocli.index import DEFAULT_EF_SEARCH
+from retrocli.progress import NullProgress, Progress
+
+HIST_BINS = 20
+DEFAULT_ALPHA = 0.125
+QUERY_PAD, NEIGHBOR_PAD = -1, -2  # distinct paddings never match each other or a token id
+
+
+# -- r(C) --------------------------------------------------------------------------------------------
+
+def longest_runs(queries: np.ndarray, query_len: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For each query row (padded with QUERY_PAD) and its candidate target rows [B, k, T] (padded with
+    NEIGHBOR_PAD): the longest common run of consecutive tokens with any target, plus where it is
+    (target index, start in the query, start in the target). Dynamic programming over query positions,
+    vectorised over batch, targets and target positions."""
+    batch, m = queries.shape
+    k, width = targets.shape[1], targets.shape[2]
+    run = np.zeros((batch, k, width + 1), dtype=np.int32)
+    best = np.zeros(batch, dtype=np.int32)
+    best_target = np.full(batch, -1, dtype=np.int64)
+    best_q_end = np.zeros(batch, dtype=np.int64)
+    best_t_end = np.zeros(batch, dtype=np.int64)
+    for i in range(m):
+        eq = targets == queries[:, i, None, None]
+        new = np.zeros_like(run)
+        new[:, :, 1:] = np.where(eq, run[:, :, :-1] + 1, 0)
+        run = new
+        flat = run.reshape(batch, -1).argmax(1)
+        value = run.reshape(batch, -1)[np.arange(batch), flat]
+        better = value > best
+        best = np.where(better, value, best)
+        best_target = np.where(better, flat // (width + 1), best_target)
+        best_t_end = np.where(better, flat % (width + 1), best_t_end)
+        best_q_end = np.where(better, i + 1, best_q_end)
+    best = np.minimum(best, query_len)
+    return best, best_target, best_q_end - best, best_t_end - best
+
+
+def overlap_ratio(chunk: np.ndarray, neighbors: list[np.ndarray]) -> float:
+    """r(C) for one chunk and its neighbours' [N, F] token arrays (0 for an empty chunk)."""
+    if len(chunk) == 0 or not neighbors:
+        return 0.0
+    width = max(1, max(len(n) for n in neighbors))
+    targets = np.full((1, len(neighbors), width), NEIGHBOR_PAD, dtype=np.int64)
+    for j, n in enumerate(neighbors):
+        targets[0, j, : len(n)] = n
+    s, *_ = longest_runs(np.asarray(chunk, dtype=np.int64)[None, :], np.array([len(chunk)]), targets)
+    return float(s[0]) / len(chunk)
+
+
+@dataclass
+class ChunkOverlap:
+    r: np.ndarray  # [num_test_chunks]
+    shared: np.ndarray  # s(C)
+    length: np.ndarray
+    test_doc: np.ndarray
+    neighbor: np.ndarray  # DB chunk id of the best-matching neighbour (-1 if none)
+    q_start: np.ndarray
+    t_start: np.ndarray  # start of the shared run within that neighbour's [N, F]
+
+
+def neighbor_pair_tokens(db: RetroDB, ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """[N, F] token arrays for DB chunk ids [B, k] → [B, k, 2m] padded with NEIGHBOR_PAD."""
+    m = db.chunk_size
+    out = np.full((*ids.shape, 2 * m), NEIGHBOR_PAD, dtype=np.int64)
+    doc = db.chunk_doc
+    for b, row in enumerate(ids):
+        for j, nid in enumerate(row):
+            if nid < 0:
+                continue
+            n = lengths[nid]
+            out[b, j, :n] = tokens[nid, :n]
+            nxt = nid + 1
+            if nxt < len(doc) and doc[nxt] == doc[nid]:
+                out[b, j, n : n + lengths[nxt]] = tokens[nxt, : lengths[nxt]]
+    return out
+
+
+def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int = 512,
+                    progress: Progress | None = None) -> ChunkOverlap:
+    progress = progress or NullProgress()
+    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
+    db_tokens = db_tokens.astype(np.int64)
+    n = queries.num_chunks
+    r = np.zeros(n)
+    shared = np.zeros(n, dtype=np.int64)
+    neighbor = np.full(n, -1, dtype=np.int64)
+    q_start = np.zeros(n, dtype=np.int64)
+    t_start = np.zeros(n, dtype=np.int64)
+    task = progress.start("overlap", total=n, unit="chunks")
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        q_tokens, q_len = queries.tokens_block(start, stop)
+        q_len = q_len.astype(np.int64)
+        q = q_tokens.astype(np.int64)
+        q[np.arange(q.shape[1])[None, :] >= q_len[:, None]] = QUERY_PAD
+        targets = neighbor_pair_tokens(db, ids[start:stop], db_tokens, db_lengths)
+        s, which, qs, ts = longest_runs(q, q_len, targets)
+        shared[start:stop] = s
+        r[start:stop] = np.where(q_len > 0, s / np.maximum(q_len, 1), 0.0)
+        picked = np.take_along_axis(ids[start:stop], np.maximum(which, 0)[:, None], axis=1)[:, 0]
+        neighbor[start:stop] = np.where((which >= 0) & (s > 0), picked, -1)
+        q_start[start:stop], t_start[start:stop] = qs, ts
+        task.advance(stop - start)
+    task.finish()
+    return ChunkOverlap(r, shared, queries.chunk_length.copy(), queries.chunk_doc.copy(), neighbor, q_start, t_start)
+
+
+# -- near-duplicate documents ----------------------------------------------------------------------------
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """Unique 32-bit hashes of a token sequence's n-grams (the whole sequence if shorter than n)."""
+    tokens = np.asarray(tokens, dtype=np.uint64)
+    if len(tokens) == 0:
+        return np.zeros(0, dtype=np.uint32)
+    if len(tokens) < n:
+        n = len(tokens)
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, n)
+    # Polynomial hash mod 2^64 over the window, then fold to 32 bits (datasketch's legacy scheme is 32-bit).
+    h = np.zeros(len(windows), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for col in range(n):
+            h = h * np.uint64(1099511628211) + windows[:, col] + np.uint64(0x9E3779B97F4A7C15)
+    folded = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
+    return np.unique(folded.astype(np.uint32))
+
+
+def minhash_of(hashes: np.ndarray, num_perm: int, seed: int = 1):
+    from datasketch import MinHash
+
+    mh = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
+    if len(hashes):
+        mh.update_batch(hashes.tolist())
+    return mh
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    inter = len(np.intersect1d(a, b, assume_unique=True))
+    return inter / (len(a) + len(b) - inter)
+
+
+def doc_tokens(db: RetroDB, doc: int, tokens: np.ndarray | None = None, lengths: np.ndarray | None = None):
+    chunks = db.doc_chunks(doc)
+    if tokens is None:
+        tokens, lengths = db.tokens_block(chunks.start, chunks.stop)
+        offset = chunks.start
+    else:
+        offset = 0
+    return np.concatenate([tokens[c - offset, : lengths[c - offset]] for c in chunks]) if len(chunks) else \
+        np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class DuplicatePair:
+    db_doc: int
+    db_source: str
+    test_doc: int
+    test_source: str
+    jaccard: float
+    estimated: float
+
+
+def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = 13, num_perm: int = 128, threshold: float = 0.8,
+                    progress: Progress | None = None) -> tuple[list[DuplicatePair], dict]:
+    """Every (DB doc, test doc) pair with exact n-gram Jaccard ≥ threshold among MinHash-LSH candidates."""
+    from datasketch import MinHashLSH
+
+    progress = progress or NullProgress()
+    if not 0 < threshold <= 1:
+        raise RetroError("--jaccard-threshold: must be in (0, 1]")
+    if ngram < 1 or num_perm < 16:
+        raise RetroError("--ngram must be ≥ 1 and --num-perm ≥ 16")
+    started = time.time()
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    tokens, lengths = db.tokens_block(0, db.num_chunks)
+    task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
+    db_hashes: dict[int, np.ndarray] = {}
+    db_minhash = {}
+    for doc in range(db.num_docs):
+        hashes = ngram_hashes(doc_tokens(db, doc, tokens, lengths), ngram)
+        mh = minhash_of(hashes, num_perm)
+        lsh.insert(doc, mh, check_duplication=False)
+        db_minhash[doc] = mh
+        task.advance()
+    candidates = verified = 0
+    pairs: list[DuplicatePair] = []
+    for tdoc in range(test.num_docs):
+        t_hashes = ngram_hashes(doc_tokens(test, tdoc), ngram)
+        t_mh = minhash_of(t_hashes, num_perm)
+        for doc in sorted(lsh.query(t_mh)):
+            candidates += 1
+            if doc not in db_hashes:
+                db_hashes[doc] = ngram_hashes(doc_tokens(db, doc, tokens, lengths), ngram)
+            exact = jaccard(db_hashes[doc], t_hashes)
+            if exact >= threshold:
+                verified += 1
+                pairs.append(DuplicatePair(doc, db.source(doc), tdoc, test.source(tdoc), exact,
+                                           float(t_mh.jaccard(db_minhash[doc]))))
+        task.advance()
+    task.finish()
+    seconds = time.time() - started
+    return pairs, {"candidates": candidates, "verified": verified, "seconds": round(seconds, 3),
+                   "docs_per_second": round((db.num_docs + test.num_docs) / max(seconds, 1e-9), 1)}
+
+
+# -- the report ------------------------------------------------------------------------------------------
+
+@dataclass
+class LeakageReport:
+    db: str
+    test_inputs: list[str]
+    k: int
+    alpha: float
+    ngram: int
+    num_perm: int
+    jaccard_threshold: float
+    num_test_docs: int
+    num_test_chunks: int
+    leaking_chunks: int
+    leaking_fraction: float
+    mean_r: float
+    histogram: dict
+    documents: list[dict]
+    examples: list[dict]
+    near_duplicates: list[dict]
+    near_duplicate_stats: dict
+    timings: dict
+    bpb: dict | None = None
+    overlap: ChunkOverlap | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.pop("overlap")
+        return data
+
+
+def _example(db: RetroDB, test: RetroDB, ov: ChunkOverlap, c: int) -> dict:
+    """One leaking chunk, split into before/shared/after text on both sides for highlighting."""
+    q = test.chunk_tokens(c)
+    nid = int(ov.neighbor[c])
+    s, qs, ts = int(ov.shared[c]), int(ov.q_start[c]), int(ov.t_start[c])
+    pair = db.chunk_tokens(nid)
+    cont = db.continuation(nid)
+    if cont is not None:
+        pair = np.concatenate([pair, db.chunk_tokens(cont)])
+    dec = db.tokenizer.decode
+    return {
+        "test_chunk": c, "test_doc": int(ov.test_doc[c]), "test_source": test.source(int(ov.test_doc[c])),
+        "r": float(ov.r[c]), "shared_tokens": s, "db_chunk": nid, "db_doc": db.doc_of(nid),
+        "db_source": db.source(db.doc_of(nid)),
+        "test_text": [dec(q[:qs].tolist()), dec(q[qs:qs + s].tolist()), dec(q[qs + s:].tolist())],
+        "db_text": [dec(pair[:ts].tolist()), dec(pair[ts:ts + s].tolist()), dec(pair[ts + s:].tolist())],
+    }
+
+
+def leakage_report(
+    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], k: int = 10, alpha: float = DEFAULT_ALPHA,
+    examples: int = 5, ngram: int = 13, num_perm: int = 128, jaccard_threshold: float = 0.8,
+    ef: int = DEFAULT_EF_SEARCH, work_dir: str | os.PathLike | None = None, text_field: str = "text",
+    threads: int | None = None, progress: Progress | None = None,
+) -> LeakageReport:
+    """Measure chunk overlap and near-duplicate documents of `test_inputs` against the DB. The DB is only
+    read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming)."""
+    from retrocli.neighbors import batch_neighbors, check_k, open_neighbors
+
+    if not 0 <= alpha <= 1:
+        raise RetroError("--alpha: must be between 0 and 1")
+    if examples < 0:
+        raise RetroError("--examples: must be ≥ 0")
+    db = open_db(db_path)
+    check_k(db, k)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="retro-leakage-")
+        work = Path(tmp) / "neighbors"
+    else:
+        work = Path(work_dir)
+    try:
+        started = time.time()
+        batch_neighbors(db.path, test_inputs, work, k=k, ef=ef, threads=threads, progress=progress,
+                        text_field=text_field)
+        neighbors = open_neighbors(work)
+        test = open_db(neighbors.manifest["query_db"])
+        t_neighbors = time.time() - started
+        started = time.time()
+        ov = compute_overlap(db, test, neighbors.ids, progress=progress)
+        t_overlap = time.time() - started
+        pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress)
+        report = _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm,
+                           jaccard_threshold)
+        report.timings = {"neighbors_seconds": round(t_neighbors, 3), "overlap_seconds": round(t_overlap, 3),
+                          "overlap_chunks_per_second": round(len(ov.r) / max(t_overlap, 1e-9), 1),
+                          "near_duplicate_seconds": dup_stats["seconds"]}
+        return report
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm, threshold):
+    n = len(ov.r)
+    counts, edges = np.histogram(ov.r, bins=HIST_BINS, range=(0.0, 1.0))
+    leaking = ov.r > alpha
+    documents = []
+    for doc in range(test.num_docs):
+        sel = ov.test_doc == doc
+        rs = ov.r[sel]
+        documents.append({"doc": doc, "source": test.source(doc), "chunks": int(sel.sum()),
+                          "max_r": float(rs.max()) if len(rs) else 0.0,
+                          "mean_r": float(rs.mean()) if len(rs) else 0.0,
+                          "leaking_chunks": int((rs > alpha).sum())})
+    documents.sort(key=lambda d: (-d["max_r"], -d["mean_r"], d["doc"]))
+    order = np.lexsort((np.arange(n), -ov.shared, -ov.r))
+    chosen = [int(c) for c in order[:examples] if ov.r[c] > alpha]
+    return LeakageReport(
+        db=str(db.path), test_inputs=[str(p) for p in test_inputs], k=k, alpha=alpha, ngram=ngram,
+        num_perm=num_perm, jaccard_threshold=threshold, num_test_docs=test.num_docs, num_test_chunks=n,
+        leaking_chunks=int(leaking.sum()), leaking_fraction=float(leaking.mean()) if n else 0.0,
+        mean_r=float(ov.r.mean()) if n else 0.0,
+        histogram={"edges": [round(float(e), 4) for e in edges], "counts": counts.tolist()},
+        documents=documents, examples=[_example(db, test, ov, c) for c in chosen],
+        near_duplicates=[asdict(p) for p in pairs], near_duplicate_stats=dup_stats, timings={}, overlap=ov,
+    )
+
+
+# -- dedupe ----------------------------------------------------------------------------------------------
+
+def flagged_documents(report: LeakageReport, drop_leaking_chunks: bool) -> set[int]:
+    flagged = {p["db_doc"] for p in report.near_duplicates}
+    if drop_leaking_chunks and report.overlap is not None:
+        ov = report.overlap
+        leaking = (ov.r > report.alpha) & (ov.neighbor >= 0)
+        db = open_db(report.db)
+        flagged |= {int(db.chunk_doc[c]) for c in ov.neighbor[leaking]}
+    return flagged
+
+
+def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Progress | None = None) -> RetroDB:
+    """A new DB holding every document of `db` except `drop_docs`: chunks, sources and embeddings are copied
+    (nothing is re-embedded) and the index is rebuilt with the same parameters. `db` is not touched."""
+    import uuid
+
+    import zarr
+
+    from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, remove_db_dir, write_json_atomic
+    from retrocli.index import IndexOptions, index_db
+
+    keep_docs = np.array([d for d in range(db.num_docs) if d not in drop_docs], dtype=np.int64)
+    if len(keep_docs) == 0:
+        raise RetroError("every DB document would be removed; nothing left to write")
+    keep_chunk = np.isin(db.chunk_doc, keep_docs)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        src = db.root
+        dst = zarr.open_group(str(partial / STORE), mode="w")
+
+        def copy(name, data):
+            chunks = src[name].chunks if name in src else (len(data),)
+            arr = dst.create_array(name, shape=data.shape, dtype=data.dtype,
+                                   chunks=tuple(min(c, max(s, 1)) for c, s in zip(chunks, data.shape)) or None,
+                                   fill_value=src[name].fill_value if name in src else 0)
+            if data.size:
+                arr[...] = data
+
+        new_doc_of = np.full(db.num_docs, -1, dtype=np.int64)
+        new_doc_of[keep_docs] = np.arange(len(keep_docs))
+        lengths = db.root["chunks/length"][:][keep_chunk]
+        copy("chunks/tokens", db.root["chunks/tokens"][:][keep_chunk])
+        copy("chunks/length", lengths)
+        copy("chunks/doc", new_doc_of[db.chunk_doc[keep_chunk]])
+        per_doc = np.diff(db.doc_offsets)[keep_docs]
+        copy("docs/chunk_offset", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64))
+        for name in ("docs/file", "docs/position", "docs/external_id"):
+            if name in src:
+                copy(name, src[name][:][keep_docs])
+        copy("files/path", src["files/path"][:])
+        manifest = copy_module.deepcopy({k: v for k, v in db.manifest.items() if k != "index"})
+        manifest["db_id"] = uuid.uuid4().hex
+        manifest["counts"] = {**manifest["counts"], "documents": int(len(keep_docs)),
+                              "chunks": int(keep_chunk.sum()),
+                              "tokens": int(lengths.astype(np.int64).sum())}
+        manifest["derived_from"] = {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"],
+                                    "removed_documents": sorted(int(d) for d in drop_docs)}
+        manifest["stages"] = {"chunk": db.manifest["stages"]["chunk"]}
+        if db.stage("embed") == "complete":
+            emb = db.root["embeddings"]
+            copy("embeddings", emb[:][keep_chunk])
+            manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"]}
+        else:
+            manifest.pop("embedder", None)
+        (partial / TOKENIZER_FILE).write_text((db.path / TOKENIZER_FILE).read_text(encoding="utf-8"), "utf-8")
+        write_json_atomic(partial / MANIFEST, manifest)
+        if db.stage("index") == "complete":
+            idx = db.manifest["index"]
+            index_db(partial, IndexOptions(idx["space"], idx["M"], idx["ef_construction"], idx["shard_size"],
+                                           idx.get("seed", 100)), progress=progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        remove_db_dir(out)
+    os.replace(partial, out)
+    return open_db(out)
+
+
+def dedupe(
+    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], out: str | os.PathLike,
+    drop_leaking_chunks: bool = False, overwrite: bool = False, **report_options,
+) -> tuple[RetroDB, LeakageReport, set[int]]:
+    out = Path(out)
+    db = open_db(db_path)
+    if out.exists() and not overwrite:
+        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    if out.absolute() == db.path.absolute():
+        raise RetroError(f"{out}: --out must differ from the input DB (it is never changed)")
+    report = leakage_report(db_path, test_inputs, **report_options)
+    drop = flagged_documents(report, drop_leaking_chunks)
+    new_db = write_filtered_db(db, out, drop, report_options.get("progress"))
+    return new_db, report, drop
