@@ -6,18 +6,22 @@ RETRO=${RETRO:-.venv/bin/retro}
 OUT=${DEMO_DIR:-demo-out}
 mkdir -p "$OUT"
 
-echo "==> 1/4 chunk: tokenize the example subset (Python docs) into 64-token chunks"
+echo "==> 1/5 chunk: tokenize the example subset (Python docs) into 64-token chunks"
 $RETRO chunk examples/subset/train.jsonl --out "$OUT/chunks-only" --overwrite
 $RETRO info "$OUT/chunks-only"
 
-echo "==> 2/4 build-db: chunk → embed (frozen MiniLM BERT) → index (HNSW); a rerun resumes"
+echo "==> 2/5 build-db: chunk → embed (frozen MiniLM BERT) → index (HNSW); a rerun resumes"
 $RETRO build-db examples/subset/train.jsonl --out "$OUT/db"
 
-echo "==> 3/4 neighbors: the nearest chunks of a question, with their continuations"
+echo "==> 3/5 neighbors: the nearest chunks of a question, with their continuations"
 $RETRO neighbors "$OUT/db" --k 2 \
   --query "How do I define a class with a method that returns the instance's name?"
 
-echo "==> 4/4 batch neighbours of every DB chunk (excluding its own document), as RETRO training reads them"
+echo "==> 4/5 batch neighbours of every DB chunk (excluding its own document), as RETRO training reads them"
 $RETRO neighbors "$OUT/db" --input "$OUT/db" --out "$OUT/neighbors" --k 2 --exclude-same-doc
 
-echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors (retro info $OUT/db)"
+echo "==> 5/5 leakage-report: how much of the held-out pages already sits in the DB"
+$RETRO leakage-report "$OUT/db" --test examples/subset/heldout.jsonl --examples 2 \
+  --html "$OUT/leakage.html" --json "$OUT/leakage.json"
+
+echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors, leakage report in $OUT/leakage.html"
