@@ -105,8 +105,7 @@ def neighbor_pair_tokens(db: RetroDB, ids: np.ndarray, tokens: np.ndarray, lengt
 def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int = 512,
                     progress: Progress | None = None) -> ChunkOverlap:
     progress = progress or NullProgress()
-    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
-    db_tokens = db_tokens.astype(np.int64)
+    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)  # kept in its small dtype (uint16)
     n = queries.num_chunks
     r = np.zeros(n)
     shared = np.zeros(n, dtype=np.int64)
