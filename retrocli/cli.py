@@ -401,6 +401,11 @@ def _print_leakage(report) -> None:
         t = ex["test_text"]
         console.print(f"  {escape(t[0][-60:])}[reverse]{escape(t[1][:240])}[/]{escape(t[2][:60])}", highlight=False)
     dup = report.near_duplicates
+    if report.bpb:
+        b = report.bpb
+        console.print(f"bpb with retrieval {b['bpb_retrieval']:.4f}, without {b['bpb_no_retrieval']:.4f}; "
+                      + ", ".join(f"bpb(α={p['alpha']:g})={p['bpb']:.4f}" for p in b["curve"]
+                                  if p["bpb"] is not None and p["alpha"] in (0.125, 0.5, 1.0)))
     console.print(f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
                   f"[bold]{len(dup)}[/] pairs "
                   f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)")
@@ -423,6 +428,7 @@ def leakage_report_cmd(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here")] = None,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here")] = None,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 if the leaking fraction exceeds this")] = None,
+    model: Annotated[Path | None, typer.Option(help="A RETRO model: also compute bpb(alpha) with retrieval")] = None,
     work_dir: WorkDir = None,
     text_field: TextField = "text",
     threads: Threads = None,
@@ -432,7 +438,7 @@ def leakage_report_cmd(
     from retrocli.leakage_html import render_html
 
     with progress_display() as progress:
-        report = leakage_report(db, test, examples=examples, progress=progress, **_report_options(
+        report = leakage_report(db, test, examples=examples, progress=progress, model_dir=model, **_report_options(
             k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads))
     _print_leakage(report)
     data = report.to_json()
@@ -491,6 +497,126 @@ def dedupe(
         return
     console.print(f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
                   f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)")
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    db: Annotated[Path, typer.Argument(help="DB (indexed): training corpus and retrieval DB")],
+    neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
+    out: Annotated[Path, typer.Option(help="Model directory to write (checkpoints in OUT/checkpoint)")],
+    heldout: Annotated[Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")] = None,
+    config: Annotated[str, typer.Option(help="Preset (small, tiny) or a config.json")] = "small",
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all")] = 1000,
+    lr: Annotated[float, typer.Option(help="Peak learning rate")] = 1e-3,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay")] = 100,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip")] = 1.0,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = "auto",
+    k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = 200,
+    threads: Threads = None,
+    seed: Annotated[int, typer.Option(help="Seed: weights, data order")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue OUT/checkpoint exactly where it stopped")] = False,
+    json_output: JsonOut = False,
+):
+    """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
+    from retrocli.train import TrainOptions, train
+
+    opts = TrainOptions(config, seq_len, batch_size, steps, lr, 0.1, warmup, weight_decay, grad_clip, precision,
+                        threads, seed, checkpoint_every)
+    with progress_display(enabled=not json_output) as progress:
+        summary = train(db, neighbors, out, opts, heldout, resume, k, progress)
+    if json_output:
+        print_json(summary)
+        return
+    console.print(f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
+                  f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
+                  f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {summary['out']}")
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    db: Annotated[Path, typer.Argument(help="DB (indexed) to retrieve from")],
+    test: TestInputs,
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the bundled model)")] = None,
+    leakage: Annotated[bool, typer.Option(help="Also compute r(C) (k=10) and bpb(alpha)")] = True,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass")] = 4,
+    work_dir: WorkDir = None,
+    text_field: TextField = "text",
+    threads: Threads = None,
+    json_output: JsonOut = False,
+):
+    """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
+    from retrocli.eval import evaluate
+    from retrocli.generate import bundled_model_dir
+
+    with progress_display(enabled=not json_output) as progress:
+        result = evaluate(model or bundled_model_dir(), db, test, leakage, batch_size, threads, work_dir,
+                          text_field, progress)
+    if json_output:
+        print_json(result)
+        return
+    console.print(f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
+                  f"{result['test_bytes']:,} bytes")
+    console.print(f"bpb with retrieval: [bold]{result['bpb_retrieval']:.4f}[/]   without: "
+                  f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%")
+    if "curve" in result:
+        table = Table(title="bpb(α): chunks with r(C) ≤ α", show_edge=False)
+        for col in ("α", "chunks", "bpb retrieval", "bpb none"):
+            table.add_column(col, justify="right")
+        for p in result["curve"]:
+            fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+            table.add_row(f"{p['alpha']:g}", f"{p['chunks']:,}", fmt(p["bpb"]), fmt(p["bpb_no_retrieval"]))
+        console.print(table)
+
+
+@app.command()
+@handle_errors
+def generate(
+    db: Annotated[Path, typer.Option("--db", help="DB (indexed) to retrieve from")],
+    prompt: Annotated[str, typer.Option(help="Text to continue")],
+    model: Annotated[Path | None, typer.Option(help="Model directory (default: the bundled model)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens")] = 50,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (deterministic)")] = 0,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
+    no_retrieval: Annotated[bool, typer.Option(help="Disable retrieval (plain decoder)")] = False,
+    show_neighbors: Annotated[bool, typer.Option(help="Print each retrieval as it happens")] = False,
+    json_output: JsonOut = False,
+):
+    """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""
+    from rich.markup import escape
+
+    from retrocli.generate import generate as run_generate
+
+    def on_text(text: str) -> None:
+        if not json_output:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def on_retrieval(rec) -> None:
+        if show_neighbors and not json_output:
+            err_console.print(f"\n[dim]── chunk {rec.chunk_index} complete: retrieved[/]")
+            for nb in rec.neighbors:
+                err_console.print(f"[cyan]  d={nb.distance:.3f} {escape(nb.source)} · chunk {nb.id}[/]: "
+                                  f"{escape(nb.text[:160])!s}…", highlight=False)
+
+    if not json_output:
+        sys.stdout.write(prompt)
+    result = run_generate(db, prompt, model, max_new_tokens, temperature, top_k, top_p, seed, k,
+                          retrieval=not no_retrieval, on_text=on_text, on_retrieval=on_retrieval)
+    if json_output:
+        print_json({"prompt": result.prompt, "text": result.text, "retrievals": [
+            {"chunk": r.chunk_index, "chunk_text": r.chunk_text, "neighbors": [n.__dict__ for n in r.neighbors]}
+            for r in result.retrievals]})
+    else:
+        sys.stdout.write("\n")
 
 
 def main() -> None:

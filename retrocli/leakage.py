@@ -284,7 +284,7 @@ def leakage_report(
     db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], k: int = 10, alpha: float = DEFAULT_ALPHA,
     examples: int = 5, ngram: int = 13, num_perm: int = 128, jaccard_threshold: float = 0.8,
     ef: int = DEFAULT_EF_SEARCH, work_dir: str | os.PathLike | None = None, text_field: str = "text",
-    threads: int | None = None, progress: Progress | None = None,
+    threads: int | None = None, progress: Progress | None = None, model_dir: str | os.PathLike | None = None,
 ) -> LeakageReport:
     """Measure chunk overlap and near-duplicate documents of `test_inputs` against the DB. The DB is only
     read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming)."""
@@ -315,6 +315,14 @@ def leakage_report(
         pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress)
         report = _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm,
                            jaccard_threshold)
+        if model_dir is not None:
+            from retrocli.eval import bpb_summary, chunk_losses, load_model
+
+            model, _ = load_model(model_dir, db)
+            if model.config.num_neighbors > k:
+                raise RetroError(f"--k {k} is below the model's {model.config.num_neighbors} neighbours")
+            report.bpb = bpb_summary(chunk_losses(model, db, test, neighbors.ids, progress=progress), ov.r)
+            report.bpb["model"] = str(model_dir)
         report.timings = {"neighbors_seconds": round(t_neighbors, 3), "overlap_seconds": round(t_overlap, 3),
                           "overlap_chunks_per_second": round(len(ov.r) / max(t_overlap, 1e-9), 1),
                           "near_duplicate_seconds": dup_stats["seconds"]}

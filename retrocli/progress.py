@@ -79,13 +79,19 @@ class _RateTask:
 
     def __init__(self, bar, task_id):
         self.bar, self.task_id = bar, task_id
+        self.noted = False
 
     def advance(self, n: int = 1) -> None:
         self.bar.advance(self.task_id, n)
         task = next(t for t in self.bar.tasks if t.id == self.task_id)
         speed = task.speed
-        if speed:
+        if speed and not self.noted:
             self.bar.update(self.task_id, rate=f"{speed:,.0f}/s")
+
+    def note(self, text: str) -> None:
+        """Replace the rate column with a stage's own figures (e.g. training loss and tokens/s)."""
+        self.noted = True
+        self.bar.update(self.task_id, rate=text)
 
     def finish(self) -> None:
         task = next(t for t in self.bar.tasks if t.id == self.task_id)

@@ -1,0 +1,152 @@
+"""`retro eval`: bits per byte of a RETRO model on held-out documents, with retrieval from a DB and with
+retrieval disabled, in one run; with r(C) from the leakage pass, also bpb(α) (the paper's Figure 6).
+
+Every test chunk C gets loss(C) = Σ −log₂ p over the tokens of C that the model predicts, and bytes(C)
+= the UTF-8 bytes of those tokens. bpb = Σ loss / Σ bytes; bpb(α) restricts both sums to chunks with
+r(C) ≤ α. Documents are cut into windows of seq_len tokens aligned to the DB chunking; the first token
+of each window has no context and is not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrocli.db import RetroDB, open_db
+from retrocli.errors import RetroError
+from retrocli.progress import NullProgress, Progress
+from retrocli.sequences import _byte_lengths, chunk_rows, neighbor_rows, pad_id
+
+ALPHA_GRID = (0.0, 0.05, 0.1, 0.125, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_MODEL = "bundled"
+
+
+def load_model(model_dir: str | os.PathLike, db: RetroDB):
+    """Load a trained model and refuse a DB whose tokenizer or chunk size differs from its training DB."""
+    from retrocli.model import RetroModel
+    from retrocli.train import MODEL_META
+
+    path = Path(model_dir)
+    meta_file = path / MODEL_META
+    if not meta_file.exists():
+        raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")
+    meta = json.loads(meta_file.read_text())
+    if meta["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
+        raise RetroError(f"{path}: model was trained with a different tokenizer than {db.path} uses")
+    if int(meta["chunk_size"]) != db.chunk_size:
+        raise RetroError(f"{path}: model chunk size {meta['chunk_size']} differs from {db.path} ({db.chunk_size})")
+    try:
+        model = RetroModel.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise RetroError(f"{path}: cannot load model ({err})") from None
+    return model.eval(), meta
+
+
+@dataclass
+class ChunkLosses:
+    bits_retrieval: np.ndarray  # [num_test_chunks]
+    bits_none: np.ndarray
+    bytes: np.ndarray
+
+
+@torch.no_grad()
+def chunk_losses(model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4,
+                 progress: Progress | None = None) -> ChunkLosses:
+    progress = progress or NullProgress()
+    m, k = db.chunk_size, model.config.num_neighbors
+    L = model.config.seq_len // m
+    pad = pad_id(db)
+    byte_len = _byte_lengths(db.tokenizer.json)
+    if byte_len is None:
+        raise RetroError("bits per byte needs a byte-level BPE tokenizer")
+    n = test.num_chunks
+    bits_r, bits_n, nbytes = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
+    windows = [(s, min(s + L, d.stop)) for d in (test.doc_chunks(i) for i in range(test.num_docs))
+               for s in range(d.start, d.stop, L)]
+    windows.sort(key=lambda w: w[1] - w[0])  # equal lengths batch together
+    task = progress.start("eval", total=len(windows), unit="windows")
+    for i in range(0, len(windows), batch_size):
+        group = windows[i : i + batch_size]
+        width = max(b - a for a, b in group)
+        tokens = np.full((len(group), width * m), pad, dtype=np.int64)
+        real = np.zeros_like(tokens, dtype=bool)
+        nbr = np.full((len(group), width, k, 2 * m), pad, dtype=np.int64)
+        for row, (a, b) in enumerate(group):
+            t, r = chunk_rows(test, a, b, pad)
+            tokens[row, : (b - a) * m], real[row, : (b - a) * m] = t.reshape(-1), r.reshape(-1)
+            nbr[row, : b - a] = neighbor_rows(db, neighbor_ids[a:b, :k], pad, db_tokens, db_lengths)
+        targets = np.full_like(tokens, -1)
+        targets[:, :-1] = np.where(real[:, :-1] & real[:, 1:], tokens[:, 1:], -1)
+        idx, tgt = torch.from_numpy(tokens), torch.from_numpy(targets)
+        for use_retrieval, sink in ((True, bits_r), (False, bits_n)):
+            logits, _ = model(idx, neighbors=torch.from_numpy(nbr) if use_retrieval else None)
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                     ignore_index=-1, reduction="none").reshape(tgt.shape)
+            bits = (loss / math.log(2)).numpy()
+            for row, (a, b) in enumerate(group):
+                # target at position p is token p+1, which belongs to chunk (p+1)//m of the window
+                pos = np.nonzero(targets[row] >= 0)[0]
+                owner = a + (pos + 1) // m
+                np.add.at(sink, owner, bits[row, pos])
+                if use_retrieval:
+                    np.add.at(nbytes, owner, byte_len[targets[row, pos]])
+        task.advance(len(group))
+    task.finish()
+    return ChunkLosses(bits_r, bits_n, nbytes)
+
+
+def bpb_summary(losses: ChunkLosses, r: np.ndarray | None, alphas=ALPHA_GRID) -> dict:
+    def bpb(bits, mask):
+        total = losses.bytes[mask].sum()
+        return float(bits[mask].sum() / total) if total else None
+
+    everything = np.ones(len(losses.bytes), dtype=bool)
+    out = {"bpb_retrieval": bpb(losses.bits_retrieval, everything), "bpb_no_retrieval": bpb(losses.bits_none, everything),
+           "test_chunks": int(len(losses.bytes)), "test_bytes": int(losses.bytes.sum())}
+    if out["bpb_retrieval"] and out["bpb_no_retrieval"]:
+        out["retrieval_gain"] = 1 - out["bpb_retrieval"] / out["bpb_no_retrieval"]
+    if r is not None:
+        out["curve"] = [{"alpha": a, "chunks": int((r <= a).sum()), "bpb": bpb(losses.bits_retrieval, r <= a),
+                         "bpb_no_retrieval": bpb(losses.bits_none, r <= a)} for a in alphas]
+    return out
+
+
+def evaluate(
+    model_dir: str | os.PathLike, db_path: str | os.PathLike, inputs: list[str | os.PathLike],
+    leakage: bool = True, batch_size: int = 4, threads: int | None = None, work_dir: str | os.PathLike | None = None,
+    text_field: str = "text", progress: Progress | None = None,
+) -> dict:
+    """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α)."""
+    from retrocli.leakage import compute_overlap
+    from retrocli.neighbors import batch_neighbors, open_neighbors
+
+    if threads:
+        torch.set_num_threads(threads)
+    db = open_db(db_path)
+    model, meta = load_model(model_dir, db)
+    k = max(model.config.num_neighbors, 10 if leakage else 0)
+    tmp = tempfile.mkdtemp(prefix="retro-eval-") if work_dir is None else None
+    work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
+    try:
+        batch_neighbors(db.path, inputs, work, k=min(k, db.num_chunks), threads=threads, progress=progress,
+                        text_field=text_field)
+        nb = open_neighbors(work)
+        test = open_db(nb.manifest["query_db"])
+        losses = chunk_losses(model, db, test, nb.ids, batch_size, progress)
+        r = compute_overlap(db, test, nb.ids, progress=progress).r if leakage else None
+        result = bpb_summary(losses, r)
+        result.update({"model": str(model_dir), "db": str(db.path), "inputs": [str(p) for p in inputs],
+                       "num_neighbors": model.config.num_neighbors, "test_documents": test.num_docs})
+        return result
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""`retro generate`: sample from a RETRO model with retrieval during generation.
+
+Whenever a chunk of m tokens completes — in the prompt or in the generated text — its text is embedded
+with the DB's embedder, its k nearest DB chunks are retrieved with their continuations, encoded, and
+the following tokens attend to them (the paper's CCA alignment). Tokens stream out as they are sampled.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrocli.db import RetroDB, open_db
+from retrocli.errors import RetroError
+from retrocli.sequences import neighbor_rows, pad_id
+
+
+def bundled_model_dir() -> Path:
+    return Path(str(resources.files("retrocli") / "assets" / "model"))
+
+
+@dataclass
+class Retrieval:
+    chunk_index: int
+    chunk_text: str
+    neighbors: list  # retrocli.neighbors.Neighbor
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str  # the continuation only
+    retrievals: list[Retrieval] = field(default_factory=list)
+
+
+def generate(
+    db_path: str | os.PathLike | RetroDB, prompt: str, model_dir: str | os.PathLike | None = None,
+    max_new_tokens: int = 128, temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+    seed: int = 0, k: int | None = None, ef: int = 128, retrieval: bool = True,
+    on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
+) -> Generation:
+    from retrocli.embed import db_embedder
+    from retrocli.eval import load_model
+    from retrocli.index import ShardedIndex
+    from retrocli.neighbors import neighbor_refs
+
+    db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
+    model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
+    if not model_dir.exists():
+        raise RetroError(f"{model_dir}: no model there (train one with `retro train`, or pass --model)")
+    model, _ = load_model(model_dir, db)
+    if not prompt.strip():
+        raise RetroError("--prompt is empty")
+    if max_new_tokens < 1:
+        raise RetroError("--max-new-tokens: must be at least 1")
+    if temperature < 0:
+        raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
+    k = k or model.config.num_neighbors
+    pad = pad_id(db)
+    retrieve_fn = None
+    result = Generation(prompt, "")
+    if retrieval:
+        index = ShardedIndex(db, ef=ef)
+        embedder = db_embedder(db)
+        if k > db.num_chunks:
+            raise RetroError(f"--k {k} is larger than the DB ({db.num_chunks} chunks)")
+
+        def retrieve_fn(chunk_ids: list[int]) -> torch.Tensor:
+            text = db.tokenizer.decode(chunk_ids)
+            ids, dists = index.search(embedder.embed([text]), k)
+            rec = Retrieval(len(result.retrievals), text, neighbor_refs(db, ids[0], dists[0]))
+            result.retrievals.append(rec)
+            if on_retrieval:
+                on_retrieval(rec)
+            return torch.from_numpy(neighbor_rows(db, ids[0], pad))
+
+    prompt_ids = db.tokenizer.encode_batch([prompt])[0]
+    if not prompt_ids:
+        raise RetroError("--prompt encodes to no tokens")
+    generator = torch.Generator().manual_seed(seed)
+    new_ids: list[int] = []
+    shown = ""
+    for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,
+                                     top_k, top_p, generator):
+        new_ids.append(int(token[0]))
+        text = db.tokenizer.decode(new_ids)
+        # hold back a trailing partial UTF-8 character until its other bytes arrive
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        if on_text and len(stable) > len(shown):
+            on_text(stable[len(shown):])
+        shown = stable if len(stable) > len(shown) else shown
+    result.text = db.tokenizer.decode(new_ids)
+    if on_text and len(result.text) > len(shown):
+        on_text(result.text[len(shown):])
+    return result

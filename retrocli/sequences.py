@@ -1,0 +1,97 @@
+"""Model inputs from a DB: token sequences aligned to the DB's chunks, and each chunk's neighbours as
+[N, F] token rows. Shared by `retro train`, `retro eval` and `retro generate`.
+
+Sequences are runs of L consecutive DB chunks (seq_len = L·m). Chunks keep their DB alignment, so the
+neighbours precomputed for a DB chunk are exactly the neighbours of that chunk of the sequence; a short
+last chunk of a document is padded to m with the pad token, which is never a prediction target.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from retrocli.db import RetroDB
+
+
+def pad_id(db: RetroDB) -> int:
+    tok = db.tokenizer.tokenizer
+    for name in ("<|pad|>", "<pad>", "[PAD]"):
+        found = tok.token_to_id(name)
+        if found is not None:
+            return int(found)
+    return 0
+
+
+def chunk_rows(db: RetroDB, start: int, stop: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [stop-start, m] with padding replaced by `pad`, and a mask of real tokens."""
+    tokens, lengths = db.tokens_block(start, stop)
+    tokens = tokens.astype(np.int64)
+    real = np.arange(db.chunk_size)[None, :] < lengths[:, None]
+    tokens[~real] = pad
+    return tokens, real
+
+
+def neighbor_rows(db: RetroDB, ids: np.ndarray, pad: int, tokens: np.ndarray | None = None,
+                  lengths: np.ndarray | None = None) -> np.ndarray:
+    """DB chunk ids [..., k] (−1 = missing) → [..., k, 2m] tokens of N followed by its continuation F,
+    padded with `pad` (a missing neighbour is all pad, which the model masks)."""
+    m = db.chunk_size
+    if tokens is None:
+        tokens, lengths = db.tokens_block(0, db.num_chunks)
+    flat = ids.reshape(-1)
+    out = np.full((len(flat), 2 * m), pad, dtype=np.int64)
+    doc = db.chunk_doc
+    for row, nid in enumerate(flat):
+        if nid < 0:
+            continue
+        n = int(lengths[nid])
+        out[row, :n] = tokens[nid, :n]
+        nxt = nid + 1
+        if nxt < len(doc) and doc[nxt] == doc[nid]:
+            f = int(lengths[nxt])
+            out[row, n : n + f] = tokens[nxt, :f]
+    return out.reshape(*ids.shape, 2 * m)
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's byte ↔ printable-character table that byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+@lru_cache(maxsize=8)
+def _byte_lengths(tokenizer_json: str) -> np.ndarray | None:
+    import json
+
+    spec = json.loads(tokenizer_json)
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
+    decoder = _bytes_to_unicode()
+    vocab = spec["model"]["vocab"]
+    special = {t["content"] for t in spec.get("added_tokens", [])}
+    size = max(list(vocab.values()) + [t["id"] for t in spec.get("added_tokens", [])]) + 1
+    lengths = np.zeros(size, dtype=np.int64)
+    for token, idx in vocab.items():
+        if token not in special:
+            lengths[idx] = sum(1 for ch in token if ch in decoder)
+    return lengths
+
+
+def chunk_bytes(db: RetroDB, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes of the text each chunk row encodes. Exact per token for byte-level BPE (a chunk
+    boundary inside a multi-byte character splits its bytes correctly); other tokenizers decode rows."""
+    lengths = _byte_lengths(db.tokenizer.json)
+    if lengths is not None:
+        return np.where(real, lengths[tokens], 0).sum(axis=1)
+    rows = [row[mask].tolist() for row, mask in zip(tokens, real)]
+    texts = db.tokenizer.tokenizer.decode_batch(rows, skip_special_tokens=False)
+    return np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)

@@ -1,0 +1,278 @@
+"""`retro train`: train a RETRO decoder on a DB with its precomputed neighbours.
+
+The DB is both the training corpus and the retrieval DB; neighbours come from `retro neighbors DB
+--input DB --out NB --exclude-same-doc` (the paper's rule: no neighbour from the sequence's own
+document). Batches are a pure function of (seed, step), so `--resume` continues exactly: model,
+optimizer, schedule and data position all come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrocli.db import RetroDB, open_db, write_json_atomic
+from retrocli.errors import RetroError
+from retrocli.progress import NullProgress, Progress
+from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
+
+MODEL_META = "retrocli_model.json"
+
+
+@dataclass
+class TrainOptions:
+    config: str = "small"  # preset name, or a config.json path
+    seq_len: int = 512
+    batch_size: int = 4
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 where the CPU has it natively, else fp32
+    threads: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+
+def resolve_precision(precision: str) -> str:
+    from retrocli.embed import native_bf16
+
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise RetroError(f"--precision: must be auto, fp32 or bf16, got '{precision}'")
+    return precision
+
+
+def lr_at(step: int, opts: TrainOptions) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at the last step."""
+    if step < opts.warmup:
+        return opts.lr * (step + 1) / opts.warmup
+    progress = (step - opts.warmup) / max(1, opts.steps - opts.warmup)
+    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class TrainingData:
+    """Sequences of L consecutive DB chunks, excluding held-out documents, with their neighbours."""
+
+    def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int]):
+        m = db.chunk_size
+        if seq_len % m:
+            raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
+        self.db, self.chunks, self.k = db, seq_len // m, k
+        self.pad = pad_id(db)
+        self.tokens, self.real = chunk_rows(db, 0, db.num_chunks, self.pad)
+        self.lengths = db.chunk_length
+        self.neighbor_ids = neighbor_ids[:, :k]
+        bad = np.isin(db.chunk_doc, list(heldout_docs)) if heldout_docs else np.zeros(db.num_chunks, bool)
+        # a start s is usable when chunks s..s+L-1 exist and none belongs to a held-out document
+        window_bad = np.convolve(bad.astype(np.int64), np.ones(self.chunks, dtype=np.int64), mode="full")
+        usable = np.arange(max(0, db.num_chunks - self.chunks + 1))
+        self.starts = usable[window_bad[self.chunks - 1 : self.chunks - 1 + len(usable)] == 0]
+        if len(self.starts) == 0:
+            raise RetroError(f"{db.path}: no training sequence of {seq_len} tokens outside the held-out documents")
+        self.heldout_chunks = int(bad.sum())
+
+    def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+        rng = np.random.default_rng([seed, step])
+        starts = self.starts[rng.integers(0, len(self.starts), batch_size)]
+        rows = starts[:, None] + np.arange(self.chunks)[None, :]
+        tokens, real = self.tokens[rows].reshape(batch_size, -1), self.real[rows].reshape(batch_size, -1)
+        targets = np.full_like(tokens, -1)
+        ok = real[:, :-1] & real[:, 1:]  # predict only real tokens from real tokens
+        targets[:, :-1] = np.where(ok, tokens[:, 1:], -1)
+        neighbors = neighbor_rows(self.db, self.neighbor_ids[rows], self.pad, self.tokens, self.lengths)
+        return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(neighbors)
+
+
+def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
+    """Held-out documents: a file with one DB doc id, external id or source path per line."""
+    if path is None:
+        return set()
+    try:
+        wanted = {line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()}
+    except OSError as err:
+        raise RetroError(f"{path}: cannot read held-out list ({err.strerror})") from None
+    found = set()
+    for doc in range(db.num_docs):
+        source = db.source(doc)
+        keys = {str(doc), source}
+        if " (id " in source:
+            keys.add(source.rsplit(" (id ", 1)[1][:-1])
+        if keys & wanted:
+            found.add(doc)
+    return found
+
+
+def _optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+
+
+def save_checkpoint(dir: Path, model, optimizer, state: dict) -> None:
+    """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
+    from safetensors.torch import save_file
+
+    tmp = dir.with_name(dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tensors, meta = {}, {}
+    for i, (param_id, pstate) in enumerate(optimizer.state_dict()["state"].items()):
+        for key, value in pstate.items():
+            tensors[f"{param_id}.{key}"] = value.detach().clone().contiguous() if torch.is_tensor(value) \
+                else torch.tensor(value)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta["param_groups"] = optimizer.state_dict()["param_groups"]
+    write_json_atomic(tmp / "optimizer.json", meta)
+    write_json_atomic(tmp / "state.json", state)
+    if dir.exists():
+        import shutil
+
+        shutil.rmtree(dir)
+    os.replace(tmp, dir)
+
+
+def load_optimizer(dir: Path, optimizer) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(dir / "optimizer.safetensors"))
+    meta = json.loads((dir / "optimizer.json").read_text())
+    state: dict = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
+    (out / "tokenizer.json").write_text(db.tokenizer.json, encoding="utf-8")
+    write_json_atomic(out / MODEL_META, {
+        "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "chunk_size": db.chunk_size,
+        "trained_on": {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"]}, **extra})
+
+
+def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: int, pad: int):
+    from retrocli.model import RetroConfig
+
+    if name in ("small", "tiny"):
+        config = getattr(RetroConfig, name)(vocab_size)
+    else:
+        try:
+            config = RetroConfig.from_dict(json.loads(Path(name).read_text()))
+        except (OSError, ValueError, TypeError) as err:
+            raise RetroError(f"--config {name}: not a preset (small, tiny) nor a readable config.json ({err})") from None
+    config.vocab_size = vocab_size
+    config.chunk_size = chunk_size
+    config.seq_len = seq_len
+    config.num_neighbors = k
+    config.neighbor_len = 2 * chunk_size
+    config.pad_token_id = pad
+    config.__post_init__()  # re-validate after the overrides
+    return config
+
+
+def train(
+    db_path: str | os.PathLike, neighbors_path: str | os.PathLike, out: str | os.PathLike,
+    options: TrainOptions | None = None, heldout: str | os.PathLike | None = None, resume: bool = False,
+    k: int = 2, progress: Progress | None = None,
+) -> dict:
+    from retrocli.model import RetroModel
+    from retrocli.neighbors import open_neighbors
+
+    opts = options or TrainOptions()
+    progress = progress or NullProgress()
+    out = Path(out)
+    db = open_db(db_path)
+    nb = open_neighbors(neighbors_path)
+    settings = nb.manifest["settings"]
+    if settings["db_id"] != db.manifest["db_id"] or nb.ids.shape[0] != db.num_chunks:
+        raise RetroError(f"{neighbors_path}: neighbours were not computed for every chunk of {db.path}")
+    if not settings.get("exclude_same_doc"):
+        raise RetroError(f"{neighbors_path}: computed without --exclude-same-doc; training would see its own text")
+    if nb.ids.shape[1] < k:
+        raise RetroError(f"{neighbors_path}: holds {nb.ids.shape[1]} neighbours per chunk, --k is {k}")
+    precision = resolve_precision(opts.precision)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    ckpt = out / "checkpoint"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise RetroError(f"{out}: exists; pass --resume to continue its checkpoint, or choose a new --out")
+    if resume and not (ckpt / "state.json").exists():
+        raise RetroError(f"{out}: no checkpoint to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+
+    heldout_docs = load_heldout(db, heldout)
+    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs)
+    torch.manual_seed(opts.seed)
+    if resume:
+        model = RetroModel.from_pretrained(ckpt)
+        state = json.loads((ckpt / "state.json").read_text())
+        opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads})
+    else:
+        model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k,
+                                          data.pad))
+        state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
+    optimizer = _optimizer(model, opts)
+    if resume:
+        load_optimizer(ckpt, optimizer)
+    log_path = out / "train_log.jsonl"
+    model.train()
+    task = progress.start("train", total=opts.steps, unit="steps", completed=state["step"])
+    started, window_tokens, window_start = time.time(), 0, time.time()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    loss_value = float("nan")
+    while state["step"] < opts.steps:
+        step = state["step"]
+        idx, targets, neighbors = data.batch(opts.seed, step, opts.batch_size)
+        lr = lr_at(step, opts)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            _, loss = model(idx, neighbors=neighbors, targets=targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))
+        optimizer.step()
+        loss_value = float(loss)
+        if not math.isfinite(loss_value):
+            raise RetroError(f"loss became {loss_value} at step {step}; lower --lr")
+        tokens = int((targets >= 0).sum())
+        state["step"] += 1
+        state["tokens_seen"] += tokens
+        window_tokens += tokens
+        task.advance(1)
+        if state["step"] % opts.log_every == 0 or state["step"] == opts.steps:
+            now = time.time()
+            record = {"step": state["step"], "loss": round(loss_value, 4), "lr": lr, "grad_norm": round(grad_norm, 3),
+                      "tokens_seen": state["tokens_seen"],
+                      "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 1)}
+            with log_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            window_tokens, window_start = 0, now
+            progress_note = getattr(task, "note", None)
+            if progress_note:
+                progress_note(f"loss {loss_value:.3f} · {record['tokens_per_second']:.0f} tok/s")
+        if state["step"] % opts.checkpoint_every == 0 or state["step"] == opts.steps:
+            state["seconds"] = round(state["seconds"] + time.time() - started, 2)
+            started = time.time()
+            save_checkpoint(ckpt, model, optimizer, state)
+    task.finish()
+    model.save_pretrained(out)
+    write_model_meta(out, db, {"steps": state["step"], "tokens_seen": state["tokens_seen"],
+                               "precision": precision, "heldout_documents": len(heldout_docs),
+                               "parameters": model.num_parameters()})
+    return {"out": str(out), "steps": state["step"], "tokens_seen": state["tokens_seen"], "final_loss": loss_value,
+            "seconds": state["seconds"], "tokens_per_second": round(state["tokens_seen"] / max(state["seconds"], 1e-9), 1),
+            "parameters": model.num_parameters(), "precision": precision}
