@@ -186,8 +186,10 @@ def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: i
 def train(
     db_path: str | os.PathLike, neighbors_path: str | os.PathLike, out: str | os.PathLike,
     options: TrainOptions | None = None, heldout: str | os.PathLike | None = None, resume: bool = False,
-    k: int = 2, progress: Progress | None = None,
+    k: int = 2, progress: Progress | None = None, stop_after: int | None = None,
 ) -> dict:
+    """Train and save the model in `out`. `stop_after` ends this run after that step's checkpoint, as an
+    interruption would (for tests of --resume)."""
     from retrocli.model import RetroModel
     from retrocli.neighbors import open_neighbors
 
@@ -245,7 +247,7 @@ def train(
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise RetroError(f"loss became {loss_value} at step {step}; lower --lr")
         tokens = int((targets >= 0).sum())
@@ -268,6 +270,8 @@ def train(
             state["seconds"] = round(state["seconds"] + time.time() - started, 2)
             started = time.time()
             save_checkpoint(ckpt, model, optimizer, state)
+            if stop_after is not None and state["step"] >= stop_after:
+                break
     task.finish()
     model.save_pretrained(out)
     write_model_meta(out, db, {"steps": state["step"], "tokens_seen": state["tokens_seen"],

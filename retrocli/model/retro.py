@@ -123,7 +123,7 @@ class RetroConfig:
 
     @classmethod
     def small(cls, vocab_size: int, **overrides) -> RetroConfig:
-        """The default trainable-on-a-CPU config: 6 x 384, CCA at layers 3 and 6, ~13.9M params at 8k vocab."""
+        """The default CPU-trainable config: 6 x 384, CCA at layers 3 and 6; 14.1M params at 8k vocab."""
         return cls(vocab_size=vocab_size, **overrides)
 
     @classmethod
@@ -324,7 +324,8 @@ class ChunkedCrossAttention(nn.Module):
             u = us[i]
             if u >= 0 and u in encoded:
                 enc = encoded[u]  # L = 1
-                out[:, i:j] = self.attn(x[:, i:j], enc.e[:, 0], pos[i:j] - u * self.m, enc.pos, enc.mask[:, 0])
+                q_pos = pos[i:j] - u * self.m  # offset from the start of C_u, as in forward()
+                out[:, i:j] = self.attn(x[:, i:j], enc.e[:, 0], q_pos, enc.pos, enc.mask[:, 0])
             i = j
         return out
 
@@ -502,24 +503,27 @@ class RetroModel(nn.Module):
             retrieval = neighbors.shape[1] > 0  # T < m: no complete chunk, nobody attends to anything
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx))
-        enc = None
-        for i, block in enumerate(self.blocks):
+        m, enc = cfg.chunk_size, None
+        for block in self.blocks:
             x = x + block.attn(block.ln_1(x), pos)
             if block.cca is not None and retrieval:
                 if enc is None:  # first CCA layer: H is x right here, after its self-attention
                     L = neighbors.shape[1]
-                    enc = self._encode(neighbors, x[:, : L * cfg.chunk_size].reshape(B, L, cfg.chunk_size, -1))
+                    enc = self._encode(neighbors, x[:, : L * m].reshape(B, L, m, -1))
                 x = x + block.cca(block.ln_cca(x), enc)
             x = x + block.mlp(block.ln_2(x))
         logits = self.lm_head(self.ln_f(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            flat = logits.float().view(-1, logits.size(-1))
+            loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     # -- incremental decoding -------------------------------------------------------------------------
 
-    def new_cache(self, batch_size: int = 1, max_len: int | None = None, device=None, dtype=None) -> RetroCache:
+    def new_cache(
+        self, batch_size: int = 1, max_len: int | None = None, device=None, dtype=None
+    ) -> RetroCache:
         """An empty KV cache for up to max_len (default seq_len) tokens."""
         cfg = self.config
         max_len = max_len or cfg.seq_len
@@ -727,7 +731,9 @@ class RetroModel(nn.Module):
         one_d = idx.dim() == 1
         idx2 = idx.unsqueeze(0) if one_d else idx
         new = list(
-            self.generate_iter(idx2, max_new_tokens, retrieve_fn, temperature, top_k, top_p, generator, use_cache)
+            self.generate_iter(
+                idx2, max_new_tokens, retrieve_fn, temperature, top_k, top_p, generator, use_cache
+            )
         )
         out = torch.cat([idx2, torch.stack(new, dim=1)], dim=1) if new else idx2
         return out[0] if one_d else out
@@ -772,7 +778,9 @@ class RetroModel(nn.Module):
         try:
             load_model(model, str(weights_file), strict=True, device=str(device))
         except Exception as err:  # safetensors raises RuntimeError / SafetensorError
-            raise RetroError(f"{weights_file}: weights do not match config.json ({str(err).splitlines()[0]})") from None
+            raise RetroError(
+                f"{weights_file}: weights do not match config.json ({str(err).splitlines()[0]})"
+            ) from None
         return model.to(device)
 
 

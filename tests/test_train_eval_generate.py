@@ -1,0 +1,158 @@
+"""retro train / eval / generate on a tiny model over the tiny DB (tiny BERT embedder)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+from retrocli.db import open_db
+from retrocli.errors import RetroError
+from retrocli.model import RetroModel
+from retrocli.neighbors import batch_neighbors
+from retrocli.train import TrainOptions, TrainingData, lr_at, train
+
+OPTS = dict(config="tiny", seq_len=128, batch_size=2, warmup=2, checkpoint_every=3, log_every=1, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def self_neighbors(tiny_db, tmp_path_factory):  # noqa: F811
+    return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_db, self_neighbors, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("model") / "m"
+    summary = train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS))
+    return out, summary
+
+
+def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neighbors):  # noqa: F811
+    from retrocli.neighbors import open_neighbors
+
+    db = open_db(tiny_db)
+    nb = open_neighbors(self_neighbors)
+    data = TrainingData(db, nb.ids, 128, 2, heldout_docs={0})
+    idx, targets, neighbors = data.batch(seed=1, step=5, batch_size=3)
+    assert idx.shape == (3, 128) and neighbors.shape == (3, 2, 2, 128)
+    assert not np.isin(db.chunk_doc[data.starts], [0]).any()
+    again = data.batch(seed=1, step=5, batch_size=3)
+    assert all(torch.equal(a, b) for a, b in zip((idx, targets, neighbors), again))  # pure function of step
+    # targets are the next token wherever both are real tokens
+    real = targets >= 0
+    assert torch.equal(targets[:, :-1][real[:, :-1]], idx[:, 1:][real[:, :-1]])
+    # the neighbours of each chunk are the precomputed ones, N followed by its continuation F
+    start = int(np.nonzero(np.all(idx[0, :64].numpy() == data.tokens[data.starts], axis=1))[0][0])
+    first = int(nb.ids[data.starts[start], 0])
+    assert (neighbors[0, 0, 0, : db.chunk_length[first]].numpy() == db.chunk_tokens(first)).all()
+
+
+def test_lr_schedule():
+    opts = TrainOptions(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, opts) == pytest.approx(0.1) and lr_at(9, opts) == pytest.approx(1.0)
+    assert lr_at(99, opts) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, opts) >= lr_at(s + 1, opts) for s in range(10, 99))
+
+
+def test_train_writes_model_checkpoint_and_log(trained):
+    out, summary = trained
+    assert summary["steps"] == 12 and summary["tokens_per_second"] > 0
+    files = {p.name for p in out.rglob("*") if p.is_file()}
+    assert {"config.json", "model.safetensors", "retrocli_model.json", "tokenizer.json", "train_log.jsonl",
+            "optimizer.safetensors", "state.json"} <= files
+    assert not [f for f in files if f.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path, trained):  # noqa: F811
+    out = tmp_path / "m"
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS), stop_after=6)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS), resume=True)
+    a, b = RetroModel.from_pretrained(out), RetroModel.from_pretrained(trained[0])
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
+    nb = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=2)  # without --exclude-same-doc
+    with pytest.raises(RetroError, match="exclude-same-doc"):
+        train(tiny_db, nb, tmp_path / "m", TrainOptions(steps=1, **OPTS))
+    result = cli("train", tiny_db, "--neighbors", tmp_path / "nope", "--out", tmp_path / "m2")
+    assert result.exit_code == 2 and "not a neighbours directory" in result.output
+
+
+def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):  # noqa: F811
+    from retrocli.eval import chunk_losses, evaluate, load_model
+    from retrocli.neighbors import open_neighbors
+    from retrocli.sequences import chunk_rows, pad_id
+
+    out, _ = trained
+    result = evaluate(out, tiny_db, [small_jsonl], work_dir=tmp_path / "w")
+    assert result["bpb_retrieval"] > 0 and result["bpb_no_retrieval"] > 0
+    assert result["curve"][-1]["bpb"] == pytest.approx(result["bpb_retrieval"])
+    db = open_db(tiny_db)
+    test = open_db(tmp_path / "w" / "queries")
+    model, _ = load_model(out, db)
+    losses = chunk_losses(model, db, test, open_neighbors(tmp_path / "w").ids)
+    # one window by hand: the model's own mean cross-entropy over the same targets
+    L = model.config.seq_len // db.chunk_size
+    chunks = test.doc_chunks(0)
+    stop = min(chunks.start + L, chunks.stop)
+    tokens, real = chunk_rows(test, chunks.start, stop, pad_id(db))
+    idx = torch.from_numpy(tokens.reshape(1, -1))
+    targets = np.full(idx.shape, -1)
+    flat_real = real.reshape(1, -1)
+    targets[:, :-1] = np.where(flat_real[:, :-1] & flat_real[:, 1:], idx[:, 1:].numpy(), -1)
+    with torch.no_grad():
+        _, loss = model(idx, neighbors=None, targets=torch.from_numpy(targets))
+    window_bits = losses.bits_none[chunks.start:stop].sum()
+    if stop < chunks.stop:  # the next window's first token is unscored, so nothing spills over
+        assert window_bits == pytest.approx(float(loss) * (targets >= 0).sum() / math.log(2), rel=1e-4)
+    # bytes: every document's UTF-8 bytes minus its unscored first token of each window
+    assert losses.bytes.sum() <= sum(len(test.document_text(d).encode()) for d in range(test.num_docs))
+
+
+def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):  # noqa: F811
+    from retrocli.chunk import ChunkOptions, chunk_corpus
+    from retrocli.eval import load_model
+    from retrocli.tokenizer import train_tokenizer
+
+    train_tokenizer([small_jsonl], 600, tmp_path / "tok.json")
+    other = chunk_corpus([small_jsonl], tmp_path / "db", ChunkOptions(tokenizer=str(tmp_path / "tok.json")))
+    with pytest.raises(RetroError, match="different tokenizer"):
+        load_model(trained[0], other)
+
+
+def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, tiny_db):  # noqa: F811
+    from retrocli.generate import generate
+
+    out, _ = trained
+    db = open_db(tiny_db)
+    prompt = db.document_text(2)[:600]
+    n_prompt = len(db.tokenizer.encode_batch([prompt])[0])
+    before = tree_snapshot(tiny_db)
+    streamed = []
+    a = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, on_text=streamed.append)
+    b = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
+    c = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=4)
+    assert a.text == b.text and "".join(streamed) == a.text
+    assert a.text != c.text or len(a.text) == 0
+    assert len(a.retrievals) == (n_prompt + 70) // 64
+    assert a.retrievals[0].neighbors and a.retrievals[0].neighbors[0].id in db.doc_chunks(2)
+    assert tree_snapshot(tiny_db) == before
+
+
+def test_generate_cli_greedy_json(trained, tiny_db, cli):  # noqa: F811
+    out, _ = trained
+    args = ["generate", "--db", tiny_db, "--model", out, "--prompt", "Python classes", "--max-new-tokens", "8",
+            "--temperature", "0", "--json"]
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]
+    bad = cli("generate", "--db", tiny_db, "--model", out, "--prompt", " ")
+    assert bad.exit_code == 2 and "empty" in bad.output
