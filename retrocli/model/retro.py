@@ -170,6 +170,15 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm computed in the wider of the input's and the weight's dtypes: under bf16 autocast the
+    fp32 gain would otherwise meet a bf16 input and miss the fused kernel (and lose precision)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, self.weight.dtype)
+        return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps).to(x.dtype)
+
+
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
     """[N, P, d] -> [N, heads, P, d/heads]"""
     N, P, d = x.shape
@@ -337,11 +346,11 @@ class EncoderLayer(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         e = cfg.enc_d_model
-        self.ln_1 = nn.RMSNorm(e, eps=cfg.norm_eps)
+        self.ln_1 = RMSNorm(e, eps=cfg.norm_eps)
         self.attn = SelfAttention(e, cfg.enc_n_head, cfg.dropout, cfg.rope_base)
-        self.ln_2 = nn.RMSNorm(e, eps=cfg.norm_eps)
+        self.ln_2 = RMSNorm(e, eps=cfg.norm_eps)
         self.cross = CrossAttention(e, cfg.d_model, cfg.enc_n_head, cfg.dropout, cfg.rope_base)
-        self.ln_3 = nn.RMSNorm(e, eps=cfg.norm_eps)
+        self.ln_3 = RMSNorm(e, eps=cfg.norm_eps)
         self.mlp = MLP(e, cfg.enc_d_ff, cfg.dropout)
 
     def forward(self, x, key_mask, h, k):
@@ -368,9 +377,9 @@ class RetroEncoder(nn.Module):
         super().__init__()
         d, e = cfg.d_model, cfg.enc_d_model
         self.proj_in = nn.Linear(d, e, bias=False) if e != d else nn.Identity()
-        self.ln_h = nn.RMSNorm(d, eps=cfg.norm_eps)  # H_u is a raw residual stream: normalise it
+        self.ln_h = RMSNorm(d, eps=cfg.norm_eps)  # H_u is a raw residual stream: normalise it
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.ln_f = nn.RMSNorm(e, eps=cfg.norm_eps)
+        self.ln_f = RMSNorm(e, eps=cfg.norm_eps)
         self.proj_out = nn.Linear(e, d, bias=False)
 
     def forward(self, tok_emb: torch.Tensor, token_mask: torch.Tensor, h: torch.Tensor) -> Encoded:
@@ -394,14 +403,14 @@ class Block(nn.Module):
 
     def __init__(self, cfg: RetroConfig, has_cca: bool):
         super().__init__()
-        self.ln_1 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.dropout, cfg.rope_base)
         if has_cca:
-            self.ln_cca = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.ln_cca = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
             self.cca = ChunkedCrossAttention(cfg)
         else:
             self.cca = None
-        self.ln_2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.dropout)
 
 
@@ -442,7 +451,7 @@ class RetroModel(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, has_cca=(i + 1) in cfg.cca_layers) for i in range(cfg.n_layer))
-        self.ln_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ln_f = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # one tensor; safetensors' save_model/load_model dedupe it
