@@ -18,7 +18,14 @@ import numpy as np
 import zarr
 
 from retrocli import __version__
-from retrocli.corpus import CorpusOptions, CorpusStats, expand_inputs, iter_documents
+from retrocli.corpus import (
+    SUPPORTED,
+    CorpusOptions,
+    CorpusStats,
+    describe_paths,
+    expand_inputs,
+    iter_documents,
+)
 from retrocli.db import (
     DOCS_PER_ZARR_CHUNK,
     FORMAT_NAME,
@@ -202,6 +209,8 @@ def _write_chunks(
     ext_ids = per_doc("docs/external_id", str, "") if options.id_field else None
 
     files = expand_inputs(inputs)  # validate every path before any progress is shown
+    if not files:  # directories with no corpus files: say so about the inputs, not an empty list
+        raise RetroError(f"empty corpus: no {'/'.join(SUPPORTED)} files in {describe_paths(inputs)}")
     stats = CorpusStats()
     file_index: dict[str, int] = {}
     n_docs = n_chunks = n_tokens = 0

@@ -71,6 +71,14 @@ class CorpusOptions:
     strict: bool = False
 
 
+def describe_paths(paths: Sequence[str | os.PathLike], limit: int = 3) -> str:
+    """Paths for a one-line message: the first few, then how many more."""
+    names = [str(p) for p in paths]
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
 def _suffix_ok(path: Path) -> bool:
     return path.name.lower().endswith(SUPPORTED)
 
@@ -221,6 +229,4 @@ def iter_documents(
             stats.documents += 1
             yield doc
     if stats.documents == 0:
-        raise RetroError(
-            f"empty corpus: no non-empty documents in {', '.join(str(p) for p in inputs)}"
-        )
+        raise RetroError(f"empty corpus: no non-empty documents in {describe_paths(inputs)}")

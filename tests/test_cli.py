@@ -1,0 +1,214 @@
+"""The `retro` command itself: chunk, info and info --json, and what users see when input is bad."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+from conftest import SUBSET_TRAIN
+
+from retrocli import open_db
+from retrocli.db import FORMAT_VERSION
+
+
+def test_chunk_then_info_then_info_json(cli, tmp_path, subset_texts):
+    out = tmp_path / "db"
+    result = cli("chunk", SUBSET_TRAIN, "--out", out)
+    assert result.exit_code == 0, result.output
+    db = open_db(out)
+    counts = db.manifest["counts"]
+    summary = " ".join(result.stdout.split())  # rich may wrap the line
+    assert f"chunked {counts['documents']:,} documents into {counts['chunks']:,} chunks" in summary
+    assert counts["documents"] == len(subset_texts)
+    assert [db.document_text(d) for d in (0, len(subset_texts) - 1)] == [subset_texts[0], subset_texts[-1]]
+
+    result = cli("info", out)
+    assert result.exit_code == 0, result.output
+    assert f"{counts['documents']:,}" in result.stdout
+    assert f"{counts['chunks']:,}" in result.stdout and "chunk size 64" in result.stdout
+    assert f"{counts['tokens']:,}" in result.stdout
+    assert "chunk: complete" in result.stdout
+    assert db.manifest["tokenizer"]["sha256"][:12] in result.stdout
+    for array in ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offset", "files/path"):
+        assert array in result.stdout
+
+    result = cli("info", out, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["counts"] == counts
+    assert data["chunk_size"] == 64
+    assert data["format_version"] == FORMAT_VERSION
+    assert data["db_id"] == db.manifest["db_id"]
+    assert data["tokenizer"] == db.manifest["tokenizer"]
+    assert data["stages"] == {"chunk": "complete"}
+    assert data["corpus"]["documents"] == len(subset_texts)
+    on_disk = {
+        p.parent.relative_to(out / "store.zarr").as_posix(): sum(
+            f.stat().st_size for f in p.parent.rglob("*") if f.is_file()
+        )
+        for p in (out / "store.zarr").rglob("zarr.json")
+        if json.loads(p.read_text())["node_type"] == "array"
+    }
+    assert data["disk_bytes"] == on_disk
+    assert data["disk_bytes"]["chunks/tokens"] > data["disk_bytes"]["chunks/length"]
+
+
+def test_chunk_json_output_and_options(cli, tmp_path, make_corpus):
+    root = make_corpus(
+        {
+            "b.jsonl": [
+                {"body": "first doc", "key": "k1"},
+                {"body": "", "key": "k2"},
+                {"body": "third", "key": "k3"},
+            ]
+        }
+    )
+    args = ["--text-field", "body", "--id-field", "key", "--chunk-size", "3", "--json"]
+    result = cli("chunk", root, "--out", tmp_path / "db", *args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # --json: nothing else on stdout
+    assert data["counts"]["documents"] == 2
+    assert data["corpus"]["empty_skipped"] == 1
+    db = open_db(tmp_path / "db")
+    assert data["counts"] == db.manifest["counts"]
+    assert db.chunk_size == 3
+    assert db.source(1).endswith("b.jsonl:line 3 (id k3)")
+    assert db.manifest["stages"]["chunk"]["options"]["id_field"] == "key"
+    assert db.manifest["stages"]["chunk"]["options"]["text_field"] == "body"
+
+
+def test_chunk_reports_skips_and_replacements(cli, tmp_path, make_corpus):
+    root = make_corpus({"a.txt": "fine", "b.txt": "", "bin.txt": b"\x00\x01\x02", "c.txt": b"caf\xe9"})
+    result = cli("chunk", root, "--out", tmp_path / "db")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 empty documents" in result.stdout
+    assert "replaced invalid UTF-8 in 1 documents" in result.stdout
+    assert f"warning: skipped binary file {root / 'bin.txt'}" in result.stderr
+    result = cli("chunk", root, "--out", tmp_path / "db2", "--strict")
+    assert result.exit_code == 2
+    assert f"{root / 'c.txt'}: invalid UTF-8" in result.error_lines[0]
+
+
+def test_overwrite_through_cli(cli, tmp_path, make_corpus):
+    out = tmp_path / "db"
+    assert cli("chunk", make_corpus({"a.txt": "one"}), "--out", out).exit_code == 0
+    result = cli("chunk", make_corpus({"b.txt": "two"}), "--out", out)
+    assert result.exit_code == 2
+    assert result.error_lines == [f"error: {out}: already exists; pass --overwrite to replace it"]
+    assert open_db(out).document_text(0) == "one"
+    result = cli("chunk", make_corpus({"b.txt": "two"}), "--out", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert open_db(out).document_text(0) == "two"
+
+
+# -- bad input: exit 2, one line naming the file (and line/row), never a traceback ---------------------------
+
+BAD = {
+    "missing-path": ({}, ["{root}/nope.jsonl"], ["nope.jsonl", "no such file"]),
+    "invalid-json": (
+        {"c.jsonl": [{"text": "a"}, "{bad json"]},
+        ["{root}/c.jsonl"],
+        ["c.jsonl:2", "invalid JSON"],
+    ),
+    "missing-text-field": (
+        {"c.jsonl": [{"txt": "a"}]},
+        ["{root}/c.jsonl"],
+        ["c.jsonl:1", "missing text field"],
+    ),
+    "non-string-text": ({"c.jsonl": [{"text": ["a"]}]}, ["{root}/c.jsonl"], ["c.jsonl:1", "is list"]),
+    "parquet-null-row": (
+        {"p.parquet": [{"text": "a"}, {"text": "b"}, {"text": None}]},
+        ["{root}/p.parquet"],
+        ["p.parquet", "row 2"],
+    ),
+    "unsupported-extension": ({"x.docx": "?"}, ["{root}/x.docx"], ["x.docx", "unsupported file type"]),
+    "empty-corpus": ({"e.txt": "   "}, ["{root}"], ["empty corpus", "e.txt"]),
+    # a directory without any corpus file: the message names the directory the user gave
+    "no-corpus-files": ({"sub/notes.csv": "a,b"}, ["{root}"], ["empty corpus", "{root}", ".jsonl"]),
+    # many empty files: the one line stays short
+    "many-empty-files": ({f"f{i:02d}.txt": " " for i in range(40)}, ["{root}"], ["f00.txt", "and 37 more"]),
+    "bad-gzip": (
+        {"c.jsonl.gz": gzip.compress(b'{"text": "x"}\n')[:12]},
+        ["{root}/c.jsonl.gz"],
+        ["c.jsonl.gz"],
+    ),
+    "lone-surrogate-strict": (
+        {"c.jsonl": ['{"text": "\\udc80"}']},
+        ["{root}/c.jsonl", "--strict"],
+        ["c.jsonl:1", "surrogate"],
+    ),
+    "markup-like-path": ({}, ["{root}/data[/bold]x.jsonl"], ["data[/bold]x.jsonl", "no such file"]),
+    "bad-chunk-size": ({"a.txt": "x"}, ["{root}", "--chunk-size", "0"], ["--chunk-size"]),
+    "bad-tokenizer": (
+        {"a.txt": "x"},
+        ["{root}", "--tokenizer", "{root}/none.json"],
+        ["none.json", "not found"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_chunk_bad_input(cli, tmp_path, make_corpus, case):
+    files, args, fragments = BAD[case]
+    root = make_corpus(files)
+    args = [a.replace("{root}", str(root)) for a in args]
+    out = tmp_path / "db"
+    result = cli("chunk", *args, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None, result.exception
+    assert "Traceback" not in result.output
+    assert len(result.error_lines) == 1, result.output
+    for fragment in fragments:
+        fragment = fragment.replace("{root}", str(root))
+        assert fragment in result.error_lines[0], (fragment, result.error_lines[0])
+    assert len(result.error_lines[0]) < 500
+    assert result.stdout == ""  # errors go to stderr
+    assert not out.exists() and not (tmp_path / "db.partial").exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [("missing", "no such DB directory"), ("not-db", "not a retro DB"), ("newer", "newer retrocli")],
+)
+def test_info_bad_db(cli, tmp_path, subset_db, setup, fragment):
+    import shutil
+
+    target = tmp_path / "db"
+    if setup == "not-db":
+        target.mkdir()
+    elif setup == "newer":
+        shutil.copytree(subset_db, target)
+        manifest = json.loads((target / "manifest.json").read_text())
+        manifest["format_version"] = FORMAT_VERSION + 1
+        (target / "manifest.json").write_text(json.dumps(manifest))
+    for extra in ([], ["--json"]):
+        result = cli("info", target, *extra)
+        assert result.exit_code == 2, result.output
+        assert result.exception is None
+        assert len(result.error_lines) == 1 and fragment in result.error_lines[0]
+        assert str(target) in result.error_lines[0]
+
+
+def test_subprocess_errors_have_no_traceback(retro_proc, tmp_path, make_corpus):
+    # the real console script, real stderr: same one-line contract as in-process
+    root = make_corpus({"c.jsonl": [{"text": "ok"}, {"text": 3}]})
+    result = retro_proc("chunk", root, "--out", tmp_path / "db")
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert len(result.error_lines) == 1 and "c.jsonl:2" in result.error_lines[0]
+    assert not (tmp_path / "db").exists()
+
+    result = retro_proc("chunk", SUBSET_TRAIN, "--out", tmp_path / "db", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["counts"]["documents"] == open_db(tmp_path / "db").num_docs
+    result = retro_proc("info", tmp_path / "db", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["stages"]["chunk"] == "complete"
+
+
+def test_help_lists_the_commands(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    for command in ("chunk", "info", "train-tokenizer"):
+        assert command in result.stdout
