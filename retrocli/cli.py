@@ -62,7 +62,9 @@ def progress_display(enabled: bool = True):
     return RichProgress(console=err_console, enabled=enabled)
 
 
-Inputs = Annotated[list[Path], typer.Argument(help="Files or directories: .txt/.md/.rst, .jsonl(.gz), .parquet")]
+Inputs = Annotated[
+    list[Path], typer.Argument(help="Files or directories: .txt/.md/.rst, .jsonl(.gz), .parquet", readable=False)
+]
 TextField = Annotated[str, typer.Option(help="JSONL/Parquet field holding the document text")]
 IdField = Annotated[str | None, typer.Option(help="JSONL/Parquet field holding a document id to keep")]
 Strict = Annotated[bool, typer.Option(help="Fail on invalid UTF-8 instead of replacing it")]
@@ -180,14 +182,18 @@ Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
 def _embed_summary(db) -> None:
     emb = db.manifest["embedder"]
     secs = db.manifest["stages"]["embed"].get("seconds", 0)
-    console.print(f"[green]embedded[/] {db.num_chunks:,} chunks with {emb['name']} ({emb['dim']}-d, "
-                  f"{emb['pooling']} pooling, {emb['precision']}) in {secs:.1f}s")
+    console.print(
+        f"[green]embedded[/] {db.num_chunks:,} chunks with {emb['name']} ({emb['dim']}-d, "
+        f"{emb['pooling']} pooling, {emb['precision']}) in {secs:.1f}s"
+    )
 
 
 def _index_summary(db) -> None:
     idx = db.manifest["index"]
-    console.print(f"[green]indexed[/] {db.num_chunks:,} vectors: hnsw {idx['space']} M={idx['M']} "
-                  f"ef_construction={idx['ef_construction']}, {len(idx['shards'])} shard(s)")
+    console.print(
+        f"[green]indexed[/] {db.num_chunks:,} vectors: hnsw {idx['space']} M={idx['M']} "
+        f"ef_construction={idx['ef_construction']}, {len(idx['shards'])} shard(s)"
+    )
 
 
 @app.command()
@@ -262,9 +268,17 @@ def build_db_cmd(
     warn_slow_bf16(precision, err_console)
     with progress_display() as progress:
         db = build_db(
-            inputs, out, ChunkOptions(chunk_size, tokenizer, text_field, id_field, strict),
-            embedder, precision, batch_size, threads, block_size,
-            IndexOptions(space, m, ef_construction, shard_size, seed, threads), overwrite, progress,
+            inputs,
+            out,
+            ChunkOptions(chunk_size, tokenizer, text_field, id_field, strict),
+            embedder,
+            precision,
+            batch_size,
+            threads,
+            block_size,
+            IndexOptions(space, m, ef_construction, shard_size, seed, threads),
+            overwrite,
+            progress,
         )
     counts = db.manifest["counts"]
     console.print(f"[green]built[/] {db.path}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
@@ -275,11 +289,7 @@ def build_db_cmd(
 def _neighbors_json(query: str, chunks) -> dict:
     return {
         "query": query,
-        "chunks": [
-            {"chunk": c.index, "text": c.text,
-             "neighbors": [n.__dict__ for n in c.neighbors]}
-            for c in chunks
-        ],
+        "chunks": [{"chunk": c.index, "text": c.text, "neighbors": [n.__dict__ for n in c.neighbors]} for c in chunks],
     }
 
 
@@ -314,13 +324,17 @@ def neighbors(
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
         with progress_display(enabled=not json_output) as progress:
-            path = batch_neighbors(db, input, out, k, ef, exclude_same_doc, block_size, threads,
-                                   overwrite, progress)
+            path = batch_neighbors(db, input, out, k, ef, exclude_same_doc, block_size, threads, overwrite, progress)
         from retrocli.neighbors import open_neighbors
 
         result = open_neighbors(path)
-        summary = {"out": str(path), "queries": int(result.ids.shape[0]), "k": k,
-                   "missing": int((result.ids < 0).sum()), "seconds": result.manifest.get("seconds")}
+        summary = {
+            "out": str(path),
+            "queries": int(result.ids.shape[0]),
+            "k": k,
+            "missing": int((result.ids < 0).sum()),
+            "seconds": result.manifest.get("seconds"),
+        }
         if json_output:
             print_json(summary)
         else:
@@ -329,8 +343,7 @@ def neighbors(
     texts = list(query or [])
     if query_file is not None:
         try:
-            texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines()
-                      if line.strip()]
+            texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise RetroError(f"{query_file}: cannot read query file ({err})") from None
     results = query_neighbors(opened, texts, k, ef, exclude_same_doc)
@@ -340,23 +353,30 @@ def neighbors(
         return
     from rich.markup import escape
 
-    for number, (text, chunks) in enumerate(zip(texts, results), start=1):
+    for number, chunks in enumerate(results, start=1):
         for chunk in chunks:
-            table = Table(title=f"query {number}, chunk {chunk.index}: {escape(chunk.text[:70])!s}…",
-                          show_lines=True, expand=True)
+            table = Table(
+                title=f"query {number}, chunk {chunk.index}: {escape(chunk.text[:70])!s}…", show_lines=True, expand=True
+            )
             table.add_column("#", width=3)
             table.add_column("dist", width=6)
             table.add_column("neighbour [N]", ratio=3)
             table.add_column("continuation [F]", ratio=3)
             table.add_column("source", ratio=2, overflow="fold")
             for rank, nb in enumerate(chunk.neighbors, start=1):
-                table.add_row(str(rank), f"{nb.distance:.3f}", escape(nb.text),
-                              escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
-                              escape(f"{nb.source} · chunk {nb.id}"))
+                table.add_row(
+                    str(rank),
+                    f"{nb.distance:.3f}",
+                    escape(nb.text),
+                    escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
+                    escape(f"{nb.source} · chunk {nb.id}"),
+                )
             console.print(table)
 
 
-TestInputs = Annotated[list[Path], typer.Option("--test", help="Test set: files/dirs as for `retro chunk` (repeatable)")]
+TestInputs = Annotated[
+    list[Path], typer.Option("--test", help="Test set: files/dirs as for `retro chunk` (repeatable)", readable=False)
+]
 KNeighbors = Annotated[int, typer.Option("--k", help="Neighbours (with continuations) per test chunk")]
 Alpha = Annotated[float, typer.Option(help="A chunk leaks when r(C) > alpha (paper: 0.125)")]
 NGram = Annotated[int, typer.Option(help="n of the n-grams for document Jaccard (paper: 13)")]
@@ -366,8 +386,17 @@ WorkDir = Annotated[Path | None, typer.Option(help="Keep the embedded test set h
 
 
 def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads):
-    return dict(k=k, alpha=alpha, ngram=ngram, num_perm=num_perm, jaccard_threshold=jaccard_threshold, ef=ef,
-                work_dir=work_dir, text_field=text_field, threads=threads)
+    return dict(
+        k=k,
+        alpha=alpha,
+        ngram=ngram,
+        num_perm=num_perm,
+        jaccard_threshold=jaccard_threshold,
+        ef=ef,
+        work_dir=work_dir,
+        text_field=text_field,
+        threads=threads,
+    )
 
 
 def _print_leakage(report) -> None:
@@ -377,8 +406,10 @@ def _print_leakage(report) -> None:
         f"[bold]leakage of {report.num_test_docs:,} test documents ({report.num_test_chunks:,} chunks) "
         f"against {escape(report.db)}[/], k={report.k}"
     )
-    console.print(f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
-                  f"({100 * report.leaking_fraction:.1f}%)   mean r(C): {report.mean_r:.3f}")
+    console.print(
+        f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
+        f"({100 * report.leaking_fraction:.1f}%)   mean r(C): {report.mean_r:.3f}"
+    )
     hist = Table(title="r(C) histogram", show_edge=False)
     hist.add_column("r(C)")
     hist.add_column("chunks", justify="right")
@@ -393,8 +424,9 @@ def _print_leakage(report) -> None:
     for col in ("document", "chunks", "max r", "mean r", "leaking"):
         docs.add_column(col, justify="left" if col == "document" else "right", overflow="fold")
     for d in report.documents[:10]:
-        docs.add_row(escape(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}",
-                     str(d["leaking_chunks"]))
+        docs.add_row(
+            escape(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}", str(d["leaking_chunks"])
+        )
     console.print(docs)
     for ex in report.examples:
         console.print(f"[bold]r={ex['r']:.3f}[/] test {escape(ex['test_source'])} ↔ DB {escape(ex['db_source'])}")
@@ -403,12 +435,19 @@ def _print_leakage(report) -> None:
     dup = report.near_duplicates
     if report.bpb:
         b = report.bpb
-        console.print(f"bpb with retrieval {b['bpb_retrieval']:.4f}, without {b['bpb_no_retrieval']:.4f}; "
-                      + ", ".join(f"bpb(α={p['alpha']:g})={p['bpb']:.4f}" for p in b["curve"]
-                                  if p["bpb"] is not None and p["alpha"] in (0.125, 0.5, 1.0)))
-    console.print(f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
-                  f"[bold]{len(dup)}[/] pairs "
-                  f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)")
+        console.print(
+            f"bpb with retrieval {b['bpb_retrieval']:.4f}, without {b['bpb_no_retrieval']:.4f}; "
+            + ", ".join(
+                f"bpb(α={p['alpha']:g})={p['bpb']:.4f}"
+                for p in b["curve"]
+                if p["bpb"] is not None and p["alpha"] in (0.125, 0.5, 1.0)
+            )
+        )
+    console.print(
+        f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
+        f"[bold]{len(dup)}[/] pairs "
+        f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)"
+    )
     for p in dup[:20]:
         console.print(f"  {escape(p['db_source'])} ≈ test {escape(p['test_source'])}  J={p['jaccard']:.3f}")
 
@@ -438,8 +477,14 @@ def leakage_report_cmd(
     from retrocli.leakage_html import render_html
 
     with progress_display() as progress:
-        report = leakage_report(db, test, examples=examples, progress=progress, model_dir=model, **_report_options(
-            k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads))
+        report = leakage_report(
+            db,
+            test,
+            examples=examples,
+            progress=progress,
+            model_dir=model,
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+        )
     _print_leakage(report)
     data = report.to_json()
     if json_path:
@@ -468,7 +513,9 @@ def dedupe(
     db: Annotated[Path, typer.Argument(help="DB directory (indexed); never modified")],
     test: TestInputs,
     out: Annotated[Path, typer.Option(help="New DB without the flagged documents")],
-    drop_leaking_chunks: Annotated[bool, typer.Option(help="Also drop DB documents holding a chunk with r > alpha")] = False,
+    drop_leaking_chunks: Annotated[
+        bool, typer.Option(help="Also drop DB documents holding a chunk with r > alpha")
+    ] = False,
     k: KNeighbors = 10,
     alpha: Alpha = 0.125,
     ngram: NGram = 13,
@@ -486,17 +533,29 @@ def dedupe(
 
     with progress_display(enabled=not json_output) as progress:
         new_db, report, dropped = run_dedupe(
-            db, test, out, drop_leaking_chunks=drop_leaking_chunks, overwrite=overwrite, progress=progress,
-            examples=0, **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field,
-                                          threads))
-    summary = {"out": str(new_db.path), "removed_documents": sorted(dropped),
-               "documents": new_db.num_docs, "chunks": new_db.num_chunks,
-               "near_duplicate_pairs": len(report.near_duplicates)}
+            db,
+            test,
+            out,
+            drop_leaking_chunks=drop_leaking_chunks,
+            overwrite=overwrite,
+            progress=progress,
+            examples=0,
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+        )
+    summary = {
+        "out": str(new_db.path),
+        "removed_documents": sorted(dropped),
+        "documents": new_db.num_docs,
+        "chunks": new_db.num_chunks,
+        "near_duplicate_pairs": len(report.near_duplicates),
+    }
     if json_output:
         print_json(summary)
         return
-    console.print(f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
-                  f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)")
+    console.print(
+        f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
+        f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)"
+    )
 
 
 @app.command("train")
@@ -505,7 +564,9 @@ def train_cmd(
     db: Annotated[Path, typer.Argument(help="DB (indexed): training corpus and retrieval DB")],
     neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
     out: Annotated[Path, typer.Option(help="Model directory to write (checkpoints in OUT/checkpoint)")],
-    heldout: Annotated[Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")
+    ] = None,
     config: Annotated[str, typer.Option(help="Preset (small, tiny) or a config.json")] = "small",
     seq_len: Annotated[int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sequences per step")] = 4,
@@ -525,16 +586,31 @@ def train_cmd(
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
     from retrocli.train import TrainOptions, train
 
-    opts = TrainOptions(config, seq_len, batch_size, steps, lr, 0.1, warmup, weight_decay, grad_clip, precision,
-                        threads, seed, checkpoint_every)
+    opts = TrainOptions(
+        config,
+        seq_len,
+        batch_size,
+        steps,
+        lr,
+        0.1,
+        warmup,
+        weight_decay,
+        grad_clip,
+        precision,
+        threads,
+        seed,
+        checkpoint_every,
+    )
     with progress_display(enabled=not json_output) as progress:
         summary = train(db, neighbors, out, opts, heldout, resume, k, progress)
     if json_output:
         print_json(summary)
         return
-    console.print(f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
-                  f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
-                  f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {summary['out']}")
+    console.print(
+        f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
+        f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
+        f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {summary['out']}"
+    )
 
 
 @app.command("eval")
@@ -555,15 +631,20 @@ def eval_cmd(
     from retrocli.generate import bundled_model_dir
 
     with progress_display(enabled=not json_output) as progress:
-        result = evaluate(model or bundled_model_dir(), db, test, leakage, batch_size, threads, work_dir,
-                          text_field, progress)
+        result = evaluate(
+            model or bundled_model_dir(), db, test, leakage, batch_size, threads, work_dir, text_field, progress
+        )
     if json_output:
         print_json(result)
         return
-    console.print(f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
-                  f"{result['test_bytes']:,} bytes")
-    console.print(f"bpb with retrieval: [bold]{result['bpb_retrieval']:.4f}[/]   without: "
-                  f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%")
+    console.print(
+        f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
+        f"{result['test_bytes']:,} bytes"
+    )
+    console.print(
+        f"bpb with retrieval: [bold]{result['bpb_retrieval']:.4f}[/]   without: "
+        f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"
+    )
     if "curve" in result:
         table = Table(title="bpb(α): chunks with r(C) ≤ α", show_edge=False)
         for col in ("α", "chunks", "bpb retrieval", "bpb none"):
@@ -604,17 +685,38 @@ def generate(
         if show_neighbors and not json_output:
             err_console.print(f"\n[dim]── chunk {rec.chunk_index} complete: retrieved[/]")
             for nb in rec.neighbors:
-                err_console.print(f"[cyan]  d={nb.distance:.3f} {escape(nb.source)} · chunk {nb.id}[/]: "
-                                  f"{escape(nb.text[:160])!s}…", highlight=False)
+                err_console.print(
+                    f"[cyan]  d={nb.distance:.3f} {escape(nb.source)} · chunk {nb.id}[/]: {escape(nb.text[:160])!s}…",
+                    highlight=False,
+                )
 
     if not json_output:
         sys.stdout.write(prompt)
-    result = run_generate(db, prompt, model, max_new_tokens, temperature, top_k, top_p, seed, k,
-                          retrieval=not no_retrieval, on_text=on_text, on_retrieval=on_retrieval)
+    result = run_generate(
+        db,
+        prompt,
+        model,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        k,
+        retrieval=not no_retrieval,
+        on_text=on_text,
+        on_retrieval=on_retrieval,
+    )
     if json_output:
-        print_json({"prompt": result.prompt, "text": result.text, "retrievals": [
-            {"chunk": r.chunk_index, "chunk_text": r.chunk_text, "neighbors": [n.__dict__ for n in r.neighbors]}
-            for r in result.retrievals]})
+        print_json(
+            {
+                "prompt": result.prompt,
+                "text": result.text,
+                "retrievals": [
+                    {"chunk": r.chunk_index, "chunk_text": r.chunk_text, "neighbors": [n.__dict__ for n in r.neighbors]}
+                    for r in result.retrievals
+                ],
+            }
+        )
     else:
         sys.stdout.write("\n")
 

@@ -58,8 +58,9 @@ class ChunkLosses:
 
 
 @torch.no_grad()
-def chunk_losses(model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4,
-                 progress: Progress | None = None) -> ChunkLosses:
+def chunk_losses(
+    model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4, progress: Progress | None = None
+) -> ChunkLosses:
     progress = progress or NullProgress()
     m, k = db.chunk_size, model.config.num_neighbors
     L = model.config.seq_len // m
@@ -70,8 +71,11 @@ def chunk_losses(model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, ba
     n = test.num_chunks
     bits_r, bits_n, nbytes = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
     db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
-    windows = [(s, min(s + L, d.stop)) for d in (test.doc_chunks(i) for i in range(test.num_docs))
-               for s in range(d.start, d.stop, L)]
+    windows = [
+        (s, min(s + L, d.stop))
+        for d in (test.doc_chunks(i) for i in range(test.num_docs))
+        for s in range(d.start, d.stop, L)
+    ]
     windows.sort(key=lambda w: w[1] - w[0])  # equal lengths batch together
     task = progress.start("eval", total=len(windows), unit="windows")
     for i in range(0, len(windows), batch_size):
@@ -89,10 +93,11 @@ def chunk_losses(model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, ba
         idx, tgt = torch.from_numpy(tokens), torch.from_numpy(targets)
         for use_retrieval, sink in ((True, bits_r), (False, bits_n)):
             logits, _ = model(idx, neighbors=torch.from_numpy(nbr) if use_retrieval else None)
-            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                     ignore_index=-1, reduction="none").reshape(tgt.shape)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1, reduction="none"
+            ).reshape(tgt.shape)
             bits = (loss / math.log(2)).numpy()
-            for row, (a, b) in enumerate(group):
+            for row, (a, _b) in enumerate(group):
                 # target at position p is token p+1, which belongs to chunk (p+1)//m of the window
                 pos = np.nonzero(targets[row] >= 0)[0]
                 owner = a + (pos + 1) // m
@@ -110,20 +115,37 @@ def bpb_summary(losses: ChunkLosses, r: np.ndarray | None, alphas=ALPHA_GRID) ->
         return float(bits[mask].sum() / total) if total else None
 
     everything = np.ones(len(losses.bytes), dtype=bool)
-    out = {"bpb_retrieval": bpb(losses.bits_retrieval, everything), "bpb_no_retrieval": bpb(losses.bits_none, everything),
-           "test_chunks": int(len(losses.bytes)), "test_bytes": int(losses.bytes.sum())}
+    out = {
+        "bpb_retrieval": bpb(losses.bits_retrieval, everything),
+        "bpb_no_retrieval": bpb(losses.bits_none, everything),
+        "test_chunks": int(len(losses.bytes)),
+        "test_bytes": int(losses.bytes.sum()),
+    }
     if out["bpb_retrieval"] and out["bpb_no_retrieval"]:
         out["retrieval_gain"] = 1 - out["bpb_retrieval"] / out["bpb_no_retrieval"]
     if r is not None:
-        out["curve"] = [{"alpha": a, "chunks": int((r <= a).sum()), "bpb": bpb(losses.bits_retrieval, r <= a),
-                         "bpb_no_retrieval": bpb(losses.bits_none, r <= a)} for a in alphas]
+        out["curve"] = [
+            {
+                "alpha": a,
+                "chunks": int((r <= a).sum()),
+                "bpb": bpb(losses.bits_retrieval, r <= a),
+                "bpb_no_retrieval": bpb(losses.bits_none, r <= a),
+            }
+            for a in alphas
+        ]
     return out
 
 
 def evaluate(
-    model_dir: str | os.PathLike, db_path: str | os.PathLike, inputs: list[str | os.PathLike],
-    leakage: bool = True, batch_size: int = 4, threads: int | None = None, work_dir: str | os.PathLike | None = None,
-    text_field: str = "text", progress: Progress | None = None,
+    model_dir: str | os.PathLike,
+    db_path: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    leakage: bool = True,
+    batch_size: int = 4,
+    threads: int | None = None,
+    work_dir: str | os.PathLike | None = None,
+    text_field: str = "text",
+    progress: Progress | None = None,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α)."""
     from retrocli.leakage import compute_overlap
@@ -137,15 +159,23 @@ def evaluate(
     tmp = tempfile.mkdtemp(prefix="retro-eval-") if work_dir is None else None
     work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
     try:
-        batch_neighbors(db.path, inputs, work, k=min(k, db.num_chunks), threads=threads, progress=progress,
-                        text_field=text_field)
+        batch_neighbors(
+            db.path, inputs, work, k=min(k, db.num_chunks), threads=threads, progress=progress, text_field=text_field
+        )
         nb = open_neighbors(work)
         test = open_db(nb.manifest["query_db"])
         losses = chunk_losses(model, db, test, nb.ids, batch_size, progress)
         r = compute_overlap(db, test, nb.ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
-        result.update({"model": str(model_dir), "db": str(db.path), "inputs": [str(p) for p in inputs],
-                       "num_neighbors": model.config.num_neighbors, "test_documents": test.num_docs})
+        result.update(
+            {
+                "model": str(model_dir),
+                "db": str(db.path),
+                "inputs": [str(p) for p in inputs],
+                "num_neighbors": model.config.num_neighbors,
+                "test_documents": test.num_docs,
+            }
+        )
         return result
     finally:
         if tmp:

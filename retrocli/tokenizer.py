@@ -37,6 +37,10 @@ class LoadedTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    def __post_init__(self):
+        # A literal "<|endoftext|>" inside a document is text, not a document boundary.
+        self.tokenizer.encode_special_tokens = True
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 

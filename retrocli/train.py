@@ -117,8 +117,11 @@ def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
 def _optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=opts.lr,
+        betas=(0.9, 0.95),
+    )
 
 
 def save_checkpoint(dir: Path, model, optimizer, state: dict) -> None:
@@ -129,10 +132,11 @@ def save_checkpoint(dir: Path, model, optimizer, state: dict) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     tensors, meta = {}, {}
-    for i, (param_id, pstate) in enumerate(optimizer.state_dict()["state"].items()):
+    for param_id, pstate in optimizer.state_dict()["state"].items():
         for key, value in pstate.items():
-            tensors[f"{param_id}.{key}"] = value.detach().clone().contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
+            tensors[f"{param_id}.{key}"] = (
+                value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            )
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     meta["param_groups"] = optimizer.state_dict()["param_groups"]
     write_json_atomic(tmp / "optimizer.json", meta)
@@ -158,9 +162,15 @@ def load_optimizer(dir: Path, optimizer) -> None:
 
 def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
     (out / "tokenizer.json").write_text(db.tokenizer.json, encoding="utf-8")
-    write_json_atomic(out / MODEL_META, {
-        "tokenizer_sha256": db.manifest["tokenizer"]["sha256"], "chunk_size": db.chunk_size,
-        "trained_on": {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"]}, **extra})
+    write_json_atomic(
+        out / MODEL_META,
+        {
+            "tokenizer_sha256": db.manifest["tokenizer"]["sha256"],
+            "chunk_size": db.chunk_size,
+            "trained_on": {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"]},
+            **extra,
+        },
+    )
 
 
 def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: int, pad: int):
@@ -172,7 +182,9 @@ def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: i
         try:
             config = RetroConfig.from_dict(json.loads(Path(name).read_text()))
         except (OSError, ValueError, TypeError) as err:
-            raise RetroError(f"--config {name}: not a preset (small, tiny) nor a readable config.json ({err})") from None
+            raise RetroError(
+                f"--config {name}: not a preset (small, tiny) nor a readable config.json ({err})"
+            ) from None
     config.vocab_size = vocab_size
     config.chunk_size = chunk_size
     config.seq_len = seq_len
@@ -184,9 +196,15 @@ def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: i
 
 
 def train(
-    db_path: str | os.PathLike, neighbors_path: str | os.PathLike, out: str | os.PathLike,
-    options: TrainOptions | None = None, heldout: str | os.PathLike | None = None, resume: bool = False,
-    k: int = 2, progress: Progress | None = None, stop_after: int | None = None,
+    db_path: str | os.PathLike,
+    neighbors_path: str | os.PathLike,
+    out: str | os.PathLike,
+    options: TrainOptions | None = None,
+    heldout: str | os.PathLike | None = None,
+    resume: bool = False,
+    k: int = 2,
+    progress: Progress | None = None,
+    stop_after: int | None = None,
 ) -> dict:
     """Train and save the model in `out`. `stop_after` ends this run after that step's checkpoint, as an
     interruption would (for tests of --resume)."""
@@ -223,8 +241,7 @@ def train(
         state = json.loads((ckpt / "state.json").read_text())
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads})
     else:
-        model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k,
-                                          data.pad))
+        model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
     optimizer = _optimizer(model, opts)
     if resume:
@@ -257,9 +274,14 @@ def train(
         task.advance(1)
         if state["step"] % opts.log_every == 0 or state["step"] == opts.steps:
             now = time.time()
-            record = {"step": state["step"], "loss": round(loss_value, 4), "lr": lr, "grad_norm": round(grad_norm, 3),
-                      "tokens_seen": state["tokens_seen"],
-                      "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 1)}
+            record = {
+                "step": state["step"],
+                "loss": round(loss_value, 4),
+                "lr": lr,
+                "grad_norm": round(grad_norm, 3),
+                "tokens_seen": state["tokens_seen"],
+                "tokens_per_second": round(window_tokens / max(now - window_start, 1e-9), 1),
+            }
             with log_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             window_tokens, window_start = 0, now
@@ -274,9 +296,24 @@ def train(
                 break
     task.finish()
     model.save_pretrained(out)
-    write_model_meta(out, db, {"steps": state["step"], "tokens_seen": state["tokens_seen"],
-                               "precision": precision, "heldout_documents": len(heldout_docs),
-                               "parameters": model.num_parameters()})
-    return {"out": str(out), "steps": state["step"], "tokens_seen": state["tokens_seen"], "final_loss": loss_value,
-            "seconds": state["seconds"], "tokens_per_second": round(state["tokens_seen"] / max(state["seconds"], 1e-9), 1),
-            "parameters": model.num_parameters(), "precision": precision}
+    write_model_meta(
+        out,
+        db,
+        {
+            "steps": state["step"],
+            "tokens_seen": state["tokens_seen"],
+            "precision": precision,
+            "heldout_documents": len(heldout_docs),
+            "parameters": model.num_parameters(),
+        },
+    )
+    return {
+        "out": str(out),
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "final_loss": loss_value,
+        "seconds": state["seconds"],
+        "tokens_per_second": round(state["tokens_seen"] / max(state["seconds"], 1e-9), 1),
+        "parameters": model.num_parameters(),
+        "precision": precision,
+    }

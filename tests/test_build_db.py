@@ -1,6 +1,7 @@
 import json
 
 from retrieval_fixtures import small_jsonl, tiny_bert, tree_snapshot  # noqa: F401
+
 from retrocli.db import open_db
 
 

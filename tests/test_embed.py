@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy  # noqa: F401
+
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
 from retrocli.embed import Embedder, chunk_texts, embed_db, load_embeddings

@@ -3,8 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy  # noqa: F401
+
 from retrocli.db import open_db
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.leakage import (
@@ -29,7 +29,7 @@ def brute_longest_run(a, b) -> int:
 
 def test_overlap_ratio_matches_brute_force_on_random_tokens():
     rng = np.random.default_rng(7)
-    for trial in range(300):
+    for _ in range(300):
         m = int(rng.integers(0, 9))  # includes empty and length-1 chunks
         chunk = rng.integers(0, 4, m)
         neighbors = [rng.integers(0, 4, int(rng.integers(0, 17))) for _ in range(int(rng.integers(1, 4)))]

@@ -3,8 +3,8 @@ import shutil
 
 import numpy as np
 import pytest
-
 from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy, tree_snapshot  # noqa: F401
+
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.neighbors import batch_neighbors, longest_common_run, open_neighbors, query_neighbors

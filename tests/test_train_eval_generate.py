@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.model import RetroModel
 from retrocli.neighbors import batch_neighbors
-from retrocli.train import TrainOptions, TrainingData, lr_at, train
+from retrocli.train import TrainingData, TrainOptions, lr_at, train
 
 OPTS = dict(config="tiny", seq_len=128, batch_size=2, warmup=2, checkpoint_every=3, log_every=1, lr=3e-3)
 
