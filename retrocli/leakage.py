@@ -87,19 +87,9 @@ class ChunkOverlap:
 
 def neighbor_pair_tokens(db: RetroDB, ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """[N, F] token arrays for DB chunk ids [B, k] → [B, k, 2m] padded with NEIGHBOR_PAD."""
-    m = db.chunk_size
-    out = np.full((*ids.shape, 2 * m), NEIGHBOR_PAD, dtype=np.int64)
-    doc = db.chunk_doc
-    for b, row in enumerate(ids):
-        for j, nid in enumerate(row):
-            if nid < 0:
-                continue
-            n = lengths[nid]
-            out[b, j, :n] = tokens[nid, :n]
-            nxt = nid + 1
-            if nxt < len(doc) and doc[nxt] == doc[nid]:
-                out[b, j, n : n + lengths[nxt]] = tokens[nxt, : lengths[nxt]]
-    return out
+    from retrocli.sequences import neighbor_rows
+
+    return neighbor_rows(db, ids, NEIGHBOR_PAD, tokens, lengths)
 
 
 def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int = 512,
