@@ -26,5 +26,7 @@ lint: install
 demo: install
 	bash examples/demo.sh
 
+# Needs the full example corpus: python3 examples/gather_corpus.py --out examples/data
 bench: install
 	$(BIN)/python bench/bench_chunk.py
+	bash bench/run_full.sh bench-out

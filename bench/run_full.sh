@@ -18,3 +18,4 @@ $RETRO neighbors "$W/full" --input "$W/full" --out "$W/full-neighbors" --k 2 --e
 rm -rf "$W/train-small"
 $RETRO train "$W/full" --neighbors "$W/full-neighbors" --out "$W/train-small" --config small \
   --seq-len 512 --batch-size 4 --steps 30 --warmup 5 --checkpoint-every 30 | tee "$W/train.txt"
+$PY bench/bench_generate.py --db "$W/full" --model "$W/train-small" --new-tokens 512 | tee "$W/generate.txt"
