@@ -343,11 +343,11 @@ def test_unreadable_file_is_a_clean_error(tmp_path):
         assert "Traceback" not in result.output
         assert f"error: {path}: cannot read file (permission denied)" in result.stderr
         assert not (work / "db").exists() and not (work / "db.partial").exists()
-        # Named directly, typer's own Path check (readable=True) rejects it first: a usage error.
+        # Named directly: the same one line.
         result = run_retro("chunk", path, "--out", work / "db", user=65534, cwd=work)
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
-        assert "locked.jsonl" in result.stderr and "not readable" in result.stderr
+        assert f"error: {path}: cannot read file (permission denied)" in result.stderr
         assert not (work / "db").exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
