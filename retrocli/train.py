@@ -114,16 +114,6 @@ def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
     return found
 
 
-def _optimizer(model: torch.nn.Module, opts: TrainOptions) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=opts.lr,
-        betas=(0.9, 0.95),
-    )
-
-
 def save_checkpoint(dir: Path, model, optimizer, state: dict) -> None:
     """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
     from safetensors.torch import save_file
@@ -243,7 +233,7 @@ def train(
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
-    optimizer = _optimizer(model, opts)
+    optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
         load_optimizer(ckpt, optimizer)
     log_path = out / "train_log.jsonl"
