@@ -225,19 +225,31 @@ class RetroDB:
         ids = np.concatenate([row[:n] for row, n in zip(tokens, lengths, strict=True)])
         return self.tokenizer.decode(ids.tolist())
 
+    @cached_property
+    def _doc_file(self) -> np.ndarray:
+        return self.root["docs/file"][:]
+
+    @cached_property
+    def _doc_position(self) -> np.ndarray:
+        return self.root["docs/position"][:]
+
+    @cached_property
+    def _external_ids(self) -> np.ndarray | None:
+        return self.root["docs/external_id"][:] if "docs/external_id" in self.root else None
+
     def source(self, doc: int) -> str:
         """Where a document came from: its file, plus line (JSONL) or row (Parquet)."""
         doc = self._check_doc(doc)
-        path = str(self._files[int(self.root["docs/file"][doc])])
-        position = int(self.root["docs/position"][doc])
+        path = str(self._files[int(self._doc_file[doc])])
+        position = int(self._doc_position[doc])
         if path.endswith(".parquet"):
             ref = f"{path}:row {position}"
         elif position > 0:
             ref = f"{path}:line {position}"
         else:
             ref = path
-        if "docs/external_id" in self.root:
-            ref += f" (id {self.root['docs/external_id'][doc]})"
+        if self._external_ids is not None:
+            ref += f" (id {self._external_ids[doc]})"
         return ref
 
     def chunk(self, chunk_id: int) -> ChunkRef:

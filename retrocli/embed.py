@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import zarr
 
-from retrocli.db import MANIFEST, STORE, RetroDB, open_db, read_manifest, stage_status, write_json_atomic
+from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.progress import NullProgress, Progress
 
@@ -291,8 +291,6 @@ def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.
         raise RetroError(f"{db.path}: embeddings array missing from the store") from None
     return np.asarray(array[start:stop], dtype=np.float32)
 
-
-__all__ = ["Embedder", "embed_db", "load_embeddings", "db_embedder", "read_manifest", "DEFAULT_EMBEDDER"]
 
 
 def native_bf16() -> bool:

@@ -62,16 +62,21 @@ def longest_runs(queries: np.ndarray, query_len: np.ndarray, targets: np.ndarray
     return best, best_target, best_q_end - best, best_t_end - best
 
 
-def overlap_ratio(chunk: np.ndarray, neighbors: list[np.ndarray]) -> float:
-    """r(C) for one chunk and its neighbours' [N, F] token arrays (0 for an empty chunk)."""
+def longest_shared_run(chunk: np.ndarray, neighbors: list[np.ndarray]) -> int:
+    """s(C): the longest run of consecutive tokens `chunk` shares with any of `neighbors`."""
     if len(chunk) == 0 or not neighbors:
-        return 0.0
+        return 0
     width = max(1, max(len(n) for n in neighbors))
     targets = np.full((1, len(neighbors), width), NEIGHBOR_PAD, dtype=np.int64)
     for j, n in enumerate(neighbors):
         targets[0, j, : len(n)] = n
     s, *_ = longest_runs(np.asarray(chunk, dtype=np.int64)[None, :], np.array([len(chunk)]), targets)
-    return float(s[0]) / len(chunk)
+    return int(s[0])
+
+
+def overlap_ratio(chunk: np.ndarray, neighbors: list[np.ndarray]) -> float:
+    """r(C) = s(C) / len(C) for one chunk and its neighbours' [N, F] token arrays (0 for an empty chunk)."""
+    return longest_shared_run(chunk, neighbors) / len(chunk) if len(chunk) else 0.0
 
 
 @dataclass

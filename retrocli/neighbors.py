@@ -30,18 +30,9 @@ SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long 
 
 def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest run of consecutive tokens shared by a and b (longest common substring)."""
-    a, b = np.asarray(a), np.asarray(b)
-    if len(a) == 0 or len(b) == 0:
-        return 0
-    best = 0
-    run = np.zeros(len(b) + 1, dtype=np.int32)
-    for token in a:
-        # run[j+1] = length of the common run ending at a[i], b[j]
-        new = np.zeros_like(run)
-        new[1:] = np.where(b == token, run[:-1] + 1, 0)
-        run = new
-        best = max(best, int(run.max()))
-    return best
+    from retrocli.leakage import longest_shared_run
+
+    return longest_shared_run(np.asarray(a), [np.asarray(b)])
 
 
 def search_excluding(
@@ -179,10 +170,9 @@ def _is_db(path: Path) -> bool:
     if not (path.is_dir() and (path / MANIFEST).exists()):
         return False
     try:
-        import json
-
-        return json.loads((path / MANIFEST).read_text()).get("format") == "retrocli-db"
-    except (OSError, ValueError):
+        read_manifest(path)
+        return True
+    except RetroError:
         return False
 
 
