@@ -26,7 +26,12 @@ def build_db(
     index_options: IndexOptions | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    dask=None,
 ):
+    """Chunk (in this process), then embed and index on `dask` when given (an address, 'local:N' or a
+    distributed.Client; one cluster serves both stages)."""
+    from retrocli.cluster import dask_client
+
     chunk_options = chunk_options or ChunkOptions()
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
@@ -40,5 +45,6 @@ def build_db(
             )
     else:
         chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress)
-    embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress)
-    return index_db(out, index_options, progress=progress)
+    with dask_client(dask) as client:
+        embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client)
+        return index_db(out, index_options, progress=progress, dask=client)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -170,13 +171,29 @@ def train_tokenizer_cmd(
 Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
 Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
 BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
-Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores)")]
+Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
 BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
 Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]
 MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]
 EfConstruction = Annotated[int, typer.Option(help="HNSW build-time search width")]
 ShardSize = Annotated[int, typer.Option(help="Vectors per HNSW shard (bounds build memory)")]
 Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
+Dask = Annotated[
+    str | None,
+    typer.Option(help="Run on Dask: a scheduler address (tcp://host:8786) or local:N worker processes"),
+]
+
+
+@contextlib.contextmanager
+def cluster(dask: str | None):
+    """The Dask client for --dask (None without it), with one line saying where the work runs."""
+    from retrocli.cluster import dask_client
+
+    with dask_client(dask) as client:
+        if client is not None:
+            workers = len(client.scheduler_info().get("workers", {}))
+            err_console.print(f"[dim]Dask: {workers} worker(s) at {client.scheduler.address}[/]")
+        yield client
 
 
 def _embed_summary(db) -> None:
@@ -205,13 +222,14 @@ def embed(
     batch_size: BatchSize = 32,
     threads: Threads = None,
     block_size: BlockSize = 4096,
+    dask: Dask = None,
 ):
     """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
     from retrocli.embed import embed_db, warn_slow_bf16
 
     warn_slow_bf16(precision, err_console)
-    with progress_display() as progress:
-        out = embed_db(db, embedder, precision, batch_size, threads, block_size, progress=progress)
+    with cluster(dask) as client, progress_display() as progress:
+        out = embed_db(db, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client)
     _embed_summary(out)
 
 
@@ -226,14 +244,15 @@ def index(
     seed: Seed = 100,
     threads: Threads = None,
     overwrite: Annotated[bool, typer.Option(help="Rebuild an existing index")] = False,
+    dask: Dask = None,
 ):
     """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
     from retrocli.index import IndexOptions, index_db, remove_index
 
     if overwrite:
         remove_index(db)
-    with progress_display() as progress:
-        out = index_db(db, IndexOptions(space, m, ef_construction, shard_size, seed, threads), progress)
+    with cluster(dask) as client, progress_display() as progress:
+        out = index_db(db, IndexOptions(space, m, ef_construction, shard_size, seed, threads), progress, client)
     _index_summary(out)
 
 
@@ -258,6 +277,7 @@ def build_db_cmd(
     shard_size: ShardSize = 1_000_000,
     seed: Seed = 100,
     overwrite: Annotated[bool, typer.Option(help="Rebuild from scratch")] = False,
+    dask: Dask = None,
 ):
     """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
     from retrocli.build_db import build_db
@@ -266,7 +286,7 @@ def build_db_cmd(
     from retrocli.index import IndexOptions
 
     warn_slow_bf16(precision, err_console)
-    with progress_display() as progress:
+    with cluster(dask) as client, progress_display() as progress:
         db = build_db(
             inputs,
             out,
@@ -279,6 +299,7 @@ def build_db_cmd(
             IndexOptions(space, m, ef_construction, shard_size, seed, threads),
             overwrite,
             progress,
+            client,
         )
     counts = db.manifest["counts"]
     console.print(f"[green]built[/] {db.path}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
@@ -308,6 +329,7 @@ def neighbors(
     block_size: BlockSize = 4096,
     threads: Threads = None,
     overwrite: Annotated[bool, typer.Option(help="Batch mode: replace --out")] = False,
+    dask: Dask = None,
     json_output: JsonOut = False,
 ):
     """Nearest DB chunks of a text with their continuations ([N, F]) and sources; batch mode with --input/--out.
@@ -323,8 +345,9 @@ def neighbors(
     if input or out:
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
-        with progress_display(enabled=not json_output) as progress:
-            path = batch_neighbors(db, input, out, k, ef, exclude_same_doc, block_size, threads, overwrite, progress)
+        with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
+            path = batch_neighbors(db, input, out, k, ef, exclude_same_doc, block_size, threads, overwrite, progress,
+                                   dask=client)
         from retrocli.neighbors import open_neighbors
 
         result = open_neighbors(path)
@@ -471,18 +494,20 @@ def leakage_report_cmd(
     work_dir: WorkDir = None,
     text_field: TextField = "text",
     threads: Threads = None,
+    dask: Dask = None,
 ):
     """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
     from retrocli.leakage import leakage_report
     from retrocli.leakage_html import render_html
 
-    with progress_display() as progress:
+    with cluster(dask) as client, progress_display() as progress:
         report = leakage_report(
             db,
             test,
             examples=examples,
             progress=progress,
             model_dir=model,
+            dask=client,
             **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
         )
     _print_leakage(report)

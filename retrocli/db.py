@@ -191,7 +191,10 @@ class RetroDB:
 
     def tokens_block(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Padded tokens [stop-start, m] and lengths for a contiguous range: the bulk read path."""
-        return self._tokens[start:stop], self.chunk_length[start:stop]
+        lengths = self.__dict__.get("chunk_length")  # read only this range unless all are loaded already
+        if lengths is None:
+            return self._tokens[start:stop], self.root["chunks/length"][start:stop].astype(np.int64)
+        return self._tokens[start:stop], lengths[start:stop]
 
     def chunk_text(self, chunk_id: int) -> str:
         # A chunk boundary can split a multi-byte character; its halves decode as U+FFFD here,

@@ -213,12 +213,17 @@ def embed_db(
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: Progress | None = None,
     max_blocks: int | None = None,
+    dask=None,
 ) -> RetroDB:
     """Embed every chunk of the DB at `path`, resuming a previous partial run. Returns the DB reopened.
 
-    `max_blocks` stops after that many new blocks (used to test interruption without killing)."""
+    `dask` (a scheduler address, 'local:N' or a distributed.Client) embeds the blocks on Dask workers,
+    `threads` torch threads per task (default 1 there). `max_blocks` stops after that many new blocks
+    (used to test interruption without killing)."""
+    from retrocli.cluster import dask_client, run_blocks
+
     progress = progress or NullProgress()
-    if threads:
+    if threads and dask is None:
         torch.set_num_threads(threads)
     db = open_db(path)
     manifest = db.manifest
@@ -233,6 +238,7 @@ def embed_db(
                 "build a new DB to change the embedder"
             )
         return db
+    # Loaded here even with Dask: it validates the embedder and gives the sha256 workers must match.
     model = get_embedder(embedder, precision, batch_size)
     n = db.num_chunks
     store_path = str(db.path / STORE)
@@ -245,11 +251,11 @@ def embed_db(
                 f"resume with the same --embedder/--precision, or rebuild the DB"
             )
         block_size = int(state["block_size"])
-        array = zarr.open_array(store_path, path="embeddings", mode="r+")
+        zarr.open_array(store_path, path="embeddings", mode="r")  # fails clearly if it vanished
         done = set(state.get("done_blocks", []))
     else:
         root = zarr.open_group(store_path, mode="r+")
-        array = root.create_array(
+        root.create_array(
             "embeddings", shape=(n, model.info.dim), dtype=np.float16,
             chunks=(min(block_size, max(n, 1)), model.info.dim), fill_value=0, overwrite=True,
         )
@@ -264,22 +270,41 @@ def embed_db(
     task = progress.start("embed", total=n, unit="chunks", completed=n - sum(
         min(block_size, n - b * block_size) for b in todo))
     started = time.time()
-    for count, block in enumerate(todo):
-        if max_blocks is not None and count >= max_blocks:
-            return open_db(path)
-        start, stop = block * block_size, min(n, (block + 1) * block_size)
-        vectors = model.embed(chunk_texts(db, start, stop))
-        array[start:stop] = vectors.astype(np.float16)
-        done.add(block)
-        state["done_blocks"] = sorted(done)
-        write_json_atomic(db.path / MANIFEST, manifest)
-        task.advance(stop - start)
+    with dask_client(dask) as client:
+        args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
+                block_size, model.info.sha256)
+        for block, count in run_blocks(client, "embed", embed_block, args, todo, max_blocks):
+            done.add(block)
+            state["done_blocks"] = sorted(done)
+            write_json_atomic(db.path / MANIFEST, manifest)
+            task.advance(count)
+    if len(done) < num_blocks:  # stopped early by max_blocks
+        return open_db(path)
     state["status"] = "complete"
     state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
     del state["done_blocks"]
     write_json_atomic(db.path / MANIFEST, manifest)
     task.finish()
     return open_db(path)
+
+
+def embed_block(
+    db_path: str, embedder: str, precision: str, batch_size: int, threads: int | None, block_size: int,
+    sha256: str, block: int,
+) -> tuple[int, int]:
+    """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process
+    or on a Dask worker, where the embedder is loaded once per worker process and then reused."""
+    if threads:
+        torch.set_num_threads(threads)
+    db = open_db(db_path)
+    model = get_embedder(embedder, precision, batch_size)
+    if model.info.sha256 != sha256:
+        raise RetroError(f"embedder '{embedder}' on this worker has other weights than on the client "
+                         f"(sha256 {model.info.sha256[:12]}… vs {sha256[:12]}…)")
+    start, stop = block * block_size, min(db.num_chunks, (block + 1) * block_size)
+    vectors = model.embed(chunk_texts(db, start, stop))
+    zarr.open_array(str(db.path / STORE), path="embeddings", mode="r+")[start:stop] = vectors.astype(np.float16)
+    return block, stop - start
 
 
 def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:

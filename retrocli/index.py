@@ -44,8 +44,13 @@ def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.hnsw"
 
 
-def index_db(path: str | os.PathLike, options: IndexOptions | None = None, progress: Progress | None = None) -> RetroDB:
-    """Build (or finish building) the HNSW shards of the DB at `path`."""
+def index_db(
+    path: str | os.PathLike, options: IndexOptions | None = None, progress: Progress | None = None, dask=None,
+) -> RetroDB:
+    """Build (or finish building) the HNSW shards of the DB at `path`; with `dask` (an address, 'local:N'
+    or a distributed.Client) one task per shard on the workers, `options.threads` per task (default 1)."""
+    from retrocli.cluster import dask_client, run_blocks
+
     options = options or IndexOptions()
     progress = progress or NullProgress()
     if options.space not in SPACES:
@@ -84,31 +89,46 @@ def index_db(path: str | os.PathLike, options: IndexOptions | None = None, progr
     task = progress.start("index", total=n, unit="vectors",
                           completed=sum(s["count"] for s in recorded["shards"]))
     started = time.time()
-    for shard in range(num_shards):
-        if shard in done:
-            continue
-        start, stop = shard * options.shard_size, min(n, (shard + 1) * options.shard_size)
-        index = hnswlib.Index(space=options.space, dim=dim)
-        index.init_index(max_elements=max(stop - start, 1), M=options.M,
-                         ef_construction=options.ef_construction, random_seed=options.seed)
-        threads = options.threads or os.cpu_count() or 1
-        for block in range(start, stop, ADD_BLOCK):
-            block_stop = min(stop, block + ADD_BLOCK)
-            vectors = load_embeddings(db, block, block_stop)
-            index.add_items(vectors, np.arange(block, block_stop), num_threads=threads)
-            task.advance(block_stop - block)
-        final = index_dir / _shard_name(shard)
-        tmp = final.with_suffix(".partial")
-        index.save_index(str(tmp))
-        os.replace(tmp, final)
-        recorded["shards"].append({"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start,
-                                   "count": stop - start, "bytes": final.stat().st_size})
-        write_json_atomic(db.path / MANIFEST, manifest)
+    todo = [shard for shard in range(num_shards) if shard not in done]
+    with dask_client(dask) as client:
+        threads = options.threads or ((os.cpu_count() or 1) if client is None else 1)
+        args = (str(db.path), options.space, dim, options.M, options.ef_construction, options.shard_size,
+                options.seed, threads)
+        # Locally, progress advances per added block; on Dask, per finished shard.
+        local_task = task if client is None else None
+        for record in run_blocks(client, "index", build_shard, (*args, local_task), todo):
+            recorded["shards"].append(record)
+            recorded["shards"].sort(key=lambda s: s["shard"])
+            write_json_atomic(db.path / MANIFEST, manifest)
+            if client is not None:
+                task.advance(record["count"])
     state["status"] = "complete"
     state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
     write_json_atomic(db.path / MANIFEST, manifest)
     task.finish()
     return open_db(path)
+
+
+def build_shard(
+    db_path: str, space: str, dim: int, M: int, ef_construction: int, shard_size: int, seed: int, threads: int,
+    task, shard: int,
+) -> dict:
+    """Build shard `shard` from its embeddings and move it into place; returns its manifest record."""
+    db = open_db(db_path)
+    start, stop = shard * shard_size, min(db.num_chunks, (shard + 1) * shard_size)
+    index = hnswlib.Index(space=space, dim=dim)
+    index.init_index(max_elements=max(stop - start, 1), M=M, ef_construction=ef_construction, random_seed=seed)
+    for block in range(start, stop, ADD_BLOCK):
+        block_stop = min(stop, block + ADD_BLOCK)
+        index.add_items(load_embeddings(db, block, block_stop), np.arange(block, block_stop), num_threads=threads)
+        if task is not None:
+            task.advance(block_stop - block)
+    final = db.path / INDEX_DIR / _shard_name(shard)
+    tmp = final.with_suffix(f".{os.getpid()}.partial")  # two workers retrying one shard never share a file
+    index.save_index(str(tmp))
+    os.replace(tmp, final)
+    return {"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start, "count": stop - start,
+            "bytes": final.stat().st_size}
 
 
 class ShardedIndex:

@@ -97,10 +97,41 @@ def neighbor_pair_tokens(db: RetroDB, ids: np.ndarray, tokens: np.ndarray, lengt
     return neighbor_rows(db, ids, NEIGHBOR_PAD, tokens, lengths)
 
 
+def overlap_rows(db: RetroDB, db_tokens: np.ndarray, db_lengths: np.ndarray, queries: RetroDB, ids: np.ndarray,
+                 start: int, stop: int) -> tuple[np.ndarray, ...]:
+    """s(C), r(C), best neighbour and run starts for query chunks [start, stop) with neighbour ids [B, k]."""
+    q_tokens, q_len = queries.tokens_block(start, stop)
+    q_len = q_len.astype(np.int64)
+    q = q_tokens.astype(np.int64)
+    q[np.arange(q.shape[1])[None, :] >= q_len[:, None]] = QUERY_PAD
+    targets = neighbor_pair_tokens(db, ids, db_tokens, db_lengths)
+    s, which, qs, ts = longest_runs(q, q_len, targets)
+    r = np.where(q_len > 0, s / np.maximum(q_len, 1), 0.0)
+    picked = np.take_along_axis(ids, np.maximum(which, 0)[:, None], axis=1)[:, 0]
+    return s, r, np.where((which >= 0) & (s > 0), picked, -1), qs, ts
+
+
+_TOKENS_CACHE: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def overlap_block(db_path: str, queries_path: str, item: tuple[int, np.ndarray]) -> tuple:
+    """overlap_rows for a Dask task given (start, neighbour ids); the DB's tokens are read once per
+    worker process (one DB at a time)."""
+    start, ids = item
+    db, queries = open_db(db_path), open_db(queries_path)
+    key = (db_path, db.manifest["db_id"])
+    if key not in _TOKENS_CACHE:
+        _TOKENS_CACHE.clear()
+        _TOKENS_CACHE[key] = db.tokens_block(0, db.num_chunks)
+    return (start, *overlap_rows(db, *_TOKENS_CACHE[key], queries, ids, start, start + len(ids)))
+
+
 def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int = 512,
-                    progress: Progress | None = None) -> ChunkOverlap:
+                    progress: Progress | None = None, dask=None) -> ChunkOverlap:
+    """r(C) of every query chunk against its neighbours' [N, F]; blocks run as Dask tasks with `dask`."""
+    from retrocli.cluster import dask_client, run_blocks
+
     progress = progress or NullProgress()
-    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)  # kept in its small dtype (uint16)
     n = queries.num_chunks
     r = np.zeros(n)
     shared = np.zeros(n, dtype=np.int64)
@@ -108,20 +139,21 @@ def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int =
     q_start = np.zeros(n, dtype=np.int64)
     t_start = np.zeros(n, dtype=np.int64)
     task = progress.start("overlap", total=n, unit="chunks")
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        q_tokens, q_len = queries.tokens_block(start, stop)
-        q_len = q_len.astype(np.int64)
-        q = q_tokens.astype(np.int64)
-        q[np.arange(q.shape[1])[None, :] >= q_len[:, None]] = QUERY_PAD
-        targets = neighbor_pair_tokens(db, ids[start:stop], db_tokens, db_lengths)
-        s, which, qs, ts = longest_runs(q, q_len, targets)
-        shared[start:stop] = s
-        r[start:stop] = np.where(q_len > 0, s / np.maximum(q_len, 1), 0.0)
-        picked = np.take_along_axis(ids[start:stop], np.maximum(which, 0)[:, None], axis=1)[:, 0]
-        neighbor[start:stop] = np.where((which >= 0) & (s > 0), picked, -1)
-        q_start[start:stop], t_start[start:stop] = qs, ts
-        task.advance(stop - start)
+    starts = range(0, n, block)
+    with dask_client(dask) as client:
+        if client is None:
+            db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)  # kept in its small dtype (uint16)
+            results = ((start, *overlap_rows(db, db_tokens, db_lengths, queries, ids[start:start + block],
+                                             start, min(n, start + block))) for start in starts)
+        else:
+            # one task per block carrying its neighbour ids; workers read the tokens from the shared DB
+            items = [(start, ids[start:start + block]) for start in starts]
+            results = run_blocks(client, "overlap", overlap_block, (str(db.path), str(queries.path)), items)
+        for start, s, rr, best, qs, ts in results:
+            stop = start + len(s)
+            shared[start:stop], r[start:stop], neighbor[start:stop] = s, rr, best
+            q_start[start:stop], t_start[start:stop] = qs, ts
+            task.advance(stop - start)
     task.finish()
     return ChunkOverlap(r, shared, queries.chunk_length.copy(), queries.chunk_doc.copy(), neighbor, q_start, t_start)
 
@@ -280,9 +312,12 @@ def leakage_report(
     examples: int = 5, ngram: int = 13, num_perm: int = 128, jaccard_threshold: float = 0.8,
     ef: int = DEFAULT_EF_SEARCH, work_dir: str | os.PathLike | None = None, text_field: str = "text",
     threads: int | None = None, progress: Progress | None = None, model_dir: str | os.PathLike | None = None,
+    dask=None,
 ) -> LeakageReport:
     """Measure chunk overlap and near-duplicate documents of `test_inputs` against the DB. The DB is only
-    read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming)."""
+    read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming).
+    With `dask` the test set's embedding, neighbour search and overlap run on the cluster (pass a
+    distributed.Client to reuse one cluster for all three); near-duplicates stay in this process."""
     from retrocli.neighbors import batch_neighbors, check_k, open_neighbors
 
     if not 0 <= alpha <= 1:
@@ -300,12 +335,13 @@ def leakage_report(
     try:
         started = time.time()
         batch_neighbors(db.path, test_inputs, work, k=k, ef=ef, threads=threads, progress=progress,
-                        text_field=text_field)
+                        text_field=text_field, dask=dask)
         neighbors = open_neighbors(work)
         test = open_db(neighbors.manifest["query_db"])
         t_neighbors = time.time() - started
         started = time.time()
-        ov = compute_overlap(db, test, neighbors.ids, progress=progress)
+        ov = compute_overlap(db, test, neighbors.ids, block=512 if dask is None else 4096, progress=progress,
+                             dask=dask)
         t_overlap = time.time() - started
         pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress)
         report = _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm,

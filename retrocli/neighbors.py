@@ -8,6 +8,7 @@ what RETRO training reads (with --exclude-same-doc, the paper's rule).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -190,8 +191,13 @@ def batch_neighbors(
     max_blocks: int | None = None,
     text_field: str = "text",
     id_field: str | None = None,
+    dask=None,
 ) -> Path:
-    """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable."""
+    """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
+    With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
+    each holding every index shard in memory (loaded once per worker)."""
+    from retrocli.cluster import dask_client, run_blocks
+
     progress = progress or NullProgress()
     db = open_db(db_path)
     check_k(db, k)
@@ -236,7 +242,7 @@ def batch_neighbors(
         _check_compatible(db, queries)
         if queries.stage("embed") != "complete":
             embed_db(queries.path, db.manifest["embedder"]["name"], db.manifest["embedder"]["precision"],
-                     threads=threads, progress=progress)
+                     threads=threads, progress=progress, dask=dask)
             queries = open_db(queries.path)
         _check_same_embedder(db, queries)
     else:
@@ -247,7 +253,8 @@ def batch_neighbors(
             chunk_corpus(inputs, qpath, ChunkOptions(db.chunk_size, str(db.path / "tokenizer.json"),
                                                     text_field, id_field), overwrite=True, progress=progress)
         recorded = db.manifest["embedder"]
-        queries = embed_db(qpath, recorded["name"], recorded["precision"], threads=threads, progress=progress)
+        queries = embed_db(qpath, recorded["name"], recorded["precision"], threads=threads, progress=progress,
+                           dask=dask)
         _check_same_embedder(db, queries)
 
     n = queries.num_chunks
@@ -260,33 +267,60 @@ def batch_neighbors(
         manifest["num_queries"] = n
         manifest["query_db"] = str(queries.path.absolute())
         write_json_atomic(manifest_file, manifest)
-    root = zarr.open_group(str(store), mode="r+")
-    index = ShardedIndex(db, ef=ef)
+    if dask is None:
+        _cached_index(str(db.path), ef)  # load and check the shards before the first block
     done = set(manifest["done_blocks"])
     num_blocks = -(-n // block_size)
     todo = [b for b in range(num_blocks) if b not in done]
     task = progress.start("neighbors", total=n, unit="chunks",
                           completed=n - sum(min(block_size, n - b * block_size) for b in todo))
     started = time.time()
-    for count, block in enumerate(todo):
-        if max_blocks is not None and count >= max_blocks:
-            return out
-        start, stop = block * block_size, min(n, (block + 1) * block_size)
-        vectors = load_embeddings(queries, start, stop)
-        exclude = queries.chunk_doc[start:stop] if exclude_same_doc else None
-        ids, dists = search_excluding(index, vectors, k, exclude, db.chunk_doc)
-        root["ids"][start:stop] = ids
-        root["distances"][start:stop] = dists
-        done.add(block)
-        manifest["done_blocks"] = sorted(done)
-        write_json_atomic(manifest_file, manifest)
-        task.advance(stop - start)
+    with dask_client(dask) as client:
+        args = (str(db.path), str(queries.path), str(store), k, ef, exclude_same_doc, block_size)
+        for block, count in run_blocks(client, "neighbors", search_block, args, todo, max_blocks):
+            done.add(block)
+            manifest["done_blocks"] = sorted(done)
+            write_json_atomic(manifest_file, manifest)
+            task.advance(count)
+    if len(done) < num_blocks:  # stopped early by max_blocks
+        return out
     manifest["status"] = "complete"
     manifest["seconds"] = round(manifest.get("seconds", 0) + time.time() - started, 3)
     manifest.pop("done_blocks", None)
     write_json_atomic(manifest_file, manifest)
     task.finish()
     return out
+
+
+_SEARCH_CACHE: dict[tuple, tuple[RetroDB, ShardedIndex]] = {}
+
+
+def _cached_index(db_path: str, ef: int) -> tuple[RetroDB, ShardedIndex]:
+    """The DB and its loaded shards, kept for the next block: loading every shard costs far more than a
+    block's search. One entry, so a long-lived process holds at most one index."""
+    db = open_db(db_path)
+    key = (db_path, db.manifest["db_id"], json.dumps(db.manifest.get("index"), sort_keys=True), ef)
+    if key not in _SEARCH_CACHE:
+        _SEARCH_CACHE.clear()
+        _SEARCH_CACHE[key] = (db, ShardedIndex(db, ef=ef))
+    return _SEARCH_CACHE[key]
+
+
+def search_block(
+    db_path: str, queries_path: str, store: str, k: int, ef: int, exclude_same_doc: bool, block_size: int,
+    block: int,
+) -> tuple[int, int]:
+    """Search the neighbours of query block `block` and write them to its zarr chunk of `store`."""
+    db, index = _cached_index(db_path, ef)
+    queries = db if queries_path == db_path else open_db(queries_path)
+    start, stop = block * block_size, min(queries.num_chunks, (block + 1) * block_size)
+    vectors = load_embeddings(queries, start, stop)
+    exclude = queries.chunk_doc[start:stop] if exclude_same_doc else None
+    ids, dists = search_excluding(index, vectors, k, exclude, db.chunk_doc)
+    root = zarr.open_group(store, mode="r+")
+    root["ids"][start:stop] = ids
+    root["distances"][start:stop] = dists
+    return block, stop - start
 
 
 def _check_compatible(db: RetroDB, other: RetroDB) -> None:

@@ -1,0 +1,99 @@
+"""`--dask`: run the block-parallel stages (embed, index, batch neighbours, leakage overlap) on Dask.
+
+Each stage already works in independent blocks whose results land in their own zarr chunk or index
+file, and records finished blocks in its manifest. On a cluster the blocks become Dask tasks; only this
+process (the client) writes the manifest, as each task reports back. A task whose worker dies is
+rescheduled by Dask on another worker; because a block's output depends only on its inputs and is
+written whole (one zarr chunk, or an index file renamed into place), a rerun overwrites it with the
+same bytes, so a kill neither loses nor duplicates work. When Dask gives up on a task, the stage
+stops with one line and a rerun resumes from the recorded blocks.
+
+Workers must reach the DB at the same path (a shared filesystem) and run the same retrocli version.
+Dask moves task arguments and results with pickle over its own connections; nothing we write to disk
+is pickled. Nothing here is imported unless --dask is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from retrocli.errors import RetroError
+
+LOCAL_PREFIX = "local:"
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise RetroError("--dask needs dask.distributed: pip install 'retrocli[dask]'") from None
+    return distributed
+
+
+@contextlib.contextmanager
+def dask_client(dask: Any) -> Iterator[Any]:
+    """A `distributed.Client` for `dask`: None (no cluster), an existing Client (kept open), 'local:N'
+    (a LocalCluster of N single-threaded worker processes, closed on exit) or a scheduler address."""
+    if dask is None:
+        yield None
+        return
+    distributed = _import_distributed()
+    if isinstance(dask, distributed.Client):
+        yield dask
+        return
+    address = str(dask)
+    if address.startswith(LOCAL_PREFIX):
+        try:
+            workers = int(address[len(LOCAL_PREFIX):])
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise RetroError(f"--dask {address}: expected local:N with N ≥ 1 worker processes")
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        )
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    try:
+        client = distributed.Client(address, timeout="20s")
+    except (OSError, TimeoutError, ValueError) as err:
+        raise RetroError(f"--dask {address}: cannot reach the Dask scheduler ({err})") from None
+    with client:
+        yield client
+
+
+def run_blocks(
+    client: Any, stage: str, function: Callable, args: tuple, blocks: Iterable[Any], max_blocks: int | None = None,
+) -> Iterator[Any]:
+    """Yield function(*args, block) for each block (a block number or a small payload): in this process
+    in order when client is None, otherwise as Dask tasks in completion order. The caller records each
+    result as it arrives."""
+    blocks = list(blocks)
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    if client is None:
+        for block in blocks:
+            yield function(*args, block)
+        return
+    distributed = _import_distributed()
+    run = uuid.uuid4().hex[:8]
+    futures = [client.submit(function, *args, block, pure=False, key=f"retro-{stage}-{i}-{run}")
+               for i, block in enumerate(blocks)]
+    try:
+        for future in distributed.as_completed(futures):
+            try:
+                yield future.result()
+            except distributed.KilledWorker as err:
+                raise RetroError(
+                    f"{stage}: Dask gave up on a task after its workers died ({err}); finished blocks are "
+                    "recorded, rerun the same command to resume"
+                ) from None
+    finally:
+        client.cancel([f for f in futures if not f.done()])

@@ -1,0 +1,220 @@
+"""--dask: the same results on a LocalCluster of 2 worker processes as in one process, a killed worker
+loses and duplicates nothing, and an interrupted distributed run resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from retrieval_fixtures import small_jsonl, tiny_bert  # noqa: F401
+
+from retrocli.build_db import build_db
+from retrocli.chunk import chunk_corpus
+from retrocli.db import open_db, read_manifest
+from retrocli.embed import embed_db, load_embeddings
+from retrocli.errors import RetroError
+from retrocli.index import IndexOptions, ShardedIndex
+from retrocli.leakage import leakage_report
+from retrocli.neighbors import batch_neighbors, open_neighbors
+from retrocli.progress import NullProgress
+
+distributed = pytest.importorskip("distributed")
+HELDOUT = Path(__file__).resolve().parents[1] / "examples" / "subset" / "heldout.jsonl"
+# Several shards and many blocks, so that work really is spread over both workers.
+INDEX = IndexOptions(shard_size=40, threads=1)
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with distributed.Client(cluster) as client:
+        yield client
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def local_db(tmp_path_factory, tiny_bert, small_jsonl):  # noqa: F811
+    path = tmp_path_factory.mktemp("local") / "db"
+    build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dask_db(tmp_path_factory, tiny_bert, small_jsonl, client):  # noqa: F811
+    path = tmp_path_factory.mktemp("dask") / "db"
+    build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX, dask=client)
+    return path
+
+
+def _array(db_path: Path, name: str) -> np.ndarray:
+    return zarr.open_group(str(db_path / "store.zarr"), mode="r")[name][:]
+
+
+def test_build_db_on_dask_equals_single_process(local_db, dask_db, client):
+    local, remote = open_db(local_db), open_db(dask_db)
+    assert remote.stage("embed") == remote.stage("index") == "complete"
+    assert local.num_chunks > 5 * BLOCK  # the work was split into many tasks
+    np.testing.assert_array_equal(_array(remote.path, "chunks/tokens"), _array(local.path, "chunks/tokens"))
+    np.testing.assert_array_equal(_array(remote.path, "embeddings"), _array(local.path, "embeddings"))
+    shards = remote.manifest["index"]["shards"]
+    assert [s["shard"] for s in shards] == list(range(len(shards))) and len(shards) >= 3
+    assert shards == local.manifest["index"]["shards"]
+    for shard in shards:  # one thread, same seed, same vectors: the same graph byte for byte
+        assert (remote.path / shard["file"]).read_bytes() == (local.path / shard["file"]).read_bytes()
+    queries = load_embeddings(local)[::7]
+    ids_l, d_l = ShardedIndex(local).search(queries, 5)
+    ids_r, d_r = ShardedIndex(remote).search(queries, 5)
+    np.testing.assert_array_equal(ids_r, ids_l)
+    np.testing.assert_array_equal(d_r, d_l)
+    assert not list((remote.path / "index").glob("*.partial"))
+
+
+def test_batch_neighbors_on_dask_equal_single_process(local_db, tmp_path, client):
+    local = batch_neighbors(local_db, [local_db], tmp_path / "nb-local", k=3, exclude_same_doc=True, block_size=BLOCK)
+    remote = batch_neighbors(local_db, [local_db], tmp_path / "nb-dask", k=3, exclude_same_doc=True,
+                             block_size=BLOCK, dask=client)
+    a, b = open_neighbors(local), open_neighbors(remote)
+    assert b.manifest["status"] == "complete" and "done_blocks" not in b.manifest
+    np.testing.assert_array_equal(b.ids, a.ids)
+    np.testing.assert_array_equal(b.distances, a.distances)
+    chunk_doc = open_db(local_db).chunk_doc
+    assert (chunk_doc[b.ids] != chunk_doc[:, None]).all()  # --exclude-same-doc held on the workers too
+
+
+def test_batch_neighbors_of_a_corpus_embed_on_dask(local_db, tmp_path, client):
+    local = open_neighbors(batch_neighbors(local_db, [HELDOUT], tmp_path / "a", k=2))
+    remote = open_neighbors(batch_neighbors(local_db, [HELDOUT], tmp_path / "b", k=2, dask=client))
+    np.testing.assert_array_equal(remote.ids, local.ids)
+    np.testing.assert_array_equal(
+        _array(tmp_path / "b" / "queries", "embeddings"), _array(tmp_path / "a" / "queries", "embeddings")
+    )
+
+
+def test_leakage_report_on_dask_equals_single_process(local_db, client):
+    before = sorted((p, p.stat().st_mtime_ns) for p in local_db.rglob("*") if p.is_file())
+    local = leakage_report(local_db, [HELDOUT], k=4).to_json()
+    remote = leakage_report(local_db, [HELDOUT], k=4, dask=client).to_json()
+    for report in (local, remote):  # wall-clock figures differ from run to run
+        report.pop("timings", None)
+        for key in ("seconds", "docs_per_second"):
+            report["near_duplicate_stats"].pop(key)
+    assert remote == local
+    assert local["num_test_chunks"] > 0 and local["documents"]
+    assert sorted((p, p.stat().st_mtime_ns) for p in local_db.rglob("*") if p.is_file()) == before
+
+
+def test_interrupted_dask_embed_resumes_to_the_same_array(local_db, tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+    path = tmp_path / "db"
+    chunk_corpus([small_jsonl], path)
+    embed_db(path, tiny_bert, threads=1, block_size=BLOCK, max_blocks=3, dask=client)
+    state = read_manifest(path)["stages"]["embed"]
+    assert state["status"] == "running" and len(state["done_blocks"]) == 3
+    embed_db(path, tiny_bert, threads=1, block_size=BLOCK, dask=client)
+    assert open_db(path).stage("embed") == "complete"
+    np.testing.assert_array_equal(_array(path, "embeddings"), _array(local_db, "embeddings"))
+
+
+class KillOnFirstBlock(NullProgress):
+    """Progress that SIGKILLs one worker process when the first block is reported done."""
+
+    def __init__(self, client):
+        self.client, self.killed_at = client, None
+
+    def start(self, name, total, unit="", completed=0):
+        outer = self
+
+        class Task:
+            done = completed
+
+            def advance(self, n=1):
+                Task.done += n
+                if outer.killed_at is None:
+                    pids = outer.client.run(os.getpid)
+                    os.kill(sorted(pids.values())[0], signal.SIGKILL)
+                    outer.killed_at = (Task.done, total, pids)
+
+            def finish(self):
+                pass
+
+            def note(self, text):
+                pass
+
+        return Task()
+
+
+def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+    path = tmp_path / "db"
+    chunk_corpus([small_jsonl], path)
+    progress = KillOnFirstBlock(client)
+    embed_db(path, tiny_bert, threads=1, block_size=4, progress=progress, dask=client)
+    done_when_killed, total, pids_before = progress.killed_at
+    assert done_when_killed < total / 2  # most blocks were still to do when the worker died
+    assert open_db(path).stage("embed") == "complete"
+    np.testing.assert_array_equal(_array(path, "embeddings"), _array(local_db, "embeddings"))
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts the killed worker
+    assert set(client.run(os.getpid).values()) != set(pids_before.values())
+
+
+def test_cli_build_db_with_local_cluster(tiny_bert, small_jsonl, local_db, tmp_path):  # noqa: F811
+    out = tmp_path / "db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrocli.cli", "build-db", str(small_jsonl), "--out", str(out), "--embedder", tiny_bert,
+         "--threads", "1", "--block-size", str(BLOCK), "--shard-size", "40", "--dask", "local:2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Dask: 2 worker(s)" in proc.stderr
+    np.testing.assert_array_equal(_array(out, "embeddings"), _array(local_db, "embeddings"))
+
+
+@pytest.mark.parametrize(("address", "message"), [
+    ("local:0", "expected local:N"),
+    ("local:two", "expected local:N"),
+    ("tcp://127.0.0.1:9", "cannot reach the Dask scheduler"),
+])
+def test_bad_dask_address_is_one_line(tiny_db_path_for_errors, address, message):
+    proc = subprocess.run([sys.executable, "-m", "retrocli.cli", "index", str(tiny_db_path_for_errors),
+                           "--dask", address], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def tiny_db_path_for_errors(local_db, tmp_path):
+    dest = tmp_path / "db"
+    shutil.copytree(local_db, dest)
+    return dest
+
+
+def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_path):  # noqa: F811
+    script = (
+        "import sys, json\n"
+        "from retrocli.build_db import build_db\n"
+        "from retrocli.neighbors import batch_neighbors\n"
+        f"db = build_db([{str(small_jsonl)!r}], {str(tmp_path / 'db')!r}, embedder={tiny_bert!r}, block_size=64)\n"
+        f"batch_neighbors(db.path, [db.path], {str(tmp_path / 'nb')!r}, k=2)\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+    from retrocli.cluster import run_blocks
+    from retrocli.embed import embed_block
+
+    path = tmp_path / "db"
+    chunk_corpus([small_jsonl], path)
+    with pytest.raises(RetroError, match="other weights than on the client"):
+        list(run_blocks(client, "embed", embed_block, (str(path), tiny_bert, "fp32", 32, 1, BLOCK, "0" * 64), [0, 1]))
