@@ -740,10 +740,17 @@ def generate(
                     {"chunk": r.chunk_index, "chunk_text": r.chunk_text, "neighbors": [n.__dict__ for n in r.neighbors]}
                     for r in result.retrievals
                 ],
+                "copy": result.copy.__dict__ if result.copy else None,
             }
         )
-    else:
-        sys.stdout.write("\n")
+        return
+    sys.stdout.write("\n")
+    if show_neighbors and result.copy and result.copy.tokens >= 4:
+        err_console.print(
+            f"[dim]── the continuation shares a {result.copy.tokens}-token run with retrieved chunk "
+            f"{result.copy.neighbor_id} ({escape(result.copy.source)}):[/] [bold]{escape(result.copy.text)!s}[/]",
+            highlight=False,
+        )
 
 
 def main() -> None:

@@ -32,10 +32,41 @@ class Retrieval:
 
 
 @dataclass
+class Copy:
+    """The longest run of generated tokens that also occurs in a retrieved neighbour's [N, F]."""
+
+    tokens: int
+    text: str
+    neighbor_id: int
+    source: str
+
+
+@dataclass
 class Generation:
     prompt: str
     text: str  # the continuation only
     retrievals: list[Retrieval] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the continuation's tokens
+    copy: Copy | None = None
+
+
+def longest_copy(db: RetroDB, token_ids: list[int], retrievals: list[Retrieval]) -> Copy | None:
+    """Where the continuation reuses retrieved text: its longest token run shared with any neighbour."""
+    import numpy as np
+
+    from retrocli.leakage import NEIGHBOR_PAD, longest_runs
+
+    ids = list(dict.fromkeys(nb.id for rec in retrievals for nb in rec.neighbors))
+    if not token_ids or not ids:
+        return None
+    targets = neighbor_rows(db, np.array([ids]), NEIGHBOR_PAD)
+    query = np.asarray(token_ids, dtype=np.int64)[None, :]
+    length, which, q_start, _ = (int(v[0]) for v in longest_runs(query, np.array([len(token_ids)]), targets))
+    if length == 0:
+        return None
+    neighbor = ids[which]
+    return Copy(length, db.tokenizer.decode(token_ids[q_start : q_start + length]), neighbor,
+                db.source(db.doc_of(neighbor)))
 
 
 def generate(
@@ -95,6 +126,8 @@ def generate(
             on_text(stable[len(shown):])
         shown = stable if len(stable) > len(shown) else shown
     result.text = db.tokenizer.decode(new_ids)
+    result.token_ids = new_ids
+    result.copy = longest_copy(db, new_ids, result.retrievals)
     if on_text and len(result.text) > len(shown):
         on_text(result.text[len(shown):])
     return result

@@ -38,20 +38,23 @@ def neighbor_rows(db: RetroDB, ids: np.ndarray, pad: int, tokens: np.ndarray | N
     """DB chunk ids [..., k] (−1 = missing) → [..., k, 2m] tokens of N followed by its continuation F,
     padded with `pad` (a missing neighbour is all pad, which the model masks)."""
     m = db.chunk_size
-    if tokens is None:
-        tokens, lengths = db.tokens_block(0, db.num_chunks)
     flat = ids.reshape(-1)
     out = np.full((len(flat), 2 * m), pad, dtype=np.int64)
     doc = db.chunk_doc
     for row, nid in enumerate(flat):
         if nid < 0:
             continue
-        n = int(lengths[nid])
-        out[row, :n] = tokens[nid, :n]
+        if tokens is None:  # a few neighbours (generation): read just their rows, not the whole DB
+            rows, lens = db.tokens_block(int(nid), min(int(nid) + 2, db.num_chunks))
+            base = int(nid)
+        else:
+            rows, lens, base = tokens, lengths, 0
+        n = int(lens[nid - base])
+        out[row, :n] = rows[nid - base, :n]
         nxt = nid + 1
         if nxt < len(doc) and doc[nxt] == doc[nid]:
-            f = int(lengths[nxt])
-            out[row, n : n + f] = tokens[nxt, :f]
+            f = int(lens[nxt - base])
+            out[row, n : n + f] = rows[nxt - base, :f]
     return out.reshape(*ids.shape, 2 * m)
 
 

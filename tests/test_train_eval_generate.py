@@ -156,3 +156,23 @@ def test_generate_cli_greedy_json(trained, tiny_db, cli):  # noqa: F811
     assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]
     bad = cli("generate", "--db", tiny_db, "--model", out, "--prompt", " ")
     assert bad.exit_code == 2 and "empty" in bad.output
+
+
+def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):  # noqa: F811
+    from retrocli.generate import Retrieval, longest_copy
+    from retrocli.neighbors import neighbor_refs
+
+    db = open_db(tiny_db)
+    donor = int(db.doc_chunks(4).start)
+    assert db.continuation(donor) is not None
+    # 20 tokens spanning the end of the neighbour N and the start of its continuation F, between noise
+    pair = np.concatenate([db.chunk_tokens(donor), db.chunk_tokens(donor + 1)])
+    run = pair[len(db.chunk_tokens(donor)) - 8 :][:20].tolist()
+    generated = [5, 6, 7] + run + [8, 9]
+    other = int(db.doc_chunks(1).start)
+    refs = neighbor_refs(db, np.array([other, donor]), np.array([0.1, 0.2], dtype=np.float32))
+    copy = longest_copy(db, generated, [Retrieval(0, "q", refs)])
+    assert copy.tokens >= 20 and copy.neighbor_id == donor
+    assert db.tokenizer.decode(run) in copy.text
+    assert copy.source == db.source(4)
+    assert longest_copy(db, generated, []) is None
