@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean-demo
+.PHONY: install test demo lint bench clean-demo bundled-model
 
 install: $(STAMP)
 
@@ -30,3 +30,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_chunk.py
 	bash bench/run_full.sh bench-out
+
+# Retrain the bundled model from scratch (~2 h on 2 cores; needs the full example corpus, see README).
+bundled-model: install
+	bash examples/bundled_model.sh

@@ -342,6 +342,8 @@ def neighbors(
 
     opened = open_db(db)
     check_embedder_matches(opened, embedder)
+    if dask and not (input or out):
+        raise RetroError("--dask applies to batch mode (--input/--out); a query runs in this process")
     if input or out:
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")

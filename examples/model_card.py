@@ -1,0 +1,118 @@
+"""Write the bundled model's card (README.md beside the weights) from the artifacts of
+examples/bundled_model.sh: the training log, the model metadata, `retro eval --json`, and greedy
+`retro generate` transcripts on held-out prompts (run here, retrieving from the training DB).
+
+    .venv/bin/python examples/model_card.py --work bundled-work --model retrocli/assets/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+# Held-out prompts: (document id in examples/data/heldout.jsonl, first char, last char).
+PROMPTS = [
+    ("python3.11-doc/library/errno.rst.txt", 0, 700),
+    ("python3.11-doc/library/chunk.rst.txt", 0, 900),
+    ("postgresql-doc-15/html/sql-dropconversion.html", 0, 500),
+]
+NEW_TOKENS = 96
+
+
+def curve_table(log: list[dict], every: int = 150) -> str:
+    rows = ["| steps | tokens seen | mean training loss (nats/token) |", "|---:|---:|---:|"]
+    for end in range(every, log[-1]["step"] + 1, every):
+        window = [r for r in log if end - every < r["step"] <= end]
+        mean = sum(r["loss"] for r in window) / len(window)
+        rows.append(f"| {end - every + 1}–{end} | {window[-1]['tokens_seen']:,} | {mean:.3f} |")
+    return "\n".join(rows)
+
+
+def bpb_table(result: dict) -> str:
+    rows = ["| chunks with r(C) ≤ α | chunks | bpb with retrieval | bpb without | gain |", "|---:|---:|---:|---:|---:|"]
+    for point in result["curve"]:
+        if not point["chunks"]:
+            continue
+        gain = 1 - point["bpb"] / point["bpb_no_retrieval"]
+        rows.append(f"| α = {point['alpha']:g} | {point['chunks']:,} | {point['bpb']:.4f} | "
+                    f"{point['bpb_no_retrieval']:.4f} | {100 * gain:+.1f} % |")
+    return "\n".join(rows)
+
+
+def transcripts(db_path: Path, model: Path, heldout: Path) -> str:
+    from retrocli.generate import generate
+
+    docs = {}
+    for line in heldout.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        docs[record["id"]] = record["text"]
+    parts = []
+    for doc_id, start, stop in PROMPTS:
+        prompt = docs[doc_id][start:stop]
+        with_retrieval = generate(db_path, prompt, model, max_new_tokens=NEW_TOKENS, temperature=0)
+        without = generate(db_path, prompt, model, max_new_tokens=NEW_TOKENS, temperature=0, retrieval=False)
+        sources = sorted({nb.source for rec in with_retrieval.retrievals for nb in rec.neighbors})
+        copy = with_retrieval.copy
+        shared = (f"longest run shared with a retrieved chunk: **{copy.tokens} tokens** from `{copy.source}`: "
+                  f"`{' '.join(copy.text.split())}`") if copy else "no run shared with retrieved chunks"
+        listed = ", ".join(f"`{s}`" for s in sources[:4]) + (", …" if len(sources) > 4 else "")
+        parts.append(
+            f"**`{doc_id}`**, characters {start}–{stop} as the prompt (ending: "
+            f"`…{' '.join(prompt[-120:].split())}`); {len(with_retrieval.retrievals)} retrievals from "
+            f"{len(sources)} DB pages ({listed}).\n\n"
+            f"With retrieval:\n\n```text\n{with_retrieval.text.strip()}\n```\n\n{shared}.\n\n"
+            f"Without retrieval (same model, `--no-retrieval`):\n\n```text\n{without.text.strip()}\n```\n"
+        )
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="bundled-work", type=Path)
+    parser.add_argument("--model", default=Path("retrocli/assets/model"), type=Path)
+    parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
+    args = parser.parse_args()
+
+    from retrocli.db import open_db
+
+    log = [json.loads(line) for line in (args.model / "train_log.jsonl").read_text().splitlines()]
+    meta = json.loads((args.model / "retrocli_model.json").read_text())
+    config = json.loads((args.model / "config.json").read_text())
+    state = json.loads((args.work / "model" / "checkpoint" / "state.json").read_text())
+    result = json.loads((args.work / "eval.json").read_text())
+    at_alpha = next(p for p in result["curve"] if p["alpha"] == 0.125)
+    gain_alpha = 1 - at_alpha["bpb"] / at_alpha["bpb_no_retrieval"]
+    size_mb = sum(p.stat().st_size for p in args.model.iterdir() if p.is_file() and p.name != "README.md") / 1e6
+    template = (Path(__file__).with_name("model_card_template.md")).read_text(encoding="utf-8")
+    card = template.format(
+        parameters=f"{meta['parameters']:,}",
+        parameters_m=f"{meta['parameters'] / 1e6:.1f}",
+        steps=f"{meta['steps']:,}",
+        tokens_seen=f"{meta['tokens_seen']:,}",
+        epochs=f"{meta['tokens_seen'] / open_db(args.work / 'db').manifest['counts']['tokens']:.2f}",
+        train_seconds=f"{state['seconds'] / 60:.0f}",
+        tokens_per_second=f"{meta['tokens_seen'] / state['seconds']:.0f}",
+        size_mb=f"{size_mb:.1f}",
+        config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
+                                                  "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
+                                                  "vocab_size")}),
+        final_loss=f"{sum(r['loss'] for r in log[-10:]) / len(log[-10:]):.3f}",
+        curve=curve_table(log),
+        test_documents=result["test_documents"],
+        test_chunks=f"{result['test_chunks']:,}",
+        test_bytes=f"{result['test_bytes']:,}",
+        bpb_retrieval=f"{result['bpb_retrieval']:.4f}",
+        bpb_none=f"{result['bpb_no_retrieval']:.4f}",
+        gain=f"{100 * result['retrieval_gain']:.1f}",
+        gain_alpha=f"{100 * gain_alpha:.1f}",
+        alpha_chunks=f"{at_alpha['chunks']:,}",
+        bpb_table=bpb_table(result),
+        transcripts=transcripts(args.work / "db", args.model, args.heldout),
+    )
+    (args.model / "README.md").write_text(card, encoding="utf-8")
+    print(f"model card → {args.model / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
