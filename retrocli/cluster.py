@@ -15,6 +15,8 @@ is pickled. Nothing here is imported unless --dask is given.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -93,6 +95,12 @@ def run_blocks(
             except distributed.KilledWorker as err:
                 raise RetroError(
                     f"{stage}: Dask gave up on a task after its workers died ({err}); finished blocks are "
+                    "recorded, rerun the same command to resume"
+                ) from None
+            except (asyncio.CancelledError, concurrent.futures.CancelledError, OSError) as err:
+                # the scheduler went away or cancelled the work (e.g. a cluster shut down mid-run)
+                raise RetroError(
+                    f"{stage}: lost the Dask cluster ({type(err).__name__}: {err}); finished blocks are "
                     "recorded, rerun the same command to resume"
                 ) from None
     finally:
