@@ -91,17 +91,18 @@ def run_blocks(
     try:
         for future in distributed.as_completed(futures):
             try:
-                yield future.result()
+                result = future.result()
             except distributed.KilledWorker as err:
                 raise RetroError(
                     f"{stage}: Dask gave up on a task after its workers died ({err}); finished blocks are "
                     "recorded, rerun the same command to resume"
                 ) from None
             except (asyncio.CancelledError, concurrent.futures.CancelledError, OSError) as err:
-                # the scheduler went away or cancelled the work (e.g. a cluster shut down mid-run)
+                where = "a task failed on a worker" if future.status == "error" else "lost the Dask cluster"
                 raise RetroError(
-                    f"{stage}: lost the Dask cluster ({type(err).__name__}: {err}); finished blocks are "
-                    "recorded, rerun the same command to resume"
+                    f"{stage}: {where} ({type(err).__name__}: {err}); finished blocks are recorded, rerun the "
+                    "same command to resume"
                 ) from None
+            yield result
     finally:
         client.cancel([f for f in futures if not f.done()])
