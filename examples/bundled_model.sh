@@ -19,11 +19,11 @@ $RETRO build-db examples/data/train.jsonl --out "$W/db"
 step "3/6 batch neighbours of every DB chunk, k=2, excluding the chunk's own document"
 $RETRO neighbors "$W/db" --input "$W/db" --out "$W/db-neighbors" --k 2 --exclude-same-doc
 
-step "4/6 train (1,800 steps x 4 x 512 tokens, ~80 min on one core; checkpoints every 100 steps)"
+step "4/6 train (2,600 steps x 4 x 512 tokens, ~70 min on 2 cores; checkpoints every 100 steps)"
 RESUME=""
 [ -f "$W/model/checkpoint/state.json" ] && RESUME="--resume"
 $RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config examples/bundled-model-config.json \
-  --steps 1800 --warmup 100 --lr 1.5e-3 --threads 1 --checkpoint-every 100 --seed 0 $RESUME
+  --steps 2600 --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 $RESUME
 
 step "5/6 evaluate on the held-out pages: bpb with / without retrieval, bpb(alpha) by leakage bucket"
 $RETRO eval "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" --json > "$W/eval.json"

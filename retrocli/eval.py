@@ -137,7 +137,7 @@ def bpb_summary(losses: ChunkLosses, r: np.ndarray | None, alphas=ALPHA_GRID) ->
 
 
 def evaluate(
-    model_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
     db_path: str | os.PathLike,
     inputs: list[str | os.PathLike],
     leakage: bool = True,
@@ -151,6 +151,10 @@ def evaluate(
     from retrocli.leakage import compute_overlap
     from retrocli.neighbors import batch_neighbors, open_neighbors
 
+    if model_dir is None or str(model_dir) == DEFAULT_MODEL:
+        from retrocli.generate import bundled_model_dir
+
+        model_dir = bundled_model_dir()
     if threads:
         torch.set_num_threads(threads)
     db = open_db(db_path)
