@@ -76,7 +76,9 @@ def main() -> None:
 
     from retrocli.db import open_db
 
-    log = [json.loads(line) for line in (args.model / "train_log.jsonl").read_text().splitlines()]
+    # a resumed run re-logs the steps after its checkpoint: keep the last record of each step
+    records = [json.loads(line) for line in (args.model / "train_log.jsonl").read_text().splitlines()]
+    log = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
     meta = json.loads((args.model / "retrocli_model.json").read_text())
     config = json.loads((args.model / "config.json").read_text())
     state = json.loads((args.work / "model" / "checkpoint" / "state.json").read_text())

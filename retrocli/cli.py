@@ -608,6 +608,9 @@ def train_cmd(
     threads: Threads = None,
     seed: Annotated[int, typer.Option(help="Seed: weights, data order")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue OUT/checkpoint exactly where it stopped")] = False,
+    retrieval_focus: Annotated[
+        float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
+    ] = 0.0,
     json_output: JsonOut = False,
 ):
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
@@ -627,6 +630,7 @@ def train_cmd(
         threads,
         seed,
         checkpoint_every,
+        retrieval_focus=retrieval_focus,
     )
     with progress_display(enabled=not json_output) as progress:
         summary = train(db, neighbors, out, opts, heldout, resume, k, progress)

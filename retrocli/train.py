@@ -42,6 +42,9 @@ class TrainOptions:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
+    # Share of each batch drawn from the windows whose neighbours' continuations best predict the next
+    # chunk (see TrainingData). 0 = uniform sampling, the paper's setting.
+    retrieval_focus: float = 0.0
 
 
 def resolve_precision(precision: str) -> str:
@@ -62,10 +65,36 @@ def lr_at(step: int, opts: TrainOptions) -> float:
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class TrainingData:
-    """Sequences of L consecutive DB chunks, excluding held-out documents, with their neighbours."""
+FOCUS_QUANTILE = 0.9  # --retrieval-focus draws from the top 10 % of windows by neighbour usefulness
 
-    def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int]):
+
+def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """For each chunk u: r of chunk u+1 against the [N, F] of u's neighbours — how much of what CCA must
+    predict after u is sitting in what it retrieved for u (0 at a document's last chunk)."""
+    from retrocli.leakage import overlap_rows
+
+    n = db.num_chunks
+    score = np.zeros(n)
+    for start in range(1, n, 4096):
+        stop = min(n, start + 4096)
+        _, r, *_ = overlap_rows(db, tokens, lengths, db, neighbor_ids[start - 1 : stop - 1], start, stop)
+        score[start - 1 : stop - 1] = r
+    same_doc = np.zeros(n, dtype=bool)
+    same_doc[:-1] = db.chunk_doc[1:] == db.chunk_doc[:-1]
+    return np.where(same_doc, score, 0.0)
+
+
+class TrainingData:
+    """Sequences of L consecutive DB chunks, excluding held-out documents, with their neighbours.
+
+    With retrieval_focus > 0, that share of every batch comes from the windows (top 10 %) whose chunks'
+    neighbours hold the most of the following chunk's text. Neighbours are still the ones retrieved
+    from other documents; only the sampling of training windows changes. A small model trained uniformly
+    on this corpus learned to ignore its neighbours (they rarely help); these windows are where reading
+    them pays, which is what teaches chunked cross-attention to read."""
+
+    def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int],
+                 retrieval_focus: float = 0.0):
         m = db.chunk_size
         if seq_len % m:
             raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
@@ -82,10 +111,20 @@ class TrainingData:
         if len(self.starts) == 0:
             raise RetroError(f"{db.path}: no training sequence of {seq_len} tokens outside the held-out documents")
         self.heldout_chunks = int(bad.sum())
+        if not 0 <= retrieval_focus <= 1:
+            raise RetroError("--retrieval-focus: must be between 0 and 1")
+        self.focus, self.focus_starts = retrieval_focus, self.starts
+        if retrieval_focus > 0:
+            score = next_chunk_overlap(db, self.neighbor_ids, self.tokens, self.lengths)
+            window = np.convolve(score, np.ones(self.chunks), mode="full")[self.chunks - 1 :][self.starts]
+            self.focus_starts = self.starts[window >= np.quantile(window, FOCUS_QUANTILE)]
 
     def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([seed, step])
         starts = self.starts[rng.integers(0, len(self.starts), batch_size)]
+        if self.focus > 0:
+            focused = int(round(self.focus * batch_size))
+            starts[:focused] = self.focus_starts[rng.integers(0, len(self.focus_starts), focused)]
         rows = starts[:, None] + np.arange(self.chunks)[None, :]
         tokens, real = self.tokens[rows].reshape(batch_size, -1), self.real[rows].reshape(batch_size, -1)
         targets = np.full_like(tokens, -1)
@@ -224,12 +263,14 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
 
     heldout_docs = load_heldout(db, heldout)
-    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs)
+    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus)
     torch.manual_seed(opts.seed)
     if resume:
         model = RetroModel.from_pretrained(ckpt)
         state = json.loads((ckpt / "state.json").read_text())
-        opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads})
+        # --steps, --threads and --retrieval-focus may change on resume; everything else is the checkpoint's
+        opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
+                               "retrieval_focus": opts.retrieval_focus})
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}

@@ -176,3 +176,34 @@ def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):  # noqa: F8
     assert db.tokenizer.decode(run) in copy.text
     assert copy.source == db.source(4)
     assert longest_copy(db, generated, []) is None
+
+
+def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny_db, self_neighbors):  # noqa: F811
+    from retrocli.neighbors import open_neighbors
+    from retrocli.train import next_chunk_overlap
+
+    db = open_db(tiny_db)
+    n = db.num_chunks
+    tokens, lengths = db.tokens_block(0, n)
+    # neighbours of u = chunk u+1 itself: the next chunk is fully inside them, except at a document's end
+    oracle = np.stack([np.minimum(np.arange(n) + 1, n - 1), np.zeros(n, dtype=np.int64)], axis=1)
+    score = next_chunk_overlap(db, oracle, tokens, lengths)
+    last_of_doc = np.append(db.chunk_doc[1:] != db.chunk_doc[:-1], True)
+    assert np.all(score[~last_of_doc & (lengths[np.minimum(np.arange(n) + 1, n - 1)] > 0)] == 1.0)
+    assert np.all(score[last_of_doc] == 0.0)
+
+    nb = open_neighbors(self_neighbors)
+    uniform = TrainingData(db, nb.ids, 128, 2, set())
+    focused = TrainingData(db, nb.ids, 128, 2, set(), retrieval_focus=0.5)
+    assert 0 < len(focused.focus_starts) < len(focused.starts)
+    real = next_chunk_overlap(db, nb.ids[:, :2], tokens, lengths)
+    window = lambda s: real[s : s + 2].mean()  # noqa: E731 - 128 tokens = 2 chunks of 64
+    assert min(window(s) for s in focused.focus_starts) >= np.quantile([window(s) for s in focused.starts], 0.85)
+    idx, _, _ = focused.batch(seed=0, step=3, batch_size=4)
+    again, _, _ = focused.batch(seed=0, step=3, batch_size=4)
+    assert torch.equal(idx, again)
+    starts = [int(np.nonzero(np.all(focused.tokens[focused.starts] == row[:64].numpy(), axis=1))[0][0]) for row in idx]
+    assert all(focused.starts[i] in set(focused.focus_starts) for i in starts[:2])
+    with pytest.raises(RetroError, match="retrieval-focus"):
+        TrainingData(db, nb.ids, 128, 2, set(), retrieval_focus=1.5)
+    assert uniform.focus_starts is uniform.starts
