@@ -23,7 +23,7 @@ step "4/6 train (2,600 steps x 4 x 512 tokens, ~70 min on 2 cores; checkpoints e
 RESUME=""
 [ -f "$W/model/checkpoint/state.json" ] && RESUME="--resume"
 $RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config examples/bundled-model-config.json \
-  --steps 2600 --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 $RESUME
+  --steps 2600 --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 --retrieval-focus 0.5 $RESUME
 
 step "5/6 evaluate on the held-out pages: bpb with / without retrieval, bpb(alpha) by leakage bucket"
 $RETRO eval "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" --json > "$W/eval.json"

@@ -13,9 +13,10 @@ from pathlib import Path
 
 # Held-out prompts: (document id in examples/data/heldout.jsonl, first char, last char).
 PROMPTS = [
-    ("python3.11-doc/library/errno.rst.txt", 0, 700),
+    ("postgresql-doc-15/sql-droppublication.html", 0, 330),
+    ("python3.11-doc/c-api/tuple.rst.txt", 0, 900),
     ("python3.11-doc/library/chunk.rst.txt", 0, 900),
-    ("postgresql-doc-15/html/sql-dropconversion.html", 0, 500),
+    ("python-django-doc/releases/1.11.14.html", 0, 200),
 ]
 NEW_TOKENS = 96
 
@@ -67,6 +68,39 @@ def transcripts(db_path: Path, model: Path, heldout: Path) -> str:
     return "\n".join(parts)
 
 
+def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, batches: int = 4) -> str:
+    """Training loss on the same sequences with the retrieved neighbours, with none (masked), with another
+    sequence's neighbours, and with an oracle (each chunk's own [C_u, C_u+1]: the answer is in them)."""
+    import numpy as np
+    import torch
+
+    from retrocli.db import open_db
+    from retrocli.model import RetroModel
+    from retrocli.neighbors import open_neighbors
+    from retrocli.sequences import neighbor_rows
+    from retrocli.train import TrainingData
+
+    db, nb = open_db(db_path), open_neighbors(neighbors_path)
+    model = RetroModel.from_pretrained(model_dir).eval()
+    data = TrainingData(db, nb.ids, model.config.seq_len, model.config.num_neighbors, set())
+    losses: dict[str, list[float]] = {"retrieved": [], "none": [], "shuffled": [], "oracle": []}
+    for step in range(batches):
+        idx, targets, neighbors = data.batch(seed=123, step=step, batch_size=4)
+        rows = np.stack([np.nonzero(np.all(data.tokens[data.starts] == r[: db.chunk_size].numpy(), axis=1))[0][0]
+                         for r in idx])
+        rows = data.starts[rows][:, None] + np.arange(data.chunks)[None, :]
+        oracle_ids = np.stack([rows] + [np.full_like(rows, -1)] * (neighbors.shape[2] - 1), axis=-1)
+        variants = {"retrieved": neighbors, "none": torch.full_like(neighbors, data.pad),
+                    "shuffled": neighbors[torch.arange(len(idx)).roll(1)],
+                    "oracle": torch.from_numpy(neighbor_rows(db, oracle_ids, data.pad, data.tokens, data.lengths))}
+        with torch.no_grad():
+            for name, value in variants.items():
+                losses[name].append(float(model(idx, neighbors=value, targets=targets)[1]))
+    mean = {name: sum(v) / len(v) for name, v in losses.items()}
+    return "\n".join(["| neighbours given | training loss (nats/token) |", "|---|---:|"] + [
+        f"| {name} | {value:.4f} |" for name, value in mean.items()])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bundled-work", type=Path)
@@ -111,7 +145,9 @@ def main() -> None:
         alpha_chunks=f"{at_alpha['chunks']:,}",
         bpb_table=bpb_table(result),
         transcripts=transcripts(args.work / "db", args.model, args.heldout),
+        ablation=neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.model),
     )
+    card = card.replace(str(Path.cwd()) + "/", "")  # sources relative to the repository
     (args.model / "README.md").write_text(card, encoding="utf-8")
     print(f"model card → {args.model / 'README.md'}")
 
