@@ -86,7 +86,9 @@ def render_html(report: dict) -> str:
     rows.append(_svg_histogram(hist["edges"], hist["counts"], report["alpha"]))
     if report.get("bpb"):
         rows.append("<h2>bpb(α): bits per byte over chunks with r(C) ≤ α</h2>")
-        rows.append(_svg_curve([(p["alpha"], p["bpb"]) for p in report["bpb"]["curve"]]))
+        # α buckets holding no chunk have no bpb; plot the others
+        points = [(p["alpha"], p["bpb"]) for p in report["bpb"]["curve"] if p["bpb"] is not None]
+        rows.append(_svg_curve(points) if points else "<p>No chunk in any α bucket.</p>")
     rows.append("<h2>Most-leaking chunks, test vs DB (shared run highlighted)</h2>")
     if not report["examples"]:
         rows.append("<p>No chunk above α.</p>")

@@ -178,3 +178,14 @@ def test_dedupe_drop_leaking_chunks_removes_more(tmp_path, tiny_db, planted):  #
     assert {1, 3} <= dropped
     with pytest.raises(RetroError, match="must differ"):
         dedupe(tiny_db, [planted], tiny_db, overwrite=True)
+
+
+def test_html_bpb_curve_skips_empty_alpha_buckets(report):
+    data = report.to_json()
+    data["bpb"] = {"curve": [{"alpha": 0.0, "chunks": 0, "bpb": None, "bpb_no_retrieval": None},
+                             {"alpha": 0.5, "chunks": 3, "bpb": 1.7, "bpb_no_retrieval": 1.8},
+                             {"alpha": 1.0, "chunks": 5, "bpb": 1.6, "bpb_no_retrieval": 1.7}]}
+    page = render_html(data)
+    assert "bpb(α)" in page and 'aria-label="bpb(alpha)"' in page and "1.700" in page and "1.600" in page
+    data["bpb"]["curve"] = data["bpb"]["curve"][:1]
+    assert "No chunk in any α bucket" in render_html(data)
