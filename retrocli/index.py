@@ -90,6 +90,8 @@ def index_db(
                           completed=sum(s["count"] for s in recorded["shards"]))
     started = time.time()
     todo = [shard for shard in range(num_shards) if shard not in done]
+    for leftover in index_dir.glob("*.partial"):  # from a build (or a worker) killed while saving
+        leftover.unlink()
     with dask_client(dask) as client:
         threads = options.threads or ((os.cpu_count() or 1) if client is None else 1)
         args = (str(db.path), options.space, dim, options.M, options.ef_construction, options.shard_size,

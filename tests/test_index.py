@@ -55,8 +55,11 @@ def test_interrupted_index_resumes_at_next_shard(tiny_db_copy):  # noqa: F811
     manifest["index"]["shards"] = manifest["index"]["shards"][:1]
     manifest["stages"]["index"]["status"] = "running"
     (tiny_db_copy / "manifest.json").write_text(json.dumps(manifest))
+    leftover = tiny_db_copy / "index" / "shard-00001.4242.partial"  # a save cut short by the kill
+    leftover.write_bytes(b"half a shard")
     db = index_db(tiny_db_copy, IndexOptions(shard_size=40))
     assert db.stage("index") == "complete" and first.stat().st_mtime_ns == mtime
+    assert not list((tiny_db_copy / "index").glob("*.partial"))
     assert sum(s["count"] for s in db.manifest["index"]["shards"]) == db.num_chunks
     with pytest.raises(RetroError, match="other parameters"):
         index_db(tiny_db_copy, IndexOptions(shard_size=41))
