@@ -86,9 +86,7 @@ def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, bat
     losses: dict[str, list[float]] = {"retrieved": [], "none": [], "shuffled": [], "oracle": []}
     for step in range(batches):
         idx, targets, neighbors = data.batch(seed=123, step=step, batch_size=4)
-        rows = np.stack([np.nonzero(np.all(data.tokens[data.starts] == r[: db.chunk_size].numpy(), axis=1))[0][0]
-                         for r in idx])
-        rows = data.starts[rows][:, None] + np.arange(data.chunks)[None, :]
+        rows = data.batch_rows(seed=123, step=step, batch_size=4)
         oracle_ids = np.stack([rows] + [np.full_like(rows, -1)] * (neighbors.shape[2] - 1), axis=-1)
         variants = {"retrieved": neighbors, "none": torch.full_like(neighbors, data.pad),
                     "shuffled": neighbors[torch.arange(len(idx)).roll(1)],

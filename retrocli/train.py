@@ -68,18 +68,16 @@ def lr_at(step: int, opts: TrainOptions) -> float:
 FOCUS_QUANTILE = 0.9  # --retrieval-focus draws from the top 10 % of windows by neighbour usefulness
 
 
-def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray) -> np.ndarray:
     """For each chunk u: r of chunk u+1 against the [N, F] of u's neighbours — how much of what CCA must
     predict after u is sitting in what it retrieved for u (0 at a document's last chunk)."""
-    from retrocli.leakage import overlap_rows
+    from retrocli.leakage import compute_overlap
 
-    n = db.num_chunks
-    score = np.zeros(n)
-    for start in range(1, n, 4096):
-        stop = min(n, start + 4096)
-        _, r, *_ = overlap_rows(db, tokens, lengths, db, neighbor_ids[start - 1 : stop - 1], start, stop)
-        score[start - 1 : stop - 1] = r
-    same_doc = np.zeros(n, dtype=bool)
+    # r(C) of chunk c against the neighbours of chunk c-1 (chunk 0 has none), read back as score[c-1]
+    shifted = np.vstack([np.full((1, neighbor_ids.shape[1]), -1, dtype=np.int64), neighbor_ids[:-1]])
+    score = np.zeros(db.num_chunks)
+    score[:-1] = compute_overlap(db, db, shifted).r[1:]
+    same_doc = np.zeros(db.num_chunks, dtype=bool)
     same_doc[:-1] = db.chunk_doc[1:] == db.chunk_doc[:-1]
     return np.where(same_doc, score, 0.0)
 
@@ -115,17 +113,21 @@ class TrainingData:
             raise RetroError("--retrieval-focus: must be between 0 and 1")
         self.focus, self.focus_starts = retrieval_focus, self.starts
         if retrieval_focus > 0:
-            score = next_chunk_overlap(db, self.neighbor_ids, self.tokens, self.lengths)
+            score = next_chunk_overlap(db, self.neighbor_ids)
             window = np.convolve(score, np.ones(self.chunks), mode="full")[self.chunks - 1 :][self.starts]
             self.focus_starts = self.starts[window >= np.quantile(window, FOCUS_QUANTILE)]
 
-    def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+    def batch_rows(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """DB chunk ids [batch_size, L] of the sequences of training step `step` (a pure function)."""
         rng = np.random.default_rng([seed, step])
         starts = self.starts[rng.integers(0, len(self.starts), batch_size)]
         if self.focus > 0:
             focused = int(round(self.focus * batch_size))
             starts[:focused] = self.focus_starts[rng.integers(0, len(self.focus_starts), focused)]
-        rows = starts[:, None] + np.arange(self.chunks)[None, :]
+        return starts[:, None] + np.arange(self.chunks)[None, :]
+
+    def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+        rows = self.batch_rows(seed, step, batch_size)
         tokens, real = self.tokens[rows].reshape(batch_size, -1), self.real[rows].reshape(batch_size, -1)
         targets = np.full_like(tokens, -1)
         ok = real[:, :-1] & real[:, 1:]  # predict only real tokens from real tokens

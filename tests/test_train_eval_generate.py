@@ -187,7 +187,7 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
     tokens, lengths = db.tokens_block(0, n)
     # neighbours of u = chunk u+1 itself: the next chunk is fully inside them, except at a document's end
     oracle = np.stack([np.minimum(np.arange(n) + 1, n - 1), np.zeros(n, dtype=np.int64)], axis=1)
-    score = next_chunk_overlap(db, oracle, tokens, lengths)
+    score = next_chunk_overlap(db, oracle)
     last_of_doc = np.append(db.chunk_doc[1:] != db.chunk_doc[:-1], True)
     assert np.all(score[~last_of_doc & (lengths[np.minimum(np.arange(n) + 1, n - 1)] > 0)] == 1.0)
     assert np.all(score[last_of_doc] == 0.0)
@@ -196,7 +196,7 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
     uniform = TrainingData(db, nb.ids, 128, 2, set())
     focused = TrainingData(db, nb.ids, 128, 2, set(), retrieval_focus=0.5)
     assert 0 < len(focused.focus_starts) < len(focused.starts)
-    real = next_chunk_overlap(db, nb.ids[:, :2], tokens, lengths)
+    real = next_chunk_overlap(db, nb.ids[:, :2])
     window = lambda s: real[s : s + 2].mean()  # noqa: E731 - 128 tokens = 2 chunks of 64
     assert min(window(s) for s in focused.focus_starts) >= np.quantile([window(s) for s in focused.starts], 0.85)
     idx, _, _ = focused.batch(seed=0, step=3, batch_size=4)
