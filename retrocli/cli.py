@@ -611,6 +611,14 @@ def train_cmd(
     retrieval_focus: Annotated[
         float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
     ] = 0.0,
+    copy_curriculum: Annotated[
+        float,
+        typer.Option(help="Share of chunks whose first neighbour is a damaged copy of their own continuation "
+                          "(teaches copying; 0 = the paper's same-document exclusion everywhere)"),
+    ] = 0.0,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this saved model's weights (fine-tune; new schedule)")
+    ] = None,
     json_output: JsonOut = False,
 ):
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
@@ -631,9 +639,10 @@ def train_cmd(
         seed,
         checkpoint_every,
         retrieval_focus=retrieval_focus,
+        copy_curriculum=copy_curriculum,
     )
     with progress_display(enabled=not json_output) as progress:
-        summary = train(db, neighbors, out, opts, heldout, resume, k, progress)
+        summary = train(db, neighbors, out, opts, heldout, resume, k, progress, init_from=init_from)
     if json_output:
         print_json(summary)
         return

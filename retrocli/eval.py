@@ -52,9 +52,17 @@ def load_model(model_dir: str | os.PathLike, db: RetroDB):
 
 @dataclass
 class ChunkLosses:
-    bits_retrieval: np.ndarray  # [num_test_chunks]
-    bits_none: np.ndarray
-    bytes: np.ndarray
+    token_bits_retrieval: np.ndarray  # [num_test_chunks, m]: bits of each token, by its place in its chunk
+    token_bits_none: np.ndarray
+    bytes: np.ndarray  # [num_test_chunks]
+
+    @property
+    def bits_retrieval(self) -> np.ndarray:  # [num_test_chunks]
+        return self.token_bits_retrieval.sum(axis=1)
+
+    @property
+    def bits_none(self) -> np.ndarray:
+        return self.token_bits_none.sum(axis=1)
 
 
 @torch.no_grad()
@@ -69,7 +77,7 @@ def chunk_losses(
     if byte_len is None:
         raise RetroError("bits per byte needs a byte-level BPE tokenizer")
     n = test.num_chunks
-    bits_r, bits_n, nbytes = np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64)
+    bits_r, bits_n, nbytes = np.zeros((n, m)), np.zeros((n, m)), np.zeros(n, dtype=np.int64)
     db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
     windows = [
         (s, min(s + L, d.stop))
@@ -101,7 +109,7 @@ def chunk_losses(
                 # target at position p is token p+1, which belongs to chunk (p+1)//m of the window
                 pos = np.nonzero(targets[row] >= 0)[0]
                 owner = a + (pos + 1) // m
-                np.add.at(sink, owner, bits[row, pos])
+                sink[owner, (pos + 1) % m] = bits[row, pos]
                 if use_retrieval:
                     np.add.at(nbytes, owner, byte_len[targets[row, pos]])
         task.advance(len(group))

@@ -45,6 +45,9 @@ class TrainOptions:
     # Share of each batch drawn from the windows whose neighbours' continuations best predict the next
     # chunk (see TrainingData). 0 = uniform sampling, the paper's setting.
     retrieval_focus: float = 0.0
+    # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
+    # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
+    copy_curriculum: float = 0.0
 
 
 def resolve_precision(precision: str) -> str:
@@ -66,6 +69,8 @@ def lr_at(step: int, opts: TrainOptions) -> float:
 
 
 FOCUS_QUANTILE = 0.9  # --retrieval-focus draws from the top 10 % of windows by neighbour usefulness
+COPY_SHIFT = 0.5  # --copy-curriculum neighbours start up to m/2 tokens before or after their chunk...
+COPY_NOISE = 0.1  # ...and have this share of their tokens replaced by random ones
 
 
 def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray) -> np.ndarray:
@@ -89,10 +94,17 @@ class TrainingData:
     neighbours hold the most of the following chunk's text. Neighbours are still the ones retrieved
     from other documents; only the sampling of training windows changes. A small model trained uniformly
     on this corpus learned to ignore its neighbours (they rarely help); these windows are where reading
-    them pays, which is what teaches chunked cross-attention to read."""
+    them pays, which is what teaches chunked cross-attention to read.
+
+    With copy_curriculum > 0, that share of chunks gets, in place of its first neighbour, a damaged copy
+    of its own [C_u, C_u+1]: shifted by up to m/2 tokens (so matching must be by content, not position)
+    with 10 % of tokens replaced at random (so it is a near-duplicate, not the answer). Such a neighbour
+    holds the text to predict, which real neighbours here rarely do; copying from retrieved text has to be
+    learned somewhere, and the other neighbours stay real, so the model also learns when not to copy.
+    These chunks break the paper's same-document exclusion on purpose; 0 keeps to it."""
 
     def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int],
-                 retrieval_focus: float = 0.0):
+                 retrieval_focus: float = 0.0, copy_curriculum: float = 0.0):
         m = db.chunk_size
         if seq_len % m:
             raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
@@ -116,6 +128,9 @@ class TrainingData:
             score = next_chunk_overlap(db, self.neighbor_ids)
             window = np.convolve(score, np.ones(self.chunks), mode="full")[self.chunks - 1 :][self.starts]
             self.focus_starts = self.starts[window >= np.quantile(window, FOCUS_QUANTILE)]
+        if not 0 <= copy_curriculum <= 1:
+            raise RetroError("--copy-curriculum: must be between 0 and 1")
+        self.copy, self.vocab_size = copy_curriculum, db.tokenizer.vocab_size
 
     def batch_rows(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """DB chunk ids [batch_size, L] of the sequences of training step `step` (a pure function)."""
@@ -133,7 +148,27 @@ class TrainingData:
         ok = real[:, :-1] & real[:, 1:]  # predict only real tokens from real tokens
         targets[:, :-1] = np.where(ok, tokens[:, 1:], -1)
         neighbors = neighbor_rows(self.db, self.neighbor_ids[rows], self.pad, self.tokens, self.lengths)
+        if self.copy > 0:
+            # its own stream, so switching the curriculum on or off leaves the windows drawn unchanged
+            rng = np.random.default_rng([seed, step, 1])
+            for b, u in zip(*np.nonzero(rng.random(rows.shape) < self.copy)):
+                neighbors[b, u, 0] = self.copy_neighbor(int(rows[b, u]), rng)
         return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(neighbors)
+
+    def copy_neighbor(self, chunk: int, rng: np.random.Generator) -> np.ndarray:
+        """2m tokens of chunk's own document from about its start (see the class docstring)."""
+        m, doc = self.db.chunk_size, self.db.chunk_doc
+        around = [c for c in range(chunk - 1, chunk + 3) if 0 <= c < len(doc) and doc[c] == doc[chunk]]
+        stream = np.concatenate([self.tokens[c, : self.lengths[c]] for c in around])
+        own_start = sum(int(self.lengths[c]) for c in around if c < chunk)
+        shift = int(rng.integers(-int(m * COPY_SHIFT), int(m * COPY_SHIFT) + 1))
+        start = min(max(own_start + shift, 0), len(stream) - 1)
+        out = np.full(2 * m, self.pad, dtype=np.int64)
+        piece = stream[start : start + 2 * m].astype(np.int64)
+        noisy = rng.random(len(piece)) < COPY_NOISE
+        piece[noisy] = rng.integers(0, self.vocab_size, int(noisy.sum()))
+        out[: len(piece)] = piece
+        return out
 
 
 def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
@@ -191,6 +226,27 @@ def load_optimizer(dir: Path, optimizer) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def load_initial_weights(model, source: str | os.PathLike, db: RetroDB) -> dict:
+    """Copy a saved model's weights into `model` (same names and shapes); returns what was kept fresh."""
+    from retrocli.eval import load_model
+
+    source_model, meta = load_model(source, db)  # refuses another tokenizer or chunk size
+    theirs = source_model.state_dict()
+    ours = model.state_dict()
+    unexpected = sorted(set(theirs) - set(ours))
+    if unexpected:
+        raise RetroError(f"--init-from {source}: has parameters this config lacks ({', '.join(unexpected[:3])})")
+    for name, tensor in theirs.items():
+        if tensor.shape != ours[name].shape:
+            raise RetroError(
+                f"--init-from {source}: {name} is {list(tensor.shape)} there, {list(ours[name].shape)} in --config"
+            )
+    fresh = sorted(set(ours) - set(theirs))
+    model.load_state_dict(theirs, strict=False)
+    return {"model": str(source), "steps": meta.get("steps"), "tokens_seen": meta.get("tokens_seen"),
+            "fresh_parameters": fresh}
+
+
 def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
     (out / "tokenizer.json").write_text(db.tokenizer.json, encoding="utf-8")
     write_json_atomic(
@@ -236,9 +292,12 @@ def train(
     k: int = 2,
     progress: Progress | None = None,
     stop_after: int | None = None,
+    init_from: str | os.PathLike | None = None,
 ) -> dict:
-    """Train and save the model in `out`. `stop_after` ends this run after that step's checkpoint, as an
-    interruption would (for tests of --resume)."""
+    """Train and save the model in `out`. `init_from` starts from a saved model's weights (fine-tuning:
+    new schedule and optimizer; parameters the saved model lacks, such as smeared CCA keys, keep their
+    fresh init). `stop_after` ends this run after that step's checkpoint, as an interruption would (for
+    tests of --resume)."""
     from retrocli.model import RetroModel
     from retrocli.neighbors import open_neighbors
 
@@ -262,20 +321,24 @@ def train(
         raise RetroError(f"{out}: exists; pass --resume to continue its checkpoint, or choose a new --out")
     if resume and not (ckpt / "state.json").exists():
         raise RetroError(f"{out}: no checkpoint to resume from")
+    if resume and init_from:
+        raise RetroError("--init-from starts a new run; --resume continues one: pass only one")
     out.mkdir(parents=True, exist_ok=True)
 
     heldout_docs = load_heldout(db, heldout)
-    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus)
+    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum)
     torch.manual_seed(opts.seed)
     if resume:
         model = RetroModel.from_pretrained(ckpt)
         state = json.loads((ckpt / "state.json").read_text())
-        # --steps, --threads and --retrieval-focus may change on resume; everything else is the checkpoint's
+        # --steps, --threads and the sampling options may change on resume; the rest is the checkpoint's
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
-                               "retrieval_focus": opts.retrieval_focus})
+                               "retrieval_focus": opts.retrieval_focus, "copy_curriculum": opts.copy_curriculum})
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
+        if init_from:
+            state["init_from"] = load_initial_weights(model, init_from, db)
     optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
         load_optimizer(ckpt, optimizer)
@@ -338,6 +401,7 @@ def train(
             "precision": precision,
             "heldout_documents": len(heldout_docs),
             "parameters": model.num_parameters(),
+            **({"init_from": state["init_from"]} if "init_from" in state else {}),
         },
     )
     return {

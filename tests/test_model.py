@@ -57,9 +57,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def model() -> RetroModel:
-    return make_model()
+@pytest.fixture(scope="module", params=[False, True], ids=["plain-keys", "smeared-keys"])
+def model(request) -> RetroModel:
+    # every property below must hold with smeared CCA keys too
+    model = make_model(smeared_keys=request.param)
+    if request.param:  # away from the 0.5 init, one share per head, so a wrong mix would show
+        with torch.no_grad():
+            for block in model.blocks:
+                if block.cca is not None:
+                    block.cca.attn.key_smear.copy_(torch.linspace(-2.0, 2.0, model.config.n_head))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -345,11 +352,14 @@ def test_generate_batch_and_short_prompt(model):
 # -- persistence --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_save_and_load_round_trip_without_pickle(tmp_path, batch, tie):
+@pytest.mark.parametrize("tie,smeared", [(True, False), (False, False), (True, True)])
+def test_save_and_load_round_trip_without_pickle(tmp_path, batch, tie, smeared):
     idx, nb = batch
     torch.manual_seed(0)
-    model = RetroModel(tiny_config(tie_embeddings=tie, meta={"tokenizer_sha256": "abc"})).eval()
+    model = RetroModel(tiny_config(tie_embeddings=tie, smeared_keys=smeared, meta={"tokenizer_sha256": "abc"})).eval()
+    if smeared:
+        with torch.no_grad():
+            model.blocks[1].cca.attn.key_smear.fill_(1.5)
     model.save_pretrained(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["config.json", "model.safetensors"]
@@ -403,3 +413,23 @@ def test_loss_decreases_on_a_tiny_batch(batch):
     assert losses[-1] < 0.5 * losses[0], losses  # and really fits the batch
     enc_grads = [p.grad for p in model.encoder.parameters()]
     assert all(g is not None and g.abs().sum() > 0 for g in enc_grads)  # the encoder learns too
+
+
+def test_smeared_keys_mix_only_within_each_neighbour():
+    from retrocli.model.retro import CrossAttention
+
+    attn = CrossAttention(8, 8, 2, 0.0, 10000.0, smeared_keys=True).double()
+    with torch.no_grad():
+        attn.key_smear.copy_(torch.tensor([0.0, 100.0]))  # head 0: even mix; head 1: all previous key
+    k = torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    k_pos = torch.tensor([0, 1, 2, 0, 1, 2])  # two neighbours of r = 3
+    out = attn._smear(k, k_pos)
+    assert torch.allclose(out[:, 0, 1], (k[:, 0, 1] + k[:, 0, 0]) / 2)
+    assert torch.allclose(out[:, 1, 2], k[:, 1, 1])
+    # a neighbour's first key takes nothing from the previous neighbour's last key
+    assert torch.allclose(out[:, 0, 3], k[:, 0, 3] / 2)
+    assert torch.allclose(out[:, 1, 3], torch.zeros(4, dtype=torch.float64))
+    plain = make_model()
+    smeared = make_model(smeared_keys=True)
+    extra = smeared.num_parameters() - plain.num_parameters()
+    assert extra == len(plain.config.cca_layers) * plain.config.n_head  # one share per head per CCA layer

@@ -78,6 +78,40 @@ def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path, trained):  
         assert torch.equal(p, q), name
 
 
+def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, trained, cli):  # noqa: F811
+    from retrocli.model import RetroConfig
+    from retrocli.train import load_initial_weights
+
+    source, db = trained[0], open_db(tiny_db)
+    base = RetroModel.from_pretrained(source)
+    # same config: the copy is the source model exactly
+    same = RetroModel(base.config)
+    assert load_initial_weights(same, source, db)["fresh_parameters"] == []
+    assert all(torch.equal(p, q) for p, q in zip(same.state_dict().values(), base.state_dict().values()))
+    # a config that adds smeared CCA keys: everything else copied, the new shares keep their init
+    smeared_cfg = RetroConfig.from_dict({**base.config.to_dict(), "smeared_keys": True})
+    smeared = RetroModel(smeared_cfg)
+    fresh = load_initial_weights(smeared, source, db)["fresh_parameters"]
+    assert fresh and all(name.endswith("key_smear") for name in fresh)
+    assert torch.equal(smeared.wte.weight, base.wte.weight)
+    # through `retro train`: a new run (step 0, its own schedule) that records where it started
+    config = tmp_path / "smeared.json"
+    config.write_text(json.dumps({k: v for k, v in smeared_cfg.to_dict().items() if k != "meta"}))
+    out = tmp_path / "ft"
+    opts = TrainOptions(steps=2, **{**OPTS, "config": str(config)})
+    summary = train(tiny_db, self_neighbors, out, opts, init_from=source)
+    assert summary["steps"] == 2
+    meta = json.loads((out / "retrocli_model.json").read_text())
+    assert meta["init_from"]["model"] == str(source) and meta["init_from"]["steps"] == 12
+    with pytest.raises(RetroError, match="only one"):
+        train(tiny_db, self_neighbors, out, opts, resume=True, init_from=source)
+    wider = tmp_path / "wider.json"
+    wider.write_text(json.dumps({**json.loads(config.read_text()), "d_model": 48, "n_head": 4}))
+    result = cli("train", tiny_db, "--neighbors", self_neighbors, "--out", tmp_path / "w", "--config", wider,
+                 "--seq-len", "128", "--steps", "1", "--init-from", source)
+    assert result.exit_code == 2 and "--init-from" in result.output and "wte.weight" in result.output
+
+
 def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
     nb = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=2)  # without --exclude-same-doc
     with pytest.raises(RetroError, match="exclude-same-doc"):
@@ -207,3 +241,39 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
     with pytest.raises(RetroError, match="retrieval-focus"):
         TrainingData(db, nb.ids, 128, 2, set(), retrieval_focus=1.5)
     assert uniform.focus_starts is uniform.starts
+
+
+def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continuation(tiny_db, self_neighbors):  # noqa: F811
+    from retrocli.leakage import longest_shared_run
+    from retrocli.neighbors import open_neighbors
+
+    db = open_db(tiny_db)
+    nb = open_neighbors(self_neighbors)
+    plain = TrainingData(db, nb.ids, 128, 2, set())
+    always = TrainingData(db, nb.ids, 128, 2, set(), copy_curriculum=1.0)
+    half = TrainingData(db, nb.ids, 128, 2, set(), copy_curriculum=0.5)
+    rows = plain.batch_rows(seed=0, step=7, batch_size=8)
+    assert np.array_equal(rows, always.batch_rows(seed=0, step=7, batch_size=8))  # same windows drawn
+    idx, _, real_nb = plain.batch(seed=0, step=7, batch_size=8)
+    idx2, _, copied = always.batch(seed=0, step=7, batch_size=8)
+    assert torch.equal(idx, idx2)
+    assert torch.equal(copied[:, :, 1], real_nb[:, :, 1])  # the other neighbours stay the retrieved ones
+    doc = db.chunk_doc
+    runs = []
+    for b in range(8):
+        u = 0  # the first chunk's continuation (chunk 1) is inside the window, so it can be checked
+        if doc[rows[b, 0]] != doc[rows[b, 1]] or db.chunk_length[rows[b, 1]] < 64:
+            continue
+        nxt = idx[b, 64:128].numpy()
+        own = longest_shared_run(nxt, [copied[b, u, 0].numpy()])
+        runs.append(own)
+        assert own > longest_shared_run(nxt, [real_nb[b, u, 0].numpy()])
+        # damaged: shifted and noisy, never the exact continuation in place
+        assert not np.array_equal(copied[b, u, 0, 64:].numpy(), nxt)
+    assert runs and np.mean(runs) >= 8
+    _, _, mixed = half.batch(seed=0, step=7, batch_size=8)
+    swapped = (mixed[:, :, 0] != real_nb[:, :, 0]).any(dim=-1)
+    assert 0 < swapped.float().mean() < 1
+    assert torch.equal(mixed, half.batch(seed=0, step=7, batch_size=8)[2])  # still a pure function of step
+    with pytest.raises(RetroError, match="copy-curriculum"):
+        TrainingData(db, nb.ids, 128, 2, set(), copy_curriculum=-0.1)

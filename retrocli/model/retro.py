@@ -89,6 +89,11 @@ class RetroConfig:
     enc_d_model: int = 192  # encoder width d' (paper: 896 next to much wider decoders)
     enc_n_head: int = 3
     enc_d_ff: int = 768
+    # CCA keys mix in the previous neighbour token's key (a learned share per head): a key then says
+    # "the token after X", so one CCA head can copy a neighbour's continuation by matching the current
+    # token, instead of first learning a previous-token head in the encoder. Small models learn to copy
+    # from retrieved text far sooner with it (see docs/benchmarks.md). False: the paper's plain keys.
+    smeared_keys: bool = False
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -242,18 +247,32 @@ class CrossAttention(nn.Module):
     (we let it attend to everything to keep the softmax finite, then zero it after the projection).
     """
 
-    def __init__(self, d_q: int, d_kv: int, n_head: int, dropout: float, rope_base: float):
+    def __init__(self, d_q: int, d_kv: int, n_head: int, dropout: float, rope_base: float,
+                 smeared_keys: bool = False):
         super().__init__()
         self.n_head, self.d, self.dropout, self.rope_base = n_head, d_q, dropout, rope_base
         self.q_proj = nn.Linear(d_q, d_q, bias=False)
         self.kv_proj = nn.Linear(d_kv, 2 * d_q, bias=False)
         self.c_proj = nn.Linear(d_q, d_q, bias=False)
         self.resid_drop = nn.Dropout(dropout)
+        # logit of each head's share of the previous key; 0 = an even mix
+        self.key_smear = nn.Parameter(torch.zeros(n_head)) if smeared_keys else None
+
+    def _smear(self, k: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """k [N, heads, S, hd]: mix each key with the previous one of the same neighbour (k_pos restarts
+        at 0 for each neighbour, whose first key has no previous one)."""
+        prev = F.pad(k[:, :, :-1], (0, 0, 1, 0))
+        prev = prev * (k_pos > 0).to(k.dtype)[:, None]
+        share = torch.sigmoid(self.key_smear).to(k.dtype)[None, :, None, None]
+        return k + share * (prev - k)
 
     def forward(self, x, ctx, q_pos, k_pos, key_mask=None):
         q = apply_rope(_heads(self.q_proj(x), self.n_head), q_pos, self.rope_base)
         k, v = self.kv_proj(ctx).split(self.d, dim=2)
-        k, v = apply_rope(_heads(k, self.n_head), k_pos, self.rope_base), _heads(v, self.n_head)
+        k = _heads(k, self.n_head)
+        if self.key_smear is not None:
+            k = self._smear(k, k_pos)
+        k, v = apply_rope(k, k_pos, self.rope_base), _heads(v, self.n_head)
         mask, has_key = None, None
         if key_mask is not None:
             has_key = key_mask.any(dim=-1)  # [N]
@@ -295,7 +314,8 @@ class ChunkedCrossAttention(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.m = cfg.chunk_size
-        self.attn = CrossAttention(cfg.d_model, cfg.d_model, cfg.n_head, cfg.dropout, cfg.rope_base)
+        self.attn = CrossAttention(cfg.d_model, cfg.d_model, cfg.n_head, cfg.dropout, cfg.rope_base,
+                                   cfg.smeared_keys)
 
     def forward(self, x: torch.Tensor, enc: Encoded) -> torch.Tensor:
         """x [B, T, d] (normalised decoder states), enc with L = T//m chunks -> CCA output [B, T, d]."""

@@ -1,0 +1,124 @@
+"""How much can retrieval lower held-out bpb at most, on this DB? A copy ceiling, measured per token.
+
+A token is *copyable* when it and the `--context` tokens before it occur, in that order, inside the
+[N, F] retrieved for the previous chunk: that is what chunked cross-attention can see when it predicts
+the token, and it is the only kind of help that survives a small model. The ceiling is the bpb when
+every copyable token costs 0 bits and every other token keeps its no-retrieval cost; the anchor, from
+the same run, is the model's bpb without retrieval (and, for reference, with it).
+
+    .venv/bin/python bench/bench_retrieval_ceiling.py --db DB --test-neighbors NB --model MODEL [--k 2 10]
+
+NB: `retro neighbors DB --input HELDOUT.jsonl --out NB --k 10` (k >= the largest --k).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+MASK = np.uint64(2**64 - 1)
+BASE = np.uint64(1_000_003)
+
+
+def ngram_keys(tokens: np.ndarray, n: int) -> np.ndarray:
+    """Rolling hashes of every n-gram of a 1-D token array (uint64, wrapping)."""
+    if len(tokens) < n:
+        return np.zeros(0, dtype=np.uint64)
+    t = tokens.astype(np.uint64) + np.uint64(1)
+    keys = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(n):
+            keys = keys * BASE + t[i : i + len(keys)]
+    return keys
+
+
+def copyable(test, db, neighbor_ids: np.ndarray, k: int, context: int, pad: int) -> np.ndarray:
+    """[num_test_chunks, m] bool: token j of chunk c is copyable from the neighbours of chunk c-1."""
+    from retrocli.sequences import chunk_rows, neighbor_rows
+
+    m, n = test.chunk_size, test.num_chunks
+    tokens, real = chunk_rows(test, 0, n, pad)
+    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
+    out = np.zeros((n, m), dtype=bool)
+    doc = test.chunk_doc
+    for c in range(1, n):
+        if doc[c] != doc[c - 1]:
+            continue  # the first chunk of a document has no retrieval before it
+        nb = neighbor_rows(db, neighbor_ids[c - 1 : c, :k], pad, db_tokens, db_lengths)[0]
+        keys = set()
+        for row in nb:
+            keys.update(ngram_keys(row[row != pad], context + 1).tolist())
+        # the context may start in chunk c-1: the test text runs on across the chunk boundary
+        stream = np.concatenate([tokens[c - 1][real[c - 1]], tokens[c][real[c]]])
+        own = int(real[c].sum())
+        grams = ngram_keys(stream, context + 1)[-own:] if len(stream) > context else np.zeros(0, np.uint64)
+        hits = np.fromiter((g in keys for g in grams.tolist()), dtype=bool, count=len(grams))
+        out[c, own - len(hits) : own] = hits
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--test-neighbors", required=True, help="batch neighbours of the held-out text")
+    parser.add_argument("--model", default=None, help="default: the bundled model")
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 10])
+    parser.add_argument("--context", type=int, default=4, help="tokens that must match before a copy")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from retrocli.db import open_db
+    from retrocli.eval import chunk_losses, load_model
+    from retrocli.generate import bundled_model_dir
+    from retrocli.neighbors import open_neighbors
+    from retrocli.sequences import pad_id
+
+    db = open_db(args.db)
+    nb = open_neighbors(args.test_neighbors)
+    test = open_db(nb.manifest["query_db"])
+    model_dir = args.model or bundled_model_dir()
+    model, _ = load_model(model_dir, db)
+    losses = chunk_losses(model, db, test, nb.ids)
+    total_bytes = losses.bytes.sum()
+    scored = losses.token_bits_none > 0  # tokens the model is scored on
+    result = {
+        "model": str(model_dir),
+        "test_chunks": int(test.num_chunks),
+        "context": args.context,
+        "bpb_no_retrieval": float(losses.token_bits_none.sum() / total_bytes),
+        "bpb_retrieval": float(losses.token_bits_retrieval.sum() / total_bytes),
+        "ceilings": [],
+    }
+    for k in args.k:
+        mask = copyable(test, db, nb.ids, k, args.context, pad_id(db)) & scored
+        bits = np.where(mask, 0.0, losses.token_bits_none).sum()
+        ceiling = float(bits / total_bytes)
+        result["ceilings"].append(
+            {
+                "k": k,
+                "copyable_tokens": float(mask.sum() / scored.sum()),
+                "copyable_bits": float(losses.token_bits_none[mask].sum() / losses.token_bits_none.sum()),
+                "bpb_ceiling": ceiling,
+                "max_gain": 1 - ceiling / result["bpb_no_retrieval"],
+            }
+        )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"held-out: {test.num_chunks} chunks; model {model_dir}")
+    plain, with_retrieval = result["bpb_no_retrieval"], result["bpb_retrieval"]
+    print(f"anchor  bpb without retrieval {plain:.4f}, with retrieval {with_retrieval:.4f} "
+          f"(gain {1 - with_retrieval / plain:+.2%})")
+    for c in result["ceilings"]:
+        print(f"k={c['k']:<3} copyable tokens {c['copyable_tokens']:.1%} holding {c['copyable_bits']:.1%} of the bits; "
+              f"ceiling bpb {c['bpb_ceiling']:.4f} = at most {c['max_gain']:.1%} lower than without retrieval")
+
+
+if __name__ == "__main__":
+    main()
