@@ -19,43 +19,26 @@ import json
 import numpy as np
 import torch
 
-MASK = np.uint64(2**64 - 1)
-BASE = np.uint64(1_000_003)
 
-
-def ngram_keys(tokens: np.ndarray, n: int) -> np.ndarray:
-    """Rolling hashes of every n-gram of a 1-D token array (uint64, wrapping)."""
-    if len(tokens) < n:
-        return np.zeros(0, dtype=np.uint64)
-    t = tokens.astype(np.uint64) + np.uint64(1)
-    keys = np.zeros(len(tokens) - n + 1, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(n):
-            keys = keys * BASE + t[i : i + len(keys)]
-    return keys
-
-
-def copyable(test, db, neighbor_ids: np.ndarray, k: int, context: int, pad: int) -> np.ndarray:
+def copyable(test, db, neighbor_ids: np.ndarray, k: int, context: int, pad: int,
+             db_tokens: np.ndarray, db_lengths: np.ndarray) -> np.ndarray:
     """[num_test_chunks, m] bool: token j of chunk c is copyable from the neighbours of chunk c-1."""
+    from retrocli.leakage import ngram_window_hashes
     from retrocli.sequences import chunk_rows, neighbor_rows
 
     m, n = test.chunk_size, test.num_chunks
     tokens, real = chunk_rows(test, 0, n, pad)
-    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)
+    neighbors = neighbor_rows(db, neighbor_ids[:, :k], pad, db_tokens, db_lengths)  # [n, k, 2m]
     out = np.zeros((n, m), dtype=bool)
     doc = test.chunk_doc
     for c in range(1, n):
         if doc[c] != doc[c - 1]:
             continue  # the first chunk of a document has no retrieval before it
-        nb = neighbor_rows(db, neighbor_ids[c - 1 : c, :k], pad, db_tokens, db_lengths)[0]
-        keys = set()
-        for row in nb:
-            keys.update(ngram_keys(row[row != pad], context + 1).tolist())
+        keys = np.concatenate([ngram_window_hashes(row[row != pad], context + 1) for row in neighbors[c - 1]])
         # the context may start in chunk c-1: the test text runs on across the chunk boundary
         stream = np.concatenate([tokens[c - 1][real[c - 1]], tokens[c][real[c]]])
         own = int(real[c].sum())
-        grams = ngram_keys(stream, context + 1)[-own:] if len(stream) > context else np.zeros(0, np.uint64)
-        hits = np.fromiter((g in keys for g in grams.tolist()), dtype=bool, count=len(grams))
+        hits = np.isin(ngram_window_hashes(stream, context + 1)[-own:], keys)
         out[c, own - len(hits) : own] = hits
     return out
 
@@ -95,8 +78,9 @@ def main() -> None:
         "bpb_retrieval": float(losses.token_bits_retrieval.sum() / total_bytes),
         "ceilings": [],
     }
+    db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)  # read once for every k
     for k in args.k:
-        mask = copyable(test, db, nb.ids, k, args.context, pad_id(db)) & scored
+        mask = copyable(test, db, nb.ids, k, args.context, pad_id(db), db_tokens, db_lengths) & scored
         bits = np.where(mask, 0.0, losses.token_bits_none).sum()
         ceiling = float(bits / total_bytes)
         result["ceilings"].append(

@@ -160,21 +160,25 @@ def compute_overlap(db: RetroDB, queries: RetroDB, ids: np.ndarray, block: int =
 
 # -- near-duplicate documents ----------------------------------------------------------------------------
 
-def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
-    """Unique 32-bit hashes of a token sequence's n-grams (the whole sequence if shorter than n)."""
+def ngram_window_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """64-bit polynomial hash of every n-gram of a token sequence, in order (window i = tokens[i:i+n];
+    none if the sequence is shorter than n)."""
     tokens = np.asarray(tokens, dtype=np.uint64)
-    if len(tokens) == 0:
-        return np.zeros(0, dtype=np.uint32)
-    if len(tokens) < n:
-        n = len(tokens)
+    h = np.zeros(max(0, len(tokens) - n + 1) if n else 0, dtype=np.uint64)
+    if len(h) == 0:
+        return h
     windows = np.lib.stride_tricks.sliding_window_view(tokens, n)
-    # Polynomial hash mod 2^64 over the window, then fold to 32 bits (datasketch's legacy scheme is 32-bit).
-    h = np.zeros(len(windows), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for col in range(n):
             h = h * np.uint64(1099511628211) + windows[:, col] + np.uint64(0x9E3779B97F4A7C15)
-    folded = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
-    return np.unique(folded.astype(np.uint32))
+    return h
+
+
+def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """Unique 32-bit hashes of a token sequence's n-grams (the whole sequence if shorter than n)."""
+    h = ngram_window_hashes(tokens, min(n, len(tokens)))
+    # fold to 32 bits: datasketch's legacy MinHash scheme is 32-bit
+    return np.unique(((h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 
 
 def minhash_of(hashes: np.ndarray, num_perm: int, seed: int = 1):
