@@ -355,7 +355,7 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:
-            _, loss = model(idx, neighbors=neighbors, targets=targets)
+            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))

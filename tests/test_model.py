@@ -57,15 +57,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain-keys", "smeared-keys"])
+@pytest.fixture(scope="module", params=["plain", "smeared", "copy"], ids=["plain-keys", "smeared-keys", "copy-head"])
 def model(request) -> RetroModel:
-    # every property below must hold with smeared CCA keys too
-    model = make_model(smeared_keys=request.param)
-    if request.param:  # away from the 0.5 init, one share per head, so a wrong mix would show
-        with torch.no_grad():
+    # every property below must hold with smeared CCA keys and with the copy head too
+    model = make_model(smeared_keys=request.param == "smeared", copy_head=request.param == "copy")
+    with torch.no_grad():
+        if request.param == "smeared":  # away from the 0.5 init, one share per head, so a wrong mix would show
             for block in model.blocks:
                 if block.cca is not None:
                     block.cca.attn.key_smear.copy_(torch.linspace(-2.0, 2.0, model.config.n_head))
+        if request.param == "copy":  # the sink no longer dominates: copying moves outputs a lot
+            model.copy_head.sink.bias.fill_(0.0)
     return model
 
 
@@ -180,9 +182,11 @@ def test_no_retrieval_equals_plain_decoder(model, batch):
     assert plain.encoder is None and all(b.cca is None for b in plain.blocks)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     assert missing == []
-    assert unexpected and all(k.startswith("encoder.") or "cca" in k for k in unexpected)
+    assert unexpected and all(k.startswith(("encoder.", "copy_head.")) or "cca" in k for k in unexpected)
     assert plain.num_parameters() < model.num_parameters()
     expected = logits(plain, idx)
+    if model.copy_head is not None:  # it returns log-probabilities
+        expected = torch.log_softmax(expected, dim=-1)
     assert torch.equal(logits(model, idx, None), expected)
     assert max_diff(logits(model, idx, nb), expected).max() > DIFF  # so the comparison means something
     _, loss_plain = plain(idx[:, :-1], None, idx[:, 1:])
@@ -352,11 +356,13 @@ def test_generate_batch_and_short_prompt(model):
 # -- persistence --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie,smeared", [(True, False), (False, False), (True, True)])
-def test_save_and_load_round_trip_without_pickle(tmp_path, batch, tie, smeared):
+@pytest.mark.parametrize("tie,smeared,copy", [(True, False, False), (False, False, False), (True, True, False),
+                                               (True, False, True)])
+def test_save_and_load_round_trip_without_pickle(tmp_path, batch, tie, smeared, copy):
     idx, nb = batch
     torch.manual_seed(0)
-    model = RetroModel(tiny_config(tie_embeddings=tie, smeared_keys=smeared, meta={"tokenizer_sha256": "abc"})).eval()
+    model = RetroModel(tiny_config(tie_embeddings=tie, smeared_keys=smeared, copy_head=copy,
+                                   meta={"tokenizer_sha256": "abc"})).eval()
     if smeared:
         with torch.no_grad():
             model.blocks[1].cca.attn.key_smear.fill_(1.5)
@@ -433,3 +439,71 @@ def test_smeared_keys_mix_only_within_each_neighbour():
     smeared = make_model(smeared_keys=True)
     extra = smeared.num_parameters() - plain.num_parameters()
     assert extra == len(plain.config.cca_layers) * plain.config.n_head  # one share per head per CCA layer
+
+
+# -- copy head ------------------------------------------------------------------------------------------
+
+
+def copy_model() -> RetroModel:
+    """Copy head with its sink switched off and no learned state terms: a pure exact-token copy."""
+    model = make_model(copy_head=True)
+    with torch.no_grad():
+        model.copy_head.sink.bias.fill_(-1e4)
+        model.copy_head.q_state.weight.zero_()
+        model.copy_head.k_state.weight.zero_()
+    return model
+
+
+def test_copy_head_copies_the_token_after_a_match():
+    """Position t reads E_u (u = (t+1)//m - 1) and copies the token after the neighbour token equal to
+    its own: the init is an induction copy. Tokens are all distinct, so the match is unique."""
+    model, m = copy_model(), 4
+    idx = torch.arange(10, 26)[None]  # 16 distinct tokens
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8)  # 4 chunks x k=2 x r=8, distinct from idx
+    nb[0, 0, 1, 3], nb[0, 0, 1, 4] = 15, 77  # chunk 0's second neighbour says "15 is followed by 77"
+    t = 5  # token 15; (5+1)//4 - 1 = 0: attends to chunk 0's neighbours
+    lp = logits(model, idx, nb)
+    assert lp[0, t].exp().sum().item() == pytest.approx(1.0)
+    assert lp[0, t].argmax().item() == 77 and lp[0, t, 77].exp() > 0.5
+    # the same token at a position attending to chunk 1 (whose neighbours lack it) copies nothing of 77
+    idx2 = idx.clone()
+    idx2[0, 9] = 15
+    assert logits(model, idx2, nb)[0, 9, 77].exp() < 0.1
+    # and without retrieval the head is off
+    assert logits(model, idx, None)[0, t, 77].exp() < 0.1
+    assert m == model.config.chunk_size
+
+
+def test_copy_head_never_copies_across_neighbours_or_from_padding(batch):
+    """The last token of a neighbour has no next token: it must not copy the next neighbour's first."""
+    model = copy_model()
+    head = model.copy_head
+    S, r = 16, 8
+    ids = torch.arange(20, 20 + S)[None]
+    mask = torch.ones(1, S, dtype=torch.bool)
+    mask[0, 12:] = False  # the second neighbour is padded after 4 tokens
+    pos = torch.arange(r).repeat(2)
+    emb = model.wte(ids)
+    h = torch.randn(1, 3, 32, dtype=torch.float64)
+    w = head.weights(h, model.wte(ids[:, [7, 11, 3]]), emb, emb, ids, mask, pos)
+    assert w.copy[0, 0, 7] == 0  # token 7 is neighbour 0's last: nothing after it in that neighbour
+    assert w.copy[0, 1, 11] == 0  # token 11's next (12) is padding
+    assert w.copy[0, 2, 3] > 0.5 and w.next_ids[0, 3] == ids[0, 4]  # an ordinary match copies its next
+    assert torch.allclose(w.sink + w.copy.sum(-1), torch.ones(1, 3, dtype=torch.float64))
+
+
+def test_copy_head_training_loss_equals_the_full_mixture(batch):
+    """Training takes log p(target) without building the mixed distribution; it must be the same loss."""
+    idx, nb = batch
+    model = make_model(copy_head=True)
+    with torch.no_grad():
+        model.copy_head.sink.bias.fill_(0.0)
+    targets = idx[:, 1:].clone()
+    targets[0, 3] = targets[1, 9] = -1
+    log_probs, loss = model(idx[:, :-1], nb, targets)
+    _, cheap = model(idx[:, :-1], nb, targets, need_logits=False)
+    expected = torch.nn.functional.cross_entropy(log_probs.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+    assert (loss - expected).abs() < 1e-12 and (cheap - expected).abs() < 1e-12
+    assert (log_probs.exp().sum(-1) - 1).abs().max() < 1e-12
+    cheap.backward()
+    assert model.copy_head.k_token.weight.grad.abs().sum() > 0

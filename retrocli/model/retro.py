@@ -94,6 +94,9 @@ class RetroConfig:
     # token, instead of first learning a previous-token head in the encoder. Small models learn to copy
     # from retrieved text far sooner with it (see docs/benchmarks.md). False: the paper's plain keys.
     smeared_keys: bool = False
+    # A pointer over the retrieved continuations (see CopyHead): the next-token distribution becomes a
+    # learned mix of the LM's softmax and "the token after a matching neighbour token". Off = the paper.
+    copy_head: bool = False
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -306,6 +309,7 @@ class Encoded:
     e: torch.Tensor
     mask: torch.Tensor
     pos: torch.Tensor
+    ids: torch.Tensor | None = None  # [B, L, k*r] neighbour token ids (pad where masked), for CopyHead
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -358,6 +362,90 @@ class ChunkedCrossAttention(nn.Module):
             i = j
         return out
 
+
+class CopyHead(nn.Module):
+    """A pointer over retrieved continuations (pointer-generator style, See et al. 2017), on top of RETRO.
+
+    Why: a small RETRO decoder learns to copy through CCA only after a long plateau (an induction head
+    has to form across the encoder); this head gives copying a direct gradient. Position t, attending
+    to E_u with the CCA alignment, scores every neighbour token j:
+        score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
+    (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j), plus a
+    "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
+        p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
+    i.e. "the token after the neighbour token that matches where I am". Uq = Uk = I at init, so it
+    starts as an exact-token induction copy; the sink's bias starts high so the LM keeps nearly all mass
+    until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
+    """
+
+    def __init__(self, cfg: RetroConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = RMSNorm(d, eps=cfg.norm_eps)
+        self.q_state = nn.Linear(d, d, bias=False)
+        self.q_token = nn.Linear(d, d, bias=False)
+        self.k_state = nn.Linear(d, d, bias=False)
+        self.k_token = nn.Linear(d, d, bias=False)
+        self.sink = nn.Linear(d, 1, bias=True)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d = self.q_state.weight.shape[0]
+        for lin in (self.q_state, self.k_state):
+            nn.init.normal_(lin.weight, std=0.02)
+        for lin in (self.q_token, self.k_token):
+            nn.init.eye_(lin.weight)
+        nn.init.zeros_(self.sink.weight)
+        # an exact token match scores ~sqrt(d); a sink 2 above it leaves the LM ~88 % of the mass
+        self.sink.bias.fill_(math.sqrt(d) + 2.0)
+
+    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos) -> CopyWeights:
+        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens; enc_e and key_emb
+        (embeddings of the neighbour tokens) [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index
+        inside its own neighbour)."""
+        d = h.shape[-1]
+        # token j can be copied only if token j+1 of the same neighbour exists
+        next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
+        same_neighbor = F.pad(key_pos[1:] == key_pos[:-1] + 1, (0, 1), value=False)
+        usable = enc_mask & F.pad(enc_mask[:, 1:], (0, 1), value=False) & same_neighbor[None]
+        hn = self.norm(h)
+        q = self.q_state(hn) + self.q_token(F.rms_norm(tok_emb, (d,)))
+        k = self.k_state(enc_e) + self.k_token(F.rms_norm(key_emb, (d,)))
+        scores = _wide(q @ k.transpose(1, 2)) / math.sqrt(d)
+        scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
+        a = F.softmax(torch.cat([_wide(self.sink(hn)), scores], dim=-1), dim=-1)
+        return CopyWeights(a[..., 0], a[..., 1:], next_ids, usable.any(dim=-1))
+
+    @staticmethod
+    def mix(logits, w: CopyWeights) -> torch.Tensor:
+        """Full next-token log-probabilities [N, P, V] (for eval and generation)."""
+        log_lm = F.log_softmax(_wide(logits), dim=-1)
+        copy = torch.zeros_like(log_lm)
+        copy.scatter_add_(-1, w.next_ids[:, None, :].expand(-1, log_lm.shape[1], -1), w.copy)
+        mixed = torch.logaddexp(log_lm + torch.log(w.sink)[..., None], torch.log(copy.clamp_min(1e-30)))
+        return torch.where(w.any_key[:, None, None], mixed, log_lm)  # nothing to copy: exactly the LM
+
+    @staticmethod
+    def target_log_prob(logits, targets, w: CopyWeights) -> torch.Tensor:
+        """log p(target) [N, P] without building the mixed distribution: what training needs, at a
+        fraction of `mix`'s cost (no [N, P, V] scatter, log or logaddexp)."""
+        logits = _wide(logits)
+        safe = targets.clamp_min(0)
+        log_lm = logits.gather(-1, safe[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        copy = (w.copy * (w.next_ids[:, None, :] == safe[..., None])).sum(-1)
+        mixed = torch.logaddexp(log_lm + torch.log(w.sink), torch.log(copy.clamp_min(1e-30)))
+        return torch.where(w.any_key[:, None], mixed, log_lm)
+
+
+@dataclass
+class CopyWeights:
+    """CopyHead's split of the mass: sink [N, P] (the LM's share), copy [N, P, S] (neighbour token j's
+    share, given to next_ids[n, j]), any_key [N] (False: nothing to copy, the LM keeps everything)."""
+
+    sink: torch.Tensor
+    copy: torch.Tensor
+    next_ids: torch.Tensor
+    any_key: torch.Tensor
 
 class EncoderLayer(nn.Module):
     """Self-attention over one neighbour's tokens, cross-attention to the decoder states of the chunk it
@@ -478,6 +566,7 @@ class RetroModel(nn.Module):
         # A model with no CCA layer is a plain decoder and has no encoder at all.
         self.encoder = RetroEncoder(cfg) if cfg.cca_layers else None
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.cca_layers else None  # 0-based block index
+        self.copy_head = CopyHead(cfg) if cfg.copy_head and cfg.cca_layers else None
 
         # nanoGPT init: N(0, 0.02), and the projections that write into a residual stream scaled down
         # by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
@@ -485,6 +574,8 @@ class RetroModel(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if self.copy_head is not None:
+            self.copy_head.reset_parameters()
 
     @staticmethod
     def _init_weights(module):
@@ -503,7 +594,16 @@ class RetroModel(nn.Module):
         pad = self.config.pad_token_id
         valid = (neighbors != pad) & (neighbors >= 0)
         ids = torch.where(valid, neighbors, torch.full_like(neighbors, pad))
-        return self.encoder(self.wte(ids), valid, h_chunks)
+        enc = self.encoder(self.wte(ids), valid, h_chunks)
+        enc.ids = ids.reshape(enc.mask.shape)
+        return enc
+
+    def _copy_weights(self, x, idx, enc: Encoded) -> CopyWeights:
+        """CopyHead: row n of x/idx [N, P, ..] attends to chunk n of enc flattened to [N = B*L, S]."""
+        d = x.shape[-1]
+        e, ids, mask = (t.reshape(-1, *t.shape[2:]) for t in (enc.e, enc.ids, enc.mask))
+        return self.copy_head.weights(x, self.wte(idx), e, self.wte(ids).reshape(e.shape[0], -1, d),
+                                      ids, mask, enc.pos)
 
     def _check_neighbors(self, neighbors: torch.Tensor, B: int, T: int) -> torch.Tensor:
         L = T // self.config.chunk_size
@@ -516,11 +616,13 @@ class RetroModel(nn.Module):
 
     # -- full forward ---------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, neighbors: torch.Tensor | None = None, targets=None):
+    def forward(self, idx: torch.Tensor, neighbors: torch.Tensor | None = None, targets=None,
+                need_logits: bool = True):
         """idx [B, T] (T <= seq_len), neighbors [B, L >= T//m, k, r] or None, targets [B, T] (-1 = ignore).
 
         Returns (logits [B, T, vocab], loss or None). Chunk u's neighbours are used by positions
-        (u+1)*m - 1 onwards only; neighbors=None runs the plain decoder.
+        (u+1)*m - 1 onwards only; neighbors=None runs the plain decoder. With a CopyHead the "logits"
+        are log-probabilities, and need_logits=False skips them (None) when only the loss is wanted.
         """
         B, T = idx.shape
         cfg = self.config
@@ -542,11 +644,49 @@ class RetroModel(nn.Module):
                 x = x + block.cca(block.ln_cca(x), enc)
             x = x + block.mlp(block.ln_2(x))
         logits = self.lm_head(self.ln_f(x))
+        if self.copy_head is not None:
+            return self._copy_outputs(logits, x, idx, enc if retrieval else None, targets, need_logits)
         loss = None
         if targets is not None:
-            flat = logits.float().view(-1, logits.size(-1))
+            flat = _wide(logits).view(-1, logits.size(-1))
             loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def _copy_outputs(self, logits, x, idx, enc: Encoded | None, targets, need_logits: bool):
+        """forward()'s outputs with the CopyHead: log-probabilities (with or without retrieval), and the
+        loss from log p(target) directly (training never builds the mixed distribution)."""
+        B, T, _ = logits.shape
+        m = self.config.chunk_size
+        log_probs = F.log_softmax(_wide(logits), dim=-1) if need_logits else None
+        loss = None
+        if enc is None:
+            if targets is not None:
+                loss = F.cross_entropy(_wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            return log_probs, loss
+        # the CCA alignment (see ChunkedCrossAttention.forward): drop the first m-1 positions, pad to
+        # L blocks of m, one block per chunk u
+        L = enc.e.shape[1]
+
+        def blocks(t, value=0):
+            t = t[:, m - 1 :]
+            pad = [0, 0] * (t.dim() - 2) + [0, L * m - t.shape[1]]
+            return F.pad(t, pad, value=value).reshape(B * L, m, *t.shape[2:])
+
+        def unblock(t):
+            return t.reshape(B, L * m, *t.shape[2:])[:, : T - (m - 1)]
+
+        w = self._copy_weights(blocks(x), blocks(idx), enc)
+        if need_logits:
+            mixed = unblock(CopyHead.mix(blocks(logits), w))
+            log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
+        if targets is not None:
+            head = _wide(logits[:, : m - 1])
+            head_lp = head.gather(-1, targets[:, : m - 1].clamp_min(0)[..., None])[..., 0] - head.logsumexp(-1)
+            tail_lp = unblock(CopyHead.target_log_prob(blocks(logits), blocks(targets, value=-1), w))
+            target_lp = torch.cat([head_lp, tail_lp], dim=1)
+            valid = targets >= 0
+            loss = -(target_lp * valid).sum() / valid.sum().clamp_min(1)
+        return log_probs, loss
 
     # -- incremental decoding -------------------------------------------------------------------------
 
@@ -618,7 +758,21 @@ class RetroModel(nn.Module):
                 x = x + block.cca.forward_positions(block.ln_cca(x), pos, cache.encoded)
             x = x + block.mlp(block.ln_2(x))
         cache.pos += t
-        return self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.ln_f(x))
+        if self.copy_head is None:
+            return logits
+        out = F.log_softmax(_wide(logits), dim=-1)
+        us = ((pos + 1) // m - 1).tolist()
+        i = 0
+        while i < len(us):  # as in ChunkedCrossAttention.forward_positions
+            j = i
+            while j < len(us) and us[j] == us[i]:
+                j += 1
+            if us[i] >= 0 and us[i] in cache.encoded:
+                w = self._copy_weights(x[:, i:j], idx[:, i:j], cache.encoded[us[i]])
+                out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
+            i = j
+        return out
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -811,6 +965,11 @@ class RetroModel(nn.Module):
                 f"{weights_file}: weights do not match config.json ({str(err).splitlines()[0]})"
             ) from None
         return model.to(device)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 for softmax arithmetic (bf16 under autocast), but keep float64 (the tests)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], dim_offset: int = 0) -> torch.Tensor:
