@@ -19,11 +19,16 @@ $RETRO build-db examples/data/train.jsonl --out "$W/db"
 step "3/6 batch neighbours of every DB chunk, k=2, excluding the chunk's own document"
 $RETRO neighbors "$W/db" --input "$W/db" --out "$W/db-neighbors" --k 2 --exclude-same-doc
 
-step "4/6 train (2,600 steps x 4 x 512 tokens, ~70 min on 2 cores; checkpoints every 100 steps)"
+step "4/6 train the base decoder (2,600 steps x 4 x 512 tokens, ~85 min on 2 cores; checkpoints every 100 steps)"
 RESUME=""
-[ -f "$W/model/checkpoint/state.json" ] && RESUME="--resume"
-$RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config examples/bundled-model-config.json \
+[ -f "$W/base/checkpoint/state.json" ] && RESUME="--resume"
+$RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/base" --config examples/bundled-model-config.json \
   --steps 2600 --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 --retrieval-focus 0.5 $RESUME
+
+step "4b/6 add the copy head and fine-tune everything from the base (1,000 steps, ~35 min)"
+if [ -f "$W/model/checkpoint/state.json" ]; then START="--resume"; else START="--init-from $W/base"; fi
+$RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config examples/bundled-model-copy-config.json \
+  --steps 1000 --warmup 50 --lr 1e-3 --threads 2 --checkpoint-every 100 --seed 1 --retrieval-focus 0.5 $START
 
 step "5/6 evaluate on the held-out pages: bpb with / without retrieval, bpb(alpha) by leakage bucket"
 $RETRO eval "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" --json > "$W/eval.json"
@@ -35,6 +40,7 @@ DEST=retrocli/assets/model
 mkdir -p "$DEST"
 cp "$W/model/model.safetensors" "$W/model/config.json" "$W/model/tokenizer.json" \
    "$W/model/retrocli_model.json" "$W/model/train_log.jsonl" "$DEST/"
+cp "$W/base/train_log.jsonl" "$DEST/train_log_base.jsonl"
 cp "$W/eval.json" "$DEST/eval.json"
 .venv/bin/python examples/model_card.py --work "$W" --model "$DEST"
 echo "bundled model → $DEST ($(du -sh "$DEST" | cut -f1)); evaluation in $W/eval.json and $W/leakage.html"

@@ -108,12 +108,22 @@ def main() -> None:
 
     from retrocli.db import open_db
 
-    # a resumed run re-logs the steps after its checkpoint: keep the last record of each step
-    records = [json.loads(line) for line in (args.model / "train_log.jsonl").read_text().splitlines()]
-    log = sorted({r["step"]: r for r in records}.values(), key=lambda r: r["step"])
+    # Two legs: the base decoder (work/base), then the copy head fine-tuned from it (work/model). A resumed
+    # run re-logs the steps after its checkpoint: keep the last record of each step.
+    def read_log(model_dir: Path, offset: int = 0) -> list[dict]:
+        records = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+        by_step = {r["step"]: r for r in records}
+        return [{**r, "step": r["step"] + offset} for _, r in sorted(by_step.items())]
+
     meta = json.loads((args.model / "retrocli_model.json").read_text())
     config = json.loads((args.model / "config.json").read_text())
+    base_state = json.loads((args.work / "base" / "checkpoint" / "state.json").read_text())
     state = json.loads((args.work / "model" / "checkpoint" / "state.json").read_text())
+    base_log = read_log(args.work / "base")
+    log = base_log + [{**r, "tokens_seen": r["tokens_seen"] + base_state["tokens_seen"]}
+                      for r in read_log(args.model, offset=base_state["step"])]
+    total_tokens = base_state["tokens_seen"] + meta["tokens_seen"]
+    total_seconds = base_state["seconds"] + state["seconds"]
     result = json.loads((args.work / "eval.json").read_text())
     at_alpha = next(p for p in result["curve"] if p["alpha"] == 0.125)
     gain_alpha = 1 - at_alpha["bpb"] / at_alpha["bpb_no_retrieval"]
@@ -122,15 +132,21 @@ def main() -> None:
     card = template.format(
         parameters=f"{meta['parameters']:,}",
         parameters_m=f"{meta['parameters'] / 1e6:.1f}",
+        base_steps=f"{base_state['step']:,}",
+        base_tokens=f"{base_state['tokens_seen']:,}",
+        base_minutes=f"{base_state['seconds'] / 60:.0f}",
         steps=f"{meta['steps']:,}",
         tokens_seen=f"{meta['tokens_seen']:,}",
-        epochs=f"{meta['tokens_seen'] / open_db(args.work / 'db').manifest['counts']['tokens']:.2f}",
-        train_seconds=f"{state['seconds'] / 60:.0f}",
-        tokens_per_second=f"{meta['tokens_seen'] / state['seconds']:.0f}",
+        copy_minutes=f"{state['seconds'] / 60:.0f}",
+        total_steps=f"{base_state['step'] + meta['steps']:,}",
+        total_tokens=f"{total_tokens:,}",
+        total_minutes=f"{total_seconds / 60:.0f}",
+        epochs=f"{total_tokens / open_db(args.work / 'db').manifest['counts']['tokens']:.2f}",
+        tokens_per_second=f"{total_tokens / total_seconds:.0f}",
         size_mb=f"{size_mb:.1f}",
         config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
                                                   "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
-                                                  "vocab_size")}),
+                                                  "vocab_size", "copy_head")}),
         final_loss=f"{sum(r['loss'] for r in log[-10:]) / len(log[-10:]):.3f}",
         curve=curve_table(log),
         test_documents=result["test_documents"],

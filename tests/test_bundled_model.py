@@ -76,3 +76,32 @@ def test_bundled_model_reads_its_neighbours(tiny_db):  # noqa: F811
         logits_b, _ = model(idx[None], neighbors=torch.from_numpy(b)[None])
     assert torch.equal(logits_a[0, : m - 1], logits_b[0, : m - 1])
     assert not torch.allclose(logits_a[0, m - 1 :], logits_b[0, m - 1 :])
+
+
+def test_bundled_model_copies_a_continuation_its_neighbour_holds(tiny_db):  # noqa: F811
+    """The shipped model uses retrieved text: when chunk u's neighbour is [C_u, C_{u+1}] (the DB holds this
+    very passage), the tokens of C_{u+1} cost far fewer nats than with no neighbours; an unrelated
+    neighbour does not help. Tokens before the first chunk completes cannot see neighbours at all."""
+    db = open_db(tiny_db)
+    model = RetroModel.from_pretrained(MODEL).eval()
+    m, k = model.config.chunk_size, model.config.num_neighbors
+    doc = db.doc_chunks(3)
+    chunks = [db.chunk_tokens(i) for i in range(int(doc.start), int(doc.stop))][:4]
+    assert len(chunks) == 4 and all(len(c) == m for c in chunks)
+    idx = torch.from_numpy(np.concatenate(chunks).astype(np.int64))[None]
+    pad = pad_id(db)
+    own = np.full((1, 4, k, 2 * m), pad, dtype=np.int64)
+    for u in range(3):
+        own[0, u, 0] = np.concatenate([chunks[u], chunks[u + 1]])
+    other_doc = db.doc_chunks(5)
+    unrelated = neighbor_rows(db, np.arange(int(other_doc.start), int(other_doc.start) + 4)[None, :, None], pad)
+
+    def nats(neighbors) -> float:
+        with torch.no_grad():
+            logits, _ = model(idx, neighbors=None if neighbors is None else torch.from_numpy(neighbors))
+        losses = torch.nn.functional.cross_entropy(logits[0, :-1], idx[0, 1:], reduction="none")
+        return float(losses[m - 1 :].mean())  # the tokens of C_1..C_3: they read E_0..E_2
+
+    none, copied, wrong = nats(None), nats(own), nats(unrelated)
+    assert copied < 0.5 * none, (copied, none)
+    assert wrong > 0.8 * none, (wrong, none)

@@ -418,12 +418,17 @@ class CopyHead(nn.Module):
 
     @staticmethod
     def mix(logits, w: CopyWeights) -> torch.Tensor:
-        """Full next-token log-probabilities [N, P, V] (for eval and generation)."""
+        """Full next-token log-probabilities [N, P, V] (for eval and generation). Only the <= S tokens a
+        row can copy change, so they are updated in place instead of scattering a dense [N, P, V] mass."""
         log_lm = F.log_softmax(_wide(logits), dim=-1)
-        copy = torch.zeros_like(log_lm)
-        copy.scatter_add_(-1, w.next_ids[:, None, :].expand(-1, log_lm.shape[1], -1), w.copy)
-        mixed = torch.logaddexp(log_lm + torch.log(w.sink)[..., None], torch.log(copy.clamp_min(1e-30)))
-        return torch.where(w.any_key[:, None, None], mixed, log_lm)  # nothing to copy: exactly the LM
+        out = log_lm + torch.log(w.sink)[..., None]
+        idx = w.next_ids[:, None, :].expand(-1, out.shape[1], -1)  # [N, P, S]
+        # copy mass per candidate token: neighbour tokens j' with the same next token pool their weights
+        same = (w.next_ids[:, :, None] == w.next_ids[:, None, :]).to(w.copy.dtype)  # [N, S, S]
+        mass = w.copy @ same
+        mixed = torch.logaddexp(out.gather(-1, idx), torch.log(mass.clamp_min(1e-30)))
+        out = out.scatter(-1, idx, mixed)  # duplicates of a token write the same value
+        return torch.where(w.any_key[:, None, None], out, log_lm)  # nothing to copy: exactly the LM
 
     @staticmethod
     def target_log_prob(logits, targets, w: CopyWeights) -> torch.Tensor:
