@@ -60,7 +60,8 @@ def one_thread():
 @pytest.fixture(scope="module", params=["plain", "smeared", "copy"], ids=["plain-keys", "smeared-keys", "copy-head"])
 def model(request) -> RetroModel:
     # every property below must hold with smeared CCA keys and with the copy head too
-    model = make_model(smeared_keys=request.param == "smeared", copy_head=request.param == "copy")
+    model = make_model(smeared_keys=request.param == "smeared", copy_head=request.param == "copy",
+                       copy_bigram=request.param == "copy")
     with torch.no_grad():
         if request.param == "smeared":  # away from the 0.5 init, one share per head, so a wrong mix would show
             for block in model.blocks:
@@ -444,9 +445,9 @@ def test_smeared_keys_mix_only_within_each_neighbour():
 # -- copy head ------------------------------------------------------------------------------------------
 
 
-def copy_model() -> RetroModel:
+def copy_model(bigram: bool = False) -> RetroModel:
     """Copy head with its sink switched off and no learned state terms: a pure exact-token copy."""
-    model = make_model(copy_head=True)
+    model = make_model(copy_head=True, copy_bigram=bigram)
     with torch.no_grad():
         model.copy_head.sink.bias.fill_(-1e4)
         model.copy_head.q_state.weight.zero_()
@@ -507,3 +508,17 @@ def test_copy_head_training_loss_equals_the_full_mixture(batch):
     assert (log_probs.exp().sum(-1) - 1).abs().max() < 1e-12
     cheap.backward()
     assert model.copy_head.k_token.weight.grad.abs().sum() > 0
+
+
+def test_copy_head_bigram_picks_the_occurrence_after_the_same_previous_token():
+    """Token 50 occurs twice in the neighbour, after 7 (then 60) and after 8 (then 70). Having read 8, 50
+    the bigram head copies 70; the one-token head splits its mass between 60 and 70."""
+    idx = torch.arange(10, 26)[None]
+    idx[0, 4], idx[0, 5] = 8, 50  # position 5 attends to chunk 0's neighbours
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8) % 90 + 2
+    nb[0, 0, 0, 1:4] = torch.tensor([7, 50, 60])
+    nb[0, 0, 1, 4:7] = torch.tensor([8, 50, 70])
+    bigram = logits(copy_model(bigram=True), idx, nb)[0, 5].exp()
+    unigram = logits(copy_model(), idx, nb)[0, 5].exp()
+    assert bigram[70] > 0.8 and bigram[60] < 0.1
+    assert abs(unigram[70] - unigram[60]) < 0.2 and unigram[60] + unigram[70] > 0.8

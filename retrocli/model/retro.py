@@ -97,6 +97,9 @@ class RetroConfig:
     # A pointer over the retrieved continuations (see CopyHead): the next-token distribution becomes a
     # learned mix of the LM's softmax and "the token after a matching neighbour token". Off = the paper.
     copy_head: bool = False
+    # The copy head also matches the token before: "the token after the neighbour's X Y, where I just read
+    # X Y". One-token matches jump between the many occurrences of common tokens mid-copy.
+    copy_bigram: bool = False
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -370,11 +373,12 @@ class CopyHead(nn.Module):
     has to form across the encoder); this head gives copying a direct gradient. Position t, attending
     to E_u with the CCA alignment, scores every neighbour token j:
         score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
-    (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j), plus a
+    (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
+    copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), plus a
     "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
         p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
-    i.e. "the token after the neighbour token that matches where I am". Uq = Uk = I at init, so it
-    starts as an exact-token induction copy; the sink's bias starts high so the LM keeps nearly all mass
+    i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk) = I at init,
+    so it starts as an exact-token (-bigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
     until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
     """
 
@@ -387,22 +391,26 @@ class CopyHead(nn.Module):
         self.k_state = nn.Linear(d, d, bias=False)
         self.k_token = nn.Linear(d, d, bias=False)
         self.sink = nn.Linear(d, 1, bias=True)
+        self.q_prev = nn.Linear(d, d, bias=False) if cfg.copy_bigram else None
+        self.k_prev = nn.Linear(d, d, bias=False) if cfg.copy_bigram else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d = self.q_state.weight.shape[0]
         for lin in (self.q_state, self.k_state):
             nn.init.normal_(lin.weight, std=0.02)
-        for lin in (self.q_token, self.k_token):
+        matched = [self.q_token, self.k_token] + ([self.q_prev, self.k_prev] if self.q_prev is not None else [])
+        for lin in matched:
             nn.init.eye_(lin.weight)
         nn.init.zeros_(self.sink.weight)
-        # an exact token match scores ~sqrt(d); a sink 2 above it leaves the LM ~88 % of the mass
-        self.sink.bias.fill_(math.sqrt(d) + 2.0)
+        # each exactly matched token scores ~sqrt(d); a sink 2 above a full match leaves the LM ~88 % of
+        # the mass
+        self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + 2.0)
 
-    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos) -> CopyWeights:
-        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens; enc_e and key_emb
-        (embeddings of the neighbour tokens) [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index
-        inside its own neighbour)."""
+    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None) -> CopyWeights:
+        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb: of the
+        tokens before them, for copy_bigram); enc_e and key_emb (embeddings of the neighbour tokens)
+        [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside its own neighbour)."""
         d = h.shape[-1]
         # token j can be copied only if token j+1 of the same neighbour exists
         next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
@@ -411,6 +419,13 @@ class CopyHead(nn.Module):
         hn = self.norm(h)
         q = self.q_state(hn) + self.q_token(F.rms_norm(tok_emb, (d,)))
         k = self.k_state(enc_e) + self.k_token(F.rms_norm(key_emb, (d,)))
+        if self.q_prev is not None:
+            # a neighbour's first token (or one after padding) has no previous token: a zero vector
+            has_prev = F.pad(key_pos[1:] == key_pos[:-1] + 1, (1, 0), value=False)[None] & F.pad(
+                enc_mask[:, :-1], (1, 0), value=False)
+            key_prev = F.pad(key_emb[:, :-1], (0, 0, 1, 0)) * has_prev[..., None].to(key_emb.dtype)
+            q = q + self.q_prev(F.rms_norm(prev_emb, (d,)))
+            k = k + self.k_prev(F.rms_norm(key_prev, (d,)))
         scores = _wide(q @ k.transpose(1, 2)) / math.sqrt(d)
         scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
         a = F.softmax(torch.cat([_wide(self.sink(hn)), scores], dim=-1), dim=-1)
@@ -541,6 +556,7 @@ class RetroCache:
     neighbors: chunk index -> neighbour tokens [B, k, r] supplied with `encode_neighbors`.
     encoded: chunk index -> Encoded (L = 1), filled as soon as both neighbours and H_u are known.
     pos: number of tokens processed so far (chunk indices and positions count from the cache start).
+    last_token: the token fed last (the previous token of the next one, for the copy head).
     """
 
     k: list[torch.Tensor]
@@ -550,6 +566,7 @@ class RetroCache:
     pos: int = 0
     neighbors: dict[int, torch.Tensor] = field(default_factory=dict)
     encoded: dict[int, Encoded] = field(default_factory=dict)
+    last_token: torch.Tensor | None = None  # [B] the last token fed: the copy head's bigram needs it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -603,12 +620,13 @@ class RetroModel(nn.Module):
         enc.ids = ids.reshape(enc.mask.shape)
         return enc
 
-    def _copy_weights(self, x, idx, enc: Encoded) -> CopyWeights:
-        """CopyHead: row n of x/idx [N, P, ..] attends to chunk n of enc flattened to [N = B*L, S]."""
+    def _copy_weights(self, x, idx, prev_idx, enc: Encoded) -> CopyWeights:
+        """CopyHead: row n of x/idx/prev_idx [N, P, ..] attends to chunk n of enc flattened to [N = B*L, S].
+        prev_idx: the token before each of idx (every copy position t >= m-1 has one)."""
         d = x.shape[-1]
         e, ids, mask = (t.reshape(-1, *t.shape[2:]) for t in (enc.e, enc.ids, enc.mask))
         return self.copy_head.weights(x, self.wte(idx), e, self.wte(ids).reshape(e.shape[0], -1, d),
-                                      ids, mask, enc.pos)
+                                      ids, mask, enc.pos, self.wte(prev_idx))
 
     def _check_neighbors(self, neighbors: torch.Tensor, B: int, T: int) -> torch.Tensor:
         L = T // self.config.chunk_size
@@ -680,7 +698,8 @@ class RetroModel(nn.Module):
         def unblock(t):
             return t.reshape(B, L * m, *t.shape[2:])[:, : T - (m - 1)]
 
-        w = self._copy_weights(blocks(x), blocks(idx), enc)
+        prev = F.pad(idx[:, :-1], (1, 0))  # position 0 never copies (t >= m-1 >= 1)
+        w = self._copy_weights(blocks(x), blocks(idx), blocks(prev), enc)
         if need_logits:
             mixed = unblock(CopyHead.mix(blocks(logits), w))
             log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
@@ -767,6 +786,9 @@ class RetroModel(nn.Module):
         if self.copy_head is None:
             return logits
         out = F.log_softmax(_wide(logits), dim=-1)
+        first_prev = cache.last_token if cache.last_token is not None else torch.zeros_like(idx[:, 0])
+        prev = torch.cat([first_prev[:, None], idx[:, :-1]], dim=1)
+        cache.last_token = idx[:, -1]
         us = ((pos + 1) // m - 1).tolist()
         i = 0
         while i < len(us):  # as in ChunkedCrossAttention.forward_positions
@@ -774,7 +796,7 @@ class RetroModel(nn.Module):
             while j < len(us) and us[j] == us[i]:
                 j += 1
             if us[i] >= 0 and us[i] in cache.encoded:
-                w = self._copy_weights(x[:, i:j], idx[:, i:j], cache.encoded[us[i]])
+                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], cache.encoded[us[i]])
                 out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
             i = j
         return out
