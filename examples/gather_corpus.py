@@ -487,6 +487,7 @@ SUBSET_HELDOUT_BUDGET = 100_000  # bytes of text in subset/heldout.jsonl
 SUBSET_HELDOUT_MAX_DOCS = 20
 SUBSET_HELDOUT_MIN_DOCS = 10
 MODERATE_SIZE = (2_000, 20_000)  # preferred held-out page size in bytes
+DJANGO_RELEASES = re.compile(r"python-django-doc/releases/1\.[34]\.\d+\.html$")
 
 
 def _size(record: dict[str, str]) -> int:
@@ -524,6 +525,10 @@ def build_subset(full_dir: Path, subset_dir: Path) -> None:
     library = [r for r in train if r["id"].startswith("python3.11-doc/library/")]
     fill_budget(library, subset_train, SUBSET_TRAIN_BUDGET)
     subset_train.sort(key=lambda r: r["id"])
+    # Then the Django 1.3.x/1.4.x release notes, appended (the Python pages keep their line numbers): the
+    # two series announced the same security fixes in the same words, so a held-out 1.3.x page has text
+    # in the DB to retrieve and copy, as the demo's generation step shows.
+    subset_train += [r for r in train if DJANGO_RELEASES.match(r["id"])]
 
     # Held out: moderate-size Python pages first, other sources only if too few.
     low, high = MODERATE_SIZE
@@ -535,6 +540,7 @@ def build_subset(full_dir: Path, subset_dir: Path) -> None:
         fill_budget([r for r in moderate if r["source"] != "python"], subset_heldout,
                     SUBSET_HELDOUT_BUDGET, SUBSET_HELDOUT_MIN_DOCS)
     subset_heldout.sort(key=lambda r: r["id"])
+    subset_heldout += [r for r in heldout if DJANGO_RELEASES.match(r["id"])]
 
     subset_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(subset_dir / "train.jsonl", subset_train)
@@ -554,9 +560,11 @@ def build_subset(full_dir: Path, subset_dir: Path) -> None:
         "- `train.jsonl`: the whole Python tutorial (`python3.11-doc/tutorial/*`) plus "
         "Python library reference pages (`python3.11-doc/library/*`) taken in id order, "
         f"skipping any that would take the text past {SUBSET_TRAIN_BUDGET} bytes; "
-        "train split only.\n"
+        "then the Django 1.3.x and 1.4.x release notes (the two series announced the same security "
+        "fixes in the same words); train split only.\n"
         f"- `heldout.jsonl`: up to {SUBSET_HELDOUT_MAX_DOCS} held-out Python pages of "
-        f"{low}-{high} bytes, in id order, up to {SUBSET_HELDOUT_BUDGET} bytes of text.\n\n"
+        f"{low}-{high} bytes, in id order, up to {SUBSET_HELDOUT_BUDGET} bytes of text; then the "
+        "held-out Django 1.3.x and 1.4.x release notes.\n\n"
         "The split is the full corpus's: held out iff "
         f"`int(sha256(id).hexdigest(), 16) % 100 < {HELDOUT_PERCENT}`.\n\n"
         + sources_table(used, splits))
