@@ -154,7 +154,7 @@ def main() -> None:
         size_mb=f"{size_mb:.1f}",
         config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
                                                   "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
-                                                  "vocab_size", "copy_head")}),
+                                                  "vocab_size", "copy_head", "copy_bigram")}),
         final_loss=f"{sum(r['loss'] for r in log[-10:]) / len(log[-10:]):.3f}",
         curve=curve_table(log),
         test_documents=result["test_documents"],
