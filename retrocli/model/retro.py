@@ -446,13 +446,10 @@ class CopyHead(nn.Module):
         return torch.where(w.any_key[:, None, None], out, log_lm)  # nothing to copy: exactly the LM
 
     @staticmethod
-    def target_log_prob(logits, targets, w: CopyWeights) -> torch.Tensor:
-        """log p(target) [N, P] without building the mixed distribution: what training needs, at a
-        fraction of `mix`'s cost (no [N, P, V] scatter, log or logaddexp)."""
-        logits = _wide(logits)
-        safe = targets.clamp_min(0)
-        log_lm = logits.gather(-1, safe[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
-        copy = (w.copy * (w.next_ids[:, None, :] == safe[..., None])).sum(-1)
+    def target_log_prob(log_lm, targets, w: CopyWeights) -> torch.Tensor:
+        """log p(target) [N, P] from the LM's log p(target) [N, P], without building the mixed
+        distribution: what training needs, at a fraction of `mix`'s cost (nothing of size vocab here)."""
+        copy = (w.copy * (w.next_ids[:, None, :] == targets.clamp_min(0)[..., None])).sum(-1)
         mixed = torch.logaddexp(log_lm + torch.log(w.sink), torch.log(copy.clamp_min(1e-30)))
         return torch.where(w.any_key[:, None], mixed, log_lm)
 
@@ -704,10 +701,11 @@ class RetroModel(nn.Module):
             mixed = unblock(CopyHead.mix(blocks(logits), w))
             log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
         if targets is not None:
-            head = _wide(logits[:, : m - 1])
-            head_lp = head.gather(-1, targets[:, : m - 1].clamp_min(0)[..., None])[..., 0] - head.logsumexp(-1)
-            tail_lp = unblock(CopyHead.target_log_prob(blocks(logits), blocks(targets, value=-1), w))
-            target_lp = torch.cat([head_lp, tail_lp], dim=1)
+            # the LM's log p(target) from the fused cross-entropy kernel (ignored targets give 0, masked below)
+            log_lm = -F.cross_entropy(_wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                      reduction="none").view(B, T)
+            tail_lp = unblock(CopyHead.target_log_prob(blocks(log_lm), blocks(targets, value=-1), w))
+            target_lp = torch.cat([log_lm[:, : m - 1], tail_lp], dim=1)
             valid = targets >= 0
             loss = -(target_lp * valid).sum() / valid.sum().clamp_min(1)
         return log_probs, loss
