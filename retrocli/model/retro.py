@@ -315,6 +315,20 @@ class Encoded:
     ids: torch.Tensor | None = None  # [B, L, k*r] neighbour token ids (pad where masked), for CopyHead
 
 
+def attending_runs(pos: torch.Tensor, m: int) -> Iterator[tuple[int, int, int]]:
+    """Contiguous positions pos split into runs [i, j) that attend to the same chunk u >= 0 (position t
+    attends to E_u with u = (t+1)//m - 1); positions before the first chunk completes are skipped."""
+    us = ((pos + 1) // m - 1).tolist()
+    i = 0
+    while i < len(us):
+        j = i
+        while j < len(us) and us[j] == us[i]:
+            j += 1
+        if us[i] >= 0:
+            yield i, j, us[i]
+        i = j
+
+
 class ChunkedCrossAttention(nn.Module):
     """CCA: attending chunk u (the last token of C_u and the first m-1 tokens of C_{u+1}) attends to E_u."""
 
@@ -351,18 +365,11 @@ class ChunkedCrossAttention(nn.Module):
         """Incremental version: x [B, t, d] at absolute positions pos (contiguous). Each position t attends
         to E_u with u = (t+1)//m - 1, if chunk u's neighbours were encoded; otherwise its output is 0."""
         out = torch.zeros_like(x)
-        us = ((pos + 1) // self.m - 1).tolist()
-        i = 0
-        while i < len(us):  # positions are contiguous, so each u is one contiguous run
-            j = i
-            while j < len(us) and us[j] == us[i]:
-                j += 1
-            u = us[i]
-            if u >= 0 and u in encoded:
+        for i, j, u in attending_runs(pos, self.m):
+            if u in encoded:
                 enc = encoded[u]  # L = 1
                 q_pos = pos[i:j] - u * self.m  # offset from the start of C_u, as in forward()
                 out[:, i:j] = self.attn(x[:, i:j], enc.e[:, 0], q_pos, enc.pos, enc.mask[:, 0])
-            i = j
         return out
 
 
@@ -787,16 +794,10 @@ class RetroModel(nn.Module):
         first_prev = cache.last_token if cache.last_token is not None else torch.zeros_like(idx[:, 0])
         prev = torch.cat([first_prev[:, None], idx[:, :-1]], dim=1)
         cache.last_token = idx[:, -1]
-        us = ((pos + 1) // m - 1).tolist()
-        i = 0
-        while i < len(us):  # as in ChunkedCrossAttention.forward_positions
-            j = i
-            while j < len(us) and us[j] == us[i]:
-                j += 1
-            if us[i] >= 0 and us[i] in cache.encoded:
-                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], cache.encoded[us[i]])
+        for i, j, u in attending_runs(pos, m):
+            if u in cache.encoded:
+                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], cache.encoded[u])
                 out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
-            i = j
         return out
 
     # -- generation -----------------------------------------------------------------------------------
