@@ -664,6 +664,8 @@ def eval_cmd(
     work_dir: WorkDir = None,
     text_field: TextField = "text",
     threads: Threads = None,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
+    = None,
     json_output: JsonOut = False,
 ):
     """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
@@ -672,7 +674,7 @@ def eval_cmd(
 
     with progress_display(enabled=not json_output) as progress:
         result = evaluate(
-            model or bundled_model_dir(), db, test, leakage, batch_size, threads, work_dir, text_field, progress
+            model or bundled_model_dir(), db, test, leakage, batch_size, threads, work_dir, text_field, progress, k
         )
     if json_output:
         print_json(result)

@@ -67,10 +67,15 @@ class ChunkLosses:
 
 @torch.no_grad()
 def chunk_losses(
-    model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4, progress: Progress | None = None
+    model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4, progress: Progress | None = None,
+    k: int | None = None,
 ) -> ChunkLosses:
+    """Per-token bits of every test chunk with its `k` retrieved neighbours (default: the model's k) and
+    without retrieval."""
     progress = progress or NullProgress()
-    m, k = db.chunk_size, model.config.num_neighbors
+    m, k = db.chunk_size, k or model.config.num_neighbors
+    if neighbor_ids.shape[1] < k:
+        raise RetroError(f"the test neighbours hold {neighbor_ids.shape[1]} per chunk; {k} were asked for")
     L = model.config.seq_len // m
     pad = pad_id(db)
     byte_len = _byte_lengths(db.tokenizer.json)
@@ -154,8 +159,10 @@ def evaluate(
     work_dir: str | os.PathLike | None = None,
     text_field: str = "text",
     progress: Progress | None = None,
+    k: int | None = None,
 ) -> dict:
-    """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α)."""
+    """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α).
+    `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
     from retrocli.leakage import compute_overlap
     from retrocli.neighbors import batch_neighbors, open_neighbors
 
@@ -167,7 +174,10 @@ def evaluate(
         torch.set_num_threads(threads)
     db = open_db(db_path)
     model, meta = load_model(model_dir, db)
-    k = max(model.config.num_neighbors, 10 if leakage else 0)
+    if k is not None and k < 1:
+        raise RetroError(f"--k must be at least 1, not {k}")
+    model_k = k or model.config.num_neighbors
+    k = max(model_k, 10 if leakage else 0)
     tmp = tempfile.mkdtemp(prefix="retro-eval-") if work_dir is None else None
     work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
     try:
@@ -176,7 +186,7 @@ def evaluate(
         )
         nb = open_neighbors(work)
         test = open_db(nb.manifest["query_db"])
-        losses = chunk_losses(model, db, test, nb.ids, batch_size, progress)
+        losses = chunk_losses(model, db, test, nb.ids, batch_size, progress, k=model_k)
         r = compute_overlap(db, test, nb.ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
         result.update(
@@ -184,7 +194,7 @@ def evaluate(
                 "model": str(model_dir),
                 "db": str(db.path),
                 "inputs": [str(p) for p in inputs],
-                "num_neighbors": model.config.num_neighbors,
+                "num_neighbors": model_k,
                 "test_documents": test.num_docs,
             }
         )

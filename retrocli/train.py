@@ -323,7 +323,6 @@ def train(
         raise RetroError(f"{out}: no checkpoint to resume from")
     if resume and init_from:
         raise RetroError("--init-from starts a new run; --resume continues one: pass only one")
-    out.mkdir(parents=True, exist_ok=True)
 
     heldout_docs = load_heldout(db, heldout)
     data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum)
@@ -342,6 +341,7 @@ def train(
     optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
         load_optimizer(ckpt, optimizer)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config or --init-from leaves no directory
     log_path = out / "train_log.jsonl"
     model.train()
     task = progress.start("train", total=opts.steps, unit="steps", completed=state["step"])

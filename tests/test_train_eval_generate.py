@@ -110,6 +110,7 @@ def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, t
     result = cli("train", tiny_db, "--neighbors", self_neighbors, "--out", tmp_path / "w", "--config", wider,
                  "--seq-len", "128", "--steps", "1", "--init-from", source)
     assert result.exit_code == 2 and "--init-from" in result.output and "wte.weight" in result.output
+    assert not (tmp_path / "w").exists()  # a refused run leaves nothing behind
 
 
 def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
@@ -149,6 +150,23 @@ def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, t
         assert window_bits == pytest.approx(float(loss) * (targets >= 0).sum() / math.log(2), rel=1e-4)
     # bytes: every document's UTF-8 bytes minus its unscored first token of each window
     assert losses.bytes.sum() <= sum(len(test.document_text(d).encode()) for d in range(test.num_docs))
+
+
+def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_jsonl, tmp_path, cli):  # noqa: F811
+    from retrocli.eval import evaluate
+
+    out, _ = trained
+    work = tmp_path / "w"
+    default = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
+    same = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=2)  # the model's own k, spelled out
+    one = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=1)
+    four = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=4)  # reuses the k=10 leakage neighbours
+    assert default["num_neighbors"] == 2 and four["num_neighbors"] == 4
+    assert same["bpb_retrieval"] == default["bpb_retrieval"]
+    assert len({default["bpb_retrieval"], one["bpb_retrieval"], four["bpb_retrieval"]}) == 3
+    assert one["bpb_no_retrieval"] == four["bpb_no_retrieval"] == default["bpb_no_retrieval"]
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "0", "--work-dir", work)
+    assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
 
 
 def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):  # noqa: F811
