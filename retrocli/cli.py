@@ -684,7 +684,7 @@ def eval_cmd(
         f"{result['test_bytes']:,} bytes"
     )
     console.print(
-        f"bpb with retrieval: [bold]{result['bpb_retrieval']:.4f}[/]   without: "
+        f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   without: "
         f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"
     )
     if "curve" in result:

@@ -165,6 +165,8 @@ def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_
     assert same["bpb_retrieval"] == default["bpb_retrieval"]
     assert len({default["bpb_retrieval"], one["bpb_retrieval"], four["bpb_retrieval"]}) == 3
     assert one["bpb_no_retrieval"] == four["bpb_no_retrieval"] == default["bpb_no_retrieval"]
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "4", "--work-dir", work)
+    assert result.exit_code == 0 and "bpb with retrieval (k=4): " + f"{four['bpb_retrieval']:.4f}" in result.output
     result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "0", "--work-dir", work)
     assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
 
