@@ -166,6 +166,8 @@ def evaluate(
     from retrocli.leakage import compute_overlap
     from retrocli.neighbors import batch_neighbors, open_neighbors
 
+    if k is not None and k < 1:
+        raise RetroError(f"--k must be at least 1, not {k}")
     if model_dir is None or str(model_dir) == DEFAULT_MODEL:
         from retrocli.generate import bundled_model_dir
 
@@ -174,8 +176,6 @@ def evaluate(
         torch.set_num_threads(threads)
     db = open_db(db_path)
     model, meta = load_model(model_dir, db)
-    if k is not None and k < 1:
-        raise RetroError(f"--k must be at least 1, not {k}")
     model_k = k or model.config.num_neighbors
     k = max(model_k, 10 if leakage else 0)
     tmp = tempfile.mkdtemp(prefix="retro-eval-") if work_dir is None else None
