@@ -87,7 +87,9 @@ def main() -> None:
     from retrocli.db import open_db
     from retrocli.embed import load_embeddings
     from retrocli.index import ShardedIndex
-    from retrocli.leakage import compute_overlap, doc_tokens, neighbor_pair_tokens
+    from retrocli.leakage import doc_tokens
+    from retrocli.overlap import NEIGHBOR_PAD, compute_overlap
+    from retrocli.sequences import neighbor_rows
 
     db = open_db(args.db)
     rng = np.random.default_rng(args.seed)
@@ -110,7 +112,7 @@ def main() -> None:
     ours_rate = n / (time.perf_counter() - start)
     a = min(args.anchor_chunks, n)
     tokens, lengths = db.tokens_block(0, db.num_chunks)
-    pairs = neighbor_pair_tokens(db, ids[:a], tokens.astype(np.int64), lengths)
+    pairs = neighbor_rows(db, ids[:a], NEIGHBOR_PAD, tokens.astype(np.int64), lengths)
     start = time.perf_counter()
     anchor_r = np.zeros(a)
     for c in range(a):

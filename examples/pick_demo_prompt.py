@@ -24,7 +24,7 @@ from retrocli.db import open_db
 from retrocli.embed import db_embedder
 from retrocli.generate import bundled_model_dir, generate, longest_copy
 from retrocli.index import ShardedIndex
-from retrocli.leakage import NEIGHBOR_PAD, QUERY_PAD, longest_runs
+from retrocli.overlap import NEIGHBOR_PAD, QUERY_PAD, longest_runs
 from retrocli.sequences import neighbor_rows
 
 PROMPT_CHUNKS = 3

@@ -22,8 +22,9 @@ import torch
 
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
+from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
-from retrocli.sequences import _byte_lengths, chunk_rows, neighbor_rows, pad_id
+from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
 
 ALPHA_GRID = (0.0, 0.05, 0.1, 0.125, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 DEFAULT_MODEL = "bundled"
@@ -78,7 +79,7 @@ def chunk_losses(
         raise RetroError(f"the test neighbours hold {neighbor_ids.shape[1]} per chunk; {k} were asked for")
     L = model.config.seq_len // m
     pad = pad_id(db)
-    byte_len = _byte_lengths(db.tokenizer.json)
+    byte_len = token_byte_lengths(db.tokenizer.json)
     if byte_len is None:
         raise RetroError("bits per byte needs a byte-level BPE tokenizer")
     n = test.num_chunks
@@ -163,7 +164,6 @@ def evaluate(
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
-    from retrocli.leakage import compute_overlap
     from retrocli.neighbors import batch_neighbors, open_neighbors
 
     if k is not None and k < 1:

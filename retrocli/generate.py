@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
+from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.sequences import neighbor_rows, pad_id
 
 
@@ -52,10 +54,6 @@ class Generation:
 
 def longest_copy(db: RetroDB, token_ids: list[int], retrievals: list[Retrieval]) -> Copy | None:
     """Where the continuation reuses retrieved text: its longest token run shared with any neighbour."""
-    import numpy as np
-
-    from retrocli.leakage import NEIGHBOR_PAD, longest_runs
-
     ids = list(dict.fromkeys(nb.id for rec in retrievals for nb in rec.neighbors))
     if not token_ids or not ids:
         return None

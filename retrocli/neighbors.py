@@ -21,19 +21,13 @@ from retrocli.db import MANIFEST, STORE, RetroDB, open_db, read_manifest, write_
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+from retrocli.overlap import longest_shared_run
 from retrocli.progress import NullProgress, Progress
 
 NEIGHBORS_FORMAT = "retrocli-neighbors"
 NEIGHBORS_VERSION = 1
 DEFAULT_BATCH_BLOCK = 4096
 SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
-
-
-def longest_common_run(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest run of consecutive tokens shared by a and b (longest common substring)."""
-    from retrocli.leakage import longest_shared_run
-
-    return longest_shared_run(np.asarray(a), [np.asarray(b)])
 
 
 def search_excluding(
@@ -159,7 +153,7 @@ def _own_docs(db: RetroDB, index: ShardedIndex, vector: np.ndarray, chunk: Query
         prev = int(nid) - 1
         if prev >= 0 and db.doc_of(prev) == db.doc_of(int(nid)):
             tokens = np.concatenate([db.chunk_tokens(prev), tokens])
-        if longest_common_run(np.array(chunk.tokens), tokens) >= SAME_DOC_RUN * len(chunk.tokens):
+        if longest_shared_run(np.array(chunk.tokens), [tokens]) >= SAME_DOC_RUN * len(chunk.tokens):
             own.add(db.doc_of(int(nid)))
     return own
 

@@ -8,6 +8,7 @@ last chunk of a document is padded to m with the pad token, which is never a pre
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -72,9 +73,8 @@ def _bytes_to_unicode() -> dict[str, int]:
 
 
 @lru_cache(maxsize=8)
-def _byte_lengths(tokenizer_json: str) -> np.ndarray | None:
-    import json
-
+def token_byte_lengths(tokenizer_json: str) -> np.ndarray | None:
+    """UTF-8 bytes each token id encodes, for byte-level BPE (None for other tokenizers): what bpb counts."""
     spec = json.loads(tokenizer_json)
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         return None
@@ -87,14 +87,3 @@ def _byte_lengths(tokenizer_json: str) -> np.ndarray | None:
         if token not in special:
             lengths[idx] = sum(1 for ch in token if ch in decoder)
     return lengths
-
-
-def chunk_bytes(db: RetroDB, tokens: np.ndarray, real: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes of the text each chunk row encodes. Exact per token for byte-level BPE (a chunk
-    boundary inside a multi-byte character splits its bytes correctly); other tokenizers decode rows."""
-    lengths = _byte_lengths(db.tokenizer.json)
-    if lengths is not None:
-        return np.where(real, lengths[tokens], 0).sum(axis=1)
-    rows = [row[mask].tolist() for row, mask in zip(tokens, real)]
-    texts = db.tokenizer.tokenizer.decode_batch(rows, skip_special_tokens=False)
-    return np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)

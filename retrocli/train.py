@@ -20,6 +20,7 @@ import torch
 
 from retrocli.db import RetroDB, open_db, write_json_atomic
 from retrocli.errors import RetroError
+from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
 
@@ -76,8 +77,6 @@ COPY_NOISE = 0.1  # ...and have this share of their tokens replaced by random on
 def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray) -> np.ndarray:
     """For each chunk u: r of chunk u+1 against the [N, F] of u's neighbours — how much of what CCA must
     predict after u is sitting in what it retrieved for u (0 at a document's last chunk)."""
-    from retrocli.leakage import compute_overlap
-
     # r(C) of chunk c against the neighbours of chunk c-1 (chunk 0 has none), read back as score[c-1]
     shifted = np.vstack([np.full((1, neighbor_ids.shape[1]), -1, dtype=np.int64), neighbor_ids[:-1]])
     score = np.zeros(db.num_chunks)

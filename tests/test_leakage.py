@@ -6,46 +6,8 @@ from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  #
 
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.leakage import (
-    jaccard,
-    leakage_report,
-    longest_runs,
-    ngram_hashes,
-    overlap_ratio,
-)
+from retrocli.leakage import jaccard, leakage_report, ngram_hashes
 from retrocli.leakage_html import render_html
-
-
-def brute_longest_run(a, b) -> int:
-    best = 0
-    for i in range(len(a)):
-        for j in range(len(b)):
-            n = 0
-            while i + n < len(a) and j + n < len(b) and a[i + n] == b[j + n]:
-                n += 1
-            best = max(best, n)
-    return best
-
-
-def test_overlap_ratio_matches_brute_force_on_random_tokens():
-    rng = np.random.default_rng(7)
-    for _ in range(300):
-        m = int(rng.integers(0, 9))  # includes empty and length-1 chunks
-        chunk = rng.integers(0, 4, m)
-        neighbors = [rng.integers(0, 4, int(rng.integers(0, 17))) for _ in range(int(rng.integers(1, 4)))]
-        expected = max(brute_longest_run(chunk, n) for n in neighbors) / m if m else 0.0
-        assert overlap_ratio(chunk, neighbors) == pytest.approx(expected), (chunk, neighbors)
-
-
-def test_longest_runs_positions_point_at_the_shared_run():
-    rng = np.random.default_rng(3)
-    q = rng.integers(0, 50, (4, 10))
-    targets = np.full((4, 2, 20), -2)
-    targets[:, 1, 5:12] = q[:, 2:9]  # plant a 7-token run
-    s, which, qs, ts = longest_runs(q, np.full(4, 10), targets)
-    assert (s >= 7).all() and (which == 1).all()
-    for b in range(4):
-        assert (q[b, qs[b]: qs[b] + s[b]] == targets[b, 1, ts[b]: ts[b] + s[b]]).all()
 
 
 def test_ngram_jaccard_exact():

@@ -7,19 +7,7 @@ from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy, tr
 
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.neighbors import batch_neighbors, longest_common_run, open_neighbors, query_neighbors
-
-
-def test_longest_common_run():
-    assert longest_common_run(np.array([1, 2, 3, 4, 5]), np.array([9, 2, 3, 4, 7, 1, 2])) == 3
-    assert longest_common_run(np.array([1, 2]), np.array([3, 4])) == 0
-    assert longest_common_run(np.array([5, 5, 5]), np.array([5, 5, 5, 5])) == 3
-    rng = np.random.default_rng(0)
-    for _ in range(20):  # against a plain O(n*m) reference
-        a, b = rng.integers(0, 3, 12), rng.integers(0, 3, 15)
-        ref = max((n for i in range(12) for j in range(15) for n in range(1, 13)
-                   if i + n <= 12 and j + n <= 15 and (a[i:i + n] == b[j:j + n]).all()), default=0)
-        assert longest_common_run(a, b) == ref
+from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
 
 
 def test_query_returns_db_text_with_its_continuation(tiny_db):  # noqa: F811

@@ -264,8 +264,8 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
 
 
 def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continuation(tiny_db, self_neighbors):  # noqa: F811
-    from retrocli.leakage import longest_shared_run
     from retrocli.neighbors import open_neighbors
+    from retrocli.overlap import longest_shared_run
 
     db = open_db(tiny_db)
     nb = open_neighbors(self_neighbors)
