@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from retrieval_fixtures import tiny_bert, tiny_db, small_jsonl  # noqa: F401
+from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db  # noqa: F401
 
 from retrocli.overlap import longest_runs, longest_shared_run, overlap_ratio
 
