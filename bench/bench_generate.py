@@ -25,9 +25,9 @@ def main() -> None:
 
     from retrocli.db import open_db
     from retrocli.embed import db_embedder
-    from retrocli.eval import load_model
     from retrocli.generate import generate
     from retrocli.index import ShardedIndex
+    from retrocli.model.checkpoint import load_model
     from retrocli.sequences import neighbor_rows, pad_id
 
     db = open_db(args.db)

@@ -57,8 +57,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from retrocli.db import open_db
-    from retrocli.eval import chunk_losses, load_model
-    from retrocli.generate import bundled_model_dir
+    from retrocli.eval import chunk_losses
+    from retrocli.model.checkpoint import bundled_model_dir, load_model
     from retrocli.neighbors import open_neighbors
     from retrocli.sequences import pad_id
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from retrocli.db import open_db
 from retrocli.embed import db_embedder
-from retrocli.generate import bundled_model_dir, generate, longest_copy
+from retrocli.generate import generate, longest_copy
 from retrocli.index import ShardedIndex
+from retrocli.model.checkpoint import bundled_model_dir
 from retrocli.overlap import NEIGHBOR_PAD, QUERY_PAD, longest_runs
 from retrocli.sequences import neighbor_rows
 

@@ -670,7 +670,7 @@ def eval_cmd(
 ):
     """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
     from retrocli.eval import evaluate
-    from retrocli.generate import bundled_model_dir
+    from retrocli.model.checkpoint import bundled_model_dir
 
     with progress_display(enabled=not json_output) as progress:
         result = evaluate(

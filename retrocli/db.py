@@ -67,6 +67,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_same_chunking(db: RetroDB, where: str | os.PathLike, tokenizer_sha256: str, chunk_size: int,
+                        subject: str = "") -> None:
+    """Refuse tokens cut another way than db's: token ids and chunk boundaries must mean the same thing.
+    `where` names the other side (a DB, a model directory), `subject` says what it is in the message."""
+    if tokenizer_sha256 != db.manifest["tokenizer"]["sha256"]:
+        raise RetroError(f"{where}: {subject}uses a different tokenizer than {db.path}")
+    if int(chunk_size) != db.chunk_size:
+        raise RetroError(f"{where}: {subject}chunk size {chunk_size} differs from {db.path} ({db.chunk_size})")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     file = path / MANIFEST

@@ -9,7 +9,6 @@ of each window has no context and is not scored.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -22,33 +21,13 @@ import torch
 
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
+from retrocli.model.checkpoint import load_model, resolve_model
+from retrocli.neighbors import batch_neighbors, open_neighbors
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
 
 ALPHA_GRID = (0.0, 0.05, 0.1, 0.125, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-DEFAULT_MODEL = "bundled"
-
-
-def load_model(model_dir: str | os.PathLike, db: RetroDB):
-    """Load a trained model and refuse a DB whose tokenizer or chunk size differs from its training DB."""
-    from retrocli.model import RetroModel
-    from retrocli.train import MODEL_META
-
-    path = Path(model_dir)
-    meta_file = path / MODEL_META
-    if not meta_file.exists():
-        raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")
-    meta = json.loads(meta_file.read_text())
-    if meta["tokenizer_sha256"] != db.manifest["tokenizer"]["sha256"]:
-        raise RetroError(f"{path}: model was trained with a different tokenizer than {db.path} uses")
-    if int(meta["chunk_size"]) != db.chunk_size:
-        raise RetroError(f"{path}: model chunk size {meta['chunk_size']} differs from {db.path} ({db.chunk_size})")
-    try:
-        model = RetroModel.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise RetroError(f"{path}: cannot load model ({err})") from None
-    return model.eval(), meta
 
 
 @dataclass
@@ -164,14 +143,9 @@ def evaluate(
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
-    from retrocli.neighbors import batch_neighbors, open_neighbors
-
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
-    if model_dir is None or str(model_dir) == DEFAULT_MODEL:
-        from retrocli.generate import bundled_model_dir
-
-        model_dir = bundled_model_dir()
+    model_dir = resolve_model(model_dir)
     if threads:
         torch.set_num_threads(threads)
     db = open_db(db_path)

@@ -10,20 +10,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from retrocli.db import RetroDB, open_db
+from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
+from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+from retrocli.model.checkpoint import load_model
+from retrocli.neighbors import neighbor_refs
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.sequences import neighbor_rows, pad_id
-
-
-def bundled_model_dir() -> Path:
-    return Path(str(resources.files("retrocli") / "assets" / "model"))
 
 
 @dataclass
@@ -70,18 +68,10 @@ def longest_copy(db: RetroDB, token_ids: list[int], retrievals: list[Retrieval])
 def generate(
     db_path: str | os.PathLike | RetroDB, prompt: str, model_dir: str | os.PathLike | None = None,
     max_new_tokens: int = 128, temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-    seed: int = 0, k: int | None = None, ef: int = 128, retrieval: bool = True,
+    seed: int = 0, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
     on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
 ) -> Generation:
-    from retrocli.embed import db_embedder
-    from retrocli.eval import load_model
-    from retrocli.index import ShardedIndex
-    from retrocli.neighbors import neighbor_refs
-
     db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
-    model_dir = Path(model_dir) if model_dir is not None else bundled_model_dir()
-    if not model_dir.exists():
-        raise RetroError(f"{model_dir}: no model there (train one with `retro train`, or pass --model)")
     model, _ = load_model(model_dir, db)
     if not prompt.strip():
         raise RetroError("--prompt is empty")

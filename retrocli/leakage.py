@@ -224,7 +224,8 @@ def leakage_report(
         report = _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm,
                            jaccard_threshold)
         if model_dir is not None:
-            from retrocli.eval import bpb_summary, chunk_losses, load_model
+            from retrocli.eval import bpb_summary, chunk_losses
+            from retrocli.model.checkpoint import load_model
 
             model, _ = load_model(model_dir, db)
             if model.config.num_neighbors > k:

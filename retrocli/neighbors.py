@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from retrocli.db import MANIFEST, STORE, RetroDB, open_db, read_manifest, write_json_atomic
+from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest, write_json_atomic
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
@@ -233,7 +233,7 @@ def batch_neighbors(
         queries = db
     elif len(inputs) == 1 and _is_db(inputs[0]):
         queries = open_db(inputs[0])
-        _check_compatible(db, queries)
+        check_same_chunking(db, queries.path, queries.manifest["tokenizer"]["sha256"], queries.chunk_size)
         if queries.stage("embed") != "complete":
             embed_db(queries.path, db.manifest["embedder"]["name"], db.manifest["embedder"]["precision"],
                      threads=threads, progress=progress, dask=dask)
@@ -315,13 +315,6 @@ def search_block(
     root["ids"][start:stop] = ids
     root["distances"][start:stop] = dists
     return block, stop - start
-
-
-def _check_compatible(db: RetroDB, other: RetroDB) -> None:
-    if other.manifest["tokenizer"]["sha256"] != db.manifest["tokenizer"]["sha256"]:
-        raise RetroError(f"{other.path}: tokenized with a different tokenizer than {db.path}")
-    if other.chunk_size != db.chunk_size:
-        raise RetroError(f"{other.path}: chunk size {other.chunk_size} differs from {db.path} ({db.chunk_size})")
 
 
 def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:

@@ -10,11 +10,11 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from retrocli.assets import asset_path
 from retrocli.errors import RetroError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -23,7 +23,7 @@ DEFAULT_TOKENIZER_NAME = "retrocli-bpe-8k"
 
 
 def default_tokenizer_path() -> Path:
-    return Path(str(resources.files("retrocli") / "assets" / "tokenizer.json"))
+    return asset_path("tokenizer.json")
 
 
 @dataclass

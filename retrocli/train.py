@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrocli.db import RetroDB, open_db, write_json_atomic
+from retrocli.db import RetroDB, open_db
+from retrocli.embed import native_bf16
 from retrocli.errors import RetroError
+from retrocli.model import RetroConfig, RetroModel
+from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
+from retrocli.neighbors import open_neighbors
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
-
-MODEL_META = "retrocli_model.json"
 
 
 @dataclass
@@ -52,8 +54,6 @@ class TrainOptions:
 
 
 def resolve_precision(precision: str) -> str:
-    from retrocli.embed import native_bf16
-
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
     if precision not in ("fp32", "bf16"):
@@ -189,46 +189,8 @@ def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
     return found
 
 
-def save_checkpoint(dir: Path, model, optimizer, state: dict) -> None:
-    """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
-    from safetensors.torch import save_file
-
-    tmp = dir.with_name(dir.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tensors, meta = {}, {}
-    for param_id, pstate in optimizer.state_dict()["state"].items():
-        for key, value in pstate.items():
-            tensors[f"{param_id}.{key}"] = (
-                value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            )
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta["param_groups"] = optimizer.state_dict()["param_groups"]
-    write_json_atomic(tmp / "optimizer.json", meta)
-    write_json_atomic(tmp / "state.json", state)
-    if dir.exists():
-        import shutil
-
-        shutil.rmtree(dir)
-    os.replace(tmp, dir)
-
-
-def load_optimizer(dir: Path, optimizer) -> None:
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(dir / "optimizer.safetensors"))
-    meta = json.loads((dir / "optimizer.json").read_text())
-    state: dict = {}
-    for name, value in tensors.items():
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def load_initial_weights(model, source: str | os.PathLike, db: RetroDB) -> dict:
     """Copy a saved model's weights into `model` (same names and shapes); returns what was kept fresh."""
-    from retrocli.eval import load_model
-
     source_model, meta = load_model(source, db)  # refuses another tokenizer or chunk size
     theirs = source_model.state_dict()
     ours = model.state_dict()
@@ -246,22 +208,7 @@ def load_initial_weights(model, source: str | os.PathLike, db: RetroDB) -> dict:
             "fresh_parameters": fresh}
 
 
-def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
-    (out / "tokenizer.json").write_text(db.tokenizer.json, encoding="utf-8")
-    write_json_atomic(
-        out / MODEL_META,
-        {
-            "tokenizer_sha256": db.manifest["tokenizer"]["sha256"],
-            "chunk_size": db.chunk_size,
-            "trained_on": {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"]},
-            **extra,
-        },
-    )
-
-
 def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: int, pad: int):
-    from retrocli.model import RetroConfig
-
     if name in ("small", "tiny"):
         config = getattr(RetroConfig, name)(vocab_size)
     else:
@@ -297,9 +244,6 @@ def train(
     new schedule and optimizer; parameters the saved model lacks, such as smeared CCA keys, keep their
     fresh init). `stop_after` ends this run after that step's checkpoint, as an interruption would (for
     tests of --resume)."""
-    from retrocli.model import RetroModel
-    from retrocli.neighbors import open_neighbors
-
     opts = options or TrainOptions()
     progress = progress or NullProgress()
     out = Path(out)

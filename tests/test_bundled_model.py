@@ -11,8 +11,9 @@ from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  #
 from safetensors import safe_open
 
 from retrocli.db import open_db
-from retrocli.generate import bundled_model_dir, generate
+from retrocli.generate import generate
 from retrocli.model import RetroConfig, RetroModel
+from retrocli.model.checkpoint import bundled_model_dir
 from retrocli.sequences import neighbor_rows, pad_id
 from retrocli.tokenizer import load_tokenizer
 

@@ -12,7 +12,7 @@ from retrieval_fixtures import REPO, small_jsonl, tiny_bert  # noqa: F401
 from safetensors.torch import load_file
 
 from retrocli.db import open_db
-from retrocli.eval import load_model
+from retrocli.model.checkpoint import load_model
 
 TINY = dict(n_layer=2, n_head=2, d_model=32, d_ff=64, cca_layers=[2], enc_layers=1, enc_d_model=16, enc_n_head=2,
             enc_d_ff=32)

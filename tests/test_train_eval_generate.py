@@ -122,7 +122,8 @@ def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
 
 
 def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):  # noqa: F811
-    from retrocli.eval import chunk_losses, evaluate, load_model
+    from retrocli.eval import chunk_losses, evaluate
+    from retrocli.model.checkpoint import load_model
     from retrocli.neighbors import open_neighbors
     from retrocli.sequences import chunk_rows, pad_id
 
@@ -173,7 +174,7 @@ def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_
 
 def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):  # noqa: F811
     from retrocli.chunk import ChunkOptions, chunk_corpus
-    from retrocli.eval import load_model
+    from retrocli.model.checkpoint import load_model
     from retrocli.tokenizer import train_tokenizer
 
     train_tokenizer([small_jsonl], 600, tmp_path / "tok.json")

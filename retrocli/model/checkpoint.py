@@ -1,0 +1,102 @@
+"""The model directory: what `retro train` writes and eval, generate and --init-from read.
+
+    OUT/config.json              RetroConfig (retro.py)
+    OUT/model.safetensors        weights (no pickle anywhere)
+    OUT/retrocli_model.json      meta: tokenizer sha256 and chunk size of the training DB, steps, ...
+    OUT/tokenizer.json           the training DB's tokenizer, so the directory stands alone
+    OUT/checkpoint/              while training: model + optimizer (safetensors) + state.json
+
+A model reads token ids, so it only makes sense on a DB cut with the same tokenizer and chunk size:
+load_model checks that before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from retrocli.assets import asset_path
+from retrocli.db import RetroDB, check_same_chunking, write_json_atomic
+from retrocli.errors import RetroError
+from retrocli.model.retro import RetroModel
+
+MODEL_META = "retrocli_model.json"
+BUNDLED_MODEL = "bundled"  # the name that stands for the model shipped in the package
+
+
+def bundled_model_dir() -> Path:
+    return asset_path("model")
+
+
+def resolve_model(model_dir: str | os.PathLike | None) -> Path:
+    """A model directory from the user's choice: None or "bundled" is the packaged model."""
+    if model_dir is None or str(model_dir) == BUNDLED_MODEL:
+        return bundled_model_dir()
+    path = Path(model_dir)
+    if not path.exists():
+        raise RetroError(f"{path}: no model there (train one with `retro train`, or pass --model)")
+    return path
+
+
+def load_model(model_dir: str | os.PathLike | None, db: RetroDB) -> tuple[RetroModel, dict]:
+    """Load a trained model (in eval mode) and its meta; refuse a DB whose tokenizer or chunk size differs
+    from its training DB."""
+    path = resolve_model(model_dir)
+    meta_file = path / MODEL_META
+    if not meta_file.exists():
+        raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")
+    meta = json.loads(meta_file.read_text())
+    check_same_chunking(db, path, meta["tokenizer_sha256"], meta["chunk_size"], subject="model ")
+    try:
+        model = RetroModel.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise RetroError(f"{path}: cannot load model ({err})") from None
+    return model.eval(), meta
+
+
+def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
+    (out / "tokenizer.json").write_text(db.tokenizer.json, encoding="utf-8")
+    write_json_atomic(
+        out / MODEL_META,
+        {
+            "tokenizer_sha256": db.manifest["tokenizer"]["sha256"],
+            "chunk_size": db.chunk_size,
+            "trained_on": {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"]},
+            **extra,
+        },
+    )
+
+
+def save_checkpoint(dir: Path, model: RetroModel, optimizer, state: dict) -> None:
+    """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
+    tmp = dir.with_name(dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tensors, meta = {}, {}
+    for param_id, pstate in optimizer.state_dict()["state"].items():
+        for key, value in pstate.items():
+            tensors[f"{param_id}.{key}"] = (
+                value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+            )
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    meta["param_groups"] = optimizer.state_dict()["param_groups"]
+    write_json_atomic(tmp / "optimizer.json", meta)
+    write_json_atomic(tmp / "state.json", state)
+    if dir.exists():
+        shutil.rmtree(dir)
+    os.replace(tmp, dir)
+
+
+def load_optimizer(dir: Path, optimizer) -> None:
+    tensors = load_file(str(dir / "optimizer.safetensors"))
+    meta = json.loads((dir / "optimizer.json").read_text())
+    state: dict = {}
+    for name, value in tensors.items():
+        param_id, key = name.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
