@@ -1,4 +1,4 @@
-"""The RETRO model: CCA alignment and causality (RETRO_NOTES.md), retrieval off == plain decoder, missing
+"""The RETRO model: CCA alignment and causality (docs/retro-notes.md), retrieval off == plain decoder, missing
 neighbours masked, KV-cache decoding == full forward, safetensors round trip, and a tiny overfit.
 
 Tiny random models (vocab 97, m=4, n=16, 4 layers of width 32, CCA at layers 2 and 4), in float64 where

@@ -1,7 +1,8 @@
 """RETRO: a decoder-only transformer that reads retrieved text through chunked cross-attention.
 
 One file, in the spirit of nanoGPT's model.py. References: Borgeaud et al. 2021, "Improving language
-models by retrieving from trillions of tokens" (§2.4-2.5, Appendix B) and ../shared/RETRO_NOTES.md.
+models by retrieving from trillions of tokens" (§2.4-2.5, Appendix B) and docs/retro-notes.md. The
+optional copy head, which is not the paper's, lives in copy_head.py.
 
 Shapes and names used throughout
     B  batch size                    T  tokens in the decoder input (T <= n = seq_len)
@@ -62,6 +63,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from retrocli.errors import RetroError
+from retrocli.model.copy_head import CopyHead, CopyWeights
+from retrocli.model.layers import RMSNorm, wide
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -179,15 +182,6 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.to(dtype).split(half, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
-
-
-class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm computed in the wider of the input's and the weight's dtypes: under bf16 autocast the
-    fp32 gain would otherwise meet a bf16 input and miss the fused kernel (and lose precision)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = torch.promote_types(x.dtype, self.weight.dtype)
-        return F.rms_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.eps).to(x.dtype)
 
 
 def _heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -373,104 +367,6 @@ class ChunkedCrossAttention(nn.Module):
         return out
 
 
-class CopyHead(nn.Module):
-    """A pointer over retrieved continuations (pointer-generator style, See et al. 2017), on top of RETRO.
-
-    Why: a small RETRO decoder learns to copy through CCA only after a long plateau (an induction head
-    has to form across the encoder); this head gives copying a direct gradient. Position t, attending
-    to E_u with the CCA alignment, scores every neighbour token j:
-        score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
-    (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
-    copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), plus a
-    "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
-        p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
-    i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk) = I at init,
-    so it starts as an exact-token (-bigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
-    until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
-    """
-
-    def __init__(self, cfg: RetroConfig):
-        super().__init__()
-        d = cfg.d_model
-        self.norm = RMSNorm(d, eps=cfg.norm_eps)
-        self.q_state = nn.Linear(d, d, bias=False)
-        self.q_token = nn.Linear(d, d, bias=False)
-        self.k_state = nn.Linear(d, d, bias=False)
-        self.k_token = nn.Linear(d, d, bias=False)
-        self.sink = nn.Linear(d, 1, bias=True)
-        self.q_prev = nn.Linear(d, d, bias=False) if cfg.copy_bigram else None
-        self.k_prev = nn.Linear(d, d, bias=False) if cfg.copy_bigram else None
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        d = self.q_state.weight.shape[0]
-        for lin in (self.q_state, self.k_state):
-            nn.init.normal_(lin.weight, std=0.02)
-        matched = [self.q_token, self.k_token] + ([self.q_prev, self.k_prev] if self.q_prev is not None else [])
-        for lin in matched:
-            nn.init.eye_(lin.weight)
-        nn.init.zeros_(self.sink.weight)
-        # each exactly matched token scores ~sqrt(d); a sink 2 above a full match leaves the LM ~88 % of
-        # the mass
-        self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + 2.0)
-
-    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None) -> CopyWeights:
-        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb: of the
-        tokens before them, for copy_bigram); enc_e and key_emb (embeddings of the neighbour tokens)
-        [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside its own neighbour)."""
-        d = h.shape[-1]
-        # token j can be copied only if token j+1 of the same neighbour exists
-        next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
-        same_neighbor = F.pad(key_pos[1:] == key_pos[:-1] + 1, (0, 1), value=False)
-        usable = enc_mask & F.pad(enc_mask[:, 1:], (0, 1), value=False) & same_neighbor[None]
-        hn = self.norm(h)
-        q = self.q_state(hn) + self.q_token(F.rms_norm(tok_emb, (d,)))
-        k = self.k_state(enc_e) + self.k_token(F.rms_norm(key_emb, (d,)))
-        if self.q_prev is not None:
-            # a neighbour's first token (or one after padding) has no previous token: a zero vector
-            has_prev = F.pad(key_pos[1:] == key_pos[:-1] + 1, (1, 0), value=False)[None] & F.pad(
-                enc_mask[:, :-1], (1, 0), value=False)
-            key_prev = F.pad(key_emb[:, :-1], (0, 0, 1, 0)) * has_prev[..., None].to(key_emb.dtype)
-            q = q + self.q_prev(F.rms_norm(prev_emb, (d,)))
-            k = k + self.k_prev(F.rms_norm(key_prev, (d,)))
-        scores = _wide(q @ k.transpose(1, 2)) / math.sqrt(d)
-        scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
-        a = F.softmax(torch.cat([_wide(self.sink(hn)), scores], dim=-1), dim=-1)
-        return CopyWeights(a[..., 0], a[..., 1:], next_ids, usable.any(dim=-1))
-
-    @staticmethod
-    def mix(logits, w: CopyWeights) -> torch.Tensor:
-        """Full next-token log-probabilities [N, P, V] (for eval and generation). Only the <= S tokens a
-        row can copy change, so they are updated in place instead of scattering a dense [N, P, V] mass."""
-        log_lm = F.log_softmax(_wide(logits), dim=-1)
-        out = log_lm + torch.log(w.sink)[..., None]
-        idx = w.next_ids[:, None, :].expand(-1, out.shape[1], -1)  # [N, P, S]
-        # copy mass per candidate token: neighbour tokens j' with the same next token pool their weights
-        same = (w.next_ids[:, :, None] == w.next_ids[:, None, :]).to(w.copy.dtype)  # [N, S, S]
-        mass = w.copy @ same
-        mixed = torch.logaddexp(out.gather(-1, idx), torch.log(mass.clamp_min(1e-30)))
-        out = out.scatter(-1, idx, mixed)  # duplicates of a token write the same value
-        return torch.where(w.any_key[:, None, None], out, log_lm)  # nothing to copy: exactly the LM
-
-    @staticmethod
-    def target_log_prob(log_lm, targets, w: CopyWeights) -> torch.Tensor:
-        """log p(target) [N, P] from the LM's log p(target) [N, P], without building the mixed
-        distribution: what training needs, at a fraction of `mix`'s cost (nothing of size vocab here)."""
-        copy = (w.copy * (w.next_ids[:, None, :] == targets.clamp_min(0)[..., None])).sum(-1)
-        mixed = torch.logaddexp(log_lm + torch.log(w.sink), torch.log(copy.clamp_min(1e-30)))
-        return torch.where(w.any_key[:, None], mixed, log_lm)
-
-
-@dataclass
-class CopyWeights:
-    """CopyHead's split of the mass: sink [N, P] (the LM's share), copy [N, P, S] (neighbour token j's
-    share, given to next_ids[n, j]), any_key [N] (False: nothing to copy, the LM keeps everything)."""
-
-    sink: torch.Tensor
-    copy: torch.Tensor
-    next_ids: torch.Tensor
-    any_key: torch.Tensor
-
 class EncoderLayer(nn.Module):
     """Self-attention over one neighbour's tokens, cross-attention to the decoder states of the chunk it
     was retrieved for (H_u), MLP. Pre-norm, like the decoder."""
@@ -592,7 +488,8 @@ class RetroModel(nn.Module):
         # A model with no CCA layer is a plain decoder and has no encoder at all.
         self.encoder = RetroEncoder(cfg) if cfg.cca_layers else None
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.cca_layers else None  # 0-based block index
-        self.copy_head = CopyHead(cfg) if cfg.copy_head and cfg.cca_layers else None
+        use_copy = cfg.copy_head and cfg.cca_layers
+        self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram) if use_copy else None
 
         # nanoGPT init: N(0, 0.02), and the projections that write into a residual stream scaled down
         # by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
@@ -675,7 +572,7 @@ class RetroModel(nn.Module):
             return self._copy_outputs(logits, x, idx, enc if retrieval else None, targets, need_logits)
         loss = None
         if targets is not None:
-            flat = _wide(logits).view(-1, logits.size(-1))
+            flat = wide(logits).view(-1, logits.size(-1))
             loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -684,11 +581,11 @@ class RetroModel(nn.Module):
         loss from log p(target) directly (training never builds the mixed distribution)."""
         B, T, _ = logits.shape
         m = self.config.chunk_size
-        log_probs = F.log_softmax(_wide(logits), dim=-1) if need_logits else None
+        log_probs = F.log_softmax(wide(logits), dim=-1) if need_logits else None
         loss = None
         if enc is None:
             if targets is not None:
-                loss = F.cross_entropy(_wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+                loss = F.cross_entropy(wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1)
             return log_probs, loss
         # the CCA alignment (see ChunkedCrossAttention.forward): drop the first m-1 positions, pad to
         # L blocks of m, one block per chunk u
@@ -709,7 +606,7 @@ class RetroModel(nn.Module):
             log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
         if targets is not None:
             # the LM's log p(target) from the fused cross-entropy kernel (ignored targets give 0, masked below)
-            log_lm = -F.cross_entropy(_wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+            log_lm = -F.cross_entropy(wide(logits).flatten(0, 1), targets.reshape(-1), ignore_index=-1,
                                       reduction="none").view(B, T)
             tail_lp = unblock(CopyHead.target_log_prob(blocks(log_lm), blocks(targets, value=-1), w))
             target_lp = torch.cat([log_lm[:, : m - 1], tail_lp], dim=1)
@@ -790,7 +687,7 @@ class RetroModel(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         if self.copy_head is None:
             return logits
-        out = F.log_softmax(_wide(logits), dim=-1)
+        out = F.log_softmax(wide(logits), dim=-1)
         first_prev = cache.last_token if cache.last_token is not None else torch.zeros_like(idx[:, 0])
         prev = torch.cat([first_prev[:, None], idx[:, :-1]], dim=1)
         cache.last_token = idx[:, -1]
@@ -991,11 +888,6 @@ class RetroModel(nn.Module):
                 f"{weights_file}: weights do not match config.json ({str(err).splitlines()[0]})"
             ) from None
         return model.to(device)
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """At least float32 for softmax arithmetic (bf16 under autocast), but keep float64 (the tests)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _pad_stack(tensors: Sequence[torch.Tensor], dim_offset: int = 0) -> torch.Tensor:

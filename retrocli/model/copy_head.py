@@ -1,0 +1,115 @@
+"""The copy head: a pointer over the retrieved continuations, mixed with the LM's softmax.
+
+Not part of the RETRO paper (docs/retro-notes.md describes what is): an optional extra enabled by
+RetroConfig.copy_head. The decoder calls it with its final states and the encoded neighbours; without it
+the model is the paper's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from retrocli.model.layers import RMSNorm, wide
+
+
+@dataclass
+class CopyWeights:
+    """CopyHead's split of the mass: sink [N, P] (the LM's share), copy [N, P, S] (neighbour token j's
+    share, given to next_ids[n, j]), any_key [N] (False: nothing to copy, the LM keeps everything)."""
+
+    sink: torch.Tensor
+    copy: torch.Tensor
+    next_ids: torch.Tensor
+    any_key: torch.Tensor
+
+
+class CopyHead(nn.Module):
+    """A pointer over retrieved continuations (pointer-generator style, See et al. 2017), on top of RETRO.
+
+    Why: a small RETRO decoder learns to copy through CCA only after a long plateau (an induction head
+    has to form across the encoder); this head gives copying a direct gradient. Position t, attending
+    to E_u with the CCA alignment, scores every neighbour token j:
+        score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
+    (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
+    copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), plus a
+    "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
+        p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
+    i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk) = I at init,
+    so it starts as an exact-token (-bigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
+    until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
+    """
+
+    def __init__(self, d: int, norm_eps: float, bigram: bool):
+        super().__init__()
+        self.norm = RMSNorm(d, eps=norm_eps)
+        self.q_state = nn.Linear(d, d, bias=False)
+        self.q_token = nn.Linear(d, d, bias=False)
+        self.k_state = nn.Linear(d, d, bias=False)
+        self.k_token = nn.Linear(d, d, bias=False)
+        self.sink = nn.Linear(d, 1, bias=True)
+        self.q_prev = nn.Linear(d, d, bias=False) if bigram else None
+        self.k_prev = nn.Linear(d, d, bias=False) if bigram else None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        d = self.q_state.weight.shape[0]
+        for lin in (self.q_state, self.k_state):
+            nn.init.normal_(lin.weight, std=0.02)
+        matched = [self.q_token, self.k_token] + ([self.q_prev, self.k_prev] if self.q_prev is not None else [])
+        for lin in matched:
+            nn.init.eye_(lin.weight)
+        nn.init.zeros_(self.sink.weight)
+        # each exactly matched token scores ~sqrt(d); a sink 2 above a full match leaves the LM ~88 % of
+        # the mass
+        self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + 2.0)
+
+    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None) -> CopyWeights:
+        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb: of the
+        tokens before them, for copy_bigram); enc_e and key_emb (embeddings of the neighbour tokens)
+        [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside its own neighbour)."""
+        d = h.shape[-1]
+        # token j can be copied only if token j+1 of the same neighbour exists
+        next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
+        same_neighbor = F.pad(key_pos[1:] == key_pos[:-1] + 1, (0, 1), value=False)
+        usable = enc_mask & F.pad(enc_mask[:, 1:], (0, 1), value=False) & same_neighbor[None]
+        hn = self.norm(h)
+        q = self.q_state(hn) + self.q_token(F.rms_norm(tok_emb, (d,)))
+        k = self.k_state(enc_e) + self.k_token(F.rms_norm(key_emb, (d,)))
+        if self.q_prev is not None:
+            # a neighbour's first token (or one after padding) has no previous token: a zero vector
+            has_prev = F.pad(key_pos[1:] == key_pos[:-1] + 1, (1, 0), value=False)[None] & F.pad(
+                enc_mask[:, :-1], (1, 0), value=False)
+            key_prev = F.pad(key_emb[:, :-1], (0, 0, 1, 0)) * has_prev[..., None].to(key_emb.dtype)
+            q = q + self.q_prev(F.rms_norm(prev_emb, (d,)))
+            k = k + self.k_prev(F.rms_norm(key_prev, (d,)))
+        scores = wide(q @ k.transpose(1, 2)) / math.sqrt(d)
+        scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
+        a = F.softmax(torch.cat([wide(self.sink(hn)), scores], dim=-1), dim=-1)
+        return CopyWeights(a[..., 0], a[..., 1:], next_ids, usable.any(dim=-1))
+
+    @staticmethod
+    def mix(logits, w: CopyWeights) -> torch.Tensor:
+        """Full next-token log-probabilities [N, P, V] (for eval and generation). Only the <= S tokens a
+        row can copy change, so they are updated in place instead of scattering a dense [N, P, V] mass."""
+        log_lm = F.log_softmax(wide(logits), dim=-1)
+        out = log_lm + torch.log(w.sink)[..., None]
+        idx = w.next_ids[:, None, :].expand(-1, out.shape[1], -1)  # [N, P, S]
+        # copy mass per candidate token: neighbour tokens j' with the same next token pool their weights
+        same = (w.next_ids[:, :, None] == w.next_ids[:, None, :]).to(w.copy.dtype)  # [N, S, S]
+        mass = w.copy @ same
+        mixed = torch.logaddexp(out.gather(-1, idx), torch.log(mass.clamp_min(1e-30)))
+        out = out.scatter(-1, idx, mixed)  # duplicates of a token write the same value
+        return torch.where(w.any_key[:, None, None], out, log_lm)  # nothing to copy: exactly the LM
+
+    @staticmethod
+    def target_log_prob(log_lm, targets, w: CopyWeights) -> torch.Tensor:
+        """log p(target) [N, P] from the LM's log p(target) [N, P], without building the mixed
+        distribution: what training needs, at a fraction of `mix`'s cost (nothing of size vocab here)."""
+        copy = (w.copy * (w.next_ids[:, None, :] == targets.clamp_min(0)[..., None])).sum(-1)
+        mixed = torch.logaddexp(log_lm + torch.log(w.sink), torch.log(copy.clamp_min(1e-30)))
+        return torch.where(w.any_key[:, None], mixed, log_lm)
