@@ -556,7 +556,7 @@ def dedupe(
     json_output: JsonOut = False,
 ):
     """Write a copy of the DB without the documents that near-duplicate (or, optionally, leak into) a test set."""
-    from retrocli.leakage import dedupe as run_dedupe
+    from retrocli.dedupe import dedupe as run_dedupe
 
     with progress_display(enabled=not json_output) as progress:
         new_db, report, dropped = run_dedupe(

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +19,7 @@ import torch
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.model.checkpoint import load_model, resolve_model
-from retrocli.neighbors import batch_neighbors, open_neighbors
+from retrocli.neighbors import neighbors_of_inputs
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
@@ -152,14 +149,8 @@ def evaluate(
     model, meta = load_model(model_dir, db)
     model_k = k or model.config.num_neighbors
     k = max(model_k, 10 if leakage else 0)
-    tmp = tempfile.mkdtemp(prefix="retro-eval-") if work_dir is None else None
-    work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
-    try:
-        batch_neighbors(
-            db.path, inputs, work, k=min(k, db.num_chunks), threads=threads, progress=progress, text_field=text_field
-        )
-        nb = open_neighbors(work)
-        test = open_db(nb.manifest["query_db"])
+    with neighbors_of_inputs(db.path, inputs, work_dir, k=min(k, db.num_chunks), threads=threads, progress=progress,
+                             text_field=text_field) as (nb, test):
         losses = chunk_losses(model, db, test, nb.ids, batch_size, progress, k=model_k)
         r = compute_overlap(db, test, nb.ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
@@ -173,6 +164,3 @@ def evaluate(
             }
         )
         return result
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""`retro leakage-report` and `retro dedupe`: how much of a test set already sits in the DB (paper §2.1, §2.6).
+"""`retro leakage-report`: how much of a test set already sits in the DB (paper §2.1, §2.6).
 
 Chunk overlap (§2.6): each test chunk C gets its k nearest DB chunks, each with its continuation [N, F],
 and r(C) from retrocli.overlap. A chunk leaks when r(C) > α (default 0.125: fewer than 8 of 64 tokens in
@@ -12,19 +12,19 @@ several times faster than hashing each n-gram's bytes with SHA-1 (see bench/benc
 
 from __future__ import annotations
 
-import copy as copy_module
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
+from datasketch import MinHash, MinHashLSH
 
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
+from retrocli.eval import bpb_summary, chunk_losses
 from retrocli.index import DEFAULT_EF_SEARCH
+from retrocli.model.checkpoint import load_model
+from retrocli.neighbors import check_k, neighbors_of_inputs
 from retrocli.overlap import DEFAULT_ALPHA, ChunkOverlap, compute_overlap
 from retrocli.progress import NullProgress, Progress
 
@@ -55,8 +55,6 @@ def ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
 
 
 def minhash_of(hashes: np.ndarray, num_perm: int, seed: int = 1):
-    from datasketch import MinHash
-
     mh = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
     if len(hashes):
         mh.update_batch(hashes.tolist())
@@ -94,8 +92,6 @@ class DuplicatePair:
 def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = 13, num_perm: int = 128, threshold: float = 0.8,
                     progress: Progress | None = None) -> tuple[list[DuplicatePair], dict]:
     """Every (DB doc, test doc) pair with exact n-gram Jaccard ≥ threshold among MinHash-LSH candidates."""
-    from datasketch import MinHashLSH
-
     progress = progress or NullProgress()
     if not 0 < threshold <= 1:
         raise RetroError("--jaccard-threshold: must be in (0, 1]")
@@ -195,26 +191,15 @@ def leakage_report(
     read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming).
     With `dask` the test set's embedding, neighbour search and overlap run on the cluster (pass a
     distributed.Client to reuse one cluster for all three); near-duplicates stay in this process."""
-    from retrocli.neighbors import batch_neighbors, check_k, open_neighbors
-
     if not 0 <= alpha <= 1:
         raise RetroError("--alpha: must be between 0 and 1")
     if examples < 0:
         raise RetroError("--examples: must be ≥ 0")
     db = open_db(db_path)
     check_k(db, k)
-    tmp = None
-    if work_dir is None:
-        tmp = tempfile.mkdtemp(prefix="retro-leakage-")
-        work = Path(tmp) / "neighbors"
-    else:
-        work = Path(work_dir)
-    try:
-        started = time.time()
-        batch_neighbors(db.path, test_inputs, work, k=k, ef=ef, threads=threads, progress=progress,
-                        text_field=text_field, dask=dask)
-        neighbors = open_neighbors(work)
-        test = open_db(neighbors.manifest["query_db"])
+    started = time.time()
+    with neighbors_of_inputs(db.path, test_inputs, work_dir, k=k, ef=ef, threads=threads, progress=progress,
+                             text_field=text_field, dask=dask) as (neighbors, test):
         t_neighbors = time.time() - started
         started = time.time()
         ov = compute_overlap(db, test, neighbors.ids, block=512 if dask is None else 4096, progress=progress,
@@ -224,9 +209,6 @@ def leakage_report(
         report = _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm,
                            jaccard_threshold)
         if model_dir is not None:
-            from retrocli.eval import bpb_summary, chunk_losses
-            from retrocli.model.checkpoint import load_model
-
             model, _ = load_model(model_dir, db)
             if model.config.num_neighbors > k:
                 raise RetroError(f"--k {k} is below the model's {model.config.num_neighbors} neighbours")
@@ -236,9 +218,6 @@ def leakage_report(
                           "overlap_chunks_per_second": round(len(ov.r) / max(t_overlap, 1e-9), 1),
                           "near_duplicate_seconds": dup_stats["seconds"]}
         return report
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, ngram, num_perm, threshold):
@@ -265,101 +244,3 @@ def _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, n
         documents=documents, examples=[_example(db, test, ov, c) for c in chosen],
         near_duplicates=[asdict(p) for p in pairs], near_duplicate_stats=dup_stats, timings={}, overlap=ov,
     )
-
-
-# -- dedupe ----------------------------------------------------------------------------------------------
-
-def flagged_documents(report: LeakageReport, drop_leaking_chunks: bool) -> set[int]:
-    flagged = {p["db_doc"] for p in report.near_duplicates}
-    if drop_leaking_chunks and report.overlap is not None:
-        ov = report.overlap
-        leaking = (ov.r > report.alpha) & (ov.neighbor >= 0)
-        db = open_db(report.db)
-        flagged |= {int(db.chunk_doc[c]) for c in ov.neighbor[leaking]}
-    return flagged
-
-
-def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Progress | None = None) -> RetroDB:
-    """A new DB holding every document of `db` except `drop_docs`: chunks, sources and embeddings are copied
-    (nothing is re-embedded) and the index is rebuilt with the same parameters. `db` is not touched."""
-    import uuid
-
-    import zarr
-
-    from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, remove_db_dir, write_json_atomic
-    from retrocli.index import IndexOptions, index_db
-
-    keep_docs = np.array([d for d in range(db.num_docs) if d not in drop_docs], dtype=np.int64)
-    if len(keep_docs) == 0:
-        raise RetroError("every DB document would be removed; nothing left to write")
-    keep_chunk = np.isin(db.chunk_doc, keep_docs)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        src = db.root
-        dst = zarr.open_group(str(partial / STORE), mode="w")
-
-        def copy(name, data):
-            chunks = src[name].chunks if name in src else (len(data),)
-            arr = dst.create_array(name, shape=data.shape, dtype=data.dtype,
-                                   chunks=tuple(min(c, max(s, 1)) for c, s in zip(chunks, data.shape)) or None,
-                                   fill_value=src[name].fill_value if name in src else 0)
-            if data.size:
-                arr[...] = data
-
-        new_doc_of = np.full(db.num_docs, -1, dtype=np.int64)
-        new_doc_of[keep_docs] = np.arange(len(keep_docs))
-        lengths = db.root["chunks/length"][:][keep_chunk]
-        copy("chunks/tokens", db.root["chunks/tokens"][:][keep_chunk])
-        copy("chunks/length", lengths)
-        copy("chunks/doc", new_doc_of[db.chunk_doc[keep_chunk]])
-        per_doc = np.diff(db.doc_offsets)[keep_docs]
-        copy("docs/chunk_offset", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64))
-        for name in ("docs/file", "docs/position", "docs/external_id"):
-            if name in src:
-                copy(name, src[name][:][keep_docs])
-        copy("files/path", src["files/path"][:])
-        manifest = copy_module.deepcopy({k: v for k, v in db.manifest.items() if k != "index"})
-        manifest["db_id"] = uuid.uuid4().hex
-        manifest["counts"] = {**manifest["counts"], "documents": int(len(keep_docs)),
-                              "chunks": int(keep_chunk.sum()),
-                              "tokens": int(lengths.astype(np.int64).sum())}
-        manifest["derived_from"] = {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"],
-                                    "removed_documents": sorted(int(d) for d in drop_docs)}
-        manifest["stages"] = {"chunk": db.manifest["stages"]["chunk"]}
-        if db.stage("embed") == "complete":
-            emb = db.root["embeddings"]
-            copy("embeddings", emb[:][keep_chunk])
-            manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"]}
-        else:
-            manifest.pop("embedder", None)
-        (partial / TOKENIZER_FILE).write_text((db.path / TOKENIZER_FILE).read_text(encoding="utf-8"), "utf-8")
-        write_json_atomic(partial / MANIFEST, manifest)
-        if db.stage("index") == "complete":
-            idx = db.manifest["index"]
-            index_db(partial, IndexOptions(idx["space"], idx["M"], idx["ef_construction"], idx["shard_size"],
-                                           idx.get("seed", 100)), progress=progress)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        remove_db_dir(out)
-    os.replace(partial, out)
-    return open_db(out)
-
-
-def dedupe(
-    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], out: str | os.PathLike,
-    drop_leaking_chunks: bool = False, overwrite: bool = False, **report_options,
-) -> tuple[RetroDB, LeakageReport, set[int]]:
-    out = Path(out)
-    db = open_db(db_path)
-    if out.exists() and not overwrite:
-        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.absolute() == db.path.absolute():
-        raise RetroError(f"{out}: --out must differ from the input DB (it is never changed)")
-    report = leakage_report(db_path, test_inputs, **report_options)
-    drop = flagged_documents(report, drop_leaking_chunks)
-    new_db = write_filtered_db(db, out, drop, report_options.get("progress"))
-    return new_db, report, drop

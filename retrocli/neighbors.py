@@ -8,9 +8,13 @@ what RETRO training reads (with --exclude-same-doc, the paper's rule).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,8 +213,6 @@ def batch_neighbors(
     manifest_file = out / MANIFEST
     if out.exists() and overwrite:
         if manifest_file.exists():
-            import shutil
-
             shutil.rmtree(out)
         else:
             raise RetroError(f"{out}: exists and is not a neighbours directory; refusing to overwrite it")
@@ -324,8 +326,6 @@ def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
 
 
 def _read_neighbors_manifest(path: Path) -> dict:
-    import json
-
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text())
@@ -355,3 +355,20 @@ def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
         raise RetroError(f"{path}: batch neighbours are incomplete; rerun the same `retro neighbors` command")
     root = zarr.open_group(str(path / STORE), mode="r")
     return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
+
+
+@contextlib.contextmanager
+def neighbors_of_inputs(
+    db_path: str | os.PathLike, inputs: list[str | os.PathLike], work_dir: str | os.PathLike | None, **options
+) -> Iterator[tuple[NeighborArrays, RetroDB]]:
+    """Batch neighbours of a test set (chunked and embedded like the DB) and the test set as a DB. Kept in
+    `work_dir` (resumable) if given, else in a temp dir removed on exit. `options` go to batch_neighbors."""
+    tmp = tempfile.mkdtemp(prefix="retro-test-set-") if work_dir is None else None
+    work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
+    try:
+        batch_neighbors(db_path, inputs, work, **options)
+        found = open_neighbors(work)
+        yield found, open_db(found.manifest["query_db"])
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

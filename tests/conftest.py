@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import SUBSET_TRAIN, make_tiny_bert, small_corpus
 
-REPO = Path(__file__).resolve().parents[1]
-SUBSET_TRAIN = REPO / "examples" / "subset" / "train.jsonl"
 RETRO_BIN = Path(sys.executable).with_name("retro")
 
 
@@ -156,3 +156,48 @@ def subset_db(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def subset_texts() -> list[str]:
     return read_jsonl_texts(SUBSET_TRAIN)
+
+
+# -- retrieval: a tiny BERT and a small DB built with it ------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def small_jsonl(tmp_path_factory) -> Path:
+    return small_corpus(tmp_path_factory.mktemp("small-corpus"))
+
+
+@pytest.fixture(scope="session")
+def tiny_db(tmp_path_factory, tiny_bert, small_jsonl) -> Path:
+    """Chunked + embedded (tiny BERT, blocks of 32) + indexed. Read-only: copy it before writing."""
+    from retrocli.build_db import build_db
+
+    path = tmp_path_factory.mktemp("tiny") / "db"
+    build_db([small_jsonl], path, embedder=tiny_bert, block_size=32)
+    return path
+
+
+@pytest.fixture
+def tiny_db_copy(tiny_db, tmp_path) -> Path:
+    dest = tmp_path / "db"
+    shutil.copytree(tiny_db, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory, tiny_db):
+    """Verbatim DB text, the same with every 4th word replaced, and unrelated text."""
+    from retrocli.db import open_db
+
+    db = open_db(tiny_db)
+    verbatim = db.document_text(1)
+    words = db.document_text(3).split(" ")
+    edited = " ".join("zebra" if i % 4 == 0 else w for i, w in enumerate(words))
+    unrelated = ("Quantum chromodynamics describes quarks and gluons; the strong force confines colour charge. "
+                 "<script>alert('x')</script> & <b>bold</b> 🙂") * 2
+    path = tmp_path_factory.mktemp("planted") / "test.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (verbatim, edited, unrelated)))
+    return path

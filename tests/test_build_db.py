@@ -1,11 +1,11 @@
 import json
 
-from retrieval_fixtures import small_jsonl, tiny_bert, tree_snapshot  # noqa: F401
+from helpers import tree_snapshot
 
 from retrocli.db import open_db
 
 
-def test_build_db_cli_then_rerun_skips(tmp_path, small_jsonl, tiny_bert, cli):  # noqa: F811
+def test_build_db_cli_then_rerun_skips(tmp_path, small_jsonl, tiny_bert, cli):
     out = tmp_path / "db"
     result = cli("build-db", small_jsonl, "--out", out, "--embedder", tiny_bert, "--block-size", "50")
     assert result.exit_code == 0, result.output
@@ -19,7 +19,7 @@ def test_build_db_cli_then_rerun_skips(tmp_path, small_jsonl, tiny_bert, cli):  
     assert info["embedder"]["name"] == tiny_bert and "embeddings" in info["disk_bytes"]
 
 
-def test_build_db_resumes_interrupted_embed(tmp_path, small_jsonl, tiny_bert, cli):  # noqa: F811
+def test_build_db_resumes_interrupted_embed(tmp_path, small_jsonl, tiny_bert, cli):
     from retrocli.chunk import chunk_corpus
     from retrocli.embed import embed_db
 
@@ -32,7 +32,7 @@ def test_build_db_resumes_interrupted_embed(tmp_path, small_jsonl, tiny_bert, cl
     assert db.stage("index") == "complete" and db.manifest["stages"]["embed"]["block_size"] == 20
 
 
-def test_build_db_other_inputs_refused(tmp_path, small_jsonl, tiny_bert, cli):  # noqa: F811
+def test_build_db_other_inputs_refused(tmp_path, small_jsonl, tiny_bert, cli):
     out = tmp_path / "db"
     cli("build-db", small_jsonl, "--out", out, "--embedder", tiny_bert)
     other = tmp_path / "other.txt"

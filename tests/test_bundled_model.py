@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import torch
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+from helpers import tree_snapshot
 from safetensors import safe_open
 
 from retrocli.db import open_db
@@ -47,7 +47,7 @@ def test_config_and_tokenizer_match_the_package_default():
     assert load_tokenizer(MODEL / "tokenizer.json").sha256 == default.sha256
 
 
-def test_bundled_model_generates_greedily_with_retrieval(tiny_db, cli):  # noqa: F811
+def test_bundled_model_generates_greedily_with_retrieval(tiny_db, cli):
     db = open_db(tiny_db)
     prompt = db.document_text(2)[:400]
     before = tree_snapshot(tiny_db)
@@ -62,7 +62,7 @@ def test_bundled_model_generates_greedily_with_retrieval(tiny_db, cli):  # noqa:
     assert tree_snapshot(tiny_db) == before
 
 
-def test_bundled_model_reads_its_neighbours(tiny_db):  # noqa: F811
+def test_bundled_model_reads_its_neighbours(tiny_db):
     """Retrieved chunks change the predictions after the first chunk, and only there (CCA alignment)."""
     db = open_db(tiny_db)
     model = RetroModel.from_pretrained(MODEL).eval()
@@ -79,7 +79,7 @@ def test_bundled_model_reads_its_neighbours(tiny_db):  # noqa: F811
     assert not torch.allclose(logits_a[0, m - 1 :], logits_b[0, m - 1 :])
 
 
-def test_bundled_model_copies_a_continuation_its_neighbour_holds(tiny_db):  # noqa: F811
+def test_bundled_model_copies_a_continuation_its_neighbour_holds(tiny_db):
     """The shipped model uses retrieved text: when chunk u's neighbour is [C_u, C_{u+1}] (the DB holds this
     very passage), the tokens of C_{u+1} cost far fewer nats than with no neighbours; an unrelated
     neighbour does not help. Tokens before the first chunk completes cannot see neighbours at all."""

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from retrieval_fixtures import REPO, small_jsonl, tiny_bert  # noqa: F401
+from helpers import REPO
 from safetensors.torch import load_file
 
 from retrocli.db import open_db
@@ -23,7 +23,7 @@ def run_recipe(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl, tiny_bert):  # noqa: F811
+def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl, tiny_bert):
     heldout = tmp_path / "heldout.jsonl"
     lines = (REPO / "examples" / "subset" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[:2]
     heldout.write_text("".join(json.dumps({**json.loads(x), "text": json.loads(x)["text"][:1500]}) + "\n"

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from retrieval_fixtures import small_jsonl, tiny_bert  # noqa: F401
 
 from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
@@ -42,14 +41,14 @@ def client():
 
 
 @pytest.fixture(scope="module")
-def local_db(tmp_path_factory, tiny_bert, small_jsonl):  # noqa: F811
+def local_db(tmp_path_factory, tiny_bert, small_jsonl):
     path = tmp_path_factory.mktemp("local") / "db"
     build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX)
     return path
 
 
 @pytest.fixture(scope="module")
-def dask_db(tmp_path_factory, tiny_bert, small_jsonl, client):  # noqa: F811
+def dask_db(tmp_path_factory, tiny_bert, small_jsonl, client):
     path = tmp_path_factory.mktemp("dask") / "db"
     build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX, dask=client)
     return path
@@ -112,7 +111,7 @@ def test_leakage_report_on_dask_equals_single_process(local_db, client):
     assert sorted((p, p.stat().st_mtime_ns) for p in local_db.rglob("*") if p.is_file()) == before
 
 
-def test_interrupted_dask_embed_resumes_to_the_same_array(local_db, tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+def test_interrupted_dask_embed_resumes_to_the_same_array(local_db, tiny_bert, small_jsonl, tmp_path, client):
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     embed_db(path, tiny_bert, threads=1, block_size=BLOCK, max_blocks=3, dask=client)
@@ -151,7 +150,7 @@ class KillOnFirstBlock(NullProgress):
         return Task()
 
 
-def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_bert, small_jsonl, tmp_path, client):
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     progress = KillOnFirstBlock(client)
@@ -164,7 +163,7 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_ber
     assert set(client.run(os.getpid).values()) != set(pids_before.values())
 
 
-def test_cli_build_db_with_local_cluster(tiny_bert, small_jsonl, local_db, tmp_path):  # noqa: F811
+def test_cli_build_db_with_local_cluster(tiny_bert, small_jsonl, local_db, tmp_path):
     out = tmp_path / "db"
     proc = subprocess.run(
         [sys.executable, "-m", "retrocli.cli", "build-db", str(small_jsonl), "--out", str(out), "--embedder", tiny_bert,
@@ -196,7 +195,7 @@ def tiny_db_path_for_errors(local_db, tmp_path):
     return dest
 
 
-def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_path):  # noqa: F811
+def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_path):
     script = (
         "import sys, json\n"
         "from retrocli.build_db import build_db\n"
@@ -210,7 +209,7 @@ def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_pa
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
-def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert, small_jsonl, tmp_path, client):  # noqa: F811
+def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert, small_jsonl, tmp_path, client):
     from retrocli.cluster import run_blocks
     from retrocli.embed import embed_block
 

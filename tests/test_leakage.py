@@ -2,10 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+from helpers import tree_snapshot
 
 from retrocli.db import open_db
-from retrocli.errors import RetroError
 from retrocli.leakage import jaccard, leakage_report, ngram_hashes
 from retrocli.leakage_html import render_html
 
@@ -20,25 +19,11 @@ def test_ngram_jaccard_exact():
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, tiny_db):  # noqa: F811
-    """Verbatim DB text, the same with every 4th word replaced, and unrelated text."""
-    db = open_db(tiny_db)
-    verbatim = db.document_text(1)
-    words = db.document_text(3).split(" ")
-    edited = " ".join("zebra" if i % 4 == 0 else w for i, w in enumerate(words))
-    unrelated = ("Quantum chromodynamics describes quarks and gluons; the strong force confines colour charge. "
-                 "<script>alert('x')</script> & <b>bold</b> 🙂") * 2
-    path = tmp_path_factory.mktemp("planted") / "test.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (verbatim, edited, unrelated)))
-    return path
-
-
-@pytest.fixture(scope="module")
-def report(tiny_db, planted):  # noqa: F811
+def report(tiny_db, planted):
     return leakage_report(tiny_db, [planted], k=10, examples=3)
 
 
-def test_planted_leaks(report, tiny_db):  # noqa: F811
+def test_planted_leaks(report, tiny_db):
     ov = report.overlap
     verbatim = ov.test_doc == 0
     full = verbatim & (ov.length == open_db(tiny_db).chunk_size)
@@ -52,7 +37,7 @@ def test_planted_leaks(report, tiny_db):  # noqa: F811
     assert sum(report.histogram["counts"]) == report.num_test_chunks
 
 
-def test_near_duplicates_agree_with_exact_jaccard(report, tiny_db):  # noqa: F811
+def test_near_duplicates_agree_with_exact_jaccard(report, tiny_db):
     pairs = report.near_duplicates
     assert [(p["db_doc"], p["test_doc"]) for p in pairs] == [(1, 0)]
     db = open_db(tiny_db)
@@ -71,7 +56,7 @@ def test_html_escapes_corpus_text(report):
     assert "<svg" in page and "<mark>" in page
 
 
-def test_html_example_with_script_text_is_escaped(tmp_path, tiny_db, cli):  # noqa: F811
+def test_html_example_with_script_text_is_escaped(tmp_path, tiny_db, cli):
     db = open_db(tiny_db)
     doc = db.document_text(2) + "\n<script>alert('owned')</script><img src=x onerror=alert(1)>\n"
     test = tmp_path / "t.jsonl"
@@ -87,7 +72,7 @@ def test_html_example_with_script_text_is_escaped(tmp_path, tiny_db, cli):  # no
     assert data["examples"] and data["examples"][0]["r"] == 1.0
 
 
-def test_fail_above_and_read_only(tmp_path, tiny_db, planted, cli):  # noqa: F811
+def test_fail_above_and_read_only(tmp_path, tiny_db, planted, cli):
     before = tree_snapshot(tiny_db)
     result = cli("leakage-report", tiny_db, "--test", planted, "--fail-above", "0.1", "--k", "2")
     assert result.exit_code == 1
@@ -102,44 +87,10 @@ def test_fail_above_and_read_only(tmp_path, tiny_db, planted, cli):  # noqa: F81
     (["--alpha", "2"], "--alpha"),
     (["--jaccard-threshold", "0"], "--jaccard-threshold"),
 ])
-def test_bad_input(tiny_db, planted, cli, args, message):  # noqa: F811
+def test_bad_input(tiny_db, planted, cli, args, message):
     extra = [] if "--test" in args else ["--test", planted]
     result = cli("leakage-report", tiny_db, *extra, *args)
     assert result.exit_code == 2 and result.exception is None and message in result.output
-
-
-def test_dedupe_removes_duplicates_and_keeps_the_rest(tmp_path, tiny_db, planted, cli):  # noqa: F811
-    before = tree_snapshot(tiny_db)
-    out = tmp_path / "clean"
-    result = cli("dedupe", tiny_db, "--test", planted, "--out", out, "--json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["removed_documents"] == [1]
-    old, new = open_db(tiny_db), open_db(out)
-    assert tree_snapshot(tiny_db) == before
-    assert new.num_docs == old.num_docs - 1
-    assert new.num_chunks == old.num_chunks - len(old.doc_chunks(1))
-    # everything else identical: text, sources, embeddings (copied, not recomputed)
-    kept = [d for d in range(old.num_docs) if d != 1]
-    for new_doc, old_doc in enumerate(kept):
-        assert new.document_text(new_doc) == old.document_text(old_doc)
-        assert new.source(new_doc) == old.source(old_doc)
-    keep_chunks = np.concatenate([np.arange(old.doc_chunks(d).start, old.doc_chunks(d).stop) for d in kept])
-    assert (new.root["embeddings"][:] == old.root["embeddings"][:][keep_chunks]).all()
-    assert new.stage("index") == "complete" and new.manifest["derived_from"]["db_id"] == old.manifest["db_id"]
-    again = leakage_report(out, [planted], k=2)
-    assert again.near_duplicates == []
-    result = cli("dedupe", tiny_db, "--test", planted, "--out", out)
-    assert result.exit_code == 2 and "already exists" in result.output
-
-
-def test_dedupe_drop_leaking_chunks_removes_more(tmp_path, tiny_db, planted):  # noqa: F811
-    from retrocli.leakage import dedupe
-
-    new_db, report, dropped = dedupe(tiny_db, [planted], tmp_path / "clean2", drop_leaking_chunks=True, k=2)
-    assert {1, 3} <= dropped
-    with pytest.raises(RetroError, match="must differ"):
-        dedupe(tiny_db, [planted], tiny_db, overwrite=True)
 
 
 def test_html_bpb_curve_skips_empty_alpha_buckets(report):

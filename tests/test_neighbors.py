@@ -3,14 +3,14 @@ import shutil
 
 import numpy as np
 import pytest
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tiny_db_copy, tree_snapshot  # noqa: F401
+from helpers import tree_snapshot
 
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
 
 
-def test_query_returns_db_text_with_its_continuation(tiny_db):  # noqa: F811
+def test_query_returns_db_text_with_its_continuation(tiny_db):
     db = open_db(tiny_db)
     target = 3
     result = query_neighbors(db, [db.chunk_text(target)], k=2)
@@ -22,7 +22,7 @@ def test_query_returns_db_text_with_its_continuation(tiny_db):  # noqa: F811
     assert len(chunk.neighbors) == 2
 
 
-def test_continuation_is_none_at_document_end(tiny_db):  # noqa: F811
+def test_continuation_is_none_at_document_end(tiny_db):
     db = open_db(tiny_db)
     last = db.doc_chunks(0).stop - 1
     result = query_neighbors(db, [db.chunk_text(last)], k=1)
@@ -31,7 +31,7 @@ def test_continuation_is_none_at_document_end(tiny_db):  # noqa: F811
     assert db.continuation(last) is None and db.continuation(last - 1) == last
 
 
-def test_multi_chunk_query_and_exclude_same_doc(tiny_db):  # noqa: F811
+def test_multi_chunk_query_and_exclude_same_doc(tiny_db):
     db = open_db(tiny_db)
     doc = 1
     chunks = db.doc_chunks(doc)
@@ -44,7 +44,7 @@ def test_multi_chunk_query_and_exclude_same_doc(tiny_db):  # noqa: F811
         assert all(nb.doc != doc for nb in chunk.neighbors)
 
 
-def test_query_errors(tiny_db):  # noqa: F811
+def test_query_errors(tiny_db):
     db = open_db(tiny_db)
     with pytest.raises(RetroError, match="larger than the DB"):
         query_neighbors(db, ["x"], k=db.num_chunks + 1)
@@ -54,7 +54,7 @@ def test_query_errors(tiny_db):  # noqa: F811
         query_neighbors(db, [], k=1)
 
 
-def test_cli_neighbors_json_and_table_leave_db_untouched(tiny_db, cli, tmp_path):  # noqa: F811
+def test_cli_neighbors_json_and_table_leave_db_untouched(tiny_db, cli, tmp_path):
     before = tree_snapshot(tiny_db)
     db = open_db(tiny_db)
     result = cli("neighbors", tiny_db, "--query", db.chunk_text(5), "--k", "2", "--json")
@@ -79,13 +79,13 @@ def test_cli_neighbors_json_and_table_leave_db_untouched(tiny_db, cli, tmp_path)
     (["--query", "x", "--embedder", "bert-base-uncased"], "does not match"),
     (["--input", "nowhere"], "both --input and --out"),
 ])
-def test_cli_bad_input(tiny_db, cli, args, message):  # noqa: F811
+def test_cli_bad_input(tiny_db, cli, args, message):
     result = cli("neighbors", tiny_db, *args)
     assert result.exit_code != 0 and result.exception is None
     assert message in result.output and len(result.error_lines) == 1
 
 
-def test_stage_missing_is_refused(tmp_path, small_jsonl, cli):  # noqa: F811
+def test_stage_missing_is_refused(tmp_path, small_jsonl, cli):
     from retrocli.chunk import chunk_corpus
 
     db = chunk_corpus([small_jsonl], tmp_path / "db")
@@ -93,7 +93,7 @@ def test_stage_missing_is_refused(tmp_path, small_jsonl, cli):  # noqa: F811
     assert result.exit_code != 0 and "not complete" in result.output
 
 
-def test_newer_format_version_refused(tiny_db_copy, cli):  # noqa: F811
+def test_newer_format_version_refused(tiny_db_copy, cli):
     manifest = json.loads((tiny_db_copy / "manifest.json").read_text())
     manifest["format_version"] = 99
     (tiny_db_copy / "manifest.json").write_text(json.dumps(manifest))
@@ -101,7 +101,7 @@ def test_newer_format_version_refused(tiny_db_copy, cli):  # noqa: F811
     assert result.exit_code != 0 and "newer retrocli" in result.output
 
 
-def test_batch_self_exclude_same_doc(tiny_db, tmp_path):  # noqa: F811
+def test_batch_self_exclude_same_doc(tiny_db, tmp_path):
     db = open_db(tiny_db)
     out = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=3, exclude_same_doc=True, block_size=16)
     arrays = open_neighbors(out)
@@ -113,7 +113,7 @@ def test_batch_self_exclude_same_doc(tiny_db, tmp_path):  # noqa: F811
     assert (np.diff(arrays.distances, axis=1) >= -1e-6).all()
 
 
-def test_batch_resume_equals_uninterrupted(tiny_db, tmp_path):  # noqa: F811
+def test_batch_resume_equals_uninterrupted(tiny_db, tmp_path):
     full = open_neighbors(batch_neighbors(tiny_db, [tiny_db], tmp_path / "a", k=2, block_size=10))
     batch_neighbors(tiny_db, [tiny_db], tmp_path / "b", k=2, block_size=10, max_blocks=3)
     state = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -126,7 +126,7 @@ def test_batch_resume_equals_uninterrupted(tiny_db, tmp_path):  # noqa: F811
     assert (full.ids[:, 0] == np.arange(len(full.ids))).all()
 
 
-def test_batch_corpus_input(tiny_db, tmp_path, small_jsonl, cli):  # noqa: F811
+def test_batch_corpus_input(tiny_db, tmp_path, small_jsonl, cli):
     db = open_db(tiny_db)
     doc_text = db.document_text(2)
     corpus = tmp_path / "queries.jsonl"

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db  # noqa: F401
 
 from retrocli.overlap import longest_runs, longest_shared_run, overlap_ratio
 
@@ -53,7 +52,7 @@ def test_longest_shared_run_against_one_target():
         assert longest_shared_run_of(a, b) == ref
 
 
-def test_compute_overlap_of_a_db_against_itself(tiny_db):  # noqa: F811
+def test_compute_overlap_of_a_db_against_itself(tiny_db):
     from retrocli.db import open_db
     from retrocli.overlap import compute_overlap
 

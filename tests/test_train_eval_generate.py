@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from retrieval_fixtures import small_jsonl, tiny_bert, tiny_db, tree_snapshot  # noqa: F401
+from helpers import tree_snapshot
 
 from retrocli.db import open_db
 from retrocli.errors import RetroError
@@ -18,18 +18,18 @@ OPTS = dict(config="tiny", seq_len=128, batch_size=2, warmup=2, checkpoint_every
 
 
 @pytest.fixture(scope="module")
-def self_neighbors(tiny_db, tmp_path_factory):  # noqa: F811
+def self_neighbors(tiny_db, tmp_path_factory):
     return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_db, self_neighbors, tmp_path_factory):  # noqa: F811
+def trained(tiny_db, self_neighbors, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "m"
     summary = train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS))
     return out, summary
 
 
-def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neighbors):  # noqa: F811
+def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neighbors):
     from retrocli.neighbors import open_neighbors
 
     db = open_db(tiny_db)
@@ -68,7 +68,7 @@ def test_train_writes_model_checkpoint_and_log(trained):
     assert log[-1]["loss"] < log[0]["loss"]
 
 
-def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path, trained):  # noqa: F811
+def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path, trained):
     out = tmp_path / "m"
     train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS), stop_after=6)
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 6
@@ -78,7 +78,7 @@ def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path, trained):  
         assert torch.equal(p, q), name
 
 
-def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, trained, cli):  # noqa: F811
+def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, trained, cli):
     from retrocli.model import RetroConfig
     from retrocli.train import load_initial_weights
 
@@ -113,7 +113,7 @@ def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, t
     assert not (tmp_path / "w").exists()  # a refused run leaves nothing behind
 
 
-def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
+def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):
     nb = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=2)  # without --exclude-same-doc
     with pytest.raises(RetroError, match="exclude-same-doc"):
         train(tiny_db, nb, tmp_path / "m", TrainOptions(steps=1, **OPTS))
@@ -121,7 +121,7 @@ def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):  # noqa: F811
     assert result.exit_code == 2 and "not a neighbours directory" in result.output
 
 
-def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):  # noqa: F811
+def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):
     from retrocli.eval import chunk_losses, evaluate
     from retrocli.model.checkpoint import load_model
     from retrocli.neighbors import open_neighbors
@@ -153,7 +153,7 @@ def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, t
     assert losses.bytes.sum() <= sum(len(test.document_text(d).encode()) for d in range(test.num_docs))
 
 
-def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_jsonl, tmp_path, cli):  # noqa: F811
+def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_jsonl, tmp_path, cli):
     from retrocli.eval import evaluate
 
     out, _ = trained
@@ -172,7 +172,7 @@ def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_
     assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
 
 
-def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):  # noqa: F811
+def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):
     from retrocli.chunk import ChunkOptions, chunk_corpus
     from retrocli.model.checkpoint import load_model
     from retrocli.tokenizer import train_tokenizer
@@ -183,7 +183,7 @@ def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):  # noqa: 
         load_model(trained[0], other)
 
 
-def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, tiny_db):  # noqa: F811
+def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, tiny_db):
     from retrocli.generate import generate
 
     out, _ = trained
@@ -202,7 +202,7 @@ def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, t
     assert tree_snapshot(tiny_db) == before
 
 
-def test_generate_cli_greedy_json(trained, tiny_db, cli):  # noqa: F811
+def test_generate_cli_greedy_json(trained, tiny_db, cli):
     out, _ = trained
     args = ["generate", "--db", tiny_db, "--model", out, "--prompt", "Python classes", "--max-new-tokens", "8",
             "--temperature", "0", "--json"]
@@ -213,7 +213,7 @@ def test_generate_cli_greedy_json(trained, tiny_db, cli):  # noqa: F811
     assert bad.exit_code == 2 and "empty" in bad.output
 
 
-def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):  # noqa: F811
+def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):
     from retrocli.generate import Retrieval, longest_copy
     from retrocli.neighbors import neighbor_refs
 
@@ -233,7 +233,7 @@ def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):  # noqa: F8
     assert longest_copy(db, generated, []) is None
 
 
-def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny_db, self_neighbors):  # noqa: F811
+def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny_db, self_neighbors):
     from retrocli.neighbors import open_neighbors
     from retrocli.train import next_chunk_overlap
 
@@ -264,7 +264,7 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
     assert uniform.focus_starts is uniform.starts
 
 
-def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continuation(tiny_db, self_neighbors):  # noqa: F811
+def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continuation(tiny_db, self_neighbors):
     from retrocli.neighbors import open_neighbors
     from retrocli.overlap import longest_shared_run
 

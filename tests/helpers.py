@@ -1,12 +1,10 @@
-"""Fixtures for the retrieval stages: a tiny randomly initialised BERT (fast, real transformers code,
-real MiniLM tokenizer files) and a small DB chunked, embedded and indexed with it."""
+"""Plain helpers the tests share (fixtures live in conftest.py): a tiny randomly initialised BERT (fast,
+real transformers code, real MiniLM tokenizer files), a small corpus, and a snapshot of a directory."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET_TRAIN = REPO / "examples" / "subset" / "train.jsonl"
@@ -41,33 +39,6 @@ def small_corpus(directory: Path, docs: int = 12) -> Path:
             record["text"] = record["text"][:2500]
             handle.write(json.dumps(record) + "\n")
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    return str(make_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
-
-
-@pytest.fixture(scope="session")
-def small_jsonl(tmp_path_factory) -> Path:
-    return small_corpus(tmp_path_factory.mktemp("small-corpus"))
-
-
-@pytest.fixture(scope="session")
-def tiny_db(tmp_path_factory, tiny_bert, small_jsonl) -> Path:
-    """Chunked + embedded (tiny BERT, blocks of 32) + indexed. Read-only: copy it before writing."""
-    from retrocli.build_db import build_db
-
-    path = tmp_path_factory.mktemp("tiny") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, block_size=32)
-    return path
-
-
-@pytest.fixture
-def tiny_db_copy(tiny_db, tmp_path) -> Path:
-    dest = tmp_path / "db"
-    shutil.copytree(tiny_db, dest)
-    return dest
 
 
 def tree_snapshot(path: Path) -> dict[str, tuple[int, int]]:
