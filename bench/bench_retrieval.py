@@ -42,8 +42,9 @@ def main() -> None:
 
     from retrocli.db import open_db
     from retrocli.embed import load_embeddings
-    from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+    from retrocli.index import ShardedIndex
     from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.options import DEFAULT_EF_SEARCH
 
     ef = args.ef or DEFAULT_EF_SEARCH
     db = open_db(args.db)

@@ -6,11 +6,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from retrocli.chunk import ChunkOptions, chunk_corpus
+from retrocli.chunk import chunk_corpus
 from retrocli.db import MANIFEST, read_manifest, stage_status
-from retrocli.embed import DEFAULT_BLOCK_SIZE, DEFAULT_EMBEDDER, embed_db
+from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import IndexOptions, index_db
+from retrocli.index import index_db
+from retrocli.options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_EMBED_BATCH,
+    DEFAULT_EMBEDDER,
+    DEFAULT_PRECISION,
+    ChunkOptions,
+    IndexOptions,
+)
 from retrocli.progress import Progress
 
 
@@ -19,8 +27,8 @@ def build_db(
     out: str | os.PathLike,
     chunk_options: ChunkOptions | None = None,
     embedder: str = DEFAULT_EMBEDDER,
-    precision: str = "fp32",
-    batch_size: int = 32,
+    precision: str = DEFAULT_PRECISION,
+    batch_size: int = DEFAULT_EMBED_BATCH,
     threads: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     index_options: IndexOptions | None = None,

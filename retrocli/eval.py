@@ -20,6 +20,7 @@ from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.neighbors import neighbors_of_inputs
+from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
@@ -44,8 +45,8 @@ class ChunkLosses:
 
 @torch.no_grad()
 def chunk_losses(
-    model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = 4, progress: Progress | None = None,
-    k: int | None = None,
+    model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = DEFAULT_EVAL_BATCH,
+    progress: Progress | None = None, k: int | None = None,
 ) -> ChunkLosses:
     """Per-token bits of every test chunk with its `k` retrieved neighbours (default: the model's k) and
     without retrieval."""
@@ -131,14 +132,14 @@ def evaluate(
     db_path: str | os.PathLike,
     inputs: list[str | os.PathLike],
     leakage: bool = True,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_EVAL_BATCH,
     threads: int | None = None,
     work_dir: str | os.PathLike | None = None,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     progress: Progress | None = None,
     k: int | None = None,
 ) -> dict:
-    """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=10) and bpb(α).
+    """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
@@ -148,7 +149,7 @@ def evaluate(
     db = open_db(db_path)
     model, meta = load_model(model_dir, db)
     model_k = k or model.config.num_neighbors
-    k = max(model_k, 10 if leakage else 0)
+    k = max(model_k, DEFAULT_LEAKAGE_K if leakage else 0)
     with neighbors_of_inputs(db.path, inputs, work_dir, k=min(k, db.num_chunks), threads=threads, progress=progress,
                              text_field=text_field) as (nb, test):
         losses = chunk_losses(model, db, test, nb.ids, batch_size, progress, k=model_k)

@@ -17,9 +17,16 @@ import torch
 from retrocli.db import RetroDB, open_db
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
-from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+from retrocli.index import ShardedIndex
 from retrocli.model.checkpoint import load_model
 from retrocli.neighbors import neighbor_refs
+from retrocli.options import (
+    DEFAULT_EF_SEARCH,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SAMPLING_SEED,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+)
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.sequences import neighbor_rows, pad_id
 
@@ -67,8 +74,9 @@ def longest_copy(db: RetroDB, token_ids: list[int], retrievals: list[Retrieval])
 
 def generate(
     db_path: str | os.PathLike | RetroDB, prompt: str, model_dir: str | os.PathLike | None = None,
-    max_new_tokens: int = 128, temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-    seed: int = 0, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+    top_k: int | None = DEFAULT_TOP_K, top_p: float | None = None,
+    seed: int = DEFAULT_SAMPLING_SEED, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
     on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
 ) -> Generation:
     db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)

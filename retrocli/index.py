@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import hnswlib
@@ -19,25 +18,12 @@ import numpy as np
 from retrocli.db import MANIFEST, RetroDB, open_db, write_json_atomic
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
+from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions
 from retrocli.progress import NullProgress, Progress
 
 SPACES = ("l2", "ip", "cosine")
-DEFAULT_SHARD_SIZE = 1_000_000  # ~1.9 GB of RAM per shard at 384-d, M=32
-DEFAULT_M = 32
-DEFAULT_EF_CONSTRUCTION = 200
-DEFAULT_EF_SEARCH = 128
 INDEX_DIR = "index"
 ADD_BLOCK = 16384
-
-
-@dataclass
-class IndexOptions:
-    space: str = "l2"
-    M: int = DEFAULT_M
-    ef_construction: int = DEFAULT_EF_CONSTRUCTION
-    shard_size: int = DEFAULT_SHARD_SIZE
-    seed: int = 100
-    threads: int | None = None
 
 
 def _shard_name(shard: int) -> str:

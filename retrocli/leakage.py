@@ -22,10 +22,19 @@ from datasketch import MinHash, MinHashLSH
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.eval import bpb_summary, chunk_losses
-from retrocli.index import DEFAULT_EF_SEARCH
 from retrocli.model.checkpoint import load_model
 from retrocli.neighbors import check_k, neighbors_of_inputs
-from retrocli.overlap import DEFAULT_ALPHA, ChunkOverlap, compute_overlap
+from retrocli.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_EXAMPLES,
+    DEFAULT_JACCARD,
+    DEFAULT_LEAKAGE_K,
+    DEFAULT_NGRAM,
+    DEFAULT_NUM_PERM,
+    DEFAULT_TEXT_FIELD,
+)
+from retrocli.overlap import ChunkOverlap, compute_overlap
 from retrocli.progress import NullProgress, Progress
 
 HIST_BINS = 20
@@ -89,7 +98,8 @@ class DuplicatePair:
     estimated: float
 
 
-def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = 13, num_perm: int = 128, threshold: float = 0.8,
+def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_perm: int = DEFAULT_NUM_PERM,
+                    threshold: float = DEFAULT_JACCARD,
                     progress: Progress | None = None) -> tuple[list[DuplicatePair], dict]:
     """Every (DB doc, test doc) pair with exact n-gram Jaccard ≥ threshold among MinHash-LSH candidates."""
     progress = progress or NullProgress()
@@ -181,9 +191,10 @@ def _example(db: RetroDB, test: RetroDB, ov: ChunkOverlap, c: int) -> dict:
 
 
 def leakage_report(
-    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], k: int = 10, alpha: float = DEFAULT_ALPHA,
-    examples: int = 5, ngram: int = 13, num_perm: int = 128, jaccard_threshold: float = 0.8,
-    ef: int = DEFAULT_EF_SEARCH, work_dir: str | os.PathLike | None = None, text_field: str = "text",
+    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], k: int = DEFAULT_LEAKAGE_K,
+    alpha: float = DEFAULT_ALPHA, examples: int = DEFAULT_EXAMPLES, ngram: int = DEFAULT_NGRAM,
+    num_perm: int = DEFAULT_NUM_PERM, jaccard_threshold: float = DEFAULT_JACCARD, ef: int = DEFAULT_EF_SEARCH,
+    work_dir: str | os.PathLike | None = None, text_field: str = DEFAULT_TEXT_FIELD,
     threads: int | None = None, progress: Progress | None = None, model_dir: str | os.PathLike | None = None,
     dask=None,
 ) -> LeakageReport:

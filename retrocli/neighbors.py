@@ -24,13 +24,13 @@ import zarr
 from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest, write_json_atomic
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
-from retrocli.index import DEFAULT_EF_SEARCH, ShardedIndex
+from retrocli.index import ShardedIndex
+from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD
 from retrocli.overlap import longest_shared_run
 from retrocli.progress import NullProgress, Progress
 
 NEIGHBORS_FORMAT = "retrocli-neighbors"
 NEIGHBORS_VERSION = 1
-DEFAULT_BATCH_BLOCK = 4096
 SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
 
 
@@ -118,7 +118,7 @@ def check_k(db: RetroDB, k: int) -> None:
 
 
 def query_neighbors(
-    db: RetroDB | str | os.PathLike, queries: list[str], k: int = 2, ef: int = DEFAULT_EF_SEARCH,
+    db: RetroDB | str | os.PathLike, queries: list[str], k: int = DEFAULT_QUERY_K, ef: int = DEFAULT_EF_SEARCH,
     exclude_same_doc: bool = False,
 ) -> list[list[QueryChunk]]:
     """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source)."""
@@ -179,7 +179,7 @@ def batch_neighbors(
     db_path: str | os.PathLike,
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
-    k: int = 2,
+    k: int = DEFAULT_QUERY_K,
     ef: int = DEFAULT_EF_SEARCH,
     exclude_same_doc: bool = False,
     block_size: int = DEFAULT_BATCH_BLOCK,
@@ -187,7 +187,7 @@ def batch_neighbors(
     overwrite: bool = False,
     progress: Progress | None = None,
     max_blocks: int | None = None,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     id_field: str | None = None,
     dask=None,
 ) -> Path:

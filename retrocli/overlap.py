@@ -17,7 +17,6 @@ from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import neighbor_rows
 
 QUERY_PAD, NEIGHBOR_PAD = -1, -2  # distinct paddings never match each other or a token id
-DEFAULT_ALPHA = 0.125  # a chunk leaks when r(C) > α: 8 of 64 tokens in a row (§4.4)
 
 
 def longest_runs(queries: np.ndarray, query_len: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, ...]:

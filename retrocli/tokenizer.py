@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from retrocli.assets import asset_path
 from retrocli.errors import RetroError
+from retrocli.options import DEFAULT_TEXT_FIELD
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -83,7 +84,7 @@ def train_tokenizer(
     inputs: Sequence[str | os.PathLike],
     vocab_size: int,
     out: str | os.PathLike,
-    text_field: str = "text",
+    text_field: str = DEFAULT_TEXT_FIELD,
     min_frequency: int = 2,
 ) -> LoadedTokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, lossless decode) and save tokenizer.json."""

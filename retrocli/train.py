@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,33 +24,10 @@ from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
 from retrocli.neighbors import open_neighbors
+from retrocli.options import DEFAULT_TRAIN_K, TrainOptions
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
-
-
-@dataclass
-class TrainOptions:
-    config: str = "small"  # preset name, or a config.json path
-    seq_len: int = 512
-    batch_size: int = 4
-    steps: int = 1000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the CPU has it natively, else fp32
-    threads: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 200
-    log_every: int = 10
-    # Share of each batch drawn from the windows whose neighbours' continuations best predict the next
-    # chunk (see TrainingData). 0 = uniform sampling, the paper's setting.
-    retrieval_focus: float = 0.0
-    # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
-    # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
-    copy_curriculum: float = 0.0
 
 
 def resolve_precision(precision: str) -> str:
@@ -235,7 +212,7 @@ def train(
     options: TrainOptions | None = None,
     heldout: str | os.PathLike | None = None,
     resume: bool = False,
-    k: int = 2,
+    k: int = DEFAULT_TRAIN_K,
     progress: Progress | None = None,
     stop_after: int | None = None,
     init_from: str | os.PathLike | None = None,

