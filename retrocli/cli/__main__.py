@@ -1,0 +1,3 @@
+from retrocli.cli import main
+
+main()

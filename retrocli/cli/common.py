@@ -1,0 +1,76 @@
+"""What every command shares: the consoles, one-line errors, JSON output, progress bars, the Dask client."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from retrocli.errors import RetroError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(fn):
+    """Turn RetroError into one clear line and exit code 2: users never see a traceback for bad input."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RetroError as err:
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: completed work is kept; rerun to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def progress_display(enabled: bool = True):
+    from retrocli.progress import RichProgress  # lazy: see cli/__init__.py
+
+    return RichProgress(console=err_console, enabled=enabled)
+
+
+
+@contextlib.contextmanager
+def cluster(dask: str | None):
+    """The Dask client for --dask (None without it), with one line saying where the work runs."""
+    from retrocli.cluster import dask_client  # lazy: see cli/__init__.py
+
+    with dask_client(dask) as client:
+        if client is not None:
+            workers = len(client.scheduler_info().get("workers", {}))
+            err_console.print(f"[dim]Dask: {workers} worker(s) at {client.scheduler.address}[/]")
+        yield client
+
+
+
+def write_text(path: Path, text: str) -> None:
+    from retrocli.db import write_text_atomic  # lazy: see cli/__init__.py
+
+    try:
+        write_text_atomic(path, text)
+    except OSError as err:
+        raise RetroError(f"{path}: cannot write ({err.strerror})") from None

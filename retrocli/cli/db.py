@@ -1,0 +1,237 @@
+"""Commands that build a DB: chunk, info, train-tokenizer, embed, index, build-db."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from retrocli.cli.common import cluster, console, err_console, handle_errors, human_bytes, print_json, progress_display
+from retrocli.cli.options import (
+    BatchSize,
+    BlockSize,
+    ChunkSize,
+    Dask,
+    EfConstruction,
+    Embedder,
+    IdField,
+    Inputs,
+    JsonOut,
+    MOpt,
+    Precision,
+    Seed,
+    ShardSize,
+    Space,
+    Strict,
+    TextField,
+    Threads,
+    TokenizerOpt,
+)
+from retrocli.options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_EF_CONSTRUCTION,
+    DEFAULT_EMBED_BATCH,
+    DEFAULT_EMBEDDER,
+    DEFAULT_INDEX_SEED,
+    DEFAULT_M,
+    DEFAULT_PRECISION,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_SPACE,
+    DEFAULT_TEXT_FIELD,
+    DEFAULT_VOCAB_SIZE,
+    ChunkOptions,
+    IndexOptions,
+)
+
+
+@handle_errors
+def chunk(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option(help="DB directory to create")],
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+    id_field: IdField = None,
+    strict: Strict = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing DB at --out")] = False,
+    json_output: JsonOut = False,
+):
+    """Tokenize a corpus and cut it into chunks: the DB every other command reads."""
+    from retrocli.chunk import chunk_corpus
+
+    options = ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field, id_field=id_field,
+                           strict=strict)
+    with progress_display(enabled=not json_output) as progress:
+        db = chunk_corpus(inputs, out, options, overwrite=overwrite, progress=progress)
+    stage = db.manifest["stages"]["chunk"]
+    if json_output:
+        print_json({"path": str(db.path), "counts": db.manifest["counts"], "corpus": stage["corpus"]})
+        return
+    corpus = stage["corpus"]
+    counts = db.manifest["counts"]
+    console.print(
+        f"[green]chunked[/] {counts['documents']:,} documents into {counts['chunks']:,} chunks "
+        f"({counts['tokens']:,} tokens) in {stage['seconds']:.1f}s → {escape(str(db.path))}"
+    )
+    if corpus["empty_skipped"]:
+        console.print(f"skipped {corpus['empty_skipped']} empty documents")
+    if corpus["invalid_utf8_documents"]:
+        replaced = corpus["invalid_utf8_documents"]
+        console.print(f"replaced invalid UTF-8 in {replaced} documents (--strict to fail)")
+    for path in corpus["binary_skipped"]:
+        err_console.print(f"[yellow]warning:[/] skipped binary file {escape(path)}", soft_wrap=True)
+
+@handle_errors
+def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: JsonOut = False):
+    """Summarise a DB: documents, chunks, tokens, tokenizer, stages and size on disk."""
+    from retrocli.info import db_info
+
+    data = db_info(db)
+    if json_output:
+        print_json(data)
+        return
+    counts = data["counts"]
+    table = Table(title=f"retro DB {escape(data['path'])}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("documents", f"{counts['documents']:,}")
+    table.add_row("chunks", f"{counts['chunks']:,}  (chunk size {data['chunk_size']})")
+    table.add_row("tokens", f"{counts['tokens']:,}")
+    tok = data["tokenizer"]
+    table.add_row("tokenizer", f"{tok['name']}  vocab {tok['vocab_size']:,}  sha256 {tok['sha256'][:12]}…")
+    table.add_row("stages", "  ".join(f"{k}: {v}" for k, v in data["stages"].items()))
+    if data["embedder"]:
+        emb = data["embedder"]
+        table.add_row("embedder", f"{emb['name']}  dim {emb['dim']}  {emb['pooling']}  {emb['precision']}")
+    if data["index"]:
+        idx = data["index"]
+        table.add_row("index", f"hnsw {idx['space']}  M={idx['M']}  shards {len(idx['shards'])}")
+    for name, size in data["disk_bytes"].items():
+        table.add_row(f"  {name}", human_bytes(size))
+    table.add_row("on disk", human_bytes(sum(data["disk_bytes"].values())))
+    console.print(table)
+
+@handle_errors
+def train_tokenizer_cmd(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option(help="tokenizer.json to write")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size including 256 byte tokens")] = DEFAULT_VOCAB_SIZE,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+):
+    """Train a byte-level BPE tokenizer (lossless for any UTF-8 text) on a corpus."""
+    from retrocli.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(inputs, vocab_size=vocab_size, out=out, text_field=text_field)
+    shown = escape(str(out))
+    console.print(f"[green]trained[/] vocab {tok.vocab_size:,} → {shown}  sha256 {tok.sha256[:12]}…")
+
+def _embed_summary(db) -> None:
+    emb = db.manifest["embedder"]
+    secs = db.manifest["stages"]["embed"].get("seconds", 0)
+    console.print(
+        f"[green]embedded[/] {db.num_chunks:,} chunks with {emb['name']} ({emb['dim']}-d, "
+        f"{emb['pooling']} pooling, {emb['precision']}) in {secs:.1f}s"
+    )
+
+
+def _index_summary(db) -> None:
+    idx = db.manifest["index"]
+    console.print(
+        f"[green]indexed[/] {db.num_chunks:,} vectors: hnsw {idx['space']} M={idx['M']} "
+        f"ef_construction={idx['ef_construction']}, {len(idx['shards'])} shard(s)"
+    )
+
+@handle_errors
+def embed(
+    db: Annotated[Path, typer.Argument(help="DB directory (chunked)")],
+    embedder: Embedder = DEFAULT_EMBEDDER,
+    precision: Precision = DEFAULT_PRECISION,
+    batch_size: BatchSize = DEFAULT_EMBED_BATCH,
+    threads: Threads = None,
+    block_size: BlockSize = DEFAULT_BLOCK_SIZE,
+    dask: Dask = None,
+):
+    """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
+    from retrocli.embed import embed_db, warn_slow_bf16
+
+    warn_slow_bf16(precision, err_console)
+    with cluster(dask) as client, progress_display() as progress:
+        out = embed_db(db, embedder=embedder, precision=precision, batch_size=batch_size, threads=threads,
+                       block_size=block_size, progress=progress, dask=client)
+    _embed_summary(out)
+
+@handle_errors
+def index(
+    db: Annotated[Path, typer.Argument(help="DB directory (embedded)")],
+    space: Space = DEFAULT_SPACE,
+    m: MOpt = DEFAULT_M,
+    ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
+    shard_size: ShardSize = DEFAULT_SHARD_SIZE,
+    seed: Seed = DEFAULT_INDEX_SEED,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild an existing index")] = False,
+    dask: Dask = None,
+):
+    """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
+    from retrocli.index import index_db, remove_index
+
+    if overwrite:
+        remove_index(db)
+    with cluster(dask) as client, progress_display() as progress:
+        options = IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size, seed=seed,
+                               threads=threads)
+        out = index_db(db, options, progress=progress, dask=client)
+    _index_summary(out)
+
+@handle_errors
+def build_db_cmd(
+    inputs: Inputs,
+    out: Annotated[Path, typer.Option(help="DB directory to create or resume")],
+    chunk_size: ChunkSize = DEFAULT_CHUNK_SIZE,
+    tokenizer: TokenizerOpt = None,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+    id_field: IdField = None,
+    strict: Strict = False,
+    embedder: Embedder = DEFAULT_EMBEDDER,
+    precision: Precision = DEFAULT_PRECISION,
+    batch_size: BatchSize = DEFAULT_EMBED_BATCH,
+    threads: Threads = None,
+    block_size: BlockSize = DEFAULT_BLOCK_SIZE,
+    space: Space = DEFAULT_SPACE,
+    m: MOpt = DEFAULT_M,
+    ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
+    shard_size: ShardSize = DEFAULT_SHARD_SIZE,
+    seed: Seed = DEFAULT_INDEX_SEED,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild from scratch")] = False,
+    dask: Dask = None,
+):
+    """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
+    from retrocli.build_db import build_db
+    from retrocli.embed import warn_slow_bf16
+
+    warn_slow_bf16(precision, err_console)
+    with cluster(dask) as client, progress_display() as progress:
+        db = build_db(
+            inputs,
+            out,
+            chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
+                                       id_field=id_field, strict=strict),
+            embedder=embedder,
+            precision=precision,
+            batch_size=batch_size,
+            threads=threads,
+            block_size=block_size,
+            index_options=IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size,
+                                       seed=seed, threads=threads),
+            overwrite=overwrite,
+            progress=progress,
+            dask=client,
+        )
+    counts = db.manifest["counts"]
+    console.print(f"[green]built[/] {db.path}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
+    _embed_summary(db)
+    _index_summary(db)

@@ -1,0 +1,199 @@
+"""Test-set leakage: `retro leakage-report` and `retro dedupe`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from retrocli.cli.common import cluster, console, err_console, handle_errors, print_json, progress_display, write_text
+from retrocli.cli.options import (
+    Alpha,
+    Dask,
+    Ef,
+    JaccardThreshold,
+    JsonOut,
+    KNeighbors,
+    NGram,
+    NumPerm,
+    TestInputs,
+    TextField,
+    Threads,
+    WorkDir,
+)
+from retrocli.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_EXAMPLES,
+    DEFAULT_JACCARD,
+    DEFAULT_LEAKAGE_K,
+    DEFAULT_NGRAM,
+    DEFAULT_NUM_PERM,
+    DEFAULT_TEXT_FIELD,
+)
+
+
+def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads):
+    return dict(
+        k=k,
+        alpha=alpha,
+        ngram=ngram,
+        num_perm=num_perm,
+        jaccard_threshold=jaccard_threshold,
+        ef=ef,
+        work_dir=work_dir,
+        text_field=text_field,
+        threads=threads,
+    )
+
+
+def _print_leakage(report) -> None:
+    console.print(
+        f"[bold]leakage of {report.num_test_docs:,} test documents ({report.num_test_chunks:,} chunks) "
+        f"against {escape(report.db)}[/], k={report.k}"
+    )
+    console.print(
+        f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
+        f"({100 * report.leaking_fraction:.1f}%)   mean r(C): {report.mean_r:.3f}"
+    )
+    hist = Table(title="r(C) histogram", show_edge=False)
+    hist.add_column("r(C)")
+    hist.add_column("chunks", justify="right")
+    hist.add_column("")
+    edges, counts = report.histogram["edges"], report.histogram["counts"]
+    top = max(counts) or 1
+    for i in range(0, len(counts), 2):  # pairs of bins keep the table short
+        c = counts[i] + counts[i + 1]
+        hist.add_row(f"{edges[i]:.2f}–{edges[i + 2]:.2f}", f"{c:,}", "█" * max(0, round(30 * c / (2 * top))))
+    console.print(hist)
+    docs = Table(title="test documents by max r (top 10)", show_edge=False)
+    for col in ("document", "chunks", "max r", "mean r", "leaking"):
+        docs.add_column(col, justify="left" if col == "document" else "right", overflow="fold")
+    for d in report.documents[:10]:
+        docs.add_row(
+            escape(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}", str(d["leaking_chunks"])
+        )
+    console.print(docs)
+    for ex in report.examples:
+        console.print(f"[bold]r={ex['r']:.3f}[/] test {escape(ex['test_source'])} ↔ DB {escape(ex['db_source'])}")
+        t = ex["test_text"]
+        console.print(f"  {escape(t[0][-60:])}[reverse]{escape(t[1][:240])}[/]{escape(t[2][:60])}", highlight=False)
+    dup = report.near_duplicates
+    if report.bpb:
+        b = report.bpb
+        console.print(
+            f"bpb with retrieval {b['bpb_retrieval']:.4f}, without {b['bpb_no_retrieval']:.4f}; "
+            + ", ".join(
+                f"bpb(α={p['alpha']:g})={p['bpb']:.4f}"
+                for p in b["curve"]
+                if p["bpb"] is not None and p["alpha"] in (0.125, 0.5, 1.0)
+            )
+        )
+    console.print(
+        f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
+        f"[bold]{len(dup)}[/] pairs "
+        f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)"
+    )
+    for p in dup[:20]:
+        console.print(f"  {escape(p['db_source'])} ≈ test {escape(p['test_source'])}  J={p['jaccard']:.3f}")
+
+
+@handle_errors
+def leakage_report_cmd(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    test: TestInputs,
+    k: KNeighbors = DEFAULT_LEAKAGE_K,
+    alpha: Alpha = DEFAULT_ALPHA,
+    examples: Annotated[int, typer.Option(help="Leaking chunks to show side by side")] = DEFAULT_EXAMPLES,
+    ngram: NGram = DEFAULT_NGRAM,
+    num_perm: NumPerm = DEFAULT_NUM_PERM,
+    jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
+    ef: Ef = DEFAULT_EF_SEARCH,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here")] = None,
+    html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here")] = None,
+    fail_above: Annotated[float | None, typer.Option(help="Exit 1 if the leaking fraction exceeds this")] = None,
+    model: Annotated[Path | None, typer.Option(help="A RETRO model: also compute bpb(alpha) with retrieval")] = None,
+    work_dir: WorkDir = None,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+    threads: Threads = None,
+    dask: Dask = None,
+):
+    """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
+    from retrocli.leakage import leakage_report
+    from retrocli.leakage_html import render_html
+
+    with cluster(dask) as client, progress_display() as progress:
+        report = leakage_report(
+            db,
+            test,
+            examples=examples,
+            progress=progress,
+            model_dir=model,
+            dask=client,
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+        )
+    _print_leakage(report)
+    data = report.to_json()
+    if json_path:
+        write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False))
+        console.print(f"JSON → {json_path}")
+    if html:
+        write_text(html, render_html(data))
+        console.print(f"HTML → {html}")
+    if fail_above is not None and report.leaking_fraction > fail_above:
+        err_console.print(f"[bold red]leakage {report.leaking_fraction:.3f} exceeds --fail-above {fail_above}[/]")
+        raise typer.Exit(1)
+
+
+@handle_errors
+def dedupe(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed); never modified")],
+    test: TestInputs,
+    out: Annotated[Path, typer.Option(help="New DB without the flagged documents")],
+    drop_leaking_chunks: Annotated[
+        bool, typer.Option(help="Also drop DB documents holding a chunk with r > alpha")
+    ] = False,
+    k: KNeighbors = DEFAULT_LEAKAGE_K,
+    alpha: Alpha = DEFAULT_ALPHA,
+    ngram: NGram = DEFAULT_NGRAM,
+    num_perm: NumPerm = DEFAULT_NUM_PERM,
+    jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
+    ef: Ef = DEFAULT_EF_SEARCH,
+    work_dir: WorkDir = None,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
+    json_output: JsonOut = False,
+):
+    """Write a copy of the DB without the documents that near-duplicate (or, optionally, leak into) a test set."""
+    from retrocli.dedupe import dedupe as run_dedupe
+
+    with progress_display(enabled=not json_output) as progress:
+        new_db, report, dropped = run_dedupe(
+            db,
+            test,
+            out,
+            drop_leaking_chunks=drop_leaking_chunks,
+            overwrite=overwrite,
+            progress=progress,
+            examples=0,
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+        )
+    summary = {
+        "out": str(new_db.path),
+        "removed_documents": sorted(dropped),
+        "documents": new_db.num_docs,
+        "chunks": new_db.num_chunks,
+        "near_duplicate_pairs": len(report.near_duplicates),
+    }
+    if json_output:
+        print_json(summary)
+        return
+    console.print(
+        f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
+        f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)"
+    )

@@ -1,0 +1,194 @@
+"""The model: `retro train`, `retro eval` and `retro generate`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display
+from retrocli.cli.options import JsonOut, ModelDir, TestInputs, TextField, Threads, WorkDir
+from retrocli.options import (
+    DEFAULT_EVAL_BATCH,
+    DEFAULT_LEAKAGE_K,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_SAMPLING_SEED,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TEXT_FIELD,
+    DEFAULT_TOP_K,
+    DEFAULT_TRAIN_K,
+    TrainOptions,
+)
+
+
+@handle_errors
+def train_cmd(
+    db: Annotated[Path, typer.Argument(help="DB (indexed): training corpus and retrieval DB")],
+    neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
+    out: Annotated[Path, typer.Option(help="Model directory to write (checkpoints in OUT/checkpoint)")],
+    heldout: Annotated[
+        Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")
+    ] = None,
+    config: Annotated[str, typer.Option(help="Preset (small, tiny) or a config.json")] = TrainOptions.config,
+    seq_len: Annotated[
+        int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")
+    ] = TrainOptions.seq_len,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = TrainOptions.batch_size,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all")] = TrainOptions.steps,
+    lr: Annotated[float, typer.Option(help="Peak learning rate")] = TrainOptions.lr,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay")] = TrainOptions.warmup,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = TrainOptions.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip")] = TrainOptions.grad_clip,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = TrainOptions.precision,
+    k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = DEFAULT_TRAIN_K,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = TrainOptions.checkpoint_every,
+    threads: Threads = None,
+    seed: Annotated[int, typer.Option(help="Seed: weights, data order")] = TrainOptions.seed,
+    resume: Annotated[bool, typer.Option(help="Continue OUT/checkpoint exactly where it stopped")] = False,
+    retrieval_focus: Annotated[
+        float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
+    ] = TrainOptions.retrieval_focus,
+    copy_curriculum: Annotated[
+        float,
+        typer.Option(help="Share of chunks whose first neighbour is a damaged copy of their own continuation "
+                          "(teaches copying; 0 = the paper's same-document exclusion everywhere)"),
+    ] = TrainOptions.copy_curriculum,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this saved model's weights (fine-tune; new schedule)")
+    ] = None,
+    json_output: JsonOut = False,
+):
+    """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
+    from retrocli.train import train
+
+    opts = TrainOptions(
+        config=config, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
+        checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
+    )
+    with progress_display(enabled=not json_output) as progress:
+        summary = train(db, neighbors, out, options=opts, heldout=heldout, resume=resume, k=k, progress=progress,
+                        init_from=init_from)
+    if json_output:
+        print_json(summary)
+        return
+    console.print(
+        f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
+        f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
+        f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {summary['out']}"
+    )
+
+
+@handle_errors
+def eval_cmd(
+    db: Annotated[Path, typer.Argument(help="DB (indexed) to retrieve from")],
+    test: TestInputs,
+    model: ModelDir = None,
+    leakage: Annotated[bool, typer.Option(help=f"Also compute r(C) (k={DEFAULT_LEAKAGE_K}) and bpb(alpha)")] = True,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass")] = DEFAULT_EVAL_BATCH,
+    work_dir: WorkDir = None,
+    text_field: TextField = DEFAULT_TEXT_FIELD,
+    threads: Threads = None,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
+    = None,
+    json_output: JsonOut = False,
+):
+    """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
+    from retrocli.eval import evaluate
+
+    with progress_display(enabled=not json_output) as progress:
+        result = evaluate(model, db, test, leakage=leakage, batch_size=batch_size, threads=threads, work_dir=work_dir,
+                          text_field=text_field, progress=progress, k=k)
+    if json_output:
+        print_json(result)
+        return
+    console.print(
+        f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
+        f"{result['test_bytes']:,} bytes"
+    )
+    console.print(
+        f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   without: "
+        f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"
+    )
+    if "curve" in result:
+        table = Table(title="bpb(α): chunks with r(C) ≤ α", show_edge=False)
+        for col in ("α", "chunks", "bpb retrieval", "bpb none"):
+            table.add_column(col, justify="right")
+        for p in result["curve"]:
+            fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+            table.add_row(f"{p['alpha']:g}", f"{p['chunks']:,}", fmt(p["bpb"]), fmt(p["bpb_no_retrieval"]))
+        console.print(table)
+
+
+@handle_errors
+def generate(
+    db: Annotated[Path, typer.Option("--db", help="DB (indexed) to retrieve from")],
+    prompt: Annotated[str, typer.Option(help="Text to continue")],
+    model: ModelDir = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample")] = DEFAULT_MAX_NEW_TOKENS,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens")] = DEFAULT_TOP_K,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (deterministic)")] = DEFAULT_SAMPLING_SEED,
+    k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
+    no_retrieval: Annotated[bool, typer.Option(help="Disable retrieval (plain decoder)")] = False,
+    show_neighbors: Annotated[bool, typer.Option(help="Print each retrieval as it happens")] = False,
+    json_output: JsonOut = False,
+):
+    """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""
+    from retrocli.generate import generate as run_generate
+
+    def on_text(text: str) -> None:
+        if not json_output:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def on_retrieval(rec) -> None:
+        if show_neighbors and not json_output:
+            err_console.print(f"\n[dim]── chunk {rec.chunk_index} complete: retrieved[/]")
+            for nb in rec.neighbors:
+                err_console.print(
+                    f"[cyan]  d={nb.distance:.3f} {escape(nb.source)} · chunk {nb.id}[/]: {escape(nb.text[:160])!s}…",
+                    highlight=False,
+                )
+
+    if not json_output:
+        sys.stdout.write(prompt)
+    result = run_generate(
+        db,
+        prompt,
+        model_dir=model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        k=k,
+        retrieval=not no_retrieval,
+        on_text=on_text,
+        on_retrieval=on_retrieval,
+    )
+    if json_output:
+        print_json(
+            {
+                "prompt": result.prompt,
+                "text": result.text,
+                "retrievals": [
+                    {"chunk": r.chunk_index, "chunk_text": r.chunk_text, "neighbors": [n.__dict__ for n in r.neighbors]}
+                    for r in result.retrievals
+                ],
+                "copy": result.copy.__dict__ if result.copy else None,
+            }
+        )
+        return
+    sys.stdout.write("\n")
+    if show_neighbors and result.copy and result.copy.tokens >= 4:
+        err_console.print(
+            f"[dim]── the continuation shares a {result.copy.tokens}-token run with retrieved chunk "
+            f"{result.copy.neighbor_id} ({escape(result.copy.source)}):[/] [bold]{escape(result.copy.text)!s}[/]",
+            highlight=False,
+        )

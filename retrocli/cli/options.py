@@ -1,0 +1,56 @@
+"""Options that several commands share, declared once. Defaults stay on each command's parameters and
+come from retrocli.options, the constants the API uses, so the CLI and the API cannot drift apart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables")]
+
+# corpus and chunking (chunk, build-db, train-tokenizer; the test set of leakage-report, dedupe, eval)
+Inputs = Annotated[
+    list[Path], typer.Argument(help="Files or directories: .txt/.md/.rst, .jsonl(.gz), .parquet", readable=False)
+]
+TextField = Annotated[str, typer.Option(help="JSONL/Parquet field holding the document text")]
+IdField = Annotated[str | None, typer.Option(help="JSONL/Parquet field holding a document id to keep")]
+Strict = Annotated[bool, typer.Option(help="Fail on invalid UTF-8 instead of replacing it")]
+TokenizerOpt = Annotated[
+    str | None, typer.Option(help="HF tokenizer.json or a directory holding one (default: packaged BPE)")
+]
+ChunkSize = Annotated[int, typer.Option(help="Tokens per chunk (RETRO: 64)")]
+
+# embedding and indexing (embed, index, build-db)
+Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
+Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
+BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
+Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
+BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
+Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]
+MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]
+EfConstruction = Annotated[int, typer.Option(help="HNSW build-time search width")]
+ShardSize = Annotated[int, typer.Option(help="Vectors per HNSW shard (bounds build memory)")]
+Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
+Dask = Annotated[
+    str | None,
+    typer.Option(help="Run on Dask: a scheduler address (tcp://host:8786) or local:N worker processes"),
+]
+
+# retrieval (neighbors, leakage-report, dedupe, generate)
+Ef = Annotated[int, typer.Option(help="HNSW search width (accuracy vs speed)")]
+
+# test sets (leakage-report, dedupe, eval)
+TestInputs = Annotated[
+    list[Path], typer.Option("--test", help="Test set: files/dirs as for `retro chunk` (repeatable)", readable=False)
+]
+KNeighbors = Annotated[int, typer.Option("--k", help="Neighbours (with continuations) per test chunk")]
+Alpha = Annotated[float, typer.Option(help="A chunk leaks when r(C) > alpha (paper: 0.125)")]
+NGram = Annotated[int, typer.Option(help="n of the n-grams for document Jaccard (paper: 13)")]
+NumPerm = Annotated[int, typer.Option(help="MinHash permutations")]
+JaccardThreshold = Annotated[float, typer.Option(help="Near-duplicate when n-gram Jaccard ≥ this (paper: 0.8)")]
+WorkDir = Annotated[Path | None, typer.Option(help="Keep the embedded test set here (resumable); default: temp")]
+
+# models (eval, generate)
+ModelDir = Annotated[Path | None, typer.Option(help="Model directory (default: the bundled model)")]

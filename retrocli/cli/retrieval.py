@@ -1,0 +1,104 @@
+"""Retrieval: `retro neighbors`, by query text or in batch over a whole DB or corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display
+from retrocli.cli.options import BlockSize, Dask, Ef, JsonOut, Threads
+from retrocli.errors import RetroError
+from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
+
+
+def _neighbors_json(query: str, chunks) -> dict:
+    return {
+        "query": query,
+        "chunks": [{"chunk": c.index, "text": c.text, "neighbors": [n.__dict__ for n in c.neighbors]} for c in chunks],
+    }
+
+
+@handle_errors
+def neighbors(
+    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    query: Annotated[list[str] | None, typer.Option(help="Query text (repeatable)")] = None,
+    query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours per query chunk")] = DEFAULT_QUERY_K,
+    ef: Ef = DEFAULT_EF_SEARCH,
+    exclude_same_doc: Annotated[bool, typer.Option(help="Drop neighbours from the query's own document")] = False,
+    input: Annotated[list[Path] | None, typer.Option("--input", help="Batch mode: a DB or corpus to query")] = None,
+    out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
+    embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
+    block_size: BlockSize = DEFAULT_BATCH_BLOCK,
+    threads: Threads = None,
+    overwrite: Annotated[bool, typer.Option(help="Batch mode: replace --out")] = False,
+    dask: Dask = None,
+    json_output: JsonOut = False,
+):
+    """Nearest DB chunks of a text with their continuations ([N, F]) and sources; batch mode with --input/--out.
+
+    Batch mode writes the k neighbours of every chunk of a DB or corpus to zarr (what training reads).
+    """
+    from retrocli.db import open_db
+    from retrocli.embed import check_embedder_matches
+    from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
+
+    opened = open_db(db)
+    check_embedder_matches(opened, embedder)
+    if dask and not (input or out):
+        raise RetroError("--dask applies to batch mode (--input/--out); a query runs in this process")
+    if input or out:
+        if not (input and out):
+            raise RetroError("batch mode needs both --input and --out")
+        with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
+            path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
+                                   block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
+                                   dask=client)
+
+        result = open_neighbors(path)
+        summary = {
+            "out": str(path),
+            "queries": int(result.ids.shape[0]),
+            "k": k,
+            "missing": int((result.ids < 0).sum()),
+            "seconds": result.manifest.get("seconds"),
+        }
+        if json_output:
+            print_json(summary)
+        else:
+            console.print(f"[green]wrote[/] neighbours of {summary['queries']:,} chunks (k={k}) → {path}")
+        return
+    texts = list(query or [])
+    if query_file is not None:
+        try:
+            texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise RetroError(f"{query_file}: cannot read query file ({err})") from None
+    results = query_neighbors(opened, texts, k=k, ef=ef, exclude_same_doc=exclude_same_doc)
+    if json_output:
+        for text, chunks in zip(texts, results):
+            print_json(_neighbors_json(text, chunks))
+        return
+    for number, chunks in enumerate(results, start=1):
+        for chunk in chunks:
+            table = Table(
+                title=f"query {number}, chunk {chunk.index}: {escape(chunk.text[:70])!s}…", show_lines=True, expand=True
+            )
+            table.add_column("#", width=3)
+            table.add_column("dist", width=6)
+            table.add_column("neighbour [N]", ratio=3)
+            table.add_column("continuation [F]", ratio=3)
+            table.add_column("source", ratio=2, overflow="fold")
+            for rank, nb in enumerate(chunk.neighbors, start=1):
+                table.add_row(
+                    str(rank),
+                    f"{nb.distance:.3f}",
+                    escape(nb.text),
+                    escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
+                    escape(f"{nb.source} · chunk {nb.id}"),
+                )
+            console.print(table)
