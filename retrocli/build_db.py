@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from retrocli.chunk import chunk_corpus
+from retrocli.cluster import dask_client
 from retrocli.db import MANIFEST, read_manifest, stage_status
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
@@ -38,8 +39,6 @@ def build_db(
 ):
     """Chunk (in this process), then embed and index on `dask` when given (an address, 'local:N' or a
     distributed.Client; one cluster serves both stages)."""
-    from retrocli.cluster import dask_client
-
     chunk_options = chunk_options or ChunkOptions()
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 
 from retrocli.errors import RetroError
+from retrocli.tokenizer import tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
 FORMAT_VERSION = 1
@@ -180,8 +181,6 @@ class RetroDB:
 
     @cached_property
     def tokenizer(self):
-        from retrocli.tokenizer import tokenizer_from_json
-
         text = (self.path / TOKENIZER_FILE).read_text(encoding="utf-8")
         loaded = tokenizer_from_json(text, self.manifest["tokenizer"]["name"])
         if loaded.sha256 != self.manifest["tokenizer"]["sha256"]:

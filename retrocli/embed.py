@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import zarr
 
+from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, DEFAULT_EMBEDDER, DEFAULT_PRECISION
@@ -220,8 +221,6 @@ def embed_db(
     `dask` (a scheduler address, 'local:N' or a distributed.Client) embeds the blocks on Dask workers,
     `threads` torch threads per task (default 1 there). `max_blocks` stops after that many new blocks
     (used to test interruption without killing)."""
-    from retrocli.cluster import dask_client, run_blocks
-
     progress = progress or NullProgress()
     if threads and dask is None:
         torch.set_num_threads(threads)

@@ -15,7 +15,8 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-from retrocli.db import MANIFEST, RetroDB, open_db, write_json_atomic
+from retrocli.cluster import dask_client, run_blocks
+from retrocli.db import MANIFEST, RetroDB, open_db, read_manifest, write_json_atomic
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions
@@ -35,8 +36,6 @@ def index_db(
 ) -> RetroDB:
     """Build (or finish building) the HNSW shards of the DB at `path`; with `dask` (an address, 'local:N'
     or a distributed.Client) one task per shard on the workers, `options.threads` per task (default 1)."""
-    from retrocli.cluster import dask_client, run_blocks
-
     options = options or IndexOptions()
     progress = progress or NullProgress()
     if options.space not in SPACES:
@@ -178,8 +177,6 @@ class ShardedIndex:
 def remove_index(db_path: Path) -> None:
     """For --overwrite: forget the index stage and delete its files."""
     import shutil
-
-    from retrocli.db import read_manifest
 
     manifest = read_manifest(db_path)
     manifest.pop("index", None)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.chunk import ChunkOptions, chunk_corpus
+from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest, write_json_atomic
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
@@ -194,8 +196,6 @@ def batch_neighbors(
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
     With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
     each holding every index shard in memory (loaded once per worker)."""
-    from retrocli.cluster import dask_client, run_blocks
-
     progress = progress or NullProgress()
     db = open_db(db_path)
     check_k(db, k)
@@ -242,8 +242,6 @@ def batch_neighbors(
             queries = open_db(queries.path)
         _check_same_embedder(db, queries)
     else:
-        from retrocli.chunk import ChunkOptions, chunk_corpus
-
         qpath = out / "queries"
         if not _is_db(qpath):
             chunk_corpus(inputs, qpath, ChunkOptions(db.chunk_size, str(db.path / "tokenizer.json"),

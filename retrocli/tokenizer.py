@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from retrocli.assets import asset_path
+from retrocli.corpus import CorpusOptions, iter_documents
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_TEXT_FIELD
 
@@ -89,8 +90,6 @@ def train_tokenizer(
 ) -> LoadedTokenizer:
     """Train a byte-level BPE (GPT-2 style pre-tokenization, lossless decode) and save tokenizer.json."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    from retrocli.corpus import CorpusOptions, iter_documents
 
     if vocab_size < 512:
         raise RetroError("--vocab-size: must be at least 512 (256 bytes plus merges)")
