@@ -21,16 +21,16 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check retrocli tests bench examples
+	$(BIN)/ruff check retrocli tests bench scripts
 
 demo: install
 	bash examples/demo.sh
 
-# Needs the full example corpus: python3 examples/gather_corpus.py --out examples/data
+# Needs the full example corpus: python3 scripts/gather_corpus.py --out examples/data
 bench: install
 	$(BIN)/python bench/bench_chunk.py
 	bash bench/run_full.sh bench-out
 
 # Retrain the bundled model from scratch (~2 h on 2 cores; needs the full example corpus, see README).
 bundled-model: install
-	bash examples/bundled_model.sh
+	bash scripts/bundled_model.sh

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_chunk.py --copies 8 --json bench-chunk.json
 
 The corpus is the full example corpus (examples/data/train.jsonl, ~21.6 MB, made by
-`python3 examples/gather_corpus.py --out examples/data`) copied into a temp dir enough times to pass
+`python3 scripts/gather_corpus.py --out examples/data`) copied into a temp dir enough times to pass
 --min-mb. Three child processes are measured, each with its own wall time and peak RSS (os.wait4 gives
 the exact ru_maxrss of that child):
 
@@ -156,7 +156,7 @@ def main() -> int:
     if not source.exists():
         print(
             f"bench: {source} is missing. Build the full example corpus first:\n"
-            f"    python3 examples/gather_corpus.py --out examples/data",
+            f"    python3 scripts/gather_corpus.py --out examples/data",
             file=sys.stderr,
         )
         return 2

@@ -4,7 +4,7 @@ machine's speed hits both alike. Also times a held-out-style forward with the fu
 (what `retro eval` and generation compute) against the plain forward.
 
     .venv/bin/python bench/bench_copy_head.py --db DB --neighbors DB-NEIGHBORS \
-        --config examples/bundled-model-config.json [--steps 20] [--threads 2]
+        --config scripts/bundled-model-config.json [--steps 20] [--threads 2]
 """
 
 from __future__ import annotations

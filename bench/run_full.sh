@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All benchmarks on the full example corpus, in sequence (2 cores: never two at once).
-# Usage: bash bench/run_full.sh [WORKDIR]   (needs: python3 examples/gather_corpus.py --out examples/data)
+# Usage: bash bench/run_full.sh [WORKDIR]   (needs: python3 scripts/gather_corpus.py --out examples/data)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-bench-out}

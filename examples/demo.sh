@@ -7,7 +7,7 @@ OUT=${DEMO_DIR:-demo-out}
 PY=${PY:-.venv/bin/python}
 # The generation prompt: characters [FROM, TO) of held-out page DOC (examples/subset/heldout.jsonl):
 # Django 1.3.5's release notes, whose security section the DB's 1.4.3 notes share. Chosen with
-# examples/pick_demo_prompt.py (the window where the model copies the most retrieved text).
+# scripts/pick_demo_prompt.py (the window where the model copies the most retrieved text).
 PROMPT_DOC=14 PROMPT_FROM=1302 PROMPT_TO=2137
 mkdir -p "$OUT"
 

@@ -1,4 +1,4 @@
-"""`make bundled-model` (examples/bundled_model.sh) end to end, small: every command of the recipe runs, in
+"""`make bundled-model` (scripts/bundled_model.sh) end to end, small: every command of the recipe runs, in
 order, on a tiny corpus, BERT and config, and writes a loadable model with its card; a rerun resumes."""
 
 import json
@@ -19,7 +19,7 @@ TINY = dict(n_layer=2, n_head=2, d_model=32, d_ff=64, cca_layers=[2], enc_layers
 
 
 def run_recipe(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "examples" / "bundled_model.sh")], env={**os.environ, **env},
+    return subprocess.run(["bash", str(REPO / "scripts" / "bundled_model.sh")], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=900)
 
 

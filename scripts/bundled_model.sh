@@ -14,8 +14,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 TRAIN=${TRAIN:-examples/data/train.jsonl}
 HELDOUT=${HELDOUT:-$PWD/examples/data/heldout.jsonl}
 DEST=${DEST:-retrocli/assets/model}
-BASE_CONFIG=${BASE_CONFIG:-examples/bundled-model-config.json}
-COPY_CONFIG=${COPY_CONFIG:-examples/bundled-model-copy-config.json}
+BASE_CONFIG=${BASE_CONFIG:-scripts/bundled-model-config.json}
+COPY_CONFIG=${COPY_CONFIG:-scripts/bundled-model-copy-config.json}
 BASE_STEPS=${BASE_STEPS:-2600}
 COPY_STEPS=${COPY_STEPS:-1000}
 SEQ_LEN=${SEQ_LEN:-512}
@@ -24,7 +24,7 @@ mkdir -p "$W"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "1/7 corpus: the train split of the technical-docs corpus (held-out pages never enter the DB)"
-[ -f "$TRAIN" ] || python3 examples/gather_corpus.py --out "$(dirname "$TRAIN")"
+[ -f "$TRAIN" ] || python3 scripts/gather_corpus.py --out "$(dirname "$TRAIN")"
 
 step "2/7 build-db on the train split (~25-45 min on 2 cores: embedding dominates)"
 # shellcheck disable=SC2086  # EMBEDDER is empty or two words
@@ -63,5 +63,5 @@ cp "$W/model/model.safetensors" "$W/model/config.json" "$W/model/tokenizer.json"
    "$W/model/retrocli_model.json" "$W/model/train_log.jsonl" "$DEST/"
 cp "$W/base/train_log.jsonl" "$DEST/train_log_base.jsonl"
 cp "$W/eval.json" "$DEST/eval.json"
-$PYTHON examples/model_card.py --work "$W" --model "$DEST" --heldout "$HELDOUT"
+$PYTHON scripts/model_card.py --work "$W" --model "$DEST" --heldout "$HELDOUT"
 echo "bundled model → $DEST ($(du -sh "$DEST" | cut -f1)); evaluation in $W/eval.json and $W/leakage.html"

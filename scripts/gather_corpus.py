@@ -16,8 +16,8 @@ Two modes, both deterministic (running twice gives byte-identical files):
 
 1. Full corpus (git-ignored)::
 
-       python3 examples/gather_corpus.py --out examples/data
-       python3 examples/gather_corpus.py --out examples/data --sources python,django
+       python3 scripts/gather_corpus.py --out examples/data
+       python3 scripts/gather_corpus.py --out examples/data --sources python,django
 
    writes ``train.jsonl``, ``heldout.jsonl``, ``heldout_ids.txt``, ``LICENSES/``
    and ``SOURCES.md`` into ``--out``.  A document is held out iff
@@ -26,7 +26,7 @@ Two modes, both deterministic (running twice gives byte-identical files):
 
 2. Committed subset (small enough to live in git)::
 
-       python3 examples/gather_corpus.py --out examples/data --subset examples/subset
+       python3 scripts/gather_corpus.py --out examples/data --subset examples/subset
 
    reads the full corpus already written to ``--out`` (run mode 1 first) and
    writes ``train.jsonl`` (the whole Python tutorial plus a slice of the Python
@@ -466,7 +466,7 @@ def build_full(sources: list[Source], out_dir: Path) -> None:
     copy_licenses(sources, out_dir)
     sources_md = (
         "# Corpus sources\n\n"
-        "Built by `examples/gather_corpus.py` from Debian documentation packages "
+        "Built by `scripts/gather_corpus.py` from Debian documentation packages "
         "(`apt-get install " + " ".join(s.package for s in sources) + "`).\n\n"
         "Python docs are the reST sources as shipped; PostgreSQL and Django pages are "
         "HTML converted to plain text (main content only). Documents with fewer than "
@@ -516,7 +516,7 @@ def build_subset(full_dir: Path, subset_dir: Path) -> None:
     train_path, heldout_path = full_dir / "train.jsonl", full_dir / "heldout.jsonl"
     if not train_path.exists() or not heldout_path.exists():
         sys.exit(f"error: {train_path} not found; build the full corpus first: "
-                 f"python3 examples/gather_corpus.py --out {full_dir}")
+                 f"python3 scripts/gather_corpus.py --out {full_dir}")
     train = read_jsonl(train_path)  # already sorted by id
     heldout = read_jsonl(heldout_path)
 
@@ -554,9 +554,9 @@ def build_subset(full_dir: Path, subset_dir: Path) -> None:
             if any(r["source"] == s.name for r in subset_train + subset_heldout)]
     sources_md = (
         "# Subset sources\n\n"
-        "A small, committed slice of the corpus built by `examples/gather_corpus.py`:\n\n"
-        "    python3 examples/gather_corpus.py --out examples/data\n"
-        "    python3 examples/gather_corpus.py --out examples/data --subset examples/subset\n\n"
+        "A small, committed slice of the corpus built by `scripts/gather_corpus.py`:\n\n"
+        "    python3 scripts/gather_corpus.py --out examples/data\n"
+        "    python3 scripts/gather_corpus.py --out examples/data --subset examples/subset\n\n"
         "- `train.jsonl`: the whole Python tutorial (`python3.11-doc/tutorial/*`) plus "
         "Python library reference pages (`python3.11-doc/library/*`) taken in id order, "
         f"skipping any that would take the text past {SUBSET_TRAIN_BUDGET} bytes; "

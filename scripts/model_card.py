@@ -1,8 +1,8 @@
 """Write the bundled model's card (README.md beside the weights) from the artifacts of
-examples/bundled_model.sh: the training log, the model metadata, `retro eval --json`, and greedy
+scripts/bundled_model.sh: the training log, the model metadata, `retro eval --json`, and greedy
 `retro generate` transcripts on held-out prompts (run here, retrieving from the training DB).
 
-    .venv/bin/python examples/model_card.py --work bundled-work --model retrocli/assets/model
+    .venv/bin/python scripts/model_card.py --work bundled-work --model retrocli/assets/model
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 # Held-out prompts: (document id in examples/data/heldout.jsonl, first char, last char, picked). The first
-# four were fixed before the model could copy; the picked two are the top of examples/pick_demo_prompt.py on
+# four were fixed before the model could copy; the picked two are the top of scripts/pick_demo_prompt.py on
 # the full DB (the windows whose retrieved neighbours hold the next chunk and where the model copies most).
 PROMPTS = [
     ("postgresql-doc-15/sql-droppublication.html", 0, 330, False),

@@ -10,7 +10,7 @@ and every window of PROMPT_CHUNKS chunks:
 The table lists both; "gain" is with minus without, so text the model would write anyway (common phrases,
 the prompt's own words) does not count as copied.
 
-    .venv/bin/python examples/pick_demo_prompt.py --db demo-out/db --heldout examples/subset/heldout.jsonl
+    .venv/bin/python scripts/pick_demo_prompt.py --db demo-out/db --heldout examples/subset/heldout.jsonl
 """
 
 from __future__ import annotations
