@@ -820,27 +820,13 @@ class RetroModel(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def generate(
-        self,
-        prompt_ids,
-        max_new_tokens: int,
-        retrieve_fn: Callable[[list[int]], torch.Tensor | None] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-    ) -> torch.Tensor:
+    def generate(self, prompt_ids, max_new_tokens: int, retrieve_fn=None, **sampling) -> torch.Tensor:
         """Prompt followed by max_new_tokens sampled tokens: [T + new] for a 1-D prompt, else [B, T + new].
-        See `generate_iter` for the arguments."""
+        `sampling` takes generate_iter's other keyword arguments (temperature, top_k, top_p, ...)."""
         idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
         one_d = idx.dim() == 1
         idx2 = idx.unsqueeze(0) if one_d else idx
-        new = list(
-            self.generate_iter(
-                idx2, max_new_tokens, retrieve_fn, temperature, top_k, top_p, generator, use_cache
-            )
-        )
+        new = list(self.generate_iter(idx2, max_new_tokens, retrieve_fn, **sampling))
         out = torch.cat([idx2, torch.stack(new, dim=1)], dim=1) if new else idx2
         return out[0] if one_d else out
 
