@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import SUBSET_TRAIN, make_tiny_bert, small_corpus
+from helpers import SUBSET_TRAIN, TRAIN_OPTS, make_tiny_bert, small_corpus
 
 RETRO_BIN = Path(sys.executable).with_name("retro")
 
@@ -201,3 +201,23 @@ def planted(tmp_path_factory, tiny_db):
     path = tmp_path_factory.mktemp("planted") / "test.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (verbatim, edited, unrelated)))
     return path
+
+
+# -- a tiny trained model on tiny_db ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def self_neighbors(tiny_db, tmp_path_factory):
+    """Batch neighbours of tiny_db against itself, k=2, --exclude-same-doc: what training reads."""
+    from retrocli.neighbors import batch_neighbors
+
+    return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_db, self_neighbors, tmp_path_factory):
+    """A tiny model trained 12 steps on tiny_db: (model dir, train summary)."""
+    from retrocli.train import TrainOptions, train
+
+    out = tmp_path_factory.mktemp("model") / "m"
+    summary = train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **TRAIN_OPTS))
+    return out, summary

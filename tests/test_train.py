@@ -1,32 +1,17 @@
-"""retro train / eval / generate on a tiny model over the tiny DB (tiny BERT embedder)."""
+"""`retro train`: training data, schedule, checkpoints, exact resume, fine-tuning, sampling options."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
-from helpers import tree_snapshot
+from helpers import TRAIN_OPTS as OPTS
 
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.model import RetroModel
 from retrocli.neighbors import batch_neighbors
 from retrocli.train import TrainingData, TrainOptions, lr_at, train
-
-OPTS = dict(config="tiny", seq_len=128, batch_size=2, warmup=2, checkpoint_every=3, log_every=1, lr=3e-3)
-
-
-@pytest.fixture(scope="module")
-def self_neighbors(tiny_db, tmp_path_factory):
-    return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_db, self_neighbors, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model") / "m"
-    summary = train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **OPTS))
-    return out, summary
 
 
 def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neighbors):
@@ -119,118 +104,6 @@ def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):
         train(tiny_db, nb, tmp_path / "m", TrainOptions(steps=1, **OPTS))
     result = cli("train", tiny_db, "--neighbors", tmp_path / "nope", "--out", tmp_path / "m2")
     assert result.exit_code == 2 and "not a neighbours directory" in result.output
-
-
-def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):
-    from retrocli.eval import chunk_losses, evaluate
-    from retrocli.model.checkpoint import load_model
-    from retrocli.neighbors import open_neighbors
-    from retrocli.sequences import chunk_rows, pad_id
-
-    out, _ = trained
-    result = evaluate(out, tiny_db, [small_jsonl], work_dir=tmp_path / "w")
-    assert result["bpb_retrieval"] > 0 and result["bpb_no_retrieval"] > 0
-    assert result["curve"][-1]["bpb"] == pytest.approx(result["bpb_retrieval"])
-    db = open_db(tiny_db)
-    test = open_db(tmp_path / "w" / "queries")
-    model, _ = load_model(out, db)
-    losses = chunk_losses(model, db, test, open_neighbors(tmp_path / "w").ids)
-    # one window by hand: the model's own mean cross-entropy over the same targets
-    L = model.config.seq_len // db.chunk_size
-    chunks = test.doc_chunks(0)
-    stop = min(chunks.start + L, chunks.stop)
-    tokens, real = chunk_rows(test, chunks.start, stop, pad_id(db))
-    idx = torch.from_numpy(tokens.reshape(1, -1))
-    targets = np.full(idx.shape, -1)
-    flat_real = real.reshape(1, -1)
-    targets[:, :-1] = np.where(flat_real[:, :-1] & flat_real[:, 1:], idx[:, 1:].numpy(), -1)
-    with torch.no_grad():
-        _, loss = model(idx, neighbors=None, targets=torch.from_numpy(targets))
-    window_bits = losses.bits_none[chunks.start:stop].sum()
-    if stop < chunks.stop:  # the next window's first token is unscored, so nothing spills over
-        assert window_bits == pytest.approx(float(loss) * (targets >= 0).sum() / math.log(2), rel=1e-4)
-    # bytes: every document's UTF-8 bytes minus its unscored first token of each window
-    assert losses.bytes.sum() <= sum(len(test.document_text(d).encode()) for d in range(test.num_docs))
-
-
-def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_jsonl, tmp_path, cli):
-    from retrocli.eval import evaluate
-
-    out, _ = trained
-    work = tmp_path / "w"
-    default = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
-    same = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=2)  # the model's own k, spelled out
-    one = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=1)
-    four = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=4)  # reuses the k=10 leakage neighbours
-    assert default["num_neighbors"] == 2 and four["num_neighbors"] == 4
-    assert same["bpb_retrieval"] == default["bpb_retrieval"]
-    assert len({default["bpb_retrieval"], one["bpb_retrieval"], four["bpb_retrieval"]}) == 3
-    assert one["bpb_no_retrieval"] == four["bpb_no_retrieval"] == default["bpb_no_retrieval"]
-    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "4", "--work-dir", work)
-    assert result.exit_code == 0 and "bpb with retrieval (k=4): " + f"{four['bpb_retrieval']:.4f}" in result.output
-    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "0", "--work-dir", work)
-    assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
-
-
-def test_eval_refuses_other_tokenizer(trained, tmp_path, small_jsonl):
-    from retrocli.chunk import ChunkOptions, chunk_corpus
-    from retrocli.model.checkpoint import load_model
-    from retrocli.tokenizer import train_tokenizer
-
-    train_tokenizer([small_jsonl], 600, tmp_path / "tok.json")
-    other = chunk_corpus([small_jsonl], tmp_path / "db", ChunkOptions(tokenizer=str(tmp_path / "tok.json")))
-    with pytest.raises(RetroError, match="different tokenizer"):
-        load_model(trained[0], other)
-
-
-def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, tiny_db):
-    from retrocli.generate import generate
-
-    out, _ = trained
-    db = open_db(tiny_db)
-    prompt = db.document_text(2)[:600]
-    n_prompt = len(db.tokenizer.encode_batch([prompt])[0])
-    before = tree_snapshot(tiny_db)
-    streamed = []
-    a = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, on_text=streamed.append)
-    b = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
-    c = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=4)
-    assert a.text == b.text and "".join(streamed) == a.text
-    assert a.text != c.text or len(a.text) == 0
-    assert len(a.retrievals) == (n_prompt + 70) // 64
-    assert a.retrievals[0].neighbors and a.retrievals[0].neighbors[0].id in db.doc_chunks(2)
-    assert tree_snapshot(tiny_db) == before
-
-
-def test_generate_cli_greedy_json(trained, tiny_db, cli):
-    out, _ = trained
-    args = ["generate", "--db", tiny_db, "--model", out, "--prompt", "Python classes", "--max-new-tokens", "8",
-            "--temperature", "0", "--json"]
-    first, second = cli(*args), cli(*args)
-    assert first.exit_code == 0, first.output
-    assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]
-    bad = cli("generate", "--db", tiny_db, "--model", out, "--prompt", " ")
-    assert bad.exit_code == 2 and "empty" in bad.output
-
-
-def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):
-    from retrocli.generate import Retrieval, longest_copy
-    from retrocli.neighbors import neighbor_refs
-
-    db = open_db(tiny_db)
-    donor = int(db.doc_chunks(4).start)
-    assert db.continuation(donor) is not None
-    # 20 tokens spanning the end of the neighbour N and the start of its continuation F, between noise
-    pair = np.concatenate([db.chunk_tokens(donor), db.chunk_tokens(donor + 1)])
-    run = pair[len(db.chunk_tokens(donor)) - 8 :][:20].tolist()
-    generated = [5, 6, 7] + run + [8, 9]
-    other = int(db.doc_chunks(1).start)
-    refs = neighbor_refs(db, np.array([other, donor]), np.array([0.1, 0.2], dtype=np.float32))
-    copy = longest_copy(db, generated, [Retrieval(0, "q", refs)])
-    assert copy.tokens >= 20 and copy.neighbor_id == donor
-    assert db.tokenizer.decode(run) in copy.text
-    assert copy.source == db.source(4)
-    assert longest_copy(db, generated, []) is None
 
 
 def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny_db, self_neighbors):

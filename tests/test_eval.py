@@ -1,0 +1,60 @@
+"""`retro eval`: bits per byte with and without retrieval, and bpb(alpha)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrocli.db import open_db
+
+
+def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):
+    from retrocli.eval import chunk_losses, evaluate
+    from retrocli.model.checkpoint import load_model
+    from retrocli.neighbors import open_neighbors
+    from retrocli.sequences import chunk_rows, pad_id
+
+    out, _ = trained
+    result = evaluate(out, tiny_db, [small_jsonl], work_dir=tmp_path / "w")
+    assert result["bpb_retrieval"] > 0 and result["bpb_no_retrieval"] > 0
+    assert result["curve"][-1]["bpb"] == pytest.approx(result["bpb_retrieval"])
+    db = open_db(tiny_db)
+    test = open_db(tmp_path / "w" / "queries")
+    model, _ = load_model(out, db)
+    losses = chunk_losses(model, db, test, open_neighbors(tmp_path / "w").ids)
+    # one window by hand: the model's own mean cross-entropy over the same targets
+    L = model.config.seq_len // db.chunk_size
+    chunks = test.doc_chunks(0)
+    stop = min(chunks.start + L, chunks.stop)
+    tokens, real = chunk_rows(test, chunks.start, stop, pad_id(db))
+    idx = torch.from_numpy(tokens.reshape(1, -1))
+    targets = np.full(idx.shape, -1)
+    flat_real = real.reshape(1, -1)
+    targets[:, :-1] = np.where(flat_real[:, :-1] & flat_real[:, 1:], idx[:, 1:].numpy(), -1)
+    with torch.no_grad():
+        _, loss = model(idx, neighbors=None, targets=torch.from_numpy(targets))
+    window_bits = losses.bits_none[chunks.start:stop].sum()
+    if stop < chunks.stop:  # the next window's first token is unscored, so nothing spills over
+        assert window_bits == pytest.approx(float(loss) * (targets >= 0).sum() / math.log(2), rel=1e-4)
+    # bytes: every document's UTF-8 bytes minus its unscored first token of each window
+    assert losses.bytes.sum() <= sum(len(test.document_text(d).encode()) for d in range(test.num_docs))
+
+
+def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_jsonl, tmp_path, cli):
+    from retrocli.eval import evaluate
+
+    out, _ = trained
+    work = tmp_path / "w"
+    default = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
+    same = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=2)  # the model's own k, spelled out
+    one = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=1)
+    four = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=4)  # reuses the k=10 leakage neighbours
+    assert default["num_neighbors"] == 2 and four["num_neighbors"] == 4
+    assert same["bpb_retrieval"] == default["bpb_retrieval"]
+    assert len({default["bpb_retrieval"], one["bpb_retrieval"], four["bpb_retrieval"]}) == 3
+    assert one["bpb_no_retrieval"] == four["bpb_no_retrieval"] == default["bpb_no_retrieval"]
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "4", "--work-dir", work)
+    assert result.exit_code == 0 and "bpb with retrieval (k=4): " + f"{four['bpb_retrieval']:.4f}" in result.output
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "0", "--work-dir", work)
+    assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
