@@ -8,6 +8,7 @@ is always complete. Memory stays bounded: documents are tokenized in batches and
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from retrocli.db import (
     STORE,
     TOKENIZER_FILE,
     RetroDB,
+    check_outside,
     remove_db_dir,
     write_json_atomic,
 )
@@ -110,6 +112,10 @@ def chunk_corpus(
         out = Path(os.path.abspath(out))
     if options.chunk_size < 1 or options.chunk_size > 4096:
         raise RetroError("--chunk-size: must be between 1 and 4096")
+    for path in inputs:
+        check_outside(out, path, "--out", "the input", may_be_inside=True)
+    if out.is_symlink():
+        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
     if out.exists() and not overwrite:
         raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
     if out.exists() and not _is_replaceable(out):
@@ -120,8 +126,6 @@ def chunk_corpus(
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
-        import shutil
-
         shutil.rmtree(partial)  # an earlier run died; chunking restarts (it is the cheap stage)
     partial.mkdir(parents=True)
     started = time.time()
@@ -152,8 +156,6 @@ def chunk_corpus(
         (partial / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")
         write_json_atomic(partial / MANIFEST, manifest)
     except BaseException:
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         raise
     try:
@@ -161,8 +163,6 @@ def chunk_corpus(
             remove_db_dir(out)
         os.replace(partial, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return RetroDB(out)

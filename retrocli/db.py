@@ -106,8 +106,27 @@ def stage_status(manifest: dict, stage: str) -> str:
     return manifest.get("stages", {}).get(stage, {}).get("status", "missing")
 
 
+def check_outside(out: str | os.PathLike, protected: str | os.PathLike, option: str, what: str = "the input DB",
+                  may_be_inside: bool = False) -> None:
+    """Refuse, before any work, an output path that is `protected`, lies inside it or contains it. Both
+    sides are resolved first (`..`, symbolic links), so DB/../DB or a link to the DB is caught too.
+    may_be_inside: a new DB may sit inside a corpus directory (it is only read), never replace it."""
+    target, guarded = Path(out).resolve(), Path(protected).resolve()
+    if target == guarded:
+        relation = "is"
+    elif guarded in target.parents and not may_be_inside:
+        relation = "is inside"
+    elif target in guarded.parents:
+        relation = "contains"
+    else:
+        return
+    raise RetroError(f"{option} {out}: {relation} {what} {protected}; choose a path outside it")
+
+
 def remove_db_dir(path: Path) -> None:
     """Delete an existing DB for --overwrite, but never a directory that is not one of ours."""
+    if path.is_symlink():
+        raise RetroError(f"{path}: is a symbolic link; pass the directory it points to")
     if not path.exists():
         return
     if path.is_dir() and (path / MANIFEST).exists():

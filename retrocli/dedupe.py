@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, RetroDB, open_db, remove_db_dir, write_json_atomic
+from retrocli.db import (
+    MANIFEST,
+    STORE,
+    TOKENIZER_FILE,
+    RetroDB,
+    check_outside,
+    open_db,
+    remove_db_dir,
+    write_json_atomic,
+)
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, index_db
 from retrocli.leakage import LeakageReport, leakage_report
@@ -99,10 +108,13 @@ def dedupe(
 ) -> tuple[RetroDB, LeakageReport, set[int]]:
     out = Path(out)
     db = open_db(db_path)
+    check_outside(out, db.path, "--out")
+    if report_options.get("work_dir") is not None:
+        check_outside(report_options["work_dir"], out, "--work-dir", "the output DB")
+    if out.is_symlink():
+        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
     if out.exists() and not overwrite:
         raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.absolute() == db.path.absolute():
-        raise RetroError(f"{out}: --out must differ from the input DB (it is never changed)")
     report = leakage_report(db_path, test_inputs, **report_options)
     drop = flagged_documents(report, drop_leaking_chunks)
     new_db = write_filtered_db(db, out, drop, report_options.get("progress"))

@@ -23,7 +23,16 @@ import zarr
 
 from retrocli.chunk import ChunkOptions, chunk_corpus
 from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest, write_json_atomic
+from retrocli.db import (
+    MANIFEST,
+    STORE,
+    RetroDB,
+    check_outside,
+    check_same_chunking,
+    open_db,
+    read_manifest,
+    write_json_atomic,
+)
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -201,6 +210,9 @@ def batch_neighbors(
     check_k(db, k)
     out = Path(out)
     inputs = [Path(p) for p in inputs]
+    check_outside(out, db.path, "--out")
+    for path in inputs:
+        check_outside(out, path, "--out", "the input", may_be_inside=not _is_db(path))
     self_query = len(inputs) == 1 and _is_db(inputs[0]) and \
         read_manifest(inputs[0]).get("db_id") == db.manifest.get("db_id")
     if exclude_same_doc and not self_query:
@@ -361,6 +373,10 @@ def neighbors_of_inputs(
 ) -> Iterator[tuple[NeighborArrays, RetroDB]]:
     """Batch neighbours of a test set (chunked and embedded like the DB) and the test set as a DB. Kept in
     `work_dir` (resumable) if given, else in a temp dir removed on exit. `options` go to batch_neighbors."""
+    if work_dir is not None:
+        check_outside(work_dir, db_path, "--work-dir")
+        for path in inputs:
+            check_outside(work_dir, path, "--work-dir", "the test set", may_be_inside=True)
     tmp = tempfile.mkdtemp(prefix="retro-test-set-") if work_dir is None else None
     work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
     try:

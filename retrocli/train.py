@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrocli.db import RetroDB, open_db
+from retrocli.db import RetroDB, check_outside, open_db
 from retrocli.embed import native_bf16
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
@@ -225,6 +225,8 @@ def train(
     progress = progress or NullProgress()
     out = Path(out)
     db = open_db(db_path)
+    check_outside(out, db.path, "--out")
+    check_outside(out, neighbors_path, "--out", "the neighbours")
     nb = open_neighbors(neighbors_path)
     settings = nb.manifest["settings"]
     if settings["db_id"] != db.manifest["db_id"] or nb.ids.shape[0] != db.num_chunks:

@@ -123,9 +123,15 @@ def leakage_report_cmd(
     dask: Dask = None,
 ):
     """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
+    from retrocli.db import check_outside
     from retrocli.leakage import leakage_report
     from retrocli.leakage_html import render_html
 
+    for option, path in (("--json", json_path), ("--html", html)):
+        if path is not None:  # refused before any work: a report file must never land inside the DB
+            check_outside(path, db, option)
+            if work_dir is not None:
+                check_outside(path, work_dir, option, "the --work-dir")
     with cluster(dask) as client, progress_display() as progress:
         report = leakage_report(
             db,

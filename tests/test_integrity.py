@@ -1,0 +1,77 @@
+"""Integrity, tried as a hostile user would: outputs never land on, inside or around the input DB."""
+
+import pytest
+from helpers import tree_snapshot
+
+
+def refused(result, *fragments):
+    """One clear line, exit 2, no traceback."""
+    text = result.output
+    return result.exit_code == 2 and "Traceback" not in text and all(f in text for f in fragments)
+
+
+@pytest.mark.parametrize("spelling", ["dotdot", "symlink", "trailing-slash"])
+def test_dedupe_never_deletes_its_input_db(tiny_db_copy, planted, cli, spelling):
+    db = tiny_db_copy
+    out = {"dotdot": db / ".." / db.name, "trailing-slash": f"{db}/", "symlink": db.parent / "link"}[spelling]
+    if spelling == "symlink":
+        out.symlink_to(db, target_is_directory=True)
+    before = tree_snapshot(db)
+    result = cli("dedupe", db, "--test", planted, "--out", out, "--overwrite")
+    assert refused(result, "--out", "is the input DB"), result.output
+    assert tree_snapshot(db) == before
+    assert not db.with_name(db.name + ".partial").exists()
+
+
+def test_dedupe_refuses_an_out_inside_or_around_the_db(tiny_db_copy, planted, cli):
+    db = tiny_db_copy
+    before = tree_snapshot(db)
+    assert refused(cli("dedupe", db, "--test", planted, "--out", db / "clean"), "is inside the input DB")
+    assert refused(cli("dedupe", db, "--test", planted, "--out", db.parent, "--overwrite"), "contains the input DB")
+    assert tree_snapshot(db) == before
+
+
+def test_dedupe_replaces_a_symlinked_out_with_one_line_not_a_traceback(tiny_db, planted, cli, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    assert refused(cli("dedupe", tiny_db, "--test", planted, "--out", link, "--overwrite"), "symbolic link")
+
+
+@pytest.mark.parametrize("option, target", [
+    ("--json", "manifest.json"), ("--html", "report.html"), ("--work-dir", "work"), ("--work-dir", "."),
+])
+def test_leakage_report_never_writes_into_the_db(tiny_db_copy, planted, cli, option, target):
+    db = tiny_db_copy
+    before = tree_snapshot(db)
+    result = cli("leakage-report", db, "--test", planted, option, db / target)
+    assert refused(result, option), result.output
+    assert tree_snapshot(db) == before
+
+
+def test_report_files_stay_out_of_the_work_dir(tiny_db, planted, cli, tmp_path):
+    work = tmp_path / "work"
+    result = cli("leakage-report", tiny_db, "--test", planted, "--work-dir", work, "--json", work / "r.json")
+    assert refused(result, "--json", "--work-dir")
+
+
+def test_eval_work_dir_and_neighbors_out_and_train_out_stay_outside_the_db(tiny_db_copy, small_jsonl, cli):
+    db = tiny_db_copy
+    before = tree_snapshot(db)
+    assert refused(cli("eval", db, "--test", small_jsonl, "--work-dir", db / "w"), "--work-dir", "inside")
+    assert refused(cli("neighbors", db, "--input", small_jsonl, "--out", db / "nb"), "--out", "inside")
+    assert refused(cli("neighbors", db, "--input", db, "--out", db.parent, "--overwrite"), "--out", "contains")
+    assert refused(cli("train", db, "--neighbors", db.parent / "nb", "--out", db / "model"), "--out", "inside")
+    assert tree_snapshot(db) == before
+
+
+def test_chunk_out_never_holds_or_replaces_its_input(tmp_path, small_jsonl, cli):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("some text " * 50)
+    assert refused(cli("chunk", corpus, "--out", corpus, "--overwrite"), "--out", "is the input")
+    assert refused(cli("chunk", corpus / "a.txt", "--out", corpus, "--overwrite"), "contains the input")
+    assert (corpus / "a.txt").read_text() == "some text " * 50
+    # a DB inside the corpus directory is fine: the corpus is only read
+    assert cli("chunk", corpus, "--out", corpus / "db").exit_code == 0
