@@ -43,7 +43,11 @@ def resolve_embedder_path(name: str) -> str:
 
 
 def _weights_sha256(model_dir: Path) -> str:
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    """sha256 over the directory's safetensors weights: the embedder's identity in the manifest."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise RetroError(f"{model_dir}: no .safetensors weights; other weight formats (pytorch_model.bin "
+                         "and the like are pickles) are refused")
     digest = hashlib.sha256()
     for file in files:
         with file.open("rb") as handle:
@@ -103,9 +107,12 @@ class Embedder:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         location = resolve_embedder_path(name)
+        if Path(location).is_dir():
+            _weights_sha256(Path(location))  # refuses a directory without safetensors before transformers looks
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(location)
-            self.model = AutoModel.from_pretrained(location).eval()
+            # safetensors only: transformers would otherwise fall back to torch.load on a .bin (a pickle)
+            self.model = AutoModel.from_pretrained(location, use_safetensors=True).eval()
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RetroError(f"embedder '{name}': cannot load it ({first})") from None
@@ -184,6 +191,13 @@ def db_embedder(db: RetroDB, batch_size: int = 32) -> Embedder:
     recorded = db.manifest.get("embedder")
     if recorded is None or db.stage("embed") != "complete":
         raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
+    location = Path(resolve_embedder_path(recorded["name"]))
+    if location.is_dir() and _weights_sha256(location) != recorded["sha256"]:
+        # checked before loading: a manifest must not get arbitrary weights loaded just by naming them
+        raise RetroError(
+            f"{db.path}: embedder '{recorded['name']}' weights differ from the ones the DB was built with "
+            f"(sha256 {_weights_sha256(location)[:12]}… vs {recorded['sha256'][:12]}…)"
+        )
     embedder = get_embedder(recorded["name"], recorded["precision"], batch_size)
     if embedder.info.sha256 != recorded["sha256"]:
         raise RetroError(

@@ -8,6 +8,7 @@ the manifest records each finished shard, so an interrupted build resumes at the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -115,7 +116,42 @@ def build_shard(
     index.save_index(str(tmp))
     os.replace(tmp, final)
     return {"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start, "count": stop - start,
-            "bytes": final.stat().st_size}
+            "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process
+
+
+def checked_shard_file(db: RetroDB, shard: dict) -> Path:
+    """The shard's file, after checking it lies inside the DB and matches its recorded sha256: hnswlib
+    trusts its input (one changed header byte can crash the process), so nothing unchecked reaches it."""
+    rerun = f"rerun `retro index {db.path} --overwrite`"
+    root = db.path.resolve()
+    file = (db.path / str(shard.get("file", ""))).resolve()
+    if root not in file.parents:
+        raise RetroError(f"{db.path / MANIFEST}: index shard file '{shard.get('file')}' lies outside the DB; "
+                         "refusing to read it")
+    if not file.is_file():
+        raise RetroError(f"{file}: index shard missing; {rerun}")
+    if "sha256" not in shard:
+        raise RetroError(f"{file}: the manifest records no checksum for this shard (an older build); {rerun}")
+    stat = file.stat()
+    if stat.st_size != shard["bytes"]:
+        raise RetroError(f"{file}: index shard is corrupt (size differs from the manifest); {rerun}")
+    key = (str(file), stat.st_size, stat.st_mtime_ns, shard["sha256"])
+    if key not in _VERIFIED:
+        if file_sha256(file) != shard["sha256"]:
+            raise RetroError(f"{file}: index shard is corrupt (sha256 differs from the manifest); {rerun}")
+        _VERIFIED.add(key)
+    return file
 
 
 class ShardedIndex:
@@ -129,13 +165,20 @@ class ShardedIndex:
         self.size = db.num_chunks
         self.ef = ef
         self.shards: list[hnswlib.Index] = []
+        embedder_dim = int((db.manifest.get("embedder") or {}).get("dim", self.dim))
+        if self.dim != embedder_dim:
+            raise RetroError(f"{db.path}: the index is {self.dim}-d but the embedder gives {embedder_dim}-d "
+                             f"vectors; rerun `retro index {db.path} --overwrite`")
+        try:
+            covered = sorted((int(s["start"]), int(s["count"])) for s in meta.get("shards") or [])
+        except (KeyError, TypeError, ValueError):
+            covered = []
+        expected_starts = [sum(c for _, c in covered[:i]) for i in range(len(covered))]
+        if not covered or [s for s, _ in covered] != expected_starts or sum(c for _, c in covered) != self.size:
+            raise RetroError(f"{db.path}: the manifest's index shards do not cover the DB's {self.size:,} chunks; "
+                             f"rerun `retro index {db.path} --overwrite`")
         for shard in meta["shards"]:
-            file = db.path / shard["file"]
-            if not file.exists():
-                raise RetroError(f"{file}: index shard missing; rebuild with `retro index {db.path} --overwrite`")
-            if file.stat().st_size != shard["bytes"]:
-                raise RetroError(f"{file}: index shard is corrupt (size differs from the manifest); "
-                                 f"rebuild with `retro index {db.path} --overwrite`")
+            file = checked_shard_file(db, shard)
             index = hnswlib.Index(space=self.space, dim=self.dim)
             try:
                 index.load_index(str(file), max_elements=shard["count"])

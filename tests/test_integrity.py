@@ -75,3 +75,59 @@ def test_chunk_out_never_holds_or_replaces_its_input(tmp_path, small_jsonl, cli)
     assert (corpus / "a.txt").read_text() == "some text " * 50
     # a DB inside the corpus directory is fine: the corpus is only read
     assert cli("chunk", corpus, "--out", corpus / "db").exit_code == 0
+
+
+# -- index shards and paths read from a manifest -------------------------------------------------------
+
+def edit_manifest(db, change):
+    import json
+
+    path = db / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def test_a_changed_shard_byte_is_caught_before_hnswlib_reads_it(tiny_db_copy, retro_proc):
+    shard = next((tiny_db_copy / "index").glob("*.hnsw"))
+    data = bytearray(shard.read_bytes())
+    data[9] ^= 0x55  # inside the header, size unchanged
+    shard.write_bytes(bytes(data))
+    result = retro_proc("neighbors", tiny_db_copy, "--query", "some text")  # a real process: a crash shows
+    assert result.exit_code == 2, (result.exit_code, result.stderr)
+    assert "sha256 differs" in result.stderr and "retro index" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["index"].update(shards=[]), "do not cover"),
+    (lambda m: m["index"]["shards"].__setitem__(0, {**m["index"]["shards"][0], "count": 3}), "do not cover"),
+    (lambda m: m["index"].update(dim=m["index"]["dim"] + 1), "embedder gives"),
+    (lambda m: m["index"]["shards"][0].update(file="../../outside/evil.hnsw"), "outside the DB"),
+    (lambda m: m["index"]["shards"][0].update(file="/etc/passwd"), "outside the DB"),
+    (lambda m: m["index"]["shards"][0].pop("sha256"), "no checksum"),
+])
+def test_a_damaged_index_manifest_is_refused_not_answered(tiny_db_copy, cli, change, message):
+    edit_manifest(tiny_db_copy, change)
+    assert refused(cli("neighbors", tiny_db_copy, "--query", "some text"), message)
+
+
+def test_a_manifest_cannot_point_the_embedder_at_other_weights(tiny_db_copy, cli, tmp_path):
+    """The weights are checked against the recorded sha256 before transformers loads anything."""
+    evil = tmp_path / "evil-model"
+    evil.mkdir()
+    (evil / "config.json").write_text("{not json: loading this would fail differently")
+    (evil / "model.safetensors").write_bytes(b"not the DB's weights")
+    edit_manifest(tiny_db_copy, lambda m: m["embedder"].update(name=str(evil)))
+    assert refused(cli("neighbors", tiny_db_copy, "--query", "some text"), "weights differ")
+
+
+def test_pickled_weights_are_refused(tiny_bert, cli, tmp_path):
+    import shutil
+
+    pickled = tmp_path / "pickled-bert"
+    shutil.copytree(tiny_bert, pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    fresh = tmp_path / "fresh"
+    (tmp_path / "x.txt").write_text("a short document " * 40)
+    assert cli("chunk", tmp_path / "x.txt", "--out", fresh).exit_code == 0
+    assert refused(cli("embed", fresh, "--embedder", pickled), "safetensors")
