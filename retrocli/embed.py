@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,9 +139,10 @@ class Embedder:
         for param in self.model.parameters():
             param.requires_grad_(False)
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed texts into float32 [len(texts), dim]. Batches are formed over length-sorted texts
-        (as sentence-transformers does) so padding is minimal; results return in input order."""
+        (as sentence-transformers does) so padding is minimal; results return in input order.
+        on_batch(n) is called after each batch of n texts (progress bars)."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         encoded = self.tokenizer(
@@ -170,6 +172,8 @@ class Embedder:
                 if self.info.normalize:
                     pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                 out[batch_idx] = pooled.numpy()
+                if on_batch is not None:
+                    on_batch(len(batch_idx))
         return out
 
 
@@ -284,13 +288,16 @@ def embed_db(
         min(block_size, n - b * block_size) for b in todo))
     started = time.time()
     with dask_client(dask) as client:
+        # Locally the bar advances per BERT batch (a DB smaller than one block still shows progress and an
+        # ETA); on Dask, per finished block.
         args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
-                block_size, model.info.sha256)
+                block_size, model.info.sha256, task if client is None else None)
         for block, count in run_blocks(client, "embed", embed_block, args, todo, max_blocks):
             done.add(block)
             state["done_blocks"] = sorted(done)
             write_json_atomic(db.path / MANIFEST, manifest)
-            task.advance(count)
+            if client is not None:
+                task.advance(count)
     if len(done) < num_blocks:  # stopped early by max_blocks
         return open_db(path)
     state["status"] = "complete"
@@ -303,7 +310,7 @@ def embed_db(
 
 def embed_block(
     db_path: str, embedder: str, precision: str, batch_size: int, threads: int | None, block_size: int,
-    sha256: str, block: int,
+    sha256: str, task, block: int,
 ) -> tuple[int, int]:
     """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process
     or on a Dask worker, where the embedder is loaded once per worker process and then reused."""
@@ -315,7 +322,7 @@ def embed_block(
         raise RetroError(f"embedder '{embedder}' on this worker has other weights than on the client "
                          f"(sha256 {model.info.sha256[:12]}… vs {sha256[:12]}…)")
     start, stop = block * block_size, min(db.num_chunks, (block + 1) * block_size)
-    vectors = model.embed(chunk_texts(db, start, stop))
+    vectors = model.embed(chunk_texts(db, start, stop), on_batch=task.advance if task is not None else None)
     zarr.open_array(str(db.path / STORE), path="embeddings", mode="r+")[start:stop] = vectors.astype(np.float16)
     return block, stop - start
 

@@ -216,7 +216,8 @@ def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert,
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     with pytest.raises(RetroError, match="other weights than on the client"):
-        list(run_blocks(client, "embed", embed_block, (str(path), tiny_bert, "fp32", 32, 1, BLOCK, "0" * 64), [0, 1]))
+        args = (str(path), tiny_bert, "fp32", 32, 1, BLOCK, "0" * 64, None)
+        list(run_blocks(client, "embed", embed_block, args, [0, 1]))
 
 
 def test_dask_with_a_single_query_is_refused(local_db, cli):

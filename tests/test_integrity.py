@@ -131,3 +131,36 @@ def test_pickled_weights_are_refused(tiny_bert, cli, tmp_path):
     (tmp_path / "x.txt").write_text("a short document " * 40)
     assert cli("chunk", tmp_path / "x.txt", "--out", fresh).exit_code == 0
     assert refused(cli("embed", fresh, "--embedder", pickled), "safetensors")
+
+
+# -- the terminal -----------------------------------------------------------------------------------------
+
+class RecordingProgress:
+    """A Progress that remembers every advance of every stage."""
+
+    def __init__(self):
+        self.advances: dict[str, list[int]] = {}
+
+    def start(self, name, total, unit, completed=0):
+        record = self.advances.setdefault(name, [])
+
+        class Task:
+            def advance(self, n=1):
+                record.append(n)
+
+            def finish(self):
+                pass
+
+        return Task()
+
+
+def test_embed_progress_moves_per_batch_on_a_db_smaller_than_one_block(tmp_path, small_jsonl, tiny_bert):
+    from retrocli.chunk import chunk_corpus
+    from retrocli.embed import embed_db
+
+    db = chunk_corpus([small_jsonl], tmp_path / "db")
+    assert db.num_chunks < 4096  # one block: the bar used to sit at 0 % until the very end
+    progress = RecordingProgress()
+    embed_db(db.path, tiny_bert, batch_size=8, progress=progress)
+    steps = progress.advances["embed"]
+    assert sum(steps) == db.num_chunks and len(steps) == -(-db.num_chunks // 8) and max(steps) == 8
