@@ -98,6 +98,20 @@ class DuplicatePair:
     estimated: float
 
 
+def candidate_index(threshold: float, num_perm: int) -> MinHashLSH:
+    """MinHash-LSH for candidate pairs (every reported pair is verified exactly). Near 1 datasketch finds
+    no banding with two or more bands for this many permutations; lower the LSH threshold until it does,
+    which only adds candidates."""
+    lsh_threshold = threshold
+    while True:
+        try:
+            return MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
+        except ValueError:
+            if lsh_threshold <= 0.5:
+                raise RetroError(f"--num-perm {num_perm}: too few permutations for MinHash-LSH") from None
+            lsh_threshold = round(lsh_threshold - 0.05, 2)
+
+
 def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_perm: int = DEFAULT_NUM_PERM,
                     threshold: float = DEFAULT_JACCARD,
                     progress: Progress | None = None) -> tuple[list[DuplicatePair], dict]:
@@ -108,7 +122,7 @@ def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_
     if ngram < 1 or num_perm < 16:
         raise RetroError("--ngram must be ≥ 1 and --num-perm ≥ 16")
     started = time.time()
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    lsh = candidate_index(threshold, num_perm)
     tokens, lengths = db.tokens_block(0, db.num_chunks)
     task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
     db_hashes: dict[int, np.ndarray] = {}

@@ -164,3 +164,38 @@ def test_embed_progress_moves_per_batch_on_a_db_smaller_than_one_block(tmp_path,
     embed_db(db.path, tiny_bert, batch_size=8, progress=progress)
     steps = progress.advances["embed"]
     assert sum(steps) == db.num_chunks and len(steps) == -(-db.num_chunks // 8) and max(steps) == 8
+
+
+WEIRD = "we[/]ird:fire:[bold]x"  # rich markup and an emoji code in a directory name
+
+
+def test_markup_and_emoji_in_user_text_print_as_typed(tmp_path, small_jsonl, planted, tiny_bert, retro_proc):
+    """Every command that prints a user path, query or corpus text: exit 0, the text verbatim, no emoji."""
+    root = tmp_path / WEIRD  # "[/]" spans two directories: "we[" and "]ird:fire:[bold]x"
+    root.mkdir(parents=True)
+    db, nb, model = root / "db", root / "nb", root / "model"
+
+    def ok(*args):
+        result = retro_proc(*args, timeout=300)
+        text = result.stdout + result.stderr
+        assert result.exit_code == 0 and "Traceback" not in text, (args, text)
+        assert "🔥" not in text, (args, text)
+        return text
+
+    def verbatim(text):  # long paths wrap in tables, so look for the pieces rich would have eaten
+        return all(piece in text for piece in ("[/]", ":fire:", "[bold]"))
+
+    assert verbatim(ok("chunk", small_jsonl, "--out", root / "chunks"))
+    assert verbatim(ok("info", root / "chunks"))
+    assert verbatim(ok("build-db", small_jsonl, "--out", db, "--embedder", tiny_bert, "--block-size", "64"))
+    query = ":fire: [/] [bold]class definitions"
+    assert verbatim(ok("neighbors", db, "--query", query, "--k", "1"))
+    assert verbatim(ok("neighbors", db, "--input", db, "--out", nb, "--k", "2", "--exclude-same-doc"))
+    assert verbatim(ok("leakage-report", db, "--test", planted, "--k", "2", "--json", root / "r.json",
+                       "--html", root / "r.html"))
+    assert verbatim(ok("dedupe", db, "--test", planted, "--k", "2", "--out", root / "clean",
+                       "--jaccard-threshold", "1"))
+    assert verbatim(ok("train", db, "--neighbors", nb, "--out", model, "--config", "tiny", "--seq-len", "128",
+                       "--steps", "2", "--warmup", "1"))
+    ok("eval", db, "--test", small_jsonl, "--model", model, "--no-leakage")
+    ok("generate", "--db", db, "--model", model, "--prompt", query, "--max-new-tokens", "4", "--show-neighbors")

@@ -14,8 +14,16 @@ from rich.markup import escape
 
 from retrocli.errors import RetroError
 
-console = Console()
-err_console = Console(stderr=True)
+# emoji=False: ":fire:" in a path, a query or corpus text stays ":fire:". Markup is ours alone: every
+# user-supplied value goes through user() below.
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
+
+
+def user(text) -> str:
+    """User-supplied text (paths, queries, corpus text, ids, names) made inert for rich: "[/]" or
+    "[bold]" in it prints as typed instead of being read as markup."""
+    return escape(str(text))
 
 
 def handle_errors(fn):
@@ -26,7 +34,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except RetroError as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {user(err)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: completed work is kept; rerun to resume")
@@ -62,7 +70,7 @@ def cluster(dask: str | None):
     with dask_client(dask) as client:
         if client is not None:
             workers = len(client.scheduler_info().get("workers", {}))
-            err_console.print(f"[dim]Dask: {workers} worker(s) at {client.scheduler.address}[/]")
+            err_console.print(f"[dim]Dask: {workers} worker(s) at {user(client.scheduler.address)}[/]")
         yield client
 
 

@@ -6,10 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from retrocli.cli.common import cluster, console, err_console, handle_errors, human_bytes, print_json, progress_display
+from retrocli.cli.common import (
+    cluster,
+    console,
+    err_console,
+    handle_errors,
+    human_bytes,
+    print_json,
+    progress_display,
+    user,
+)
 from retrocli.cli.options import (
     BatchSize,
     BlockSize,
@@ -75,7 +83,7 @@ def chunk(
     counts = db.manifest["counts"]
     console.print(
         f"[green]chunked[/] {counts['documents']:,} documents into {counts['chunks']:,} chunks "
-        f"({counts['tokens']:,} tokens) in {stage['seconds']:.1f}s → {escape(str(db.path))}"
+        f"({counts['tokens']:,} tokens) in {stage['seconds']:.1f}s → {user(db.path)}"
     )
     if corpus["empty_skipped"]:
         console.print(f"skipped {corpus['empty_skipped']} empty documents")
@@ -83,7 +91,7 @@ def chunk(
         replaced = corpus["invalid_utf8_documents"]
         console.print(f"replaced invalid UTF-8 in {replaced} documents (--strict to fail)")
     for path in corpus["binary_skipped"]:
-        err_console.print(f"[yellow]warning:[/] skipped binary file {escape(path)}", soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] skipped binary file {user(path)}", soft_wrap=True)
 
 @handle_errors
 def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: JsonOut = False):
@@ -95,23 +103,23 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
         print_json(data)
         return
     counts = data["counts"]
-    table = Table(title=f"retro DB {escape(data['path'])}", show_header=False)
+    table = Table(title=f"retro DB {user(data['path'])}", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("documents", f"{counts['documents']:,}")
     table.add_row("chunks", f"{counts['chunks']:,}  (chunk size {data['chunk_size']})")
     table.add_row("tokens", f"{counts['tokens']:,}")
     tok = data["tokenizer"]
-    table.add_row("tokenizer", f"{tok['name']}  vocab {tok['vocab_size']:,}  sha256 {tok['sha256'][:12]}…")
+    table.add_row("tokenizer", f"{user(tok['name'])}  vocab {tok['vocab_size']:,}  sha256 {tok['sha256'][:12]}…")
     table.add_row("stages", "  ".join(f"{k}: {v}" for k, v in data["stages"].items()))
     if data["embedder"]:
         emb = data["embedder"]
-        table.add_row("embedder", f"{emb['name']}  dim {emb['dim']}  {emb['pooling']}  {emb['precision']}")
+        table.add_row("embedder", f"{user(emb['name'])}  dim {emb['dim']}  {emb['pooling']}  {emb['precision']}")
     if data["index"]:
         idx = data["index"]
         table.add_row("index", f"hnsw {idx['space']}  M={idx['M']}  shards {len(idx['shards'])}")
     for name, size in data["disk_bytes"].items():
-        table.add_row(f"  {name}", human_bytes(size))
+        table.add_row(f"  {user(name)}", human_bytes(size))
     table.add_row("on disk", human_bytes(sum(data["disk_bytes"].values())))
     console.print(table)
 
@@ -126,14 +134,14 @@ def train_tokenizer_cmd(
     from retrocli.tokenizer import train_tokenizer
 
     tok = train_tokenizer(inputs, vocab_size=vocab_size, out=out, text_field=text_field)
-    shown = escape(str(out))
+    shown = user(out)
     console.print(f"[green]trained[/] vocab {tok.vocab_size:,} → {shown}  sha256 {tok.sha256[:12]}…")
 
 def _embed_summary(db) -> None:
     emb = db.manifest["embedder"]
     secs = db.manifest["stages"]["embed"].get("seconds", 0)
     console.print(
-        f"[green]embedded[/] {db.num_chunks:,} chunks with {emb['name']} ({emb['dim']}-d, "
+        f"[green]embedded[/] {db.num_chunks:,} chunks with {user(emb['name'])} ({emb['dim']}-d, "
         f"{emb['pooling']} pooling, {emb['precision']}) in {secs:.1f}s"
     )
 
@@ -232,6 +240,6 @@ def build_db_cmd(
             dask=client,
         )
     counts = db.manifest["counts"]
-    console.print(f"[green]built[/] {db.path}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
+    console.print(f"[green]built[/] {user(db.path)}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
     _embed_summary(db)
     _index_summary(db)

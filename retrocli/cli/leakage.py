@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from retrocli.cli.common import cluster, console, err_console, handle_errors, print_json, progress_display, write_text
+from retrocli.cli.common import (
+    cluster,
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    progress_display,
+    user,
+    write_text,
+)
 from retrocli.cli.options import (
     Alpha,
     Dask,
@@ -54,7 +62,7 @@ def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, 
 def _print_leakage(report) -> None:
     console.print(
         f"[bold]leakage of {report.num_test_docs:,} test documents ({report.num_test_chunks:,} chunks) "
-        f"against {escape(report.db)}[/], k={report.k}"
+        f"against {user(report.db)}[/], k={report.k}"
     )
     console.print(
         f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
@@ -75,13 +83,13 @@ def _print_leakage(report) -> None:
         docs.add_column(col, justify="left" if col == "document" else "right", overflow="fold")
     for d in report.documents[:10]:
         docs.add_row(
-            escape(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}", str(d["leaking_chunks"])
+            user(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}", str(d["leaking_chunks"])
         )
     console.print(docs)
     for ex in report.examples:
-        console.print(f"[bold]r={ex['r']:.3f}[/] test {escape(ex['test_source'])} ↔ DB {escape(ex['db_source'])}")
+        console.print(f"[bold]r={ex['r']:.3f}[/] test {user(ex['test_source'])} ↔ DB {user(ex['db_source'])}")
         t = ex["test_text"]
-        console.print(f"  {escape(t[0][-60:])}[reverse]{escape(t[1][:240])}[/]{escape(t[2][:60])}", highlight=False)
+        console.print(f"  {user(t[0][-60:])}[reverse]{user(t[1][:240])}[/]{user(t[2][:60])}", highlight=False)
     dup = report.near_duplicates
     if report.bpb:
         b = report.bpb
@@ -99,7 +107,7 @@ def _print_leakage(report) -> None:
         f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)"
     )
     for p in dup[:20]:
-        console.print(f"  {escape(p['db_source'])} ≈ test {escape(p['test_source'])}  J={p['jaccard']:.3f}")
+        console.print(f"  {user(p['db_source'])} ≈ test {user(p['test_source'])}  J={p['jaccard']:.3f}")
 
 
 @handle_errors
@@ -146,10 +154,10 @@ def leakage_report_cmd(
     data = report.to_json()
     if json_path:
         write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False))
-        console.print(f"JSON → {json_path}")
+        console.print(f"JSON → {user(json_path)}")
     if html:
         write_text(html, render_html(data))
-        console.print(f"HTML → {html}")
+        console.print(f"HTML → {user(html)}")
     if fail_above is not None and report.leaking_fraction > fail_above:
         err_console.print(f"[bold red]leakage {report.leaking_fraction:.3f} exceeds --fail-above {fail_above}[/]")
         raise typer.Exit(1)
@@ -200,6 +208,6 @@ def dedupe(
         print_json(summary)
         return
     console.print(
-        f"[green]wrote[/] {new_db.path}: removed {len(dropped)} documents, kept "
+        f"[green]wrote[/] {user(new_db.path)}: removed {len(dropped)} documents, kept "
         f"{new_db.num_docs:,} documents / {new_db.num_chunks:,} chunks (embeddings copied, index rebuilt)"
     )

@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display
+from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import JsonOut, ModelDir, TestInputs, TextField, Threads, WorkDir
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
@@ -79,7 +78,7 @@ def train_cmd(
     console.print(
         f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
         f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
-        f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {summary['out']}"
+        f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {user(summary['out'])}"
     )
 
 
@@ -152,7 +151,7 @@ def generate(
             err_console.print(f"\n[dim]── chunk {rec.chunk_index} complete: retrieved[/]")
             for nb in rec.neighbors:
                 err_console.print(
-                    f"[cyan]  d={nb.distance:.3f} {escape(nb.source)} · chunk {nb.id}[/]: {escape(nb.text[:160])!s}…",
+                    f"[cyan]  d={nb.distance:.3f} {user(nb.source)} · chunk {nb.id}[/]: {user(nb.text[:160])!s}…",
                     highlight=False,
                 )
 
@@ -189,6 +188,6 @@ def generate(
     if show_neighbors and result.copy and result.copy.tokens >= 4:
         err_console.print(
             f"[dim]── the continuation shares a {result.copy.tokens}-token run with retrieved chunk "
-            f"{result.copy.neighbor_id} ({escape(result.copy.source)}):[/] [bold]{escape(result.copy.text)!s}[/]",
+            f"{result.copy.neighbor_id} ({user(result.copy.source)}):[/] [bold]{user(result.copy.text)!s}[/]",
             highlight=False,
         )

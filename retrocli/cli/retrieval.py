@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display
+from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import BlockSize, Dask, Ef, JsonOut, Threads
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
@@ -70,7 +69,7 @@ def neighbors(
         if json_output:
             print_json(summary)
         else:
-            console.print(f"[green]wrote[/] neighbours of {summary['queries']:,} chunks (k={k}) → {path}")
+            console.print(f"[green]wrote[/] neighbours of {summary['queries']:,} chunks (k={k}) → {user(path)}")
         return
     texts = list(query or [])
     if query_file is not None:
@@ -86,7 +85,7 @@ def neighbors(
     for number, chunks in enumerate(results, start=1):
         for chunk in chunks:
             table = Table(
-                title=f"query {number}, chunk {chunk.index}: {escape(chunk.text[:70])!s}…", show_lines=True, expand=True
+                title=f"query {number}, chunk {chunk.index}: {user(chunk.text[:70])!s}…", show_lines=True, expand=True
             )
             table.add_column("#", width=3)
             table.add_column("dist", width=6)
@@ -97,8 +96,8 @@ def neighbors(
                 table.add_row(
                     str(rank),
                     f"{nb.distance:.3f}",
-                    escape(nb.text),
-                    escape(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
-                    escape(f"{nb.source} · chunk {nb.id}"),
+                    user(nb.text),
+                    user(nb.continuation) if nb.continuation is not None else "[dim](end of document)",
+                    user(f"{nb.source} · chunk {nb.id}"),
                 )
             console.print(table)
