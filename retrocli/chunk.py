@@ -41,6 +41,7 @@ from retrocli.db import (
     write_json_atomic,
 )
 from retrocli.errors import RetroError
+from retrocli.lock import holds_writer_lock
 from retrocli.options import ChunkOptions
 from retrocli.progress import NullProgress, Progress
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
@@ -97,6 +98,7 @@ def _split_into_chunks(ids: list[int], chunk_size: int, dtype: np.dtype) -> tupl
     return padded.reshape(count, chunk_size), lengths
 
 
+@holds_writer_lock("retro chunk", "out")
 def chunk_corpus(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,

@@ -26,6 +26,7 @@ from retrocli.db import (
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, index_db
 from retrocli.leakage import LeakageReport, leakage_report
+from retrocli.lock import holds_writer_lock
 from retrocli.progress import Progress
 
 
@@ -39,6 +40,7 @@ def flagged_documents(report: LeakageReport, drop_leaking_chunks: bool) -> set[i
     return flagged
 
 
+@holds_writer_lock("retro dedupe", "out")
 def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Progress | None = None) -> RetroDB:
     """A new DB holding every document of `db` except `drop_docs`: chunks, sources and embeddings are copied
     (nothing is re-embedded) and the index is rebuilt with the same parameters. `db` is not touched."""

@@ -28,6 +28,7 @@ import zarr
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
 from retrocli.errors import RetroError
+from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, DEFAULT_EMBEDDER, DEFAULT_PRECISION
 from retrocli.progress import NullProgress, Progress
 
@@ -223,6 +224,7 @@ def chunk_texts(db: RetroDB, start: int, stop: int) -> list[str]:
     return db.tokenizer.tokenizer.decode_batch(rows, skip_special_tokens=False)
 
 
+@holds_writer_lock("retro embed", "path")
 def embed_db(
     path: str | os.PathLike,
     embedder: str = DEFAULT_EMBEDDER,

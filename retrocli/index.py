@@ -20,6 +20,7 @@ from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, RetroDB, open_db, read_manifest, write_json_atomic
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
+from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions
 from retrocli.progress import NullProgress, Progress
 
@@ -32,6 +33,7 @@ def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.hnsw"
 
 
+@holds_writer_lock("retro index", "path")
 def index_db(
     path: str | os.PathLike, options: IndexOptions | None = None, progress: Progress | None = None, dask=None,
 ) -> RetroDB:
@@ -217,6 +219,7 @@ class ShardedIndex:
         return ids, dists
 
 
+@holds_writer_lock("retro index --overwrite", "db_path")
 def remove_index(db_path: Path) -> None:
     """For --overwrite: forget the index stage and delete its files."""
     import shutil

@@ -11,16 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import SUBSET_TRAIN, TRAIN_OPTS, make_tiny_bert, small_corpus
-
-RETRO_BIN = Path(sys.executable).with_name("retro")
-
+from helpers import RETRO_BIN, SUBSET_TRAIN, TRAIN_OPTS, make_tiny_bert, small_corpus
 
 # -- corpus files ------------------------------------------------------------------------------------
 

@@ -4,10 +4,12 @@ real transformers code, real MiniLM tokenizer files), a small corpus, and a snap
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET_TRAIN = REPO / "examples" / "subset" / "train.jsonl"
+RETRO_BIN = Path(sys.executable).with_name("retro")  # the installed `retro` script
 # the tiny training run the `trained` fixture makes, and the tests that train again the same way
 TRAIN_OPTS = dict(config="tiny", seq_len=128, batch_size=2, warmup=2, checkpoint_every=3, log_every=1, lr=3e-3)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")

@@ -199,3 +199,66 @@ def test_markup_and_emoji_in_user_text_print_as_typed(tmp_path, small_jsonl, pla
                        "--steps", "2", "--warmup", "1"))
     ok("eval", db, "--test", small_jsonl, "--model", model, "--no-leakage")
     ok("generate", "--db", db, "--model", model, "--prompt", query, "--max-new-tokens", "4", "--show-neighbors")
+
+
+# -- one writer at a time ---------------------------------------------------------------------------------
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tiny_db_copy, cli):
+    from retrocli.lock import writer_lock
+
+    before = tree_snapshot(tiny_db_copy)
+    with writer_lock(tiny_db_copy, "retro embed (test)"):
+        assert refused(cli("index", tiny_db_copy, "--overwrite"), "another writer holds the DB", "retro embed")
+        assert refused(cli("embed", tiny_db_copy), "another writer holds the DB")
+        # readers never need it
+        assert cli("neighbors", tiny_db_copy, "--query", "some text", "--k", "1").exit_code == 0
+    assert tree_snapshot(tiny_db_copy) == before
+
+
+def test_a_lock_from_another_host_is_refused_and_says_how_to_clear_it(tiny_db_copy, cli):
+    import json
+
+    from retrocli.lock import lock_path
+
+    lock_path(tiny_db_copy).write_text(json.dumps({"pid": 1, "host": "elsewhere.example", "command": "retro x"}))
+    assert refused(cli("index", tiny_db_copy, "--overwrite"), "elsewhere.example", "delete")
+
+
+def test_kill_9_leaves_a_dead_lock_that_the_next_writer_takes_over(tmp_path, subset_db, tiny_bert, retro_proc):
+    import json
+    import shutil
+    import signal
+    import subprocess
+    import time
+
+    import numpy as np
+    from helpers import RETRO_BIN
+
+    from retrocli.db import open_db
+    from retrocli.lock import lock_path
+
+    db = tmp_path / "db"
+    shutil.copytree(subset_db, db)
+    slow = subprocess.Popen([str(RETRO_BIN), "embed", str(db), "--embedder", tiny_bert, "--batch-size", "1",
+                             "--block-size", "256"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            manifest = json.loads((db / "manifest.json").read_text())
+            if manifest.get("stages", {}).get("embed", {}).get("done_blocks"):
+                break
+            time.sleep(0.05)
+        assert lock_path(db).exists() and slow.poll() is None, "the first writer finished too soon to be killed"
+        second = retro_proc("embed", db, "--embedder", tiny_bert)
+        assert second.exit_code == 2 and "another writer holds the DB" in second.stderr
+        slow.send_signal(signal.SIGKILL)
+        slow.wait()
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    assert lock_path(db).exists()  # kill -9 ran no cleanup
+    third = retro_proc("embed", db, "--embedder", tiny_bert, timeout=300)
+    assert third.exit_code == 0 and "took over the lock" in third.stderr, third.stderr
+    assert not lock_path(db).exists()
+    vectors = open_db(db).root["embeddings"][:]
+    assert open_db(db).stage("embed") == "complete" and not (np.abs(vectors).sum(axis=1) == 0).any()
