@@ -124,7 +124,7 @@ def chunk_corpus(
         # Checked before any work, so a refusal costs nothing and leaves no <out>.partial behind.
         raise RetroError(f"{out}: exists and is not a retro DB; refusing to overwrite it")
     tokenizer = load_tokenizer(options.tokenizer)
-    corpus_opts = CorpusOptions(options.text_field, options.id_field, options.strict)
+    corpus_opts = CorpusOptions(options.text_field, options.id_field, options.strict, options.allow_duplicates)
 
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -202,7 +202,7 @@ def _write_chunks(
     doc_pos = per_doc("docs/position", np.int64)
     ext_ids = per_doc("docs/external_id", str, "") if options.id_field else None
 
-    files = expand_inputs(inputs)  # validate every path before any progress is shown
+    files = expand_inputs(inputs, options.allow_duplicates)  # validate every path before any progress is shown
     if not files:  # directories with no corpus files: say so about the inputs, not an empty list
         raise RetroError(f"empty corpus: no {'/'.join(SUPPORTED)} files in {describe_paths(inputs)}")
     stats = CorpusStats()

@@ -70,6 +70,7 @@ class CorpusOptions:
     text_field: str = DEFAULT_TEXT_FIELD
     id_field: str | None = None
     strict: bool = False
+    allow_duplicates: bool = False  # the same file given twice (directly or through a directory)
 
 
 def describe_paths(paths: Sequence[str | os.PathLike], limit: int = 3) -> str:
@@ -84,8 +85,9 @@ def _suffix_ok(path: Path) -> bool:
     return path.name.lower().endswith(SUPPORTED)
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Resolve the user's paths to the list of files to read, failing on anything unreadable."""
+def expand_inputs(inputs: Sequence[str | os.PathLike], allow_duplicates: bool = False) -> list[Path]:
+    """Resolve the user's paths to the list of files to read, failing on anything unreadable, and on a
+    file reached twice (`a.jsonl a.jsonl`, or a file and its directory) unless allow_duplicates."""
     if not inputs:
         raise RetroError("no input given: pass one or more files or directories")
     files: list[Path] = []
@@ -105,6 +107,15 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     for path in files:
         if not os.access(path, os.R_OK):
             raise RetroError(f"{path}: cannot read file (permission denied)")
+    if not allow_duplicates:
+        seen: dict[Path, Path] = {}
+        for path in files:
+            real = path.resolve()
+            if real in seen:
+                also = "" if seen[real] == path else f" (also as {seen[real]})"
+                raise RetroError(f"{path}: given twice{also}; its documents would be chunked twice. "
+                                 "Pass --allow-duplicates if that is what you want")
+            seen[real] = path
     return files
 
 
@@ -213,7 +224,7 @@ def iter_documents(
     """Yield the non-empty documents of `inputs`, counting what was skipped into `stats`."""
     opts = opts or CorpusOptions()
     stats = stats if stats is not None else CorpusStats()
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, opts.allow_duplicates)
     for path in files:
         stats.files += 1
         name = path.name.lower()

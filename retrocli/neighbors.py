@@ -248,10 +248,10 @@ def batch_neighbors(
     elif len(inputs) == 1 and _is_db(inputs[0]):
         queries = open_db(inputs[0])
         check_same_chunking(db, queries.path, queries.manifest["tokenizer"]["sha256"], queries.chunk_size)
-        if queries.stage("embed") != "complete":
-            embed_db(queries.path, db.manifest["embedder"]["name"], db.manifest["embedder"]["precision"],
-                     threads=threads, progress=progress, dask=dask)
-            queries = open_db(queries.path)
+        if queries.stage("embed") != "complete":  # neighbours never write into an input DB
+            recorded = db.manifest["embedder"]
+            raise RetroError(f"{queries.path}: --input DB is not embedded; run `retro embed {queries.path} "
+                             f"--embedder {recorded['name']} --precision {recorded['precision']}` first")
         _check_same_embedder(db, queries)
     else:
         qpath = out / "queries"

@@ -53,6 +53,7 @@ class ChunkOptions:
     text_field: str = DEFAULT_TEXT_FIELD
     id_field: str | None = None
     strict: bool = False
+    allow_duplicates: bool = False  # chunk a file given twice twice, instead of refusing
 
 
 @dataclass

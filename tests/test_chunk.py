@@ -205,6 +205,7 @@ def test_manifest_fields(subset_db, subset_texts):
         "text_field": "text",
         "id_field": None,
         "strict": False,
+        "allow_duplicates": False,
     }
     assert stage["corpus"]["documents"] == len(subset_texts)
     assert stage["corpus"]["bytes_read"] == SUBSET_TRAIN.stat().st_size

@@ -262,3 +262,27 @@ def test_kill_9_leaves_a_dead_lock_that_the_next_writer_takes_over(tmp_path, sub
     assert not lock_path(db).exists()
     vectors = open_db(db).root["embeddings"][:]
     assert open_db(db).stage("embed") == "complete" and not (np.abs(vectors).sum(axis=1) == 0).any()
+
+
+# -- inputs given twice, and inputs that are DBs ----------------------------------------------------------
+
+def test_the_same_input_twice_is_refused_unless_allowed(tmp_path, small_jsonl, cli):
+    assert refused(cli("chunk", small_jsonl, small_jsonl, "--out", tmp_path / "a"), "given twice",
+                   "--allow-duplicates")
+    assert refused(cli("chunk", small_jsonl.parent, small_jsonl, "--out", tmp_path / "b"), "given twice")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    once = cli("chunk", small_jsonl, "--out", tmp_path / "once", "--json")
+    twice = cli("chunk", small_jsonl, small_jsonl, "--out", tmp_path / "twice", "--allow-duplicates", "--json")
+    assert twice.exit_code == 0
+    import json
+
+    assert json.loads(twice.stdout)["counts"]["documents"] == 2 * json.loads(once.stdout)["counts"]["documents"]
+
+
+def test_neighbors_never_embeds_an_input_db_in_place(tiny_db, tmp_path, small_jsonl, cli):
+    other = tmp_path / "other"
+    assert cli("chunk", small_jsonl, "--out", other).exit_code == 0
+    before = tree_snapshot(other)
+    result = cli("neighbors", tiny_db, "--input", other, "--out", tmp_path / "nb")
+    assert refused(result, "not embedded", "retro embed")
+    assert tree_snapshot(other) == before

@@ -19,6 +19,7 @@ from retrocli.cli.common import (
     user,
 )
 from retrocli.cli.options import (
+    AllowDuplicates,
     BatchSize,
     BlockSize,
     ChunkSize,
@@ -65,6 +66,7 @@ def chunk(
     text_field: TextField = DEFAULT_TEXT_FIELD,
     id_field: IdField = None,
     strict: Strict = False,
+    allow_duplicates: AllowDuplicates = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing DB at --out")] = False,
     json_output: JsonOut = False,
 ):
@@ -72,7 +74,7 @@ def chunk(
     from retrocli.chunk import chunk_corpus
 
     options = ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field, id_field=id_field,
-                           strict=strict)
+                           strict=strict, allow_duplicates=allow_duplicates)
     with progress_display(enabled=not json_output) as progress:
         db = chunk_corpus(inputs, out, options, overwrite=overwrite, progress=progress)
     stage = db.manifest["stages"]["chunk"]
@@ -204,6 +206,7 @@ def build_db_cmd(
     text_field: TextField = DEFAULT_TEXT_FIELD,
     id_field: IdField = None,
     strict: Strict = False,
+    allow_duplicates: AllowDuplicates = False,
     embedder: Embedder = DEFAULT_EMBEDDER,
     precision: Precision = DEFAULT_PRECISION,
     batch_size: BatchSize = DEFAULT_EMBED_BATCH,
@@ -227,7 +230,7 @@ def build_db_cmd(
             inputs,
             out,
             chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
-                                       id_field=id_field, strict=strict),
+                                       id_field=id_field, strict=strict, allow_duplicates=allow_duplicates),
             embedder=embedder,
             precision=precision,
             batch_size=batch_size,

@@ -21,6 +21,9 @@ TokenizerOpt = Annotated[
     str | None, typer.Option(help="HF tokenizer.json or a directory holding one (default: packaged BPE)")
 ]
 ChunkSize = Annotated[int, typer.Option(help="Tokens per chunk (RETRO: 64)")]
+AllowDuplicates = Annotated[
+    bool, typer.Option("--allow-duplicates", help="Chunk a file that is given twice twice, instead of refusing")
+]
 
 # embedding and indexing (embed, index, build-db)
 Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
