@@ -27,7 +27,7 @@ $RETRO neighbors "$OUT/db" --input "$OUT/db" --out "$OUT/neighbors" --k 2 --excl
 
 echo "==> 5/6 leakage-report: how much of the held-out pages already sits in the DB"
 $RETRO leakage-report "$OUT/db" --test examples/subset/heldout.jsonl --examples 2 \
-  --html "$OUT/leakage.html" --json "$OUT/leakage.json"
+  --html "$OUT/leakage.html" --json-out "$OUT/leakage.json"
 
 echo "==> 6/6 generate: the bundled RETRO model continues a held-out page, retrieving from the DB as it goes"
 PROMPT=$($PY -c 'import json, sys

@@ -52,7 +52,7 @@ def test_leakage_report_never_writes_into_the_db(tiny_db_copy, planted, cli, opt
 
 def test_report_files_stay_out_of_the_work_dir(tiny_db, planted, cli, tmp_path):
     work = tmp_path / "work"
-    result = cli("leakage-report", tiny_db, "--test", planted, "--work-dir", work, "--json", work / "r.json")
+    result = cli("leakage-report", tiny_db, "--test", planted, "--work-dir", work, "--json-out", work / "r.json")
     assert refused(result, "--json", "--work-dir")
 
 
@@ -191,7 +191,7 @@ def test_markup_and_emoji_in_user_text_print_as_typed(tmp_path, small_jsonl, pla
     query = ":fire: [/] [bold]class definitions"
     assert verbatim(ok("neighbors", db, "--query", query, "--k", "1"))
     assert verbatim(ok("neighbors", db, "--input", db, "--out", nb, "--k", "2", "--exclude-same-doc"))
-    assert verbatim(ok("leakage-report", db, "--test", planted, "--k", "2", "--json", root / "r.json",
+    assert verbatim(ok("leakage-report", db, "--test", planted, "--k", "2", "--json-out", root / "r.json",
                        "--html", root / "r.html"))
     assert verbatim(ok("dedupe", db, "--test", planted, "--k", "2", "--out", root / "clean",
                        "--jaccard-threshold", "1"))
@@ -286,3 +286,41 @@ def test_neighbors_never_embeds_an_input_db_in_place(tiny_db, tmp_path, small_js
     result = cli("neighbors", tiny_db, "--input", other, "--out", tmp_path / "nb")
     assert refused(result, "not embedded", "retro embed")
     assert tree_snapshot(other) == before
+
+
+# -- help text and --json ---------------------------------------------------------------------------------
+
+def test_leakage_report_json_is_a_flag_like_everywhere_and_json_out_writes_a_file(tiny_db, planted, cli, tmp_path):
+    import json
+
+    flag = cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json", "--examples", "1")
+    assert flag.exit_code == 0, flag.output
+    data = json.loads(flag.stdout)  # stdout is the JSON alone
+    assert data["num_test_docs"] == 3 and data["k"] == 2
+    out = tmp_path / "r.json"
+    written = cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json-out", out)
+    assert written.exit_code == 0 and json.loads(out.read_text())["leaking_chunks"] == data["leaking_chunks"]
+    old = tmp_path / "old.json"
+    legacy = cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json", old)
+    assert legacy.exit_code == 0 and "deprecated" in legacy.stderr and "--json-out" in legacy.stderr
+    assert json.loads(old.read_text())["leaking_chunks"] == data["leaking_chunks"]
+    assert refused(cli("leakage-report", tiny_db, "--test", planted, "stray", "args"), "unexpected argument")
+
+
+def test_flags_have_no_no_twin_and_show_no_type(cli):
+    generate = cli("generate", "--help").stdout
+    assert "--no-retrieval" in generate and "--no-no-retrieval" not in generate
+    for command in ("chunk", "index", "dedupe", "train", "neighbors", "generate"):
+        text = cli(command, "--help").stdout
+        assert "--no-overwrite" not in text and "--no-resume" not in text and "--no-strict" not in text
+        for line in text.splitlines():
+            if "--json " in line and "--json-out" not in line:
+                assert "<bool>" not in line, (command, line)
+    assert "--dask" not in cli("train", "--help").stdout
+
+
+def test_version(cli):
+    from retrocli import __version__
+
+    result = cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"retro {__version__}"

@@ -62,7 +62,7 @@ def test_html_example_with_script_text_is_escaped(tmp_path, tiny_db, cli):
     test = tmp_path / "t.jsonl"
     test.write_text(json.dumps({"text": doc}) + "\n")
     html, js = tmp_path / "r.html", tmp_path / "r.json"
-    result = cli("leakage-report", tiny_db, "--test", test, "--html", html, "--json", js, "--k", "3",
+    result = cli("leakage-report", tiny_db, "--test", test, "--html", html, "--json-out", js, "--k", "3",
                  "--examples", "100")
     assert result.exit_code == 0, result.output
     page = html.read_text()

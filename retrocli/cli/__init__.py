@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from retrocli import __version__
 from retrocli.cli import db, leakage, model, retrieval
 
 app = typer.Typer(
@@ -19,6 +20,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"retro {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit", is_eager=True,
+                                 callback=_print_version, metavar=""),
+) -> None:
+    """Build and query RETRO chunk databases."""
+
+
 for name, command in (
     ("chunk", db.chunk),
     ("info", db.info),
@@ -27,13 +44,14 @@ for name, command in (
     ("index", db.index),
     ("build-db", db.build_db_cmd),
     ("neighbors", retrieval.neighbors),
-    ("leakage-report", leakage.leakage_report_cmd),
+    ("leakage-report", leakage.leakage_report_cmd),  # takes the old `--json PATH` as an extra argument
     ("dedupe", leakage.dedupe),
     ("train", model.train_cmd),
     ("eval", model.eval_cmd),
     ("generate", model.generate),
 ):
-    app.command(name)(command)
+    extra = {"context_settings": {"allow_extra_args": True}} if name == "leakage-report" else {}
+    app.command(name, **extra)(command)
 
 
 def main() -> None:

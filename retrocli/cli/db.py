@@ -38,6 +38,7 @@ from retrocli.cli.options import (
     TextField,
     Threads,
     TokenizerOpt,
+    flag,
 )
 from retrocli.options import (
     DEFAULT_BLOCK_SIZE,
@@ -67,7 +68,7 @@ def chunk(
     id_field: IdField = None,
     strict: Strict = False,
     allow_duplicates: AllowDuplicates = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing DB at --out")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing DB at --out")] = False,
     json_output: JsonOut = False,
 ):
     """Tokenize a corpus and cut it into chunks: the DB every other command reads."""
@@ -183,7 +184,7 @@ def index(
     shard_size: ShardSize = DEFAULT_SHARD_SIZE,
     seed: Seed = DEFAULT_INDEX_SEED,
     threads: Threads = None,
-    overwrite: Annotated[bool, typer.Option(help="Rebuild an existing index")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Rebuild an existing index")] = False,
     dask: Dask = None,
 ):
     """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
@@ -217,7 +218,7 @@ def build_db_cmd(
     ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
     shard_size: ShardSize = DEFAULT_SHARD_SIZE,
     seed: Seed = DEFAULT_INDEX_SEED,
-    overwrite: Annotated[bool, typer.Option(help="Rebuild from scratch")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Rebuild from scratch")] = False,
     dask: Dask = None,
 ):
     """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""

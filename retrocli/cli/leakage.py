@@ -26,13 +26,16 @@ from retrocli.cli.options import (
     JaccardThreshold,
     JsonOut,
     KNeighbors,
+    LocalThreads,
     NGram,
     NumPerm,
     TestInputs,
     TextField,
     Threads,
     WorkDir,
+    flag,
 )
+from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_ALPHA,
     DEFAULT_EF_SEARCH,
@@ -112,6 +115,7 @@ def _print_leakage(report) -> None:
 
 @handle_errors
 def leakage_report_cmd(
+    ctx: typer.Context,
     db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
     test: TestInputs,
     k: KNeighbors = DEFAULT_LEAKAGE_K,
@@ -121,7 +125,8 @@ def leakage_report_cmd(
     num_perm: NumPerm = DEFAULT_NUM_PERM,
     jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
     ef: Ef = DEFAULT_EF_SEARCH,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write every figure as JSON here")] = None,
+    json_output: JsonOut = False,
+    json_path: Annotated[Path | None, typer.Option("--json-out", help="Write every figure as JSON here")] = None,
     html: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here")] = None,
     fail_above: Annotated[float | None, typer.Option(help="Exit 1 if the leaking fraction exceeds this")] = None,
     model: Annotated[Path | None, typer.Option(help="A RETRO model: also compute bpb(alpha) with retrieval")] = None,
@@ -135,12 +140,19 @@ def leakage_report_cmd(
     from retrocli.leakage import leakage_report
     from retrocli.leakage_html import render_html
 
-    for option, path in (("--json", json_path), ("--html", html)):
+    if ctx.args:
+        # the old spelling `--json PATH` (until the next release): PATH arrives as an extra argument
+        if not (json_output and len(ctx.args) == 1 and json_path is None):
+            raise RetroError(f"unexpected argument(s): {' '.join(ctx.args)}")
+        json_output, json_path = False, Path(ctx.args[0])
+        err_console.print(f"[yellow]deprecated:[/] --json {user(json_path)} → use --json-out {user(json_path)} "
+                          "(--json alone prints the report's JSON)", soft_wrap=True)
+    for option, path in (("--json-out", json_path), ("--html", html)):
         if path is not None:  # refused before any work: a report file must never land inside the DB
             check_outside(path, db, option)
             if work_dir is not None:
                 check_outside(path, work_dir, option, "the --work-dir")
-    with cluster(dask) as client, progress_display() as progress:
+    with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
         report = leakage_report(
             db,
             test,
@@ -150,14 +162,18 @@ def leakage_report_cmd(
             dask=client,
             **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
         )
-    _print_leakage(report)
     data = report.to_json()
+    say = err_console.print if json_output else console.print  # stdout carries only the JSON then
+    if json_output:
+        print_json(data)
+    else:
+        _print_leakage(report)
     if json_path:
         write_text(json_path, json.dumps(data, indent=2, ensure_ascii=False))
-        console.print(f"JSON → {user(json_path)}")
+        say(f"JSON → {user(json_path)}")
     if html:
         write_text(html, render_html(data))
-        console.print(f"HTML → {user(html)}")
+        say(f"HTML → {user(html)}")
     if fail_above is not None and report.leaking_fraction > fail_above:
         err_console.print(f"[bold red]leakage {report.leaking_fraction:.3f} exceeds --fail-above {fail_above}[/]")
         raise typer.Exit(1)
@@ -169,7 +185,7 @@ def dedupe(
     test: TestInputs,
     out: Annotated[Path, typer.Option(help="New DB without the flagged documents")],
     drop_leaking_chunks: Annotated[
-        bool, typer.Option(help="Also drop DB documents holding a chunk with r > alpha")
+        bool, flag("--drop-leaking-chunks", "Also drop DB documents holding a chunk with r > alpha")
     ] = False,
     k: KNeighbors = DEFAULT_LEAKAGE_K,
     alpha: Alpha = DEFAULT_ALPHA,
@@ -179,8 +195,8 @@ def dedupe(
     ef: Ef = DEFAULT_EF_SEARCH,
     work_dir: WorkDir = None,
     text_field: TextField = DEFAULT_TEXT_FIELD,
-    threads: Threads = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out")] = False,
+    threads: LocalThreads = None,
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing --out")] = False,
     json_output: JsonOut = False,
 ):
     """Write a copy of the DB without the documents that near-duplicate (or, optionally, leak into) a test set."""

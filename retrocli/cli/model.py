@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import JsonOut, ModelDir, TestInputs, TextField, Threads, WorkDir
+from retrocli.cli.options import JsonOut, LocalThreads, ModelDir, TestInputs, TextField, WorkDir, flag
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
     DEFAULT_LEAKAGE_K,
@@ -45,9 +45,9 @@ def train_cmd(
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = TrainOptions.precision,
     k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = DEFAULT_TRAIN_K,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = TrainOptions.checkpoint_every,
-    threads: Threads = None,
+    threads: LocalThreads = None,
     seed: Annotated[int, typer.Option(help="Seed: weights, data order")] = TrainOptions.seed,
-    resume: Annotated[bool, typer.Option(help="Continue OUT/checkpoint exactly where it stopped")] = False,
+    resume: Annotated[bool, flag("--resume", "Continue OUT/checkpoint exactly where it stopped")] = False,
     retrieval_focus: Annotated[
         float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
     ] = TrainOptions.retrieval_focus,
@@ -91,7 +91,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass")] = DEFAULT_EVAL_BATCH,
     work_dir: WorkDir = None,
     text_field: TextField = DEFAULT_TEXT_FIELD,
-    threads: Threads = None,
+    threads: LocalThreads = None,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
     = None,
     json_output: JsonOut = False,
@@ -134,8 +134,8 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (deterministic)")] = DEFAULT_SAMPLING_SEED,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
-    no_retrieval: Annotated[bool, typer.Option(help="Disable retrieval (plain decoder)")] = False,
-    show_neighbors: Annotated[bool, typer.Option(help="Print each retrieval as it happens")] = False,
+    no_retrieval: Annotated[bool, flag("--no-retrieval", "Disable retrieval (plain decoder)")] = False,
+    show_neighbors: Annotated[bool, flag("--show-neighbors", "Print each retrieval as it happens")] = False,
     json_output: JsonOut = False,
 ):
     """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""

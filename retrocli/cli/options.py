@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of tables")]
+
+def flag(name: str, help: str):
+    """An on/off option that defaults to off: just `--name`, with no `--no-name` twin and no type shown."""
+    return typer.Option(name, help=help, metavar="")
+
+
+JsonOut = Annotated[bool, flag("--json", "Print JSON for machines instead of tables")]
 
 # corpus and chunking (chunk, build-db, train-tokenizer; the test set of leakage-report, dedupe, eval)
 Inputs = Annotated[
@@ -16,13 +22,14 @@ Inputs = Annotated[
 ]
 TextField = Annotated[str, typer.Option(help="JSONL/Parquet field holding the document text")]
 IdField = Annotated[str | None, typer.Option(help="JSONL/Parquet field holding a document id to keep")]
-Strict = Annotated[bool, typer.Option(help="Fail on invalid UTF-8 instead of replacing it")]
+Strict = Annotated[bool, flag("--strict", "Fail on invalid UTF-8 instead of replacing it")]
 TokenizerOpt = Annotated[
     str | None, typer.Option(help="HF tokenizer.json or a directory holding one (default: packaged BPE)")
 ]
 ChunkSize = Annotated[int, typer.Option(help="Tokens per chunk (RETRO: 64)")]
 AllowDuplicates = Annotated[
-    bool, typer.Option("--allow-duplicates", help="Chunk a file that is given twice twice, instead of refusing")
+    bool,
+    flag("--allow-duplicates", "Chunk a file that is given twice twice, instead of refusing"),
 ]
 
 # embedding and indexing (embed, index, build-db)
@@ -30,6 +37,7 @@ Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a
 Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
 BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
 Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
+LocalThreads = Annotated[int | None, typer.Option("--threads", help="Torch/hnswlib threads (default: all cores)")]
 BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
 Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]
 MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import BlockSize, Dask, Ef, JsonOut, Threads
+from retrocli.cli.options import BlockSize, Dask, Ef, JsonOut, Threads, flag
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
 
@@ -28,13 +28,15 @@ def neighbors(
     query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
     k: Annotated[int, typer.Option(help="Neighbours per query chunk")] = DEFAULT_QUERY_K,
     ef: Ef = DEFAULT_EF_SEARCH,
-    exclude_same_doc: Annotated[bool, typer.Option(help="Drop neighbours from the query's own document")] = False,
+    exclude_same_doc: Annotated[
+        bool, flag("--exclude-same-doc", "Drop neighbours from the query's own document")
+    ] = False,
     input: Annotated[list[Path] | None, typer.Option("--input", help="Batch mode: a DB or corpus to query")] = None,
     out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
     embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
     block_size: BlockSize = DEFAULT_BATCH_BLOCK,
     threads: Threads = None,
-    overwrite: Annotated[bool, typer.Option(help="Batch mode: replace --out")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", "Batch mode: replace --out")] = False,
     dask: Dask = None,
     json_output: JsonOut = False,
 ):
