@@ -92,14 +92,63 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise RetroError(f"{file}: not a retro DB manifest (field 'format' is not '{FORMAT_NAME}')")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise RetroError(f"{file}: field 'format_version' missing or not an integer")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RetroError(f"{file}: field 'format_version' must be a positive integer, not {version!r}")
     if version > FORMAT_VERSION:
         raise RetroError(
             f"{file}: format_version {version} was written by a newer retrocli "
             f"(this one reads up to {FORMAT_VERSION}); upgrade retrocli"
         )
+    check_manifest_shape(file, manifest)
     return manifest
+
+
+# The manifest's shape, checked once when a DB is opened so that no command meets a wrong type later:
+# field -> (type, required). Nested records are checked by the same table.
+_COUNT = (int, True)
+MANIFEST_SCHEMA = {
+    "db_id": (str, True), "chunk_size": (int, True),
+    "counts": ({"documents": _COUNT, "chunks": _COUNT, "tokens": _COUNT}, True),
+    "tokenizer": ({"name": (str, True), "sha256": (str, True), "vocab_size": (int, True)}, True),
+    "stages": (dict, True),
+    "embedder": ({"name": (str, True), "sha256": (str, True), "dim": (int, True), "precision": (str, True)}, False),
+    "index": ({"space": (str, True), "dim": (int, True), "shards": (list, True)}, False),
+}
+SHARD_SCHEMA = {"shard": _COUNT, "file": (str, True), "start": _COUNT, "count": _COUNT, "bytes": _COUNT}
+
+
+_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+def _check_fields(file: Path, record: dict, schema: dict, where: str) -> None:
+    for key, (kind, required) in schema.items():
+        name = f"{where}{key}"
+        if key not in record:
+            if required:
+                raise RetroError(f"{file}: field '{name}' is missing")
+            continue
+        value = record[key]
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise RetroError(f"{file}: field '{name}' must be an object, not {value!r}")
+            _check_fields(file, value, kind, f"{name}.")
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise RetroError(f"{file}: field '{name}' must be {_KIND_NAMES[kind]}, not {value!r}")
+        elif kind is int and value < (1 if key in ("chunk_size", "dim") else 0):
+            raise RetroError(f"{file}: field '{name}' must be {'≥ 1' if key in ('chunk_size', 'dim') else '≥ 0'}, "
+                             f"not {value}")
+
+
+def check_manifest_shape(file: Path, manifest: dict) -> None:
+    """One clear line naming the first field of a parsed manifest that has the wrong shape."""
+    _check_fields(file, manifest, MANIFEST_SCHEMA, "")
+    for stage, record in manifest["stages"].items():
+        if not isinstance(record, dict) or record.get("status") not in ("running", "complete"):
+            raise RetroError(f"{file}: field 'stages.{stage}' must be an object with status running or complete")
+    for i, shard in enumerate(manifest.get("index", {}).get("shards", [])):
+        if not isinstance(shard, dict):
+            raise RetroError(f"{file}: field 'index.shards[{i}]' must be an object, not {shard!r}")
+        _check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
 
 
 def stage_status(manifest: dict, stage: str) -> str:

@@ -340,7 +340,7 @@ def _edit_manifest(db_path, edit):
     ("edit", "fragment"),
     [
         (lambda m: m.update(format_version=FORMAT_VERSION + 1), "newer retrocli"),
-        (lambda m: m.update(format_version="1"), "not an integer"),
+        (lambda m: m.update(format_version="1"), "must be a positive integer"),
         (lambda m: m.update(format="something-else"), "not a retro DB manifest"),
         (lambda m: m["stages"]["chunk"].update(status="running"), "chunk stage is not complete"),
     ],

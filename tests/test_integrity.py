@@ -324,3 +324,25 @@ def test_version(cli):
 
     result = cli("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"retro {__version__}"
+
+
+# -- every bad input is one line, exit 2 --------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, field", [
+    (lambda m: m.pop("counts"), "counts"),
+    (lambda m: m.update(stages="x"), "stages"),
+    (lambda m: m.update(chunk_size="abc"), "chunk_size"),
+    (lambda m: m.update(format_version=0), "format_version"),
+    (lambda m: m.update(format_version=-1), "format_version"),
+    (lambda m: m["counts"].update(chunks=None), "counts.chunks"),
+    (lambda m: m["tokenizer"].pop("sha256"), "tokenizer.sha256"),
+    (lambda m: m["stages"].update(embed="done"), "stages.embed"),
+    (lambda m: m["embedder"].update(dim="384"), "embedder.dim"),
+    (lambda m: m["index"]["shards"].append("shard"), "index.shards[1]"),
+    (lambda m: m["index"]["shards"][0].update(count=-5), "index.shards[0].count"),
+])
+@pytest.mark.parametrize("command", ["info", "neighbors"])
+def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tiny_db_copy, cli, change, field, command):
+    edit_manifest(tiny_db_copy, change)
+    args = ["--query", "text"] if command == "neighbors" else []
+    assert refused(cli(command, tiny_db_copy, *args), "manifest.json", f"'{field}'")
