@@ -29,7 +29,13 @@ from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
-from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, DEFAULT_EMBEDDER, DEFAULT_PRECISION
+from retrocli.options import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_EMBED_BATCH,
+    DEFAULT_EMBEDDER,
+    DEFAULT_PRECISION,
+    check_at_least,
+)
 from retrocli.progress import NullProgress, Progress
 
 PRECISIONS = ("fp32", "bf16")
@@ -242,6 +248,7 @@ def embed_db(
     `threads` torch threads per task (default 1 there). `max_blocks` stops after that many new blocks
     (used to test interruption without killing)."""
     progress = progress or NullProgress()
+    check_at_least("--threads", threads, allow_none=True)
     if threads and dask is None:
         torch.set_num_threads(threads)
     db = open_db(path)

@@ -20,7 +20,7 @@ from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.neighbors import neighbors_of_inputs
-from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD
+from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
@@ -143,6 +143,8 @@ def evaluate(
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
+    check_at_least("--batch-size", batch_size)
+    check_at_least("--threads", threads, allow_none=True)
     model_dir = resolve_model(model_dir)
     if threads:
         torch.set_num_threads(threads)

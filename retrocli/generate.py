@@ -26,6 +26,8 @@ from retrocli.options import (
     DEFAULT_SAMPLING_SEED,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
+    check_at_least,
+    check_in_range,
 )
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.sequences import neighbor_rows, pad_id
@@ -85,8 +87,12 @@ def generate(
         raise RetroError("--prompt is empty")
     if max_new_tokens < 1:
         raise RetroError("--max-new-tokens: must be at least 1")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
+    check_at_least("--top-k", top_k, allow_none=True)
+    check_in_range("--top-p", top_p, 0, 1, allow_none=True)
+    check_at_least("--k", k, allow_none=True)
+    check_at_least("--ef", ef)
     k = k or model.config.num_neighbors
     pad = pad_id(db)
     retrieve_fn = None

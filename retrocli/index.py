@@ -21,7 +21,7 @@ from retrocli.db import MANIFEST, RetroDB, open_db, read_manifest, write_json_at
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
-from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions
+from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions, check_at_least
 from retrocli.progress import NullProgress, Progress
 
 SPACES = ("l2", "ip", "cosine")
@@ -43,6 +43,7 @@ def index_db(
     progress = progress or NullProgress()
     if options.space not in SPACES:
         raise RetroError(f"--space: must be one of {', '.join(SPACES)}, got '{options.space}'")
+    check_at_least("--threads", options.threads, allow_none=True)
     if options.M < 2 or options.ef_construction < 1 or options.shard_size < 1:
         raise RetroError("--M must be ≥ 2, --ef-construction and --shard-size ≥ 1")
     db = open_db(path)
@@ -160,6 +161,7 @@ class ShardedIndex:
     """All shards of a DB, loaded for search. Exact merge of per-shard top-k."""
 
     def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH):
+        check_at_least("--ef", ef)
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         meta = db.manifest["index"]

@@ -36,7 +36,7 @@ from retrocli.db import (
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
-from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD
+from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import longest_shared_run
 from retrocli.progress import NullProgress, Progress
 
@@ -206,6 +206,9 @@ def batch_neighbors(
     With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
     each holding every index shard in memory (loaded once per worker)."""
     progress = progress or NullProgress()
+    check_at_least("--ef", ef)
+    check_at_least("--threads", threads, allow_none=True)
+    check_at_least("--block-size", block_size)
     db = open_db(db_path)
     check_k(db, k)
     out = Path(out)

@@ -4,7 +4,26 @@ without loading torch (`retro --help` stays fast)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+from retrocli.errors import RetroError
+
+
+def check_at_least(option: str, value, low: float = 1, allow_none: bool = False) -> None:
+    """One line for a numeric option out of range (NaN included), before any work."""
+    if value is None and allow_none:
+        return
+    if value is None or isinstance(value, bool) or not math.isfinite(value) or value < low:
+        raise RetroError(f"{option}: must be a number ≥ {low:g}, not {value}")
+
+
+def check_in_range(option: str, value, low: float, high: float, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or not low < value <= high:
+        raise RetroError(f"{option}: must be in ({low:g}, {high:g}], not {value}")
+
 
 # chunk
 DEFAULT_CHUNK_SIZE = 64  # RETRO's m
@@ -88,3 +107,13 @@ class TrainOptions:
     # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
     # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
     copy_curriculum: float = 0.0
+
+    def check(self) -> None:
+        """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""
+        for name in ("seq_len", "batch_size", "steps", "checkpoint_every", "log_every"):
+            check_at_least(f"--{name.replace('_', '-')}", getattr(self, name))
+        check_at_least("--threads", self.threads, allow_none=True)
+        check_in_range("--lr", self.lr, 0, 10)
+        check_in_range("--grad-clip", self.grad_clip, 0, math.inf)
+        for name in ("warmup", "weight_decay", "min_lr_ratio", "retrieval_focus", "copy_curriculum"):
+            check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), low=0)

@@ -235,6 +235,7 @@ def train(
         raise RetroError(f"{neighbors_path}: computed without --exclude-same-doc; training would see its own text")
     if nb.ids.shape[1] < k:
         raise RetroError(f"{neighbors_path}: holds {nb.ids.shape[1]} neighbours per chunk, --k is {k}")
+    opts.check()
     precision = resolve_precision(opts.precision)
     if opts.threads:
         torch.set_num_threads(opts.threads)

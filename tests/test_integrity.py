@@ -346,3 +346,28 @@ def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tiny_db_copy
     edit_manifest(tiny_db_copy, change)
     args = ["--query", "text"] if command == "neighbors" else []
     assert refused(cli(command, tiny_db_copy, *args), "manifest.json", f"'{field}'")
+
+
+@pytest.mark.parametrize("args, option", [
+    (["embed", "{db}", "--threads", "-1"], "--threads"),
+    (["index", "{db}", "--threads", "0"], "--threads"),
+    (["neighbors", "{db}", "--query", "x", "--ef", "0"], "--ef"),
+    (["neighbors", "{db}", "--query", "x", "--ef", "-1"], "--ef"),
+    (["neighbors", "{db}", "--input", "{db}", "--out", "{tmp}/nb", "--ef", "0"], "--ef"),
+    (["eval", "{db}", "--test", "{corpus}", "--model", "{model}", "--batch-size", "0"], "--batch-size"),
+    (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--lr", "nan"], "--lr"),
+    (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--batch-size", "0"], "--batch-size"),
+    (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--top-p", "2"], "--top-p"),
+    (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--top-k", "0"], "--top-k"),
+    (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--k", "0"], "--k"),
+    (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--temperature", "nan"], "--temperature"),
+])
+def test_out_of_range_options_are_one_line(tiny_db_copy, self_neighbors, trained, small_jsonl, tmp_path, cli, args,
+                                           option):
+    fill = {"{db}": tiny_db_copy, "{nb}": self_neighbors, "{model}": trained[0], "{corpus}": small_jsonl}
+    real = [str(fill.get(a, a)).replace("{tmp}", str(tmp_path)) for a in args]
+    before = tree_snapshot(tiny_db_copy)
+    assert refused(cli(*real), option)
+    assert tree_snapshot(tiny_db_copy) == before
+    assert not (tmp_path / "m").exists() and not (tmp_path / "nb").exists()
