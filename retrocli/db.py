@@ -31,7 +31,7 @@ import numpy as np
 import zarr
 
 from retrocli.errors import RetroError
-from retrocli.tokenizer import tokenizer_from_json
+from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
 FORMAT_VERSION = 1
@@ -120,7 +120,8 @@ SHARD_SCHEMA = {"shard": _COUNT, "file": (str, True), "start": _COUNT, "count": 
 _KIND_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
 
 
-def _check_fields(file: Path, record: dict, schema: dict, where: str) -> None:
+def check_fields(file: Path, record: dict, schema: dict, where: str = "") -> None:
+    """Raise one line naming the first field of `record` that `schema` (field -> (type, required)) refuses."""
     for key, (kind, required) in schema.items():
         name = f"{where}{key}"
         if key not in record:
@@ -131,7 +132,7 @@ def _check_fields(file: Path, record: dict, schema: dict, where: str) -> None:
         if isinstance(kind, dict):
             if not isinstance(value, dict):
                 raise RetroError(f"{file}: field '{name}' must be an object, not {value!r}")
-            _check_fields(file, value, kind, f"{name}.")
+            check_fields(file, value, kind, f"{name}.")
         elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise RetroError(f"{file}: field '{name}' must be {_KIND_NAMES[kind]}, not {value!r}")
         elif kind is int and value < (1 if key in ("chunk_size", "dim") else 0):
@@ -141,14 +142,14 @@ def _check_fields(file: Path, record: dict, schema: dict, where: str) -> None:
 
 def check_manifest_shape(file: Path, manifest: dict) -> None:
     """One clear line naming the first field of a parsed manifest that has the wrong shape."""
-    _check_fields(file, manifest, MANIFEST_SCHEMA, "")
+    check_fields(file, manifest, MANIFEST_SCHEMA, "")
     for stage, record in manifest["stages"].items():
         if not isinstance(record, dict) or record.get("status") not in ("running", "complete"):
             raise RetroError(f"{file}: field 'stages.{stage}' must be an object with status running or complete")
     for i, shard in enumerate(manifest.get("index", {}).get("shards", [])):
         if not isinstance(shard, dict):
             raise RetroError(f"{file}: field 'index.shards[{i}]' must be an object, not {shard!r}")
-        _check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
+        check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
 
 
 def stage_status(manifest: dict, stage: str) -> str:
@@ -249,8 +250,18 @@ class RetroDB:
 
     @cached_property
     def tokenizer(self):
-        text = (self.path / TOKENIZER_FILE).read_text(encoding="utf-8")
-        loaded = tokenizer_from_json(text, self.manifest["tokenizer"]["name"])
+        file = self.path / TOKENIZER_FILE
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise RetroError(f"{file}: cannot read the DB's tokenizer ({reason}); the DB is damaged") from None
+        if text_sha256(text) != self.manifest["tokenizer"]["sha256"]:
+            raise RetroError(f"{file}: sha256 does not match the manifest")
+        try:  # checked first: only the exact tokenizer the DB was built with is ever parsed
+            loaded = tokenizer_from_json(text, self.manifest["tokenizer"]["name"])
+        except Exception as err:  # tokenizers raises its own exception type for a bad file
+            raise RetroError(f"{file}: not a tokenizer.json ({str(err).splitlines()[0][:200]})") from None
         if loaded.sha256 != self.manifest["tokenizer"]["sha256"]:
             raise RetroError(f"{self.path / TOKENIZER_FILE}: sha256 does not match the manifest")
         return loaded

@@ -121,6 +121,13 @@ def neighbor_refs(db: RetroDB, ids: np.ndarray, dists: np.ndarray) -> list[Neigh
     return out
 
 
+def require_searchable(db: RetroDB) -> None:
+    """One line naming the command that is missing, for a DB that is not yet embedded or indexed."""
+    for stage in ("embed", "index"):
+        if db.stage(stage) != "complete":
+            raise RetroError(f"{db.path}: the {stage} stage is not complete; run `retro {stage} {db.path}` first")
+
+
 def check_k(db: RetroDB, k: int) -> None:
     if k < 1:
         raise RetroError("--k: must be at least 1")
@@ -211,6 +218,7 @@ def batch_neighbors(
     check_at_least("--block-size", block_size)
     db = open_db(db_path)
     check_k(db, k)
+    require_searchable(db)  # before the queries are chunked or embedded: a refusal costs nothing
     out = Path(out)
     inputs = [Path(p) for p in inputs]
     check_outside(out, db.path, "--out")

@@ -50,7 +50,7 @@ class LoadedTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def _sha256(text: str) -> str:
+def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -74,11 +74,11 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> LoadedTokenizer:
         raise RetroError(f"{file}: cannot read tokenizer ({err})") from None
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
         raise RetroError(f"{file}: not a valid tokenizer.json ({str(err).splitlines()[0]})") from None
-    return LoadedTokenizer(tokenizer, name, _sha256(text), text)
+    return LoadedTokenizer(tokenizer, name, text_sha256(text), text)
 
 
 def tokenizer_from_json(text: str, name: str) -> LoadedTokenizer:
-    return LoadedTokenizer(Tokenizer.from_str(text), name, _sha256(text), text)
+    return LoadedTokenizer(Tokenizer.from_str(text), name, text_sha256(text), text)
 
 
 def train_tokenizer(

@@ -371,3 +371,49 @@ def test_out_of_range_options_are_one_line(tiny_db_copy, self_neighbors, trained
     assert refused(cli(*real), option)
     assert tree_snapshot(tiny_db_copy) == before
     assert not (tmp_path / "m").exists() and not (tmp_path / "nb").exists()
+
+
+def test_a_chunk_only_db_asks_for_retro_embed_before_touching_the_test_set(tmp_path, small_jsonl, cli):
+    db, work = tmp_path / "chunks", tmp_path / "work"
+    assert cli("chunk", small_jsonl, "--out", db).exit_code == 0
+    assert refused(cli("leakage-report", db, "--test", small_jsonl, "--work-dir", work), "run `retro embed")
+    assert refused(cli("eval", db, "--test", small_jsonl, "--work-dir", work), "run `retro embed")
+    assert not work.exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other"])
+def test_a_missing_or_garbage_tokenizer_is_one_line(tiny_db_copy, trained, cli, damage):
+    file = tiny_db_copy / "tokenizer.json"
+    if damage == "missing":
+        file.unlink()
+    else:
+        file.write_text("{not json" if damage == "garbage" else '{"version": "1.0", "model": {}}')
+    assert refused(cli("neighbors", tiny_db_copy, "--query", "some text"), "tokenizer.json")
+    assert refused(cli("generate", "--db", tiny_db_copy, "--model", trained[0], "--prompt", "x"), "tokenizer.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_head": 0}, "n_head must be a positive integer"),
+    ({"n_layer": 10**6}, "parameters"),
+    ({"d_ff": 10**10}, "parameters"),
+    ({"d_model": "wide"}, "d_model must be a positive integer"),
+])
+def test_a_model_config_out_of_range_is_refused_before_allocating(trained, tiny_db, tmp_path, cli, change, message):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    assert refused(cli("generate", "--db", tiny_db, "--model", model, "--prompt", "x"), "config.json", message)
+
+
+@pytest.mark.parametrize("meta", ["{garbage", "{}", "[]", '{"tokenizer_sha256": 5, "chunk_size": 64}'])
+def test_garbage_model_metadata_is_one_line(trained, tiny_db, tmp_path, cli, meta):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(trained[0], model)
+    (model / "retrocli_model.json").write_text(meta)
+    assert refused(cli("generate", "--db", tiny_db, "--model", model, "--prompt", "x"), "retrocli_model.json")

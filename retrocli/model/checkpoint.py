@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from retrocli.assets import asset_path
-from retrocli.db import RetroDB, check_same_chunking, write_json_atomic
+from retrocli.db import RetroDB, check_fields, check_same_chunking, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.model.retro import RetroModel
 
 MODEL_META = "retrocli_model.json"
 BUNDLED_MODEL = "bundled"  # the name that stands for the model shipped in the package
+MODEL_META_SCHEMA = {"tokenizer_sha256": (str, True), "chunk_size": (int, True)}  # checked before any load
 
 
 def bundled_model_dir() -> Path:
@@ -50,7 +51,13 @@ def load_model(model_dir: str | os.PathLike | None, db: RetroDB) -> tuple[RetroM
     meta_file = path / MODEL_META
     if not meta_file.exists():
         raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RetroError(f"{meta_file}: unreadable model metadata ({err})") from None
+    if not isinstance(meta, dict):
+        raise RetroError(f"{meta_file}: model metadata must be a JSON object")
+    check_fields(meta_file, meta, MODEL_META_SCHEMA)
     check_same_chunking(db, path, meta["tokenizer_sha256"], meta["chunk_size"], subject="model ")
     try:
         model = RetroModel.from_pretrained(path)

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import psutil
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -67,6 +68,7 @@ from retrocli.model.copy_head import CopyHead, CopyWeights
 from retrocli.model.layers import RMSNorm, wide
 
 CONFIG_NAME = "config.json"
+MAX_PARAMETERS = 20_000_000_000  # a config.json asking for more is refused before anything is allocated
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -114,7 +116,20 @@ class RetroConfig:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        sizes = ("vocab_size", "chunk_size", "seq_len", "n_layer", "n_head", "d_model", "d_ff", "enc_layers",
+                 "enc_d_model", "enc_n_head", "enc_d_ff", "num_neighbors", "neighbor_len")
+        for name in sizes:  # before any arithmetic on them: n_head 0 must not become a ZeroDivisionError
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"invalid RetroConfig: {name} must be a positive integer, not {value!r}")
+        if not isinstance(self.cca_layers, (list, tuple)) or not all(isinstance(i, int) for i in self.cca_layers):
+            raise ValueError(f"invalid RetroConfig: cca_layers must be layer numbers, not {self.cca_layers!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"invalid RetroConfig: dropout must be in [0, 1), not {self.dropout!r}")
         self.cca_layers = tuple(int(i) for i in self.cca_layers)
+        if self.estimated_parameters() > MAX_PARAMETERS:
+            raise ValueError(f"invalid RetroConfig: about {self.estimated_parameters() / 1e9:.1f}B parameters, "
+                             f"over the {MAX_PARAMETERS / 1e9:.0f}B this tool allocates")
         problems = []
         if self.seq_len % self.chunk_size:
             problems.append(f"seq_len {self.seq_len} is not a multiple of chunk_size {self.chunk_size}")
@@ -134,6 +149,13 @@ class RetroConfig:
             problems.append(f"pad_token_id {self.pad_token_id} is outside the vocabulary")
         if problems:
             raise ValueError("invalid RetroConfig: " + "; ".join(problems))
+
+    def estimated_parameters(self) -> int:
+        """An upper estimate of the parameter count, from the sizes alone (nothing is allocated)."""
+        d, e = self.d_model, self.enc_d_model
+        decoder = self.n_layer * (4 * d * d + 3 * d * self.d_ff) + len(self.cca_layers) * 4 * d * d
+        encoder = self.enc_layers * (8 * e * e + 3 * e * self.enc_d_ff) + 2 * d * e
+        return decoder + encoder + 2 * self.vocab_size * d
 
     @classmethod
     def small(cls, vocab_size: int, **overrides) -> RetroConfig:
@@ -478,6 +500,10 @@ class RetroModel(nn.Module):
     def __init__(self, config: RetroConfig):
         super().__init__()
         self.config = cfg = config
+        needed, memory = 4 * cfg.estimated_parameters(), psutil.virtual_memory().total
+        if needed > memory:  # refuse before allocating: a typo in config.json must not take the machine down
+            raise ValueError(f"invalid RetroConfig: its ~{cfg.estimated_parameters() / 1e6:,.0f}M fp32 parameters need "
+                             f"{needed / 2**30:.1f} GiB, more than this machine's {memory / 2**30:.1f} GiB")
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, has_cca=(i + 1) in cfg.cca_layers) for i in range(cfg.n_layer))
@@ -864,9 +890,9 @@ class RetroModel(nn.Module):
                 raise RetroError(f"{path}: not a saved RETRO model (missing {f.name})")
         try:
             config = RetroConfig.from_dict(json.loads(config_file.read_text(encoding="utf-8")))
+            model = cls(config)
         except (ValueError, TypeError) as err:
             raise RetroError(f"{config_file}: bad model config ({err})") from None
-        model = cls(config)
         try:
             load_model(model, str(weights_file), strict=True, device=str(device))
         except Exception as err:  # safetensors raises RuntimeError / SafetensorError
