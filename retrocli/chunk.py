@@ -42,7 +42,7 @@ from retrocli.db import (
 )
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
-from retrocli.options import ChunkOptions
+from retrocli.options import AUTO_ID_FIELD, ChunkOptions
 from retrocli.progress import NullProgress, Progress
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
 
@@ -200,7 +200,8 @@ def _write_chunks(
     offsets = per_doc("docs/chunk_offset", np.int64)
     doc_file = per_doc("docs/file", np.int32)
     doc_pos = per_doc("docs/position", np.int64)
-    ext_ids = per_doc("docs/external_id", str, "") if options.id_field else None
+    ext_ids = per_doc("docs/external_id", str, "") if options.id_field != "" else None
+    any_id = False
 
     files = expand_inputs(inputs, options.allow_duplicates)  # validate every path before any progress is shown
     if not files:  # directories with no corpus files: say so about the inputs, not an empty list
@@ -213,7 +214,7 @@ def _write_chunks(
     reported_kb = 0
 
     def flush(batch):
-        nonlocal n_docs, n_chunks, n_tokens, reported_kb
+        nonlocal n_docs, n_chunks, n_tokens, reported_kb, any_id
         encoded = tokenizer.encode_batch([doc.text for doc in batch])
         doc_offsets = np.empty(len(batch), dtype=np.int64)
         for i, ids in enumerate(encoded):
@@ -229,6 +230,7 @@ def _write_chunks(
         doc_pos.append(np.array([d.position for d in batch], np.int64))
         if ext_ids is not None:
             ext_ids.append(np.array([d.external_id for d in batch], dtype=object).astype(str))
+            any_id = any_id or any(d.external_id for d in batch)
         n_docs += len(batch)
         task.advance(stats.bytes_read // 1024 - reported_kb)
         reported_kb = stats.bytes_read // 1024
@@ -244,6 +246,10 @@ def _write_chunks(
         flush(batch)
     for growing in (tokens, lengths, chunk_doc, offsets, doc_file, doc_pos) + ((ext_ids,) if ext_ids else ()):
         growing.close()
+    if ext_ids is not None and options.id_field is None and not any_id:
+        del root["docs/external_id"]  # automatic ids, and no record had one: the DB has no ids
+    elif ext_ids is not None:
+        stats.id_field = options.id_field or AUTO_ID_FIELD
     paths = list(file_index)
     files = root.create_array(
         "files/path", shape=(len(paths),), dtype=str, chunks=(max(1, min(len(paths), 65536)),)

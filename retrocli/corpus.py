@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrocli.errors import RetroError
-from retrocli.options import DEFAULT_TEXT_FIELD
+from retrocli.options import AUTO_ID_FIELD, DEFAULT_TEXT_FIELD
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -53,9 +53,11 @@ class CorpusStats:
     binary_skipped: list[str] = field(default_factory=list)
     replaced_bytes_docs: int = 0  # documents in which invalid UTF-8 was replaced with U+FFFD
     bytes_read: int = 0
+    id_field: str | None = None  # the field the documents' ids came from (None: no ids)
 
     def to_dict(self) -> dict:
         return {
+            "id_field": self.id_field,
             "files": self.files,
             "documents": self.documents,
             "empty_skipped": self.empty_skipped,
@@ -68,7 +70,7 @@ class CorpusStats:
 @dataclass
 class CorpusOptions:
     text_field: str = DEFAULT_TEXT_FIELD
-    id_field: str | None = None
+    id_field: str | None = None  # None: the "id" field where a record has one; "": none; else required
     strict: bool = False
     allow_duplicates: bool = False  # the same file given twice (directly or through a directory)
 
@@ -162,7 +164,10 @@ def _record_text(record, where: str, opts: CorpusOptions) -> tuple[str | None, s
         kind = "null" if text is None else type(text).__name__
         raise RetroError(f"{where}: field '{opts.text_field}' is {kind}, expected a string")
     ext = ""
-    if opts.id_field is not None:
+    if opts.id_field is None:  # automatic: the record's "id" field, where it has one
+        value = record.get(AUTO_ID_FIELD)
+        ext = "" if value is None else str(value)
+    elif opts.id_field:  # named by the user: every record must have it
         if opts.id_field not in record or record[opts.id_field] is None:
             raise RetroError(f"{where}: missing id field '{opts.id_field}'")
         ext = str(record[opts.id_field])
@@ -186,7 +191,7 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator
                 text, ext = _record_text(record, where, opts)
                 text = _fix_surrogates(text, where, opts.text_field, opts, stats)
                 if ext:
-                    ext = _fix_surrogates(ext, where, opts.id_field, opts, None)
+                    ext = _fix_surrogates(ext, where, opts.id_field or AUTO_ID_FIELD, opts, None)
                 yield Document(text, str(path.absolute()), lineno, ext)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise RetroError(f"{path}: cannot read file ({getattr(err, 'strerror', None) or err})") from None
@@ -202,14 +207,15 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterat
     names = parquet.schema_arrow.names
     if opts.text_field not in names:
         raise RetroError(f"{path}: missing text column '{opts.text_field}' (set --text-field)")
-    if opts.id_field is not None and opts.id_field not in names:
+    if opts.id_field and opts.id_field not in names:
         raise RetroError(f"{path}: missing id column '{opts.id_field}'")
-    columns = [opts.text_field] + ([opts.id_field] if opts.id_field else [])
+    id_column = opts.id_field or (AUTO_ID_FIELD if opts.id_field is None and AUTO_ID_FIELD in names else None)
+    columns = [opts.text_field] + ([id_column] if id_column else [])
     stats.bytes_read += path.stat().st_size
     row = 0
     for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
         texts = batch.column(opts.text_field).to_pylist()
-        ids = batch.column(opts.id_field).to_pylist() if opts.id_field else [""] * len(texts)
+        ids = batch.column(id_column).to_pylist() if id_column else [""] * len(texts)
         for text, ext in zip(texts, ids, strict=True):
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__

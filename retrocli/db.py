@@ -19,6 +19,7 @@ Layout (see docs/db-format.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -328,20 +329,31 @@ class RetroDB:
     def _external_ids(self) -> np.ndarray | None:
         return self.root["docs/external_id"][:] if "docs/external_id" in self.root else None
 
-    def source(self, doc: int) -> str:
-        """Where a document came from: its file, plus line (JSONL) or row (Parquet)."""
+    def external_id(self, doc: int) -> str | None:
+        """The document's id from the corpus (its `id` field, or --id-field), if it had one."""
+        doc = self._check_doc(doc)
+        value = str(self._external_ids[doc]) if self._external_ids is not None else ""
+        return value or None
+
+    def location(self, doc: int, relative: bool = True) -> str:
+        """file:line (JSONL) or file:row (Parquet), the file relative to the working directory or the DB
+        when it lies inside one of them (relative=False: as recorded, absolute)."""
         doc = self._check_doc(doc)
         path = str(self._files[int(self._doc_file[doc])])
+        if relative:
+            for base in (Path.cwd(), self.path.absolute()):
+                with contextlib.suppress(ValueError):
+                    path = str(Path(path).relative_to(base))
+                    break
         position = int(self._doc_position[doc])
         if path.endswith(".parquet"):
-            ref = f"{path}:row {position}"
-        elif position > 0:
-            ref = f"{path}:line {position}"
-        else:
-            ref = path
-        if self._external_ids is not None:
-            ref += f" (id {self._external_ids[doc]})"
-        return ref
+            return f"{path}:row {position}"
+        return f"{path}:line {position}" if position > 0 else path
+
+    def source(self, doc: int) -> str:
+        """How people see a document: its id first, then where it came from (`id (file:line)`)."""
+        ext, where = self.external_id(doc), self.location(doc)
+        return f"{ext} ({where})" if ext else where
 
     def chunk(self, chunk_id: int) -> ChunkRef:
         chunk_id = self._check(chunk_id)

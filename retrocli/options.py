@@ -28,6 +28,7 @@ def check_in_range(option: str, value, low: float, high: float, allow_none: bool
 # chunk
 DEFAULT_CHUNK_SIZE = 64  # RETRO's m
 DEFAULT_TEXT_FIELD = "text"
+AUTO_ID_FIELD = "id"  # used as the document id where a JSONL/Parquet record has it (--id-field '' turns it off)
 DEFAULT_VOCAB_SIZE = 8192  # train-tokenizer, including the 256 byte tokens
 
 # embed

@@ -157,10 +157,11 @@ def load_heldout(db: RetroDB, path: str | os.PathLike | None) -> set[int]:
         raise RetroError(f"{path}: cannot read held-out list ({err.strerror})") from None
     found = set()
     for doc in range(db.num_docs):
-        source = db.source(doc)
-        keys = {str(doc), source}
-        if " (id " in source:
-            keys.add(source.rsplit(" (id ", 1)[1][:-1])
+        # any of the names a user may have copied: doc number, id, file:line (relative or absolute), source
+        keys = {str(doc), db.source(doc), db.location(doc), db.location(doc, relative=False)}
+        ext = db.external_id(doc)
+        if ext:
+            keys |= {ext, f"{db.location(doc, relative=False)} (id {ext})"}  # the older source spelling
         if keys & wanted:
             found.add(doc)
     return found

@@ -152,7 +152,8 @@ def test_chunk_record_and_sources(subset_db, subset_texts):
     db = open_db(subset_db)
     path = str(SUBSET_TRAIN.absolute())
     for d in (0, 5, db.num_docs - 1):
-        assert db.source(d) == f"{path}:line {d + 1}"  # the subset has no blank lines
+        assert db.location(d, relative=False) == f"{path}:line {d + 1}"  # the subset has no blank lines
+        assert db.source(d) == f"{db.external_id(d)} ({db.location(d)})"
     c = int(db.doc_offsets[5]) + 1
     ref = db.chunk(c)
     assert ref.id == c and ref.doc == 5

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_retro, write_corpus_file
+from helpers import SUBSET_TRAIN
 
 from retrocli import RetroError, open_db
 from retrocli.chunk import ChunkOptions, chunk_corpus
@@ -92,16 +93,30 @@ def test_id_field_kept_and_stored(make_corpus, tmp_path, name, ids):
     docs, _ = read_all([root / name], id_field="doc_id")
     assert [d.external_id for d in docs] == [str(i) for i in ids]
     db = chunk_corpus([root / name], tmp_path / "db", ChunkOptions(id_field="doc_id"))
-    assert db.source(0).endswith(f"(id {ids[0]})")
-    assert db.source(1).endswith(f"(id {ids[1]})")
-    assert str((root / name).absolute()) in db.source(1)
+    assert db.source(0).startswith(f"{ids[0]} (") and db.external_id(0) == str(ids[0])
+    assert db.source(1).startswith(f"{ids[1]} (")
+    assert str((root / name).absolute()) in db.source(1)  # outside the working directory: absolute
     assert list(db.root["docs/external_id"][:]) == [str(i) for i in ids]
 
 
-def test_without_id_field_no_id_array(subset_db):
-    db = open_db(subset_db)
-    assert "docs/external_id" not in db.root
-    assert "(id " not in db.source(0)
+def test_without_ids_no_id_array(make_corpus, tmp_path):
+    root = make_corpus({"a.jsonl": [{"text": "alpha text"}, {"text": "beta text"}]})
+    db = chunk_corpus([root / "a.jsonl"], tmp_path / "db")
+    assert "docs/external_id" not in db.root and db.external_id(0) is None
+    assert db.source(0) == db.location(0) and db.source(0).endswith("a.jsonl:line 1")
+    assert db.manifest["stages"]["chunk"]["corpus"]["id_field"] is None
+
+
+def test_an_id_field_is_used_by_default_and_empty_turns_it_off(subset_db, tmp_path):
+    import json
+
+    db = open_db(subset_db)  # the committed subset's records carry "id"
+    first = json.loads(SUBSET_TRAIN.read_text(encoding="utf-8").splitlines()[0])["id"]
+    assert db.external_id(0) == first and db.source(0).startswith(f"{first} (")
+    assert db.source(0).endswith("train.jsonl:line 1)")
+    assert db.manifest["stages"]["chunk"]["corpus"]["id_field"] == "id"
+    off = chunk_corpus([SUBSET_TRAIN], tmp_path / "off", ChunkOptions(id_field=""))
+    assert "docs/external_id" not in off.root and off.source(0).endswith("train.jsonl:line 1")
 
 
 @pytest.mark.parametrize("name", ["a.jsonl", "a.parquet"])

@@ -417,3 +417,22 @@ def test_garbage_model_metadata_is_one_line(trained, tiny_db, tmp_path, cli, met
     shutil.copytree(trained[0], model)
     (model / "retrocli_model.json").write_text(meta)
     assert refused(cli("generate", "--db", tiny_db, "--model", model, "--prompt", "x"), "retrocli_model.json")
+
+
+# -- documents are named by their ids ---------------------------------------------------------------------
+
+def test_documents_are_named_by_id_first_in_neighbors_and_the_leakage_report(tiny_db, planted, cli):
+    import json
+
+    from retrocli.db import open_db
+
+    db = open_db(tiny_db)
+    ext = db.external_id(3)
+    assert ext  # the subset's records carry an "id" field, used by default
+    shown = cli("neighbors", tiny_db, "--query", db.chunk_text(int(db.doc_chunks(3).start)), "--k", "1",
+                "--json").stdout
+    top = json.loads(shown)["chunks"][0]["neighbors"][0]
+    assert top["source"].startswith(f"{ext} (") and "line 4)" in top["source"]
+    report = json.loads(cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json").stdout)
+    pair = report["near_duplicates"][0]
+    assert pair["db_source"].startswith(f"{db.external_id(1)} (")

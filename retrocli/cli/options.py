@@ -21,7 +21,10 @@ Inputs = Annotated[
     list[Path], typer.Argument(help="Files or directories: .txt/.md/.rst, .jsonl(.gz), .parquet", readable=False)
 ]
 TextField = Annotated[str, typer.Option(help="JSONL/Parquet field holding the document text")]
-IdField = Annotated[str | None, typer.Option(help="JSONL/Parquet field holding a document id to keep")]
+IdField = Annotated[
+    str | None,
+    typer.Option(help="JSONL/Parquet field holding a document id (default: 'id' where a record has one; '' for none)"),
+]
 Strict = Annotated[bool, flag("--strict", "Fail on invalid UTF-8 instead of replacing it")]
 TokenizerOpt = Annotated[
     str | None, typer.Option(help="HF tokenizer.json or a directory holding one (default: packaged BPE)")
