@@ -17,6 +17,12 @@ It prints tokens/s and MB/s for each (per wall second and per CPU second: CPU ti
 other load on the machine; the load average is printed too), the pipeline/anchor ratio, and peak RSS at
 1 vs N copies. It fails (exit 1, a FAIL line) if the N-copy peak RSS reaches 1 GiB or grows by more than
 25% over the 1-copy run.
+
+    .venv/bin/python bench/bench_chunk.py --long-doc-mb 50
+
+measures one single-line document instead (the committed subset's text repeated to 50 MB): peak RSS of
+`retro chunk`, which tokenizes long documents in whitespace windows, against the anchor of the bare
+tokenizer given the whole document at once; the token counts must be identical.
 """
 
 from __future__ import annotations
@@ -111,6 +117,49 @@ def anchor_worker(files: list[str]) -> None:
     )
 
 
+def long_doc_worker(path: str) -> None:
+    """The old way, as the anchor: the whole single-line document handed to the tokenizer at once."""
+    from retrocli.tokenizer import load_tokenizer
+
+    text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+    ids = load_tokenizer().encode_batch([text])[0]
+    print(json.dumps({"tokens": len(ids)}))
+
+
+def long_doc_bench(megabytes: float, workdir: Path | None) -> int:
+    """One single-line JSONL document of `megabytes` MB (the committed subset's text, repeated): peak RSS
+    of `retro chunk` (windowed tokenization) against the bare tokenizer on the whole document."""
+    from retrocli.chunk import LONG_DOC_WINDOW
+
+    subset = REPO / "examples" / "subset" / "train.jsonl"
+    texts = [json.loads(line)["text"] for line in subset.read_text(encoding="utf-8").splitlines()]
+    block = "\n\n".join(texts)
+    text = block * max(1, math.ceil(megabytes * MB / len(block.encode("utf-8"))))
+    tmp = Path(tempfile.mkdtemp(prefix="retro-bench-long-", dir=workdir))
+    try:
+        doc = tmp / "long.jsonl"
+        doc.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+        size = doc.stat().st_size / MB
+        print(f"long document: one JSONL line of {size:,.1f} MB", flush=True)
+        anchor = run_measured([sys.executable, __file__, "--long-doc-worker", str(doc)])
+        if anchor["returncode"] != 0:
+            sys.exit(f"bench: long-document anchor failed:\n{anchor['stderr'][-2000:]}")
+        print(f"[1/2] anchor (whole document to the tokenizer at once): {anchor['seconds']:.1f}s, "
+              f"peak RSS {anchor['peak_rss'] / MB:,.0f} MB", flush=True)
+        ours = chunk_run([doc], tmp / "db")
+        print(f"[2/2] retro chunk (windows of {LONG_DOC_WINDOW:,} characters): {ours['seconds']:.1f}s, "
+              f"peak RSS {ours['peak_rss'] / MB:,.0f} MB", flush=True)
+        same = ours["report"]["counts"]["tokens"] == json.loads(anchor["stdout"])["tokens"]
+        print(f"tokens: {ours['report']['counts']['tokens']:,} ({'identical count' if same else 'DIFFERENT'}); "
+              f"peak RSS ratio retro chunk / anchor = {ours['peak_rss'] / anchor['peak_rss']:.2f}")
+        if not same or ours["peak_rss"] >= RSS_LIMIT:
+            print("FAIL: windowed tokenization changed the tokens or used ≥ 1 GiB", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def retro_bin() -> str:
     candidate = Path(sys.executable).with_name("retro")
     if candidate.exists():
@@ -145,12 +194,20 @@ def main() -> int:
         "--workdir", type=Path, default=None, help="parent of the temp dir for copies and DBs"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here as JSON")
+    parser.add_argument("--long-doc-mb", type=float, default=None,
+                        help="instead: peak RSS of one single-line document of this many MB")
     parser.add_argument("--anchor-worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--long-doc-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.anchor_worker:
         anchor_worker(args.anchor_worker)
         return 0
+    if args.long_doc_worker:
+        long_doc_worker(args.long_doc_worker)
+        return 0
+    if args.long_doc_mb:
+        return long_doc_bench(args.long_doc_mb, args.workdir)
 
     source = args.source
     if not source.exists():

@@ -8,6 +8,7 @@ is always complete. Memory stays bounded: documents are tokenized in batches and
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 import uuid
@@ -47,6 +48,43 @@ from retrocli.progress import NullProgress, Progress
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
 
 TOKENIZE_BATCH_CHARS = 4_000_000  # text handed to the Rust tokenizer at once (it parallelises inside)
+# A longer document is tokenized in windows of about this many characters, cut where whitespace meets a
+# non-space character: a byte-level BPE pre-tokenizer splits there anyway, so the ids are unchanged, and
+# the tokenizer's memory (offsets, words: ~100 bytes a character) no longer grows with the document.
+LONG_DOC_WINDOW = 1_000_000
+
+
+_CUT = re.compile(r"\s(?=\S)")  # the last whitespace character of a run, followed by a word
+
+
+def whitespace_windows(text: str, size: int = LONG_DOC_WINDOW) -> list[str]:
+    """`text` cut into pieces of at most about `size` characters, each cut just before the last whitespace
+    character of a run that a non-space character follows (so every piece after the first starts with
+    the whitespace that belongs to the next word). A stretch of `size` characters with no such place is
+    cut hard: tokens can then differ at that one cut, but memory stays bounded."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        window = text[start + size // 2 : start + size]
+        cuts = [match.start() for match in _CUT.finditer(window)]
+        cut = start + size // 2 + cuts[-1] if cuts else start + size
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(tokenizer: LoadedTokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text; long ones in whitespace windows, a few windows at a time."""
+    out: list[np.ndarray | None] = [None] * len(texts)
+    short = [i for i, t in enumerate(texts) if len(t) <= LONG_DOC_WINDOW]
+    for i, ids in zip(short, tokenizer.encode_batch([texts[i] for i in short])):
+        out[i] = np.asarray(ids, dtype=np.int64)
+    for i in (i for i, t in enumerate(texts) if len(t) > LONG_DOC_WINDOW):
+        # one window at a time, ids kept as int32: memory is the text plus 4 bytes a token
+        parts = [np.asarray(tokenizer.encode_batch([piece])[0], dtype=np.int32)
+                 for piece in whitespace_windows(texts[i], LONG_DOC_WINDOW)]
+        out[i] = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return out
 
 
 class _GrowingArray:
@@ -88,7 +126,7 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def _split_into_chunks(ids: list[int], chunk_size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _split_into_chunks(ids: np.ndarray, chunk_size: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(ids, dtype=dtype)
     count = -(-len(arr) // chunk_size)
     padded = np.zeros(count * chunk_size, dtype=dtype)
@@ -215,7 +253,7 @@ def _write_chunks(
 
     def flush(batch):
         nonlocal n_docs, n_chunks, n_tokens, reported_kb, any_id
-        encoded = tokenizer.encode_batch([doc.text for doc in batch])
+        encoded = encode_documents(tokenizer, [doc.text for doc in batch])
         doc_offsets = np.empty(len(batch), dtype=np.int64)
         for i, ids in enumerate(encoded):
             rows, lens = _split_into_chunks(ids, m, dtype)

@@ -436,3 +436,30 @@ def test_documents_are_named_by_id_first_in_neighbors_and_the_leakage_report(tin
     report = json.loads(cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json").stdout)
     pair = report["near_duplicates"][0]
     assert pair["db_source"].startswith(f"{db.external_id(1)} (")
+
+
+# -- very long documents ------------------------------------------------------------------------------------
+
+def test_long_documents_are_tokenized_in_windows_with_identical_chunks(tmp_path, subset_db, monkeypatch):
+    """With windows of 500 characters every subset document is cut many times; the chunks are the same."""
+    import numpy as np
+    from helpers import SUBSET_TRAIN
+
+    import retrocli.chunk as chunk_module
+    from retrocli.chunk import chunk_corpus, whitespace_windows
+    from retrocli.db import open_db
+
+    text = "word " * 300 + "x" * 1200 + " tail\n\nend"
+    pieces = whitespace_windows(text, 500)
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 500
+    assert all(p[0].isspace() for p in pieces[1:] if not p.startswith("x"))  # cut before the next word
+    monkeypatch.setattr(chunk_module, "LONG_DOC_WINDOW", 500)
+    calls = []
+    real = chunk_module.whitespace_windows
+    monkeypatch.setattr(chunk_module, "whitespace_windows", lambda t, size: calls.append(size) or real(t, size))
+    windowed = chunk_corpus([SUBSET_TRAIN], tmp_path / "db")
+    whole = open_db(subset_db)
+    assert windowed.num_chunks == whole.num_chunks
+    assert np.array_equal(windowed.root["chunks/tokens"][:], whole.root["chunks/tokens"][:])
+    assert np.array_equal(windowed.chunk_length, whole.chunk_length)
+    assert len(calls) > 50 and set(calls) == {500}  # most documents really went through windows
