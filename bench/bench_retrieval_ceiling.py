@@ -59,12 +59,12 @@ def main() -> None:
     from retrocli.db import open_db
     from retrocli.eval import chunk_losses
     from retrocli.model.checkpoint import bundled_model_dir, load_model
-    from retrocli.neighbors import open_neighbors
+    from retrocli.neighbors import open_neighbors, query_db_of
     from retrocli.sequences import pad_id
 
     db = open_db(args.db)
     nb = open_neighbors(args.test_neighbors)
-    test = open_db(nb.manifest["query_db"])
+    test = query_db_of(args.test_neighbors, nb)
     model_dir = args.model or bundled_model_dir()
     model, _ = load_model(model_dir, db)
     losses = chunk_losses(model, db, test, nb.ids)

@@ -29,6 +29,7 @@ from retrocli.corpus import (
     iter_documents,
 )
 from retrocli.db import (
+    CHUNK_ARRAYS,
     DOCS_PER_ZARR_CHUNK,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -38,6 +39,7 @@ from retrocli.db import (
     TOKENIZER_FILE,
     RetroDB,
     check_outside,
+    record_stage_arrays,
     remove_db_dir,
     write_json_atomic,
 )
@@ -190,6 +192,7 @@ def chunk_corpus(
                     "inputs": [str(Path(p).absolute()) for p in inputs],
                     "options": asdict(options),
                     "corpus": stats.to_dict(),
+                    "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS),
                 }
             },
         }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.checksums import CheckedStore, record_arrays
+from retrocli.checksums import check_files as check_recorded_files
 from retrocli.errors import RetroError
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
@@ -42,6 +45,10 @@ TOKENIZER_FILE = "tokenizer.json"
 # Rows per zarr chunk for per-chunk arrays: a 10M-chunk DB is ~610 files per array, each ~2 MB raw.
 ROWS_PER_ZARR_CHUNK = 16384
 DOCS_PER_ZARR_CHUNK = 65536
+# The arrays each stage writes; a complete stage records their files ("files") in its manifest record.
+CHUNK_ARRAYS = ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offset", "docs/file",
+                "docs/position", "docs/external_id", "files/path")
+EMBED_ARRAYS = ("embeddings",)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -147,10 +154,45 @@ def check_manifest_shape(file: Path, manifest: dict) -> None:
     for stage, record in manifest["stages"].items():
         if not isinstance(record, dict) or record.get("status") not in ("running", "complete"):
             raise RetroError(f"{file}: field 'stages.{stage}' must be an object with status running or complete")
+        if "files" in record:
+            check_files_record(file, record["files"], f"stages.{stage}.files")
     for i, shard in enumerate(manifest.get("index", {}).get("shards", [])):
         if not isinstance(shard, dict):
             raise RetroError(f"{file}: field 'index.shards[{i}]' must be an object, not {shard!r}")
         check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+
+
+def check_files_record(file: Path, files: object, where: str) -> None:
+    """A stage's record of what it wrote: {array: {relative file: [bytes, sha256]}}, every name a plain
+    relative path (no `..`, nothing absolute), so that checking it never looks outside the store."""
+    if not isinstance(files, dict):
+        raise RetroError(f"{file}: field '{where}' must be an object")
+    for array, entries in files.items():
+        if not _SAFE_NAME.fullmatch(array) or ".." in array.split("/") or not isinstance(entries, dict):
+            raise RetroError(f"{file}: field '{where}' names an unsafe array or has the wrong shape: {array!r}")
+        for relative, entry in entries.items():
+            if not _SAFE_NAME.fullmatch(relative) or ".." in relative.split("/"):
+                raise RetroError(f"{file}: field '{where}.{array}' names an unsafe file: {relative!r}")
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+                    and not isinstance(entry[0], bool) and entry[0] >= 0 and isinstance(entry[1], str)):
+                raise RetroError(f"{file}: field '{where}.{array}.{relative}' must be [bytes, sha256]")
+
+
+def record_stage_arrays(store: Path, arrays: tuple[str, ...]) -> dict[str, dict[str, list]]:
+    """The `files` record of a stage that has just written `arrays` (those of them that exist)."""
+    return record_arrays(store, [name for name in arrays if (Path(store) / name / "zarr.json").is_file()])
+
+
+def recorded_files(manifest: dict) -> dict[str, dict[str, list]]:
+    """The files every complete stage recorded, merged: what CheckedStore holds reads against."""
+    records: dict[str, dict[str, list]] = {}
+    for record in manifest["stages"].values():
+        if record.get("status") == "complete":
+            records.update(record.get("files", {}))
+    return records
 
 
 def stage_status(manifest: dict, stage: str) -> str:
@@ -202,14 +244,24 @@ class ChunkRef:
 class RetroDB:
     """Read access to a DB. Opening never writes; writers live in the stage modules."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, check_files: bool = True):
+        """check_files: refuse the DB at once when a recorded file is missing or of another size (a stat
+        per file); a changed byte of the same size is caught when that file is read."""
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if stage_status(self.manifest, "chunk") != "complete":
             raise RetroError(f"{self.path}: chunk stage is not complete; rerun `retro chunk`")
+        records = recorded_files(self.manifest)
+        damaged = f"the DB is damaged; `retro verify {self.path}` lists every problem"
+        problems = check_recorded_files(self.path / STORE, records, hash_files=False) if check_files else []
+        if problems:
+            raise RetroError(f"{problems[0]}; {damaged}")
         try:
-            self.root = zarr.open_group(str(self.path / STORE), mode="r")
+            store = CheckedStore(self.path / STORE, records, damaged)
+            self.root = zarr.open_group(store=store, mode="r")
             self._tokens = self.root["chunks/tokens"]
+        except RetroError:
+            raise
         except Exception as err:  # zarr raises several types for missing/corrupt metadata
             raise RetroError(f"{self.path / STORE}: cannot open the zarr store ({err})") from None
 
@@ -384,6 +436,6 @@ def _is_group(meta: Path) -> bool:
         return False
 
 
-def open_db(path: str | os.PathLike) -> RetroDB:
+def open_db(path: str | os.PathLike, check_files: bool = True) -> RetroDB:
     """Open a DB for reading. Raises RetroError with a one-line reason if it is not usable."""
-    return RetroDB(path)
+    return RetroDB(path, check_files)

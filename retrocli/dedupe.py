@@ -14,12 +14,15 @@ import numpy as np
 import zarr
 
 from retrocli.db import (
+    CHUNK_ARRAYS,
+    EMBED_ARRAYS,
     MANIFEST,
     STORE,
     TOKENIZER_FILE,
     RetroDB,
     check_outside,
     open_db,
+    record_stage_arrays,
     remove_db_dir,
     write_json_atomic,
 )
@@ -82,11 +85,13 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
                               "tokens": int(lengths.astype(np.int64).sum())}
         manifest["derived_from"] = {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"],
                                     "removed_documents": sorted(int(d) for d in drop_docs)}
-        manifest["stages"] = {"chunk": db.manifest["stages"]["chunk"]}
+        manifest["stages"] = {"chunk": {**db.manifest["stages"]["chunk"],
+                                        "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS)}}
         if db.stage("embed") == "complete":
             emb = db.root["embeddings"]
             copy("embeddings", emb[:][keep_chunk])
-            manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"]}
+            manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"],
+                                           "files": record_stage_arrays(partial / STORE, EMBED_ARRAYS)}
         else:
             manifest.pop("embedder", None)
         (partial / TOKENIZER_FILE).write_text((db.path / TOKENIZER_FILE).read_text(encoding="utf-8"), "utf-8")

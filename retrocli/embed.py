@@ -26,7 +26,16 @@ import torch
 import zarr
 
 from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, STORE, RetroDB, open_db, stage_status, write_json_atomic
+from retrocli.db import (
+    EMBED_ARRAYS,
+    MANIFEST,
+    STORE,
+    RetroDB,
+    open_db,
+    record_stage_arrays,
+    stage_status,
+    write_json_atomic,
+)
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import (
@@ -312,6 +321,7 @@ def embed_db(
     state["status"] = "complete"
     state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
     del state["done_blocks"]
+    state["files"] = record_stage_arrays(db.path / STORE, EMBED_ARRAYS)
     write_json_atomic(db.path / MANIFEST, manifest)
     task.finish()
     return open_db(path)

@@ -8,7 +8,6 @@ the manifest records each finished shard, so an interrupted build resumes at the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
+from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, RetroDB, open_db, read_manifest, write_json_atomic
 from retrocli.embed import load_embeddings
@@ -122,25 +122,34 @@ def build_shard(
             "bytes": final.stat().st_size, "sha256": file_sha256(final)}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process
 
 
-def checked_shard_file(db: RetroDB, shard: dict) -> Path:
+def check_shard_coverage(db_path: Path, manifest: dict) -> None:
+    """The shards must cover the DB's chunks exactly, in order, with the embedder's dimension."""
+    meta, chunks = manifest["index"], int(manifest["counts"]["chunks"])
+    embedder_dim = int((manifest.get("embedder") or {}).get("dim", meta["dim"]))
+    if int(meta["dim"]) != embedder_dim:
+        raise RetroError(f"{db_path}: the index is {meta['dim']}-d but the embedder gives {embedder_dim}-d "
+                         f"vectors; rerun `retro index {db_path} --overwrite`")
+    try:
+        covered = sorted((int(s["start"]), int(s["count"])) for s in meta.get("shards") or [])
+    except (KeyError, TypeError, ValueError):
+        covered = []
+    expected_starts = [sum(c for _, c in covered[:i]) for i in range(len(covered))]
+    if not covered or [s for s, _ in covered] != expected_starts or sum(c for _, c in covered) != chunks:
+        raise RetroError(f"{db_path}: the manifest's index shards do not cover the DB's {chunks:,} chunks; "
+                         f"rerun `retro index {db_path} --overwrite`")
+
+
+def checked_shard_file(db_path: Path, shard: dict, cached: bool = True) -> Path:
     """The shard's file, after checking it lies inside the DB and matches its recorded sha256: hnswlib
     trusts its input (one changed header byte can crash the process), so nothing unchecked reaches it."""
-    rerun = f"rerun `retro index {db.path} --overwrite`"
-    root = db.path.resolve()
-    file = (db.path / str(shard.get("file", ""))).resolve()
+    rerun = f"rerun `retro index {db_path} --overwrite`"
+    root = db_path.resolve()
+    file = (db_path / str(shard.get("file", ""))).resolve()
     if root not in file.parents:
-        raise RetroError(f"{db.path / MANIFEST}: index shard file '{shard.get('file')}' lies outside the DB; "
+        raise RetroError(f"{db_path / MANIFEST}: index shard file '{shard.get('file')}' lies outside the DB; "
                          "refusing to read it")
     if not file.is_file():
         raise RetroError(f"{file}: index shard missing; {rerun}")
@@ -150,7 +159,7 @@ def checked_shard_file(db: RetroDB, shard: dict) -> Path:
     if stat.st_size != shard["bytes"]:
         raise RetroError(f"{file}: index shard is corrupt (size differs from the manifest); {rerun}")
     key = (str(file), stat.st_size, stat.st_mtime_ns, shard["sha256"])
-    if key not in _VERIFIED:
+    if key not in _VERIFIED or not cached:
         if file_sha256(file) != shard["sha256"]:
             raise RetroError(f"{file}: index shard is corrupt (sha256 differs from the manifest); {rerun}")
         _VERIFIED.add(key)
@@ -169,20 +178,9 @@ class ShardedIndex:
         self.size = db.num_chunks
         self.ef = ef
         self.shards: list[hnswlib.Index] = []
-        embedder_dim = int((db.manifest.get("embedder") or {}).get("dim", self.dim))
-        if self.dim != embedder_dim:
-            raise RetroError(f"{db.path}: the index is {self.dim}-d but the embedder gives {embedder_dim}-d "
-                             f"vectors; rerun `retro index {db.path} --overwrite`")
-        try:
-            covered = sorted((int(s["start"]), int(s["count"])) for s in meta.get("shards") or [])
-        except (KeyError, TypeError, ValueError):
-            covered = []
-        expected_starts = [sum(c for _, c in covered[:i]) for i in range(len(covered))]
-        if not covered or [s for s, _ in covered] != expected_starts or sum(c for _, c in covered) != self.size:
-            raise RetroError(f"{db.path}: the manifest's index shards do not cover the DB's {self.size:,} chunks; "
-                             f"rerun `retro index {db.path} --overwrite`")
+        check_shard_coverage(db.path, db.manifest)
         for shard in meta["shards"]:
-            file = checked_shard_file(db, shard)
+            file = checked_shard_file(db.path, shard)
             index = hnswlib.Index(space=self.space, dim=self.dim)
             try:
                 index.load_index(str(file), max_elements=shard["count"])

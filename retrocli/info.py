@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 from retrocli.db import RetroDB, open_db
+from retrocli.verify import stage_health
 
 
 def db_info(path: str | os.PathLike) -> dict:
-    db: RetroDB = open_db(path)
+    db: RetroDB = open_db(path, check_files=False)  # a damaged DB is shown as such, not refused
     manifest = db.manifest
     return {
         "path": str(db.path),
@@ -17,9 +18,8 @@ def db_info(path: str | os.PathLike) -> dict:
         "chunk_size": db.chunk_size,
         "counts": manifest["counts"],
         "tokenizer": manifest["tokenizer"],
-        "stages": {
-            name: stage.get("status", "missing") for name, stage in manifest.get("stages", {}).items()
-        },
+        # A complete stage whose recorded files are missing or of another size reads "damaged".
+        "stages": stage_health(db.path, manifest),
         "corpus": manifest["stages"]["chunk"].get("corpus", {}),
         "embedder": manifest.get("embedder"),
         "index": manifest.get("index"),

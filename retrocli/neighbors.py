@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.checksums import CheckedStore, record_arrays
 from retrocli.chunk import ChunkOptions, chunk_corpus
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import (
     MANIFEST,
     STORE,
     RetroDB,
+    check_files_record,
     check_outside,
     check_same_chunking,
     open_db,
@@ -42,6 +44,7 @@ from retrocli.progress import NullProgress, Progress
 
 NEIGHBORS_FORMAT = "retrocli-neighbors"
 NEIGHBORS_VERSION = 1
+NEIGHBOR_ARRAYS = ("ids", "distances")
 SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
 
 
@@ -282,7 +285,11 @@ def batch_neighbors(
         root.create_array("ids", shape=(n, k), dtype=np.int64, chunks=chunks, fill_value=-1)
         root.create_array("distances", shape=(n, k), dtype=np.float32, chunks=chunks, fill_value=np.inf)
         manifest["num_queries"] = n
-        manifest["query_db"] = str(queries.path.absolute())
+        # The test set chunked here is named relative to `out`, so the directory can move; another DB by
+        # its path and id, checked when the neighbours are opened.
+        inside = queries.path.absolute().parent == out.absolute()
+        manifest["query_db"] = queries.path.name if inside else str(queries.path.absolute())
+        manifest["query_db_id"] = queries.manifest["db_id"]
         write_json_atomic(manifest_file, manifest)
     if dask is None:
         _cached_index(str(db.path), ef)  # load and check the shards before the first block
@@ -304,6 +311,7 @@ def batch_neighbors(
     manifest["status"] = "complete"
     manifest["seconds"] = round(manifest.get("seconds", 0) + time.time() - started, 3)
     manifest.pop("done_blocks", None)
+    manifest["files"] = record_arrays(store, list(NEIGHBOR_ARRAYS))
     write_json_atomic(manifest_file, manifest)
     task.finish()
     return out
@@ -374,8 +382,35 @@ def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
     manifest = _read_neighbors_manifest(path)
     if manifest["status"] != "complete":
         raise RetroError(f"{path}: batch neighbours are incomplete; rerun the same `retro neighbors` command")
-    root = zarr.open_group(str(path / STORE), mode="r")
-    return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
+    rerun = "rerun the same `retro neighbors` command with --overwrite"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(NEIGHBOR_ARRAYS):
+        raise RetroError(f"{path / MANIFEST}: records no checksums for its arrays (an older retrocli); {rerun}")
+    check_files_record(path / MANIFEST, files, "files")
+    try:
+        root = zarr.open_group(store=CheckedStore(path / STORE, files, f"the neighbours are damaged; {rerun}"),
+                               mode="r")
+        return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
+    except RetroError:
+        raise
+    except Exception as err:  # zarr raises several types for missing/corrupt metadata
+        raise RetroError(f"{path / STORE}: cannot read the neighbours ({err}); {rerun}") from None
+
+
+def query_db_of(path: str | os.PathLike, neighbors: NeighborArrays) -> RetroDB:
+    """The DB whose chunks were the queries: `path`/queries for a chunked test set (it must stay inside
+    `path`), else the DB recorded by path, which must still be the one with the recorded id."""
+    path, recorded = Path(path), neighbors.manifest.get("query_db")
+    if not isinstance(recorded, str) or not recorded:
+        raise RetroError(f"{path / MANIFEST}: field 'query_db' is missing")
+    query_path = path / recorded if not Path(recorded).is_absolute() else Path(recorded)
+    if not Path(recorded).is_absolute() and path.resolve() not in query_path.resolve().parents:
+        raise RetroError(f"{path / MANIFEST}: query_db '{recorded}' lies outside {path}; refusing to read it")
+    queries = open_db(query_path)
+    if queries.manifest["db_id"] != neighbors.manifest.get("query_db_id"):
+        raise RetroError(f"{query_path}: is not the DB these neighbours were computed for (db_id differs); "
+                         f"rerun `retro neighbors` with --overwrite")
+    return queries
 
 
 @contextlib.contextmanager
@@ -393,7 +428,7 @@ def neighbors_of_inputs(
     try:
         batch_neighbors(db_path, inputs, work, **options)
         found = open_neighbors(work)
-        yield found, open_db(found.manifest["query_db"])
+        yield found, query_db_of(work, found)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

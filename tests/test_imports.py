@@ -14,11 +14,11 @@ PACKAGE = REPO / "retrocli"
 # Lower rank = lower layer. A module may import its own rank or below, never above.
 LAYERS = [
     ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock"],
-    ["retrocli.cluster", "retrocli.corpus", "retrocli.tokenizer"],
+    ["retrocli.checksums", "retrocli.cluster", "retrocli.corpus", "retrocli.tokenizer"],
     ["retrocli.db", "retrocli"],
-    ["retrocli.chunk", "retrocli.embed", "retrocli.info"],
+    ["retrocli.chunk", "retrocli.embed"],
     ["retrocli.index"],
-    ["retrocli.build_db", "retrocli.sequences"],
+    ["retrocli.build_db", "retrocli.sequences", "retrocli.verify", "retrocli.info"],
     ["retrocli.overlap"],
     ["retrocli.neighbors"],
     ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model",

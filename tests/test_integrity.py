@@ -1,5 +1,7 @@
 """Integrity, tried as a hostile user would: outputs never land on, inside or around the input DB."""
 
+import json
+
 import pytest
 from helpers import tree_snapshot
 
@@ -463,3 +465,115 @@ def test_long_documents_are_tokenized_in_windows_with_identical_chunks(tmp_path,
     assert np.array_equal(windowed.root["chunks/tokens"][:], whole.root["chunks/tokens"][:])
     assert np.array_equal(windowed.chunk_length, whole.chunk_length)
     assert len(calls) > 50 and set(calls) == {500}  # most documents really went through windows
+
+
+# -- 3. a missing or damaged zarr file is an error naming the array and the chunk, never fill values ----------
+
+def zarr_file(db, array, chunk="c/0/0"):
+    return db / "store.zarr" / array / chunk
+
+
+@pytest.mark.parametrize("array, chunk", [("chunks/tokens", "c/0/0"), ("embeddings", "c/1/0"),
+                                          ("docs/chunk_offset", "c/0"), ("chunks/tokens", "zarr.json")])
+def test_a_deleted_zarr_file_is_refused_naming_array_and_chunk(tiny_db_copy, cli, array, chunk):
+    zarr_file(tiny_db_copy, array, chunk).unlink()
+    label = "zarr.json" if chunk == "zarr.json" else "chunk " + ",".join(chunk.split("/")[1:])
+    result = cli("neighbors", tiny_db_copy, "--query", "some text")
+    assert refused(result, f"{label} of array {array} is missing", "retro verify"), result.output
+    assert "damaged" in cli("info", tiny_db_copy).output
+    report = cli("verify", tiny_db_copy)
+    assert report.exit_code == 1 and f"{label} of array {array} is missing" in report.output
+
+
+def test_a_truncated_chunk_is_one_line_not_a_zstd_traceback(tiny_db_copy, retro_proc):
+    file = zarr_file(tiny_db_copy, "chunks/tokens")
+    file.write_bytes(file.read_bytes()[:100])
+    result = retro_proc("neighbors", tiny_db_copy, "--query", "some text")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "chunk 0,0 of array chunks/tokens is 100 bytes" in result.stderr
+
+
+def test_a_changed_byte_of_the_same_size_is_caught_when_read_and_by_verify(tiny_db_copy, cli):
+    file = zarr_file(tiny_db_copy, "chunks/tokens")
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    assert cli("info", tiny_db_copy).exit_code == 0  # a stat per file cannot see it: verify and reads do
+    result = cli("neighbors", tiny_db_copy, "--query", "some text")
+    assert refused(result, "chunk 0,0 of array chunks/tokens does not match its recorded sha256"), result.output
+    report = cli("verify", tiny_db_copy, "--json")
+    data = json.loads(report.stdout)
+    assert report.exit_code == 1 and not data["ok"]
+    assert [s["status"] for s in data["stages"]] == ["complete", "damaged", "complete", "complete"]
+
+
+def test_leakage_gate_fails_on_a_damaged_db_instead_of_passing(tiny_db_copy, planted, cli):
+    gate = ("leakage-report", tiny_db_copy, "--test", planted, "--fail-above", "0")
+    assert cli(*gate).exit_code == 1  # intact: the planted text leaks
+    zarr_file(tiny_db_copy, "chunks/tokens").unlink()
+    assert refused(cli(*gate), "of array chunks/tokens is missing")
+
+
+def test_a_chunk_file_the_stage_never_wrote_is_reported(tiny_db_copy, cli):
+    extra = zarr_file(tiny_db_copy, "embeddings", "c/99/0")
+    extra.parent.mkdir()
+    extra.write_bytes(zarr_file(tiny_db_copy, "embeddings", "c/0/0").read_bytes())
+    report = cli("verify", tiny_db_copy)
+    assert report.exit_code == 1 and "chunk 99,0 of array embeddings was not written by its stage" in report.output
+
+
+def test_an_intact_db_verifies_and_info_says_complete(tiny_db, cli):
+    before = tree_snapshot(tiny_db)
+    report = cli("verify", tiny_db, "--json")
+    data = json.loads(report.stdout)
+    assert report.exit_code == 0 and data["ok"] and data["problems"] == []
+    assert {s["stage"] for s in data["stages"]} == {"tokenizer", "chunk", "embed", "index"}
+    assert data["files"] > 4 and data["bytes"] > 0
+    assert json.loads(cli("info", tiny_db, "--json").stdout)["stages"] == {
+        "chunk": "complete", "embed": "complete", "index": "complete"}
+    assert tree_snapshot(tiny_db) == before  # verify and info are reads
+
+
+def test_a_db_without_recorded_checksums_reads_but_does_not_verify(tiny_db_copy, cli):
+    edit_manifest(tiny_db_copy, lambda m: m["stages"]["chunk"].pop("files"))
+    assert cli("neighbors", tiny_db_copy, "--query", "some text").exit_code == 0
+    assert json.loads(cli("info", tiny_db_copy, "--json").stdout)["stages"]["chunk"] == "complete (unverified)"
+    report = cli("verify", tiny_db_copy)
+    assert report.exit_code == 1 and "records no checksums" in report.output
+
+
+@pytest.mark.parametrize("files", [{"../../outside": {}}, {"chunks/tokens": {"../../../etc/passwd": [1, "x"]}},
+                                   {"chunks/tokens": {"c/0/0": "abc"}}, "x"])
+def test_a_files_record_that_points_outside_or_has_the_wrong_shape_is_refused(tiny_db_copy, cli, files):
+    edit_manifest(tiny_db_copy, lambda m: m["stages"]["chunk"].update(files=files))
+    assert refused(cli("verify", tiny_db_copy), "stages.chunk.files")
+    assert refused(cli("info", tiny_db_copy), "stages.chunk.files")
+
+
+def test_deduped_and_query_dbs_record_their_files_too(tiny_db, planted, tmp_path, cli):
+    out = tmp_path / "clean"
+    assert cli("dedupe", tiny_db, "--test", planted, "--out", out).exit_code == 0
+    assert cli("verify", out).exit_code == 0
+    nb = tmp_path / "nb"
+    assert cli("neighbors", tiny_db, "--input", planted, "--out", nb).exit_code == 0
+    assert cli("verify", nb / "queries").exit_code == 0
+
+
+def test_damaged_or_moved_batch_neighbours_are_refused(tiny_db, planted, tmp_path, cli):
+    from retrocli.errors import RetroError
+    from retrocli.neighbors import open_neighbors, query_db_of
+
+    nb = tmp_path / "nb"
+    assert cli("neighbors", tiny_db, "--input", planted, "--out", nb).exit_code == 0
+    moved = tmp_path / "moved"
+    nb.rename(moved)  # the chunked test set is recorded relative to the directory: it moves with it
+    assert query_db_of(moved, open_neighbors(moved)).num_chunks > 0
+    edit_manifest(moved, lambda m: m.update(query_db="../../elsewhere"))
+    with pytest.raises(RetroError, match="lies outside"):
+        query_db_of(moved, open_neighbors(moved))
+    edit_manifest(moved, lambda m: m.update(query_db=str(tiny_db)))
+    with pytest.raises(RetroError, match="db_id differs"):
+        query_db_of(moved, open_neighbors(moved))
+    zarr_file(moved, "ids").unlink()
+    with pytest.raises(RetroError, match="chunk 0,0 of array ids is missing"):
+        open_neighbors(moved)

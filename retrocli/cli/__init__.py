@@ -39,6 +39,7 @@ def _root(
 for name, command in (
     ("chunk", db.chunk),
     ("info", db.info),
+    ("verify", db.verify),
     ("train-tokenizer", db.train_tokenizer_cmd),
     ("embed", db.embed),
     ("index", db.index),

@@ -127,6 +127,33 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
     console.print(table)
 
 @handle_errors
+def verify(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: JsonOut = False):
+    """Check every file of a DB against the checksums its stages recorded. Exit 1 if any is damaged."""
+    from retrocli.verify import verify_db
+
+    with progress_display(enabled=not json_output) as progress:
+        result = verify_db(db, progress=progress)
+    if json_output:
+        print_json(result.to_dict())
+    else:
+        table = Table(title=f"retro verify {user(result.path)}")
+        for column in ("stage", "status", "files", "size"):
+            table.add_column(column, justify="right" if column in ("files", "size") else "left")
+        for check in result.stages:
+            style = "green" if check.status == "complete" else "red" if check.problems else "yellow"
+            table.add_row(check.stage, f"[{style}]{check.status}[/]", f"{check.files:,}", human_bytes(check.bytes))
+        console.print(table)
+        for problem in result.problems:
+            err_console.print(f"[red]damaged:[/] {user(problem)}", highlight=False, soft_wrap=True)
+        total = result.to_dict()
+        verdict = "[green]intact[/]" if result.ok else f"[red]{len(result.problems)} problem(s)[/]"
+        console.print(f"checked {total['files']:,} files ({human_bytes(total['bytes'])}) in "
+                      f"{result.seconds:.2f}s: {verdict}")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@handle_errors
 def train_tokenizer_cmd(
     inputs: Inputs,
     out: Annotated[Path, typer.Option(help="tokenizer.json to write")],

@@ -1,0 +1,158 @@
+"""`retro verify`: check a whole DB against what its stages recorded, and `stage_health` for `retro info`.
+
+verify reads every recorded file once: the tokenizer and each complete stage's zarr files against their
+sha256, the index shards against theirs (and that they cover the DB), and the array shapes against the
+manifest's counts. Nothing is written. stage_health is the cheap version `retro info` runs on every call:
+which files exist and their sizes (one stat each), so a deleted or truncated chunk shows without reading
+the data; a changed byte of the same size needs verify (or the read that meets it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from retrocli.checksums import check_files, file_sha256
+from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, read_manifest
+from retrocli.errors import RetroError
+from retrocli.index import check_shard_coverage, checked_shard_file
+from retrocli.progress import NullProgress, Progress
+
+
+@dataclass
+class StageCheck:
+    stage: str
+    status: str  # complete, running, damaged, unverified (complete but recorded no checksums)
+    files: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VerifyResult:
+    path: str
+    ok: bool
+    stages: list[StageCheck]
+    seconds: float
+
+    @property
+    def problems(self) -> list[str]:
+        return [p for stage in self.stages for p in stage.problems]
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "ok": self.ok, "seconds": round(self.seconds, 3),
+                "files": sum(s.files for s in self.stages), "bytes": sum(s.bytes for s in self.stages),
+                "stages": [asdict(s) for s in self.stages], "problems": self.problems}
+
+
+def _check_counts(db_path: Path, manifest: dict, files: dict) -> list[str]:
+    """The recorded arrays' shapes against the manifest's counts (their zarr.json matched its checksum, so
+    a mismatch here is a manifest edited after the stage, or a stage that recorded the wrong thing)."""
+    chunks, docs, m = manifest["counts"]["chunks"], manifest["counts"]["documents"], manifest["chunk_size"]
+    expected = {"chunks/tokens": [chunks, m], "chunks/length": [chunks], "chunks/doc": [chunks],
+                "docs/chunk_offset": [docs + 1], "docs/file": [docs], "docs/position": [docs],
+                "docs/external_id": [docs], "embeddings": [chunks, (manifest.get("embedder") or {}).get("dim")]}
+    problems = []
+    for name in files:
+        meta = db_path / STORE / name / "zarr.json"
+        try:
+            shape = json.loads(meta.read_text(encoding="utf-8")).get("shape")
+        except (OSError, ValueError, AttributeError) as err:
+            problems.append(f"{meta}: unreadable array metadata ({err})")
+            continue
+        if name in expected and shape != expected[name]:
+            problems.append(f"{meta}: shape {shape} does not match the manifest's counts {expected[name]}")
+    return problems
+
+
+def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
+    """Check every recorded file of the DB at `path` without opening its arrays through zarr. A DB whose
+    manifest cannot be read at all raises RetroError; everything else is reported in the result."""
+    progress = progress or NullProgress()
+    started = time.time()
+    db_path = Path(path)
+    manifest = read_manifest(db_path)
+    stages = manifest["stages"]
+    complete = {name for name, rec in stages.items() if rec["status"] == "complete"}
+    shards = manifest.get("index", {}).get("shards", []) if "index" in complete else []
+    total = sum(size for name in complete - {"index"} for arr in stages[name].get("files", {}).values()
+                for size, _ in arr.values()) + sum(int(s["bytes"]) for s in shards)
+    task = progress.start("verify", total=max(total, 1), unit="bytes")
+
+    tokenizer = StageCheck("tokenizer", "complete", files=1)
+    file = db_path / TOKENIZER_FILE
+    try:
+        tokenizer.bytes = file.stat().st_size
+        if file_sha256(file) != manifest["tokenizer"]["sha256"]:
+            tokenizer.problems.append(f"{file}: sha256 does not match the manifest")
+    except OSError as err:
+        tokenizer.problems.append(f"{file}: cannot read the DB's tokenizer ({err.strerror})")
+    checks = [tokenizer]
+
+    for stage, rec in stages.items():
+        if stage not in complete:
+            checks.append(StageCheck(stage, rec["status"]))
+        elif stage == "index":
+            checks.append(_verify_index(db_path, manifest, shards, task))
+        elif "files" not in rec:
+            checks.append(StageCheck(stage, "unverified", problems=[
+                f"{db_path / MANIFEST}: stage {stage} records no checksums (written by an older retrocli); "
+                f"rebuild the DB to verify it"]))
+        else:
+            files = rec["files"]
+            problems = check_files(db_path / STORE, files, on_file=task.advance) or \
+                _check_counts(db_path, manifest, files)
+            checks.append(StageCheck(stage, "damaged" if problems else "complete",
+                                     files=sum(len(a) for a in files.values()),
+                                     bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+    task.finish()
+    return VerifyResult(str(db_path), not any(c.problems for c in checks), checks, time.time() - started)
+
+
+def _verify_index(db_path: Path, manifest: dict, shards: list[dict], task) -> StageCheck:
+    check = StageCheck("index", "complete", files=len(shards))
+    try:
+        check_shard_coverage(db_path, manifest)
+    except RetroError as err:
+        check.problems.append(str(err))
+    for shard in shards:
+        try:
+            checked_shard_file(db_path, shard, cached=False)
+        except RetroError as err:
+            check.problems.append(str(err))
+        check.bytes += int(shard["bytes"])
+        task.advance(int(shard["bytes"]))
+    check.status = "damaged" if check.problems else "complete"
+    return check
+
+
+def stage_health(db_path: Path, manifest: dict) -> dict[str, str]:
+    """Each stage's status for `retro info`, with "damaged" for a complete stage whose recorded files are
+    missing or of another size, and "complete (unverified)" for one that recorded none."""
+    health = {}
+    for stage, rec in manifest["stages"].items():
+        status = rec["status"]
+        if status == "complete" and stage == "index":
+            try:
+                check_shard_coverage(db_path, manifest)
+                intact = all("sha256" in s and _size_of(db_path / s["file"]) == s["bytes"]
+                             for s in manifest["index"]["shards"])
+            except RetroError:
+                intact = False
+            status = "complete" if intact else "damaged"
+        elif status == "complete" and "files" not in rec:
+            status = "complete (unverified)"
+        elif status == "complete" and check_files(db_path / STORE, rec["files"], hash_files=False):
+            status = "damaged"
+        health[stage] = status
+    return health
+
+
+def _size_of(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError:
+        return -1
