@@ -20,7 +20,11 @@ from zarr.storage import LocalStore
 
 from retrocli.errors import RetroError
 
-ALGORITHM = "sha256"
+
+def _is_data_file(file: Path) -> bool:
+    """A file zarr reads: not a temp file of a write that was interrupted (zarr writes `name.<hex>.partial`
+    and renames it; a kill -9 can leave one behind)."""
+    return file.is_file() and not file.name.startswith(".") and not file.name.endswith(".partial")
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -43,7 +47,7 @@ def record_arrays(store: str | os.PathLike, arrays: list[str]) -> dict[str, dict
         record[name] = {
             file.relative_to(base).as_posix(): [file.stat().st_size, file_sha256(file)]
             for file in sorted(base.rglob("*"))
-            if file.is_file() and not file.name.startswith(".")
+            if _is_data_file(file)
         }
     return record
 
@@ -123,8 +127,8 @@ def check_files(store: str | os.PathLike, records: dict[str, dict[str, list]], h
     problems = []
     for array, files in records.items():
         base = store / array
-        on_disk = {f.relative_to(base).as_posix() for f in base.rglob("*")
-                   if f.is_file() and not f.name.startswith(".")} if base.is_dir() else set()
+        on_disk = {f.relative_to(base).as_posix() for f in base.rglob("*") if _is_data_file(f)} \
+            if base.is_dir() else set()
         for relative, (size, sha) in files.items():
             file = base / relative
             if relative not in on_disk:

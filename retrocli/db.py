@@ -63,6 +63,11 @@ def write_json_atomic(path: Path, data: dict) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:  # a write that failed (full disk) names no file: name the one we meant
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -72,8 +77,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     """A report file appears whole or not at all."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_same_chunking(db: RetroDB, where: str | os.PathLike, tokenizer_sha256: str, chunk_size: int,

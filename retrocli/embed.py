@@ -59,6 +59,51 @@ def resolve_embedder_path(name: str) -> str:
     return name
 
 
+def _hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face Hub answers a TCP connect, else why not: one quick try instead of the
+    hub client's retries (22 lines and a minute offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as err:
+        return f"cannot reach {url.hostname}: {getattr(err, 'strerror', None) or err}"
+    return None
+
+
+def embedder_directory(name: str) -> Path:
+    """A local directory holding the embedder: the path itself, or an HF id's snapshot in the hub cache,
+    downloaded first if it is not cached and the Hub can be reached. Loading always happens from this
+    directory, after its weights' sha256 is known."""
+    location = resolve_embedder_path(name)
+    if Path(location).is_dir():
+        return Path(location)
+    if Path(location).is_absolute() or location.startswith((".", "~")) or location.count("/") > 1:
+        raise RetroError(f"embedder '{name}': no such directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    try:
+        return Path(snapshot_download(location, local_files_only=True))
+    except Exception:  # not cached (the hub client raises several types)
+        pass
+    offline = _hub_reachable()
+    if offline:
+        raise RetroError(f"embedder '{name}': not a local directory, not in the Hugging Face cache, and the Hub "
+                         f"is out of reach ({offline}); download it where there is network and pass "
+                         "--embedder DIR")
+    try:
+        return Path(snapshot_download(location))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RetroError(f"embedder '{name}': cannot download it ({first})") from None
+
+
 def _weights_sha256(model_dir: Path) -> str:
     """sha256 over the directory's safetensors weights: the embedder's identity in the manifest."""
     files = sorted(model_dir.glob("*.safetensors"))
@@ -123,23 +168,17 @@ class Embedder:
             raise RetroError("--batch-size: must be at least 1")
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        location = resolve_embedder_path(name)
-        if Path(location).is_dir():
-            _weights_sha256(Path(location))  # refuses a directory without safetensors before transformers looks
+        model_dir = embedder_directory(name)
+        _weights_sha256(model_dir)  # refuses a directory without safetensors before transformers looks
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(location)
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             # safetensors only: transformers would otherwise fall back to torch.load on a .bin (a pickle)
-            self.model = AutoModel.from_pretrained(location, use_safetensors=True).eval()
+            self.model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
         except (OSError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RetroError(f"embedder '{name}': cannot load it ({first})") from None
         if not self.tokenizer.is_fast:
             raise RetroError(f"embedder '{name}': needs a fast (Rust) tokenizer")
-        model_dir = Path(location) if Path(location).is_dir() else Path(self.model.name_or_path)
-        if not model_dir.is_dir():  # an HF id: the files sit in the hub cache
-            from huggingface_hub import snapshot_download
-
-            model_dir = Path(snapshot_download(location, local_files_only=True))
         pooling, normalize, st_max_len = _sentence_transformers_settings(model_dir)
         model_max = getattr(self.model.config, "max_position_embeddings", 512)
         self.info = EmbedderInfo(
@@ -211,20 +250,14 @@ def db_embedder(db: RetroDB, batch_size: int = 32) -> Embedder:
     recorded = db.manifest.get("embedder")
     if recorded is None or db.stage("embed") != "complete":
         raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
-    location = Path(resolve_embedder_path(recorded["name"]))
-    if location.is_dir() and _weights_sha256(location) != recorded["sha256"]:
-        # checked before loading: a manifest must not get arbitrary weights loaded just by naming them
+    # Checked before loading: a manifest must not get arbitrary weights loaded just by naming them.
+    found = _weights_sha256(embedder_directory(recorded["name"]))
+    if found != recorded["sha256"]:
         raise RetroError(
             f"{db.path}: embedder '{recorded['name']}' weights differ from the ones the DB was built with "
-            f"(sha256 {_weights_sha256(location)[:12]}… vs {recorded['sha256'][:12]}…)"
+            f"(sha256 {found[:12]}… vs {recorded['sha256'][:12]}…)"
         )
-    embedder = get_embedder(recorded["name"], recorded["precision"], batch_size)
-    if embedder.info.sha256 != recorded["sha256"]:
-        raise RetroError(
-            f"{db.path}: embedder '{recorded['name']}' weights differ from the ones the DB was built with "
-            f"(sha256 {embedder.info.sha256[:12]}… vs {recorded['sha256'][:12]}…)"
-        )
-    return embedder
+    return get_embedder(recorded["name"], recorded["precision"], batch_size)
 
 
 def check_embedder_matches(db: RetroDB, name: str | None) -> None:

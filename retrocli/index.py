@@ -8,6 +8,7 @@ the manifest records each finished shard, so an interrupted build resumes at the
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -117,12 +118,27 @@ def build_shard(
     final = db.path / INDEX_DIR / _shard_name(shard)
     tmp = final.with_suffix(f".{os.getpid()}.partial")  # two workers retrying one shard never share a file
     index.save_index(str(tmp))
+    _check_saved_shard(tmp, space, dim, stop - start)
     os.replace(tmp, final)
     return {"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start, "count": stop - start,
             "bytes": final.stat().st_size, "sha256": file_sha256(final)}
 
 
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process
+
+
+def _check_saved_shard(file: Path, space: str, dim: int, count: int) -> None:
+    """hnswlib writes without checking for errors: on a full disk it leaves a truncated file and returns.
+    Loading it back (which checks the file's length) is what tells a whole shard from a cut one."""
+    reloaded = hnswlib.Index(space=space, dim=dim)
+    try:
+        reloaded.load_index(str(file), max_elements=max(count, 1))
+        whole = reloaded.get_current_count() == count
+    except (RuntimeError, ValueError, MemoryError):
+        whole = False
+    if not whole:
+        file.unlink(missing_ok=True)
+        raise OSError(errno.ENOSPC, "the index shard was cut short while writing (is the disk full?)", str(file))
 
 
 def check_shard_coverage(db_path: Path, manifest: dict) -> None:

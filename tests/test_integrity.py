@@ -1,9 +1,10 @@
 """Integrity, tried as a hostile user would: outputs never land on, inside or around the input DB."""
 
 import json
+import shutil
 
 import pytest
-from helpers import tree_snapshot
+from helpers import RETRO_BIN, tree_snapshot
 
 
 def refused(result, *fragments):
@@ -315,10 +316,15 @@ def test_flags_have_no_no_twin_and_show_no_type(cli):
     for command in ("chunk", "index", "dedupe", "train", "neighbors", "generate"):
         text = cli(command, "--help").stdout
         assert "--no-overwrite" not in text and "--no-resume" not in text and "--no-strict" not in text
-        for line in text.splitlines():
-            if "--json " in line and "--json-out" not in line:
-                assert "<bool>" not in line, (command, line)
+        assert "<bool>" not in text, command  # neither our flags nor typer's own --help
+    assert "<bool>" not in cli("--help").stdout
     assert "--dask" not in cli("train", "--help").stdout
+
+
+def test_usage_lines_name_arguments_in_capitals_not_braces(cli):
+    assert "Usage: retro info [OPTIONS] DB" in cli("info", "--help").stdout
+    assert "Usage: retro chunk [OPTIONS] INPUTS..." in cli("chunk", "--help").stdout
+    assert "{" not in cli("neighbors", "--help").stdout.splitlines()[1]
 
 
 def test_version(cli):
@@ -577,3 +583,99 @@ def test_damaged_or_moved_batch_neighbours_are_refused(tiny_db, planted, tmp_pat
     zarr_file(moved, "ids").unlink()
     with pytest.raises(RetroError, match="chunk 0,0 of array ids is missing"):
         open_neighbors(moved)
+
+
+# -- 7. a full disk is one line, and the same command resumes once space is freed ----------------------------
+
+def run_on_small_disk(tmp_path, script: str, **env) -> dict:
+    """Run a bash script in a private mount namespace with a small tmpfs at $DISK; returns each step's
+    rc and stderr, written by the script as $OUT/<step>.rc / .err (outside the tmpfs). Skipped where no
+    mount namespace can be made."""
+    import os
+    import subprocess
+
+    prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    probe = subprocess.run([*prefix, "mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                           capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    step = 'step() { name=$1; shift; "$@" > "$OUT/$name.out" 2> "$OUT/$name.err"; echo $? > "$OUT/$name.rc"; }\n'
+    body = f"set -u\nmount -t tmpfs -o size=$SIZE tmpfs \"$DISK\"\n{step}{script}"
+    result = subprocess.run([*prefix, "bash", "-c", body], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "DISK": str(disk), "OUT": str(out), "RETRO": str(RETRO_BIN),
+                                 **{k: str(v) for k, v in env.items()}}, check=False)
+    assert result.returncode == 0, result.stderr
+    steps = {}
+    for rc in out.glob("*.rc"):
+        steps[rc.stem] = (int(rc.read_text()), (out / f"{rc.stem}.err").read_text())
+    return steps
+
+
+FILL = 'avail=$(df --output=avail -B1 "$DISK" | tail -1); fallocate -l $((avail - LEAVE)) "$DISK/filler"\n'
+
+
+def test_a_full_disk_during_embed_is_one_line_and_the_rerun_resumes(tmp_path, small_jsonl, tiny_bert, cli):
+    from retrocli.db import open_db
+
+    chunked = tmp_path / "chunked"
+    assert cli("chunk", small_jsonl, "--out", chunked).exit_code == 0
+    reference = tmp_path / "reference"
+    shutil.copytree(chunked, reference)
+    assert cli("embed", reference, "--embedder", tiny_bert, "--block-size", "8").exit_code == 0
+    blocks = len(list((reference / "store.zarr" / "embeddings" / "c").glob("*/*")))
+    embed = f'"$RETRO" embed "$DISK/db" --embedder {tiny_bert} --block-size 8'
+    steps = run_on_small_disk(tmp_path, f'''
+cp -r {chunked} "$DISK/db"
+{FILL}step full {embed}
+cp "$DISK/db/manifest.json" "$OUT/manifest-after-full.json"
+rm "$DISK/filler"
+step rerun {embed}
+step verify "$RETRO" verify "$DISK/db"
+cp -r "$DISK/db" "$OUT/db"
+''', SIZE="8m", LEAVE=4096 * (blocks // 2))
+    rc, err = steps["full"]
+    assert rc == 2 and "no space left on device" in err and "rerun the same command" in err, err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    half = json.loads((tmp_path / "out" / "manifest-after-full.json").read_text())
+    assert half["stages"]["embed"]["status"] == "running" and 0 < len(half["stages"]["embed"]["done_blocks"]) < blocks
+    assert steps["rerun"][0] == 0, steps["rerun"][1]
+    assert steps["verify"][0] == 0, steps["verify"][1]
+    resumed, whole = open_db(tmp_path / "out" / "db"), open_db(reference)
+    assert (resumed.root["embeddings"][:] == whole.root["embeddings"][:]).all()
+
+
+def test_a_full_disk_while_saving_an_index_shard_is_caught_not_recorded(tmp_path, small_jsonl, tiny_bert, cli):
+    embedded = tmp_path / "embedded"
+    assert cli("chunk", small_jsonl, "--out", embedded).exit_code == 0
+    assert cli("embed", embedded, "--embedder", tiny_bert).exit_code == 0
+    steps = run_on_small_disk(tmp_path, f'''
+cp -r {embedded} "$DISK/db"
+{FILL}step full "$RETRO" index "$DISK/db"
+cp "$DISK/db/manifest.json" "$OUT/manifest-after-full.json"
+ls "$DISK/db/index" > "$OUT/index-files.txt" 2>/dev/null || true
+rm "$DISK/filler"
+step rerun "$RETRO" index "$DISK/db"
+step verify "$RETRO" verify "$DISK/db"
+''', SIZE="8m", LEAVE=16384)  # room for the manifest's updates, not for the ~27 KB shard
+    rc, err = steps["full"]
+    assert rc == 2 and "no space left on device" in err and "Traceback" not in err, err
+    assert "index shard was cut short" in err or "shard-00000" in err, err
+    half = json.loads((tmp_path / "out" / "manifest-after-full.json").read_text())
+    assert half["stages"]["index"]["status"] == "running" and not half["index"]["shards"]
+    assert ".partial" not in (tmp_path / "out" / "index-files.txt").read_text()  # the cut shard is removed
+    assert steps["rerun"][0] == 0 and steps["verify"][0] == 0, steps
+
+
+# -- 12. an HF id with no network is one line at once, not the hub client's retries --------------------------
+
+def test_an_uncached_hf_id_offline_fails_fast_in_one_line(tmp_path, small_jsonl, cli, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    db = tmp_path / "db"
+    assert cli("chunk", small_jsonl, "--out", db).exit_code == 0
+    result = cli("embed", db, "--embedder", "retro-tests/no-such-model")
+    assert refused(result, "not in the Hugging Face cache", "out of reach", "--embedder DIR"), result.output
+    assert len(result.output.strip().splitlines()) == 1  # no retry lines
+    assert refused(cli("embed", db, "--embedder", "./no/such/dir"), "no such directory")

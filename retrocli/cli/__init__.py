@@ -11,9 +11,11 @@ import typer
 
 from retrocli import __version__
 from retrocli.cli import db, leakage, model, retrieval
+from retrocli.cli.common import RetroCommand, RetroGroup
 
 app = typer.Typer(
     name="retro",
+    cls=RetroGroup,
     help="Build and query RETRO chunk databases.",
     no_args_is_help=True,
     add_completion=False,
@@ -52,7 +54,7 @@ for name, command in (
     ("generate", model.generate),
 ):
     extra = {"context_settings": {"allow_extra_args": True}} if name == "leakage-report" else {}
-    app.command(name, **extra)(command)
+    app.command(name, cls=RetroCommand, **extra)(command)
 
 
 def main() -> None:

@@ -11,13 +11,43 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from retrocli.errors import RetroError
+from retrocli.errors import RetroError, is_disk_full
 
 # emoji=False: ":fire:" in a path, a query or corpus text stays ":fire:". Markup is ours alone: every
 # user-supplied value goes through user() below.
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
+
+
+class RetroCommand(TyperCommand):
+    """Usage lines in the usual form (`retro info [OPTIONS] DB`, where typer writes `{db}`), and a
+    `--help` that shows no `<bool>` type."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def get_help_option(self, ctx):
+        return _untyped(super().get_help_option(ctx))
+
+
+class RetroGroup(TyperGroup):
+    """`retro --help` without the `<bool>` type, like its commands."""
+
+    def get_help_option(self, ctx):
+        return _untyped(super().get_help_option(ctx))
+
+
+def _untyped(option):
+    if option is not None:
+        option.metavar = ""
+    return option
 
 
 def user(text) -> str:
@@ -36,6 +66,13 @@ def handle_errors(fn):
         except RetroError as err:
             err_console.print(f"[bold red]error:[/] {user(err)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except Exception as err:
+            if is_disk_full(err):  # every write is atomic, so what finished is kept and a rerun resumes
+                where = f" writing {user(err.filename)}" if getattr(err, "filename", None) else ""
+                err_console.print(f"[bold red]error:[/] no space left on device{where}; free some space and "
+                                  "rerun the same command (finished work is kept)", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            raise
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]: completed work is kept; rerun to resume")
             raise typer.Exit(130) from None

@@ -83,17 +83,21 @@ def save_checkpoint(dir: Path, model: RetroModel, optimizer, state: dict) -> Non
     """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
     tmp = dir.with_name(dir.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tensors, meta = {}, {}
-    for param_id, pstate in optimizer.state_dict()["state"].items():
-        for key, value in pstate.items():
-            tensors[f"{param_id}.{key}"] = (
-                value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-            )
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    meta["param_groups"] = optimizer.state_dict()["param_groups"]
-    write_json_atomic(tmp / "optimizer.json", meta)
-    write_json_atomic(tmp / "state.json", state)
+    try:
+        model.save_pretrained(tmp)
+        tensors, meta = {}, {}
+        for param_id, pstate in optimizer.state_dict()["state"].items():
+            for key, value in pstate.items():
+                tensors[f"{param_id}.{key}"] = (
+                    value.detach().clone().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+                )
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        meta["param_groups"] = optimizer.state_dict()["param_groups"]
+        write_json_atomic(tmp / "optimizer.json", meta)
+        write_json_atomic(tmp / "state.json", state)
+    except BaseException:  # a full disk: the previous checkpoint stays the one --resume reads
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dir.exists():
         shutil.rmtree(dir)
     os.replace(tmp, dir)
