@@ -10,12 +10,13 @@ sha256, or a chunk file the stage never wrote, raises one line naming the array 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from pathlib import Path
 
 from zarr.abc.store import ByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore
 
 from retrocli.errors import RetroError
@@ -99,23 +100,35 @@ class CheckedStore(LocalStore):
         found = self._record_of(key)
         if found is None:
             return await super().get(key, prototype, byte_range)
-        array, relative = found
+        if not self._is_open:
+            await self._open()
+        # Read and hash in a worker thread, as LocalStore reads: zarr fetches chunks concurrently, and
+        # hashing in the event loop would serialise them.
+        data = await asyncio.to_thread(self._read_checked, key, *found)
+        if data is None:
+            return None
+        prototype = prototype or default_buffer_prototype()
+        if byte_range is None:
+            return prototype.buffer.from_bytes(data)
+        return await super().get(key, prototype, byte_range)
+
+    def _read_checked(self, key: str, array: str, relative: str) -> bytes | None:
         expected = self.records[array].get(relative)
-        buffer = await super().get(key, prototype, None)  # whole file: the checksum covers all of it
+        try:
+            data = (Path(self.root) / key).read_bytes()  # whole file: the checksum covers all of it
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            data = None
         if expected is None:
-            if buffer is None:
+            if data is None:
                 return None  # a chunk of only fill values, never written: the fill value is right
             self._refuse(array, relative, "was not written by its stage")
-        if buffer is None:
+        if data is None:
             self._refuse(array, relative, "is missing")
-        data = buffer.to_bytes()
         if len(data) != expected[0]:
             self._refuse(array, relative, f"is {len(data):,} bytes, not {expected[0]:,} as recorded")
         if hashlib.sha256(data).hexdigest() != expected[1]:
             self._refuse(array, relative, "does not match its recorded sha256")
-        if byte_range is None:
-            return buffer
-        return await super().get(key, prototype, byte_range)
+        return data
 
 
 def check_files(store: str | os.PathLike, records: dict[str, dict[str, list]], hash_files: bool = True,
