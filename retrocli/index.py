@@ -83,7 +83,10 @@ def index_db(
     for leftover in index_dir.glob("*.partial"):  # from a build (or a worker) killed while saving
         leftover.unlink()
     with dask_client(dask) as client:
-        threads = options.threads or ((os.cpu_count() or 1) if client is None else 1)
+        # One thread by default: hnswlib's graph then depends only on the vectors, their order and --seed,
+        # so a rebuild is byte-identical. More threads insert concurrently, and the graph (hence a few
+        # neighbours) depends on their timing.
+        threads = options.threads or 1
         args = (str(db.path), options.space, dim, options.M, options.ef_construction, options.shard_size,
                 options.seed, threads)
         # Locally, progress advances per added block; on Dask, per finished shard.

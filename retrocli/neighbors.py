@@ -45,6 +45,9 @@ from retrocli.progress import NullProgress, Progress
 NEIGHBORS_FORMAT = "retrocli-neighbors"
 NEIGHBORS_VERSION = 1
 NEIGHBOR_ARRAYS = ("ids", "distances")
+# Candidates stored per neighbour kept, for --exclude-same-doc (training): a window spans several documents,
+# and neighbours from any of them are dropped at batch time.
+TRAIN_CANDIDATES_PER_K = 4
 SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
 
 
@@ -211,8 +214,12 @@ def batch_neighbors(
     text_field: str = DEFAULT_TEXT_FIELD,
     id_field: str | None = None,
     dask=None,
+    candidates: int | None = None,
 ) -> Path:
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
+    `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
+    TRAIN_CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
+    keep k (see retrocli.train.TrainingData).""
     With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
     each holding every index shard in memory (loaded once per worker)."""
     progress = progress or NullProgress()
@@ -221,6 +228,11 @@ def batch_neighbors(
     check_at_least("--block-size", block_size)
     db = open_db(db_path)
     check_k(db, k)
+    if candidates is None:
+        candidates = min(TRAIN_CANDIDATES_PER_K * k, db.num_chunks) if exclude_same_doc else k
+    if candidates < k:
+        raise RetroError(f"--candidates: must be at least --k ({k}), got {candidates}")
+    check_k(db, candidates)
     require_searchable(db)  # before the queries are chunked or embedded: a refusal costs nothing
     out = Path(out)
     inputs = [Path(p) for p in inputs]
@@ -234,7 +246,7 @@ def batch_neighbors(
     if _is_db(out):
         raise RetroError(f"{out}: --out must be a new directory, not a DB")
     settings = {"db_id": db.manifest["db_id"], "db": str(db.path.absolute()),
-                "input": [str(p.absolute()) for p in inputs], "k": k, "ef": ef,
+                "input": [str(p.absolute()) for p in inputs], "k": k, "candidates": candidates, "ef": ef,
                 "exclude_same_doc": exclude_same_doc, "block_size": block_size}
     manifest_file = out / MANIFEST
     if out.exists() and overwrite:
@@ -281,9 +293,9 @@ def batch_neighbors(
     store = out / STORE
     if not store.exists():
         root = zarr.open_group(str(store), mode="w")
-        chunks = (min(block_size, max(n, 1)), k)
-        root.create_array("ids", shape=(n, k), dtype=np.int64, chunks=chunks, fill_value=-1)
-        root.create_array("distances", shape=(n, k), dtype=np.float32, chunks=chunks, fill_value=np.inf)
+        chunks = (min(block_size, max(n, 1)), candidates)
+        root.create_array("ids", shape=(n, candidates), dtype=np.int64, chunks=chunks, fill_value=-1)
+        root.create_array("distances", shape=(n, candidates), dtype=np.float32, chunks=chunks, fill_value=np.inf)
         manifest["num_queries"] = n
         # The test set chunked here is named relative to `out`, so the directory can move; another DB by
         # its path and id, checked when the neighbours are opened.
@@ -300,7 +312,7 @@ def batch_neighbors(
                           completed=n - sum(min(block_size, n - b * block_size) for b in todo))
     started = time.time()
     with dask_client(dask) as client:
-        args = (str(db.path), str(queries.path), str(store), k, ef, exclude_same_doc, block_size)
+        args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
         for block, count in run_blocks(client, "neighbors", search_block, args, todo, max_blocks):
             done.add(block)
             manifest["done_blocks"] = sorted(done)

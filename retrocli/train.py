@@ -1,9 +1,12 @@
 """`retro train`: train a RETRO decoder on a DB with its precomputed neighbours.
 
 The DB is both the training corpus and the retrieval DB; neighbours come from `retro neighbors DB
---input DB --out NB --exclude-same-doc` (the paper's rule: no neighbour from the sequence's own
-document). Batches are a pure function of (seed, step), so `--resume` continues exactly: model,
-optimizer, schedule and data position all come back from the checkpoint.
+--input DB --out NB --exclude-same-doc`, which stores 4·k candidates per chunk. Each batch keeps, for every
+chunk, the first k from no document of its window and no held-out document: the paper's rule (nothing
+from the sequence's own document) applied to a window that spans documents. Padding inside a window (the
+short last chunk of a document) is passed as a token mask: never predicted, never attended to. Batches
+are a pure function of (seed, step), so `--resume` continues exactly: model, optimizer, schedule and data
+position all come back from the checkpoint.
 """
 
 from __future__ import annotations
@@ -88,7 +91,11 @@ class TrainingData:
         self.pad = pad_id(db)
         self.tokens, self.real = chunk_rows(db, 0, db.num_chunks, self.pad)
         self.lengths = db.chunk_length
-        self.neighbor_ids = neighbor_ids[:, :k]
+        self.candidates = neighbor_ids  # [N, C ≥ k], nearest first, own document already excluded
+        self.heldout_doc = np.zeros(db.num_docs + 1, dtype=bool)  # [-1] stays False: a missing neighbour
+        self.heldout_doc[list(heldout_docs)] = True
+        # Per chunk, the first k candidates outside held-out documents (what --retrieval-focus scores).
+        self.neighbor_ids = self.window_neighbors(np.arange(db.num_chunks)[:, None])[:, 0]
         bad = np.isin(db.chunk_doc, list(heldout_docs)) if heldout_docs else np.zeros(db.num_chunks, bool)
         # a start s is usable when chunks s..s+L-1 exist and none belongs to a held-out document
         window_bad = np.convolve(bad.astype(np.int64), np.ones(self.chunks, dtype=np.int64), mode="full")
@@ -108,6 +115,28 @@ class TrainingData:
             raise RetroError("--copy-curriculum: must be between 0 and 1")
         self.copy, self.vocab_size = copy_curriculum, db.tokenizer.vocab_size
 
+    def window_neighbors(self, rows: np.ndarray) -> np.ndarray:
+        """Neighbour ids [B, L, k] for windows of DB chunk ids `rows` [B, L]: for each chunk the first k
+        candidates from no document of its window (the paper excludes the sequence's own document; a
+        window spanning documents A and B must not retrieve B's chunks for A's, since B's text comes
+        later in the window) and no held-out document. −1 where the candidates run out."""
+        doc = self.db.chunk_doc
+        cand = self.candidates[rows]  # [B, L, C]
+        cand_doc = np.where(cand >= 0, doc[np.maximum(cand, 0)], -1)
+        banned = (cand < 0) | self.heldout_doc[cand_doc]
+        banned |= (cand_doc[..., None] == doc[rows][:, None, None, :]).any(-1)
+        order = np.argsort(banned, axis=-1, kind="stable")[..., : self.k]
+        picked = np.take_along_axis(cand, order, axis=-1)
+        return np.where(np.take_along_axis(banned, order, axis=-1), -1, picked)
+
+    def neighbor_fill(self, windows: int = 512) -> float:
+        """Share of (chunk, slot) places of sampled training windows that get a real neighbour: below 1
+        where the stored candidates ran out (store more with `retro neighbors --candidates`)."""
+        rng = np.random.default_rng(0)
+        starts = self.starts[rng.integers(0, len(self.starts), min(windows, len(self.starts)))]
+        ids = self.window_neighbors(starts[:, None] + np.arange(self.chunks)[None, :])
+        return float((ids >= 0).mean())
+
     def batch_rows(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """DB chunk ids [batch_size, L] of the sequences of training step `step` (a pure function)."""
         rng = np.random.default_rng([seed, step])
@@ -123,13 +152,13 @@ class TrainingData:
         targets = np.full_like(tokens, -1)
         ok = real[:, :-1] & real[:, 1:]  # predict only real tokens from real tokens
         targets[:, :-1] = np.where(ok, tokens[:, 1:], -1)
-        neighbors = neighbor_rows(self.db, self.neighbor_ids[rows], self.pad, self.tokens, self.lengths)
+        neighbors = neighbor_rows(self.db, self.window_neighbors(rows), self.pad, self.tokens, self.lengths)
         if self.copy > 0:
             # its own stream, so switching the curriculum on or off leaves the windows drawn unchanged
             rng = np.random.default_rng([seed, step, 1])
             for b, u in zip(*np.nonzero(rng.random(rows.shape) < self.copy)):
                 neighbors[b, u, 0] = self.copy_neighbor(int(rows[b, u]), rng)
-        return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(neighbors)
+        return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(neighbors), torch.from_numpy(real)
 
     def copy_neighbor(self, chunk: int, rng: np.random.Generator) -> np.ndarray:
         """2m tokens of chunk's own document from about its start (see the class docstring)."""
@@ -250,6 +279,7 @@ def train(
 
     heldout_docs = load_heldout(db, heldout)
     data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum)
+    fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)
     if resume:
         model = RetroModel.from_pretrained(ckpt)
@@ -274,12 +304,12 @@ def train(
     loss_value = float("nan")
     while state["step"] < opts.steps:
         step = state["step"]
-        idx, targets, neighbors = data.batch(opts.seed, step, opts.batch_size)
+        idx, targets, neighbors, real = data.batch(opts.seed, step, opts.batch_size)
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:
-            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False)
+            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))
@@ -324,6 +354,7 @@ def train(
             "tokens_seen": state["tokens_seen"],
             "precision": precision,
             "heldout_documents": len(heldout_docs),
+            "neighbor_fill": round(fill, 4),
             "parameters": model.num_parameters(),
             **({"init_from": state["init_from"]} if "init_from" in state else {}),
         },
@@ -337,4 +368,5 @@ def train(
         "tokens_per_second": round(state["tokens_seen"] / max(state["seconds"], 1e-9), 1),
         "parameters": model.num_parameters(),
         "precision": precision,
+        "neighbor_fill": fill,
     }

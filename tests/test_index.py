@@ -102,3 +102,27 @@ def test_bad_space(tiny_db_copy):
     with pytest.raises(RetroError, match="--space"):
         index_db(tiny_db_copy, IndexOptions(space="hamming"))
     shutil.rmtree(tiny_db_copy)
+
+
+def _index_twice(subset_db, tiny_bert, tmp_path, threads):
+    """Two index builds of one embedded copy of the subset (3.7k chunks): shard bytes and neighbours."""
+    from retrocli.embed import embed_db
+
+    base = tmp_path / "embedded"
+    shutil.copytree(subset_db, base)
+    embed_db(base, tiny_bert)
+    builds = []
+    for name in ("a", "b"):
+        db_path = tmp_path / name
+        shutil.copytree(base, db_path)
+        db = index_db(db_path, IndexOptions(threads=threads))
+        shard = (db_path / db.manifest["index"]["shards"][0]["file"]).read_bytes()
+        ids, _ = ShardedIndex(db).search(load_embeddings(db), 10, threads=2)
+        builds.append((shard, ids))
+    return builds
+
+
+def test_the_default_index_build_is_byte_identical_and_so_are_its_neighbours(subset_db, tiny_bert, tmp_path):
+    (shard_a, ids_a), (shard_b, ids_b) = _index_twice(subset_db, tiny_bert, tmp_path, threads=None)
+    assert shard_a == shard_b
+    assert (ids_a == ids_b).all()

@@ -522,3 +522,45 @@ def test_copy_head_bigram_picks_the_occurrence_after_the_same_previous_token():
     unigram = logits(copy_model(), idx, nb)[0, 5].exp()
     assert bigram[70] > 0.8 and bigram[60] < 0.1
     assert abs(unigram[70] - unigram[60]) < 0.2 and unigram[60] + unigram[70] > 0.8
+
+
+def _padded_window(batch):
+    """The fixture's window with chunk 1 cut short (2 real tokens, then padding), as a training window
+    holding the end of one document and the start of the next is."""
+    idx, nb = batch
+    m = tiny_config().chunk_size
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[:, m + 2 : 2 * m] = False
+    targets = torch.full_like(idx, -1)
+    ok = mask[:, :-1] & mask[:, 1:]
+    targets[:, :-1] = torch.where(ok, idx[:, 1:], torch.full_like(idx[:, 1:], -1))
+    return idx.clone(), nb, mask, targets
+
+
+def test_padding_is_neither_predicted_nor_attended_to(model, batch):
+    idx, nb, mask, targets = _padded_window(batch)
+    with torch.no_grad():
+        base, base_loss = model(idx, nb, targets, token_mask=mask)
+        other = idx.clone()
+        other[~mask] = rand_tokens(int((~mask).sum()), seed=9)  # other ids in the padding
+        changed, changed_loss = model(other, nb, targets, token_mask=mask)
+        # and other activations there: noise on the padding's embeddings must not reach a real position
+        hook = model.wte.register_forward_hook(
+            lambda mod, inp, out: out + 5.0 * torch.randn_like(out) * (~mask)[..., None] if out.shape[:2] == mask.shape
+            else out)
+        try:
+            noisy, noisy_loss = model(idx, nb, targets, token_mask=mask)
+        finally:
+            hook.remove()
+        unmasked, _ = model(other, nb, targets)  # without the mask the padding does leak into later tokens
+    real = mask[0]
+    assert max_diff(base, changed)[real].max() < SAME and abs(float(base_loss - changed_loss)) < SAME
+    assert max_diff(base, noisy)[real].max() < SAME and abs(float(base_loss - noisy_loss)) < SAME
+    assert max_diff(base, unmasked)[real][-4:].max() > DIFF
+
+
+def test_a_mask_of_only_real_tokens_changes_nothing(model, batch):
+    idx, nb = batch
+    with torch.no_grad():
+        all_real = torch.ones_like(idx, dtype=torch.bool)
+        assert max_diff(model(idx, nb)[0], model(idx, nb, token_mask=all_real)[0]).max() == 0

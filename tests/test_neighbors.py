@@ -105,7 +105,8 @@ def test_batch_self_exclude_same_doc(tiny_db, tmp_path):
     db = open_db(tiny_db)
     out = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=3, exclude_same_doc=True, block_size=16)
     arrays = open_neighbors(out)
-    assert arrays.ids.shape == (db.num_chunks, 3)
+    assert arrays.ids.shape == (db.num_chunks, 12)  # 4·k candidates, for training's per-window filter
+    assert arrays.manifest["settings"]["candidates"] == 12
     valid = arrays.ids >= 0
     assert valid.all()
     docs = db.chunk_doc[arrays.ids]

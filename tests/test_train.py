@@ -20,18 +20,47 @@ def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neigh
     db = open_db(tiny_db)
     nb = open_neighbors(self_neighbors)
     data = TrainingData(db, nb.ids, 128, 2, heldout_docs={0})
-    idx, targets, neighbors = data.batch(seed=1, step=5, batch_size=3)
+    idx, targets, neighbors, _ = data.batch(seed=1, step=5, batch_size=3)
     assert idx.shape == (3, 128) and neighbors.shape == (3, 2, 2, 128)
     assert not np.isin(db.chunk_doc[data.starts], [0]).any()
     again = data.batch(seed=1, step=5, batch_size=3)
-    assert all(torch.equal(a, b) for a, b in zip((idx, targets, neighbors), again))  # pure function of step
+    assert all(torch.equal(a, b) for a, b in zip((idx, targets, neighbors), again[:3]))  # pure function of step
     # targets are the next token wherever both are real tokens
     real = targets >= 0
     assert torch.equal(targets[:, :-1][real[:, :-1]], idx[:, 1:][real[:, :-1]])
-    # the neighbours of each chunk are the precomputed ones, N followed by its continuation F
-    start = int(np.nonzero(np.all(idx[0, :64].numpy() == data.tokens[data.starts], axis=1))[0][0])
-    first = int(nb.ids[data.starts[start], 0])
+    # the neighbours of each chunk are the window's filtered candidates, N followed by its continuation F
+    first = int(data.window_neighbors(data.batch_rows(1, 5, 3))[0, 0, 0])
     assert (neighbors[0, 0, 0, : db.chunk_length[first]].numpy() == db.chunk_tokens(first)).all()
+
+
+def test_no_training_batch_holds_a_neighbour_from_its_windows_documents_or_a_heldout_one(tiny_db, self_neighbors):
+    from retrocli.neighbors import open_neighbors
+
+    db = open_db(tiny_db)
+    nb = open_neighbors(self_neighbors)
+    assert nb.ids.shape[1] == 8 and nb.manifest["settings"]["candidates"] == 8  # 4·k stored for training
+    heldout = {1, 4}
+    data = TrainingData(db, nb.ids, 4 * db.chunk_size, 2, heldout_docs=heldout)
+    docs, seen = db.chunk_doc, 0
+    for step in range(40):
+        rows = data.batch_rows(0, step, 8)
+        ids = data.window_neighbors(rows)
+        _, _, neighbors, _ = data.batch(0, step, 8)
+        for b in range(len(rows)):
+            got = ids[b][ids[b] >= 0]
+            assert not set(docs[got]) & (set(docs[rows[b]]) | heldout)
+            seen += len(got)
+            for u in range(rows.shape[1]):  # the tokens the model gets are those of the filtered ids
+                for j, nid in enumerate(ids[b, u]):
+                    if nid >= 0:
+                        n = db.chunk_length[nid]
+                        assert (neighbors[b, u, j, :n].numpy() == db.chunk_tokens(nid)).all()
+    assert seen > 0 and data.neighbor_fill() > 0.95
+    # without the filter the stored candidates do reach into the window's other documents and held-out ones
+    raw = nb.ids[data.batch_rows(0, 0, 64)][..., :2]
+    window_docs = docs[data.batch_rows(0, 0, 64)]
+    leaked = [(set(docs[raw[b][raw[b] >= 0]]) & (set(window_docs[b]) | heldout)) for b in range(64)]
+    assert any(leaked)
 
 
 def test_lr_schedule():
@@ -130,8 +159,8 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
     real = next_chunk_overlap(db, nb.ids[:, :2])
     window = lambda s: real[s : s + 2].mean()  # noqa: E731 - 128 tokens = 2 chunks of 64
     assert min(window(s) for s in focused.focus_starts) >= np.quantile([window(s) for s in focused.starts], 0.85)
-    idx, _, _ = focused.batch(seed=0, step=3, batch_size=4)
-    again, _, _ = focused.batch(seed=0, step=3, batch_size=4)
+    idx, _, _, _ = focused.batch(seed=0, step=3, batch_size=4)
+    again, _, _, _ = focused.batch(seed=0, step=3, batch_size=4)
     assert torch.equal(idx, again)
     starts = [int(np.nonzero(np.all(focused.tokens[focused.starts] == row[:64].numpy(), axis=1))[0][0]) for row in idx]
     assert all(focused.starts[i] in set(focused.focus_starts) for i in starts[:2])
@@ -151,8 +180,8 @@ def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continu
     half = TrainingData(db, nb.ids, 128, 2, set(), copy_curriculum=0.5)
     rows = plain.batch_rows(seed=0, step=7, batch_size=8)
     assert np.array_equal(rows, always.batch_rows(seed=0, step=7, batch_size=8))  # same windows drawn
-    idx, _, real_nb = plain.batch(seed=0, step=7, batch_size=8)
-    idx2, _, copied = always.batch(seed=0, step=7, batch_size=8)
+    idx, _, real_nb, _ = plain.batch(seed=0, step=7, batch_size=8)
+    idx2, _, copied, _ = always.batch(seed=0, step=7, batch_size=8)
     assert torch.equal(idx, idx2)
     assert torch.equal(copied[:, :, 1], real_nb[:, :, 1])  # the other neighbours stay the retrieved ones
     doc = db.chunk_doc
@@ -168,7 +197,7 @@ def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continu
         # damaged: shifted and noisy, never the exact continuation in place
         assert not np.array_equal(copied[b, u, 0, 64:].numpy(), nxt)
     assert runs and np.mean(runs) >= 8
-    _, _, mixed = half.batch(seed=0, step=7, batch_size=8)
+    _, _, mixed, _ = half.batch(seed=0, step=7, batch_size=8)
     swapped = (mixed[:, :, 0] != real_nb[:, :, 0]).any(dim=-1)
     assert 0 < swapped.float().mean() < 1
     assert torch.equal(mixed, half.batch(seed=0, step=7, batch_size=8)[2])  # still a pure function of step

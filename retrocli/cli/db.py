@@ -27,6 +27,7 @@ from retrocli.cli.options import (
     EfConstruction,
     Embedder,
     IdField,
+    IndexThreads,
     Inputs,
     JsonOut,
     MOpt,
@@ -210,7 +211,7 @@ def index(
     ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
     shard_size: ShardSize = DEFAULT_SHARD_SIZE,
     seed: Seed = DEFAULT_INDEX_SEED,
-    threads: Threads = None,
+    threads: IndexThreads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Rebuild an existing index")] = False,
     dask: Dask = None,
 ):

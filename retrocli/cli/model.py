@@ -80,6 +80,11 @@ def train_cmd(
         f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
         f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {user(summary['out'])}"
     )
+    if summary["neighbor_fill"] < 0.99:
+        err_console.print(
+            f"[yellow]warning:[/] {1 - summary['neighbor_fill']:.1%} of neighbour slots were empty: the stored "
+            "candidates were all from documents of the training window; rerun `retro neighbors` with more "
+            "--candidates")
 
 
 @handle_errors

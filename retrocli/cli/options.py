@@ -40,6 +40,9 @@ Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a
 Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
 BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
 Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
+IndexThreads = Annotated[int | None, typer.Option(
+    "--threads", help="hnswlib build threads (default 1: the same DB and --seed give a byte-identical index; "
+                      "more is faster but not reproducible)")]
 LocalThreads = Annotated[int | None, typer.Option("--threads", help="Torch/hnswlib threads (default: all cores)")]
 BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
 Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]

@@ -34,6 +34,9 @@ def neighbors(
     input: Annotated[list[Path] | None, typer.Option("--input", help="Batch mode: a DB or corpus to query")] = None,
     out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
     embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
+    candidates: Annotated[int | None, typer.Option(
+        help="Batch mode: nearest chunks stored per query chunk (≥ --k; default --k, or 4·k with "
+             "--exclude-same-doc so training can drop those from other documents of its window)")] = None,
     block_size: BlockSize = DEFAULT_BATCH_BLOCK,
     threads: Threads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Batch mode: replace --out")] = False,
@@ -58,13 +61,14 @@ def neighbors(
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
             path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
                                    block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   dask=client)
+                                   dask=client, candidates=candidates)
 
         result = open_neighbors(path)
         summary = {
             "out": str(path),
             "queries": int(result.ids.shape[0]),
             "k": k,
+            "candidates": int(result.ids.shape[1]),
             "missing": int((result.ids < 0).sum()),
             "seconds": result.manifest.get("seconds"),
         }

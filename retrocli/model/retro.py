@@ -233,12 +233,20 @@ class SelfAttention(nn.Module):
         q, k, v = (_heads(t, self.n_head) for t in (q, k, v))
         return apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base), v
 
-    def forward(self, x, pos, key_mask=None):
+    def forward(self, x, pos, key_mask=None, causal_key_mask=None):
         """x [N, P, d], pos [P]. key_mask None: causal. key_mask [N, P] bool (True = attend): bidirectional
-        over the unmasked keys; every row must have at least one True (the caller guarantees it)."""
+        over the unmasked keys; every row must have at least one True (the caller guarantees it).
+        causal_key_mask [N, P] (decoder with padding inside the sequence): causal, and padding is never a
+        key (each position still sees itself, so a padding query's row is never empty)."""
         q, k, v = self._qkv(x, pos)
         p = self.dropout if self.training else 0.0
-        if key_mask is None:
+        if causal_key_mask is not None:
+            P = x.shape[1]
+            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+            own = torch.eye(P, dtype=torch.bool, device=x.device)
+            mask = causal & (causal_key_mask[:, None, None, :] | own)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        elif key_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=p)
@@ -403,15 +411,16 @@ class EncoderLayer(nn.Module):
         self.ln_3 = RMSNorm(e, eps=cfg.norm_eps)
         self.mlp = MLP(e, cfg.enc_d_ff, cfg.dropout)
 
-    def forward(self, x, key_mask, h, k):
-        """x [N*k, r, e] (one row per neighbour), key_mask [N*k, r], h [N, m, d] (one row per chunk)."""
+    def forward(self, x, key_mask, h, k, h_mask=None):
+        """x [N*k, r, e] (one row per neighbour), key_mask [N*k, r], h [N, m, d] (one row per chunk),
+        h_mask [N, m] (False at padding of the chunk: never a key)."""
         Nk, r, e = x.shape
         pos = torch.arange(r, device=x.device)
         x = x + self.attn(self.ln_1(x), pos, key_mask=key_mask)
         # Cross-attention treats queries independently, so the k neighbours of a chunk can share one
         # query sequence of k*r tokens against that chunk's m states: no copy of H per neighbour.
         q = self.ln_2(x).reshape(Nk // k, k * r, e)
-        y = self.cross(q, h, pos.repeat(k), torch.arange(h.shape[1], device=x.device))
+        y = self.cross(q, h, pos.repeat(k), torch.arange(h.shape[1], device=x.device), key_mask=h_mask)
         x = x + y.reshape(Nk, r, e)
         return x + self.mlp(self.ln_3(x))
 
@@ -432,8 +441,10 @@ class RetroEncoder(nn.Module):
         self.ln_f = RMSNorm(e, eps=cfg.norm_eps)
         self.proj_out = nn.Linear(e, d, bias=False)
 
-    def forward(self, tok_emb: torch.Tensor, token_mask: torch.Tensor, h: torch.Tensor) -> Encoded:
-        """tok_emb [B, L, k, r, d], token_mask [B, L, k, r], h [B, L, m, d] -> Encoded (e [B, L, k*r, d])."""
+    def forward(self, tok_emb: torch.Tensor, token_mask: torch.Tensor, h: torch.Tensor,
+                h_mask: torch.Tensor | None = None) -> Encoded:
+        """tok_emb [B, L, k, r, d], token_mask [B, L, k, r], h [B, L, m, d], h_mask [B, L, m] (False at
+        padding of the retrieving chunk) -> Encoded (e [B, L, k*r, d])."""
         B, L, k, r, d = tok_emb.shape
         x = self.proj_in(tok_emb.reshape(B * L * k, r, d))
         mask = token_mask.reshape(B * L * k, r)
@@ -441,8 +452,9 @@ class RetroEncoder(nn.Module):
         # pad tokens instead. Its output is garbage but finite and masked out of CCA, so unused.
         attn_mask = mask | ~mask.any(dim=-1, keepdim=True)
         hn = self.ln_h(h.reshape(B * L, -1, d))
+        flat_h_mask = None if h_mask is None else h_mask.reshape(B * L, -1)
         for layer in self.layers:
-            x = layer(x, attn_mask, hn, k)
+            x = layer(x, attn_mask, hn, k, flat_h_mask)
         e = self.proj_out(self.ln_f(x)).reshape(B, L, k * r, d)
         pos = torch.arange(r, device=e.device).repeat(k)
         return Encoded(e, token_mask.reshape(B, L, k * r), pos)
@@ -538,12 +550,13 @@ class RetroModel(nn.Module):
 
     # -- neighbours -----------------------------------------------------------------------------------
 
-    def _encode(self, neighbors: torch.Tensor, h_chunks: torch.Tensor) -> Encoded:
+    def _encode(self, neighbors: torch.Tensor, h_chunks: torch.Tensor, h_mask: torch.Tensor | None = None
+                ) -> Encoded:
         """neighbors [B, L, k, r] token ids (pad / negative = padding), h_chunks [B, L, m, d] -> Encoded."""
         pad = self.config.pad_token_id
         valid = (neighbors != pad) & (neighbors >= 0)
         ids = torch.where(valid, neighbors, torch.full_like(neighbors, pad))
-        enc = self.encoder(self.wte(ids), valid, h_chunks)
+        enc = self.encoder(self.wte(ids), valid, h_chunks, h_mask)
         enc.ids = ids.reshape(enc.mask.shape)
         return enc
 
@@ -567,17 +580,28 @@ class RetroModel(nn.Module):
     # -- full forward ---------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, neighbors: torch.Tensor | None = None, targets=None,
-                need_logits: bool = True):
+                need_logits: bool = True, token_mask: torch.Tensor | None = None):
         """idx [B, T] (T <= seq_len), neighbors [B, L >= T//m, k, r] or None, targets [B, T] (-1 = ignore).
 
         Returns (logits [B, T, vocab], loss or None). Chunk u's neighbours are used by positions
         (u+1)*m - 1 onwards only; neighbors=None runs the plain decoder. With a CopyHead the "logits"
         are log-probabilities, and need_logits=False skips them (None) when only the loss is wanted.
+
+        token_mask [B, T] (True = a real token) marks padding inside the sequence, such as the short last
+        chunk of a document padded to m in a training window: padding is never a key, neither in the
+        decoder's self-attention nor for the encoder's view of the retrieving chunk, and its ids are
+        replaced by pad_token_id, so no output at a real position depends on what the padding holds.
         """
         B, T = idx.shape
         cfg = self.config
         if T > cfg.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than seq_len {cfg.seq_len}")
+        if token_mask is not None:
+            token_mask = token_mask.to(device=idx.device, dtype=torch.bool)
+            if token_mask.all():
+                token_mask = None  # the plain causal path (fused kernel)
+            else:
+                idx = torch.where(token_mask, idx, torch.full_like(idx, cfg.pad_token_id))
         retrieval = neighbors is not None and self.encoder is not None
         if retrieval:
             neighbors = self._check_neighbors(neighbors, B, T)
@@ -586,11 +610,12 @@ class RetroModel(nn.Module):
         x = self.drop(self.wte(idx))
         m, enc = cfg.chunk_size, None
         for block in self.blocks:
-            x = x + block.attn(block.ln_1(x), pos)
+            x = x + block.attn(block.ln_1(x), pos, causal_key_mask=token_mask)
             if block.cca is not None and retrieval:
                 if enc is None:  # first CCA layer: H is x right here, after its self-attention
                     L = neighbors.shape[1]
-                    enc = self._encode(neighbors, x[:, : L * m].reshape(B, L, m, -1))
+                    h_mask = None if token_mask is None else token_mask[:, : L * m].reshape(B, L, m)
+                    enc = self._encode(neighbors, x[:, : L * m].reshape(B, L, m, -1), h_mask)
                 x = x + block.cca(block.ln_cca(x), enc)
             x = x + block.mlp(block.ln_2(x))
         logits = self.lm_head(self.ln_f(x))
