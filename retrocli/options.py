@@ -56,6 +56,7 @@ DEFAULT_EXAMPLES = 5
 DEFAULT_NGRAM = 13
 DEFAULT_NUM_PERM = 128
 DEFAULT_JACCARD = 0.8
+DEFAULT_NORMALIZE = "text"  # leakage passes compare through reformatting; "none" is the paper's raw tokens
 
 # train, eval, generate
 DEFAULT_TRAIN_K = 2

@@ -15,7 +15,7 @@ def test_ngram_jaccard_exact():
     ha, hb = ngram_hashes(a, 13), ngram_hashes(b, 13)
     assert len(ha) == 88 and jaccard(ha, ha) == 1.0
     assert jaccard(ha, hb) == pytest.approx(38 / (88 + 88 - 38))
-    assert len(ngram_hashes(np.arange(5), 13)) == 1  # short docs: one shingle of the whole text
+    assert len(ngram_hashes(np.arange(5), 13)) == 0  # shorter than n: no shingle (skipped, never matched)
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,78 @@ def test_html_bpb_curve_skips_empty_alpha_buckets(report):
     assert "bpb(α)" in page and 'aria-label="bpb(alpha)"' in page and "1.700" in page and "1.600" in page
     data["bpb"]["curve"] = data["bpb"]["curve"][:1]
     assert "No chunk in any α bucket" in render_html(data)
+
+
+def rewrap(text: str) -> str:
+    """The same words with other line breaks and spacing, and NFKC-equivalent characters: what a copy
+    pasted through an editor or a PDF looks like."""
+    import textwrap
+
+    words = text.replace("fi", "\ufb01").split()  # the "ﬁ" ligature: NFKC turns it back into "fi"
+    paragraphs = (" ".join(words[i:i + 40]) for i in range(0, len(words), 40))
+    return "\n\n".join(textwrap.fill(p, width=37, break_on_hyphens=False, break_long_words=False) for p in paragraphs)
+
+
+@pytest.fixture(scope="module")
+def minilm_db(small_jsonl, tmp_path_factory):
+    """The small corpus embedded with the real MiniLM (~100 chunks): retrieval good enough that a copy's
+    chunk finds the DB chunk it starts in, which the tiny random BERT does not promise."""
+    from retrocli.build_db import build_db
+
+    path = tmp_path_factory.mktemp("minilm") / "db"
+    build_db([small_jsonl], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rewrapped(minilm_db, tmp_path_factory):
+    db = open_db(minilm_db)
+    path = tmp_path_factory.mktemp("rewrapped") / "test.jsonl"
+    unrelated = "Quantum chromodynamics describes quarks and gluons; the strong force confines colour charge. " * 3
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in (rewrap(db.document_text(2)), unrelated)))
+    return path
+
+
+def test_a_rewrapped_copy_is_found_at_r_1_with_normalisation_and_not_without(minilm_db, rewrapped):
+    normalized = leakage_report(minilm_db, [rewrapped], k=10, examples=3)
+    raw = leakage_report(minilm_db, [rewrapped], k=10, examples=3, normalize="none")
+    m = open_db(minilm_db).chunk_size
+    for report in (normalized, raw):
+        ov = report.overlap
+        assert np.all(ov.r[ov.test_doc == 1] <= 0.125)  # unrelated text stays under alpha
+    ov = normalized.overlap
+    full = (ov.test_doc == 0) & (ov.length == m)
+    assert full.sum() >= 3 and np.all(ov.r[full] == 1.0), ov.r[ov.test_doc == 0]
+    assert raw.overlap.r[full].mean() < 0.8  # the paper's raw tokens miss most of it
+    assert normalized.normalize == "text" and raw.normalize == "none"
+    data = normalized.to_json()
+    assert data["normalize"] == "text" and "NFKC" in data["normalization"]["overlap"]
+    assert [(p["db_doc"], p["test_doc"]) for p in normalized.near_duplicates] == [(2, 0)]
+    assert raw.near_duplicates == []  # re-wrapping and the ligature change the raw 13-grams
+
+
+def test_normalised_r_is_never_below_the_raw_one(report, tiny_db, planted):
+    raw = leakage_report(tiny_db, [planted], k=10, examples=0, normalize="none")
+    assert report.normalize == "text"
+    assert np.all(report.overlap.r >= raw.overlap.r)
+
+
+def test_documents_shorter_than_the_ngram_are_skipped_not_matched(tiny_db, tmp_path):
+    from retrocli.leakage import near_duplicates
+
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Index", "Index", "See also")))
+    chunked = tmp_path / "short-db"
+    from retrocli.chunk import ChunkOptions, chunk_corpus
+
+    test = chunk_corpus([short], chunked, ChunkOptions(tokenizer=str(tiny_db / "tokenizer.json")))
+    for normalize in ("text", "none"):
+        pairs, stats = near_duplicates(test, test, normalize=normalize)
+        assert pairs == [] and stats["short_documents_skipped"] == {"db": 3, "test": 3}
+
+
+def test_examples_and_documents_show_the_longest_copies_first(report):
+    shared = [ex["shared_tokens"] for ex in report.examples]
+    assert shared == sorted(shared, reverse=True) and shared[0] == 64
+    assert all("longest_run_tokens" in d for d in report.documents)
+    assert report.documents[0]["longest_run_tokens"] == 64

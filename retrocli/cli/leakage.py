@@ -28,6 +28,7 @@ from retrocli.cli.options import (
     KNeighbors,
     LocalThreads,
     NGram,
+    Normalize,
     NumPerm,
     TestInputs,
     TextField,
@@ -43,13 +44,15 @@ from retrocli.options import (
     DEFAULT_JACCARD,
     DEFAULT_LEAKAGE_K,
     DEFAULT_NGRAM,
+    DEFAULT_NORMALIZE,
     DEFAULT_NUM_PERM,
     DEFAULT_TEXT_FIELD,
 )
 
 
-def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads):
+def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads, normalize):
     return dict(
+        normalize=normalize,
         k=k,
         alpha=alpha,
         ngram=ngram,
@@ -65,7 +68,7 @@ def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, 
 def _print_leakage(report) -> None:
     console.print(
         f"[bold]leakage of {report.num_test_docs:,} test documents ({report.num_test_chunks:,} chunks) "
-        f"against {user(report.db)}[/], k={report.k}"
+        f"against {user(report.db)}[/], k={report.k}, normalize={report.normalize}"
     )
     console.print(
         f"leaking chunks (r > {report.alpha:g}): [bold]{report.leaking_chunks:,}[/] "
@@ -82,15 +85,15 @@ def _print_leakage(report) -> None:
         hist.add_row(f"{edges[i]:.2f}–{edges[i + 2]:.2f}", f"{c:,}", "█" * max(0, round(30 * c / (2 * top))))
     console.print(hist)
     docs = Table(title="test documents by max r (top 10)", show_edge=False)
-    for col in ("document", "chunks", "max r", "mean r", "leaking"):
+    for col in ("document", "chunks", "max r", "longest run", "mean r", "leaking"):
         docs.add_column(col, justify="left" if col == "document" else "right", overflow="fold")
     for d in report.documents[:10]:
-        docs.add_row(
-            user(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", f"{d['mean_r']:.3f}", str(d["leaking_chunks"])
-        )
+        docs.add_row(user(d["source"]), str(d["chunks"]), f"{d['max_r']:.3f}", str(d["longest_run_tokens"]),
+                     f"{d['mean_r']:.3f}", str(d["leaking_chunks"]))
     console.print(docs)
     for ex in report.examples:
-        console.print(f"[bold]r={ex['r']:.3f}[/] test {user(ex['test_source'])} ↔ DB {user(ex['db_source'])}")
+        console.print(f"[bold]r={ex['r']:.3f}[/] ({ex['shared_tokens']} tokens) test {user(ex['test_source'])} ↔ "
+                      f"DB {user(ex['db_source'])}")
         t = ex["test_text"]
         console.print(f"  {user(t[0][-60:])}[reverse]{user(t[1][:240])}[/]{user(t[2][:60])}", highlight=False)
     dup = report.near_duplicates
@@ -107,7 +110,9 @@ def _print_leakage(report) -> None:
     console.print(
         f"near-duplicate documents (≥ {report.jaccard_threshold:g} {report.ngram}-gram Jaccard): "
         f"[bold]{len(dup)}[/] pairs "
-        f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly)"
+        f"({report.near_duplicate_stats['candidates']} LSH candidates verified exactly; documents shorter than "
+        f"{report.ngram} tokens skipped: {report.near_duplicate_stats['short_documents_skipped']['test']} test, "
+        f"{report.near_duplicate_stats['short_documents_skipped']['db']} DB)"
     )
     for p in dup[:20]:
         console.print(f"  {user(p['db_source'])} ≈ test {user(p['test_source'])}  J={p['jaccard']:.3f}")
@@ -124,6 +129,7 @@ def leakage_report_cmd(
     ngram: NGram = DEFAULT_NGRAM,
     num_perm: NumPerm = DEFAULT_NUM_PERM,
     jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
+    normalize: Normalize = DEFAULT_NORMALIZE,
     ef: Ef = DEFAULT_EF_SEARCH,
     json_output: JsonOut = False,
     json_path: Annotated[Path | None, typer.Option("--json-out", help="Write every figure as JSON here")] = None,
@@ -160,7 +166,8 @@ def leakage_report_cmd(
             progress=progress,
             model_dir=model,
             dask=client,
-            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
+                              normalize),
         )
     data = report.to_json()
     say = err_console.print if json_output else console.print  # stdout carries only the JSON then
@@ -192,6 +199,7 @@ def dedupe(
     ngram: NGram = DEFAULT_NGRAM,
     num_perm: NumPerm = DEFAULT_NUM_PERM,
     jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
+    normalize: Normalize = DEFAULT_NORMALIZE,
     ef: Ef = DEFAULT_EF_SEARCH,
     work_dir: WorkDir = None,
     text_field: TextField = DEFAULT_TEXT_FIELD,
@@ -211,7 +219,8 @@ def dedupe(
             overwrite=overwrite,
             progress=progress,
             examples=0,
-            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads),
+            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
+                              normalize),
         )
     summary = {
         "out": str(new_db.path),

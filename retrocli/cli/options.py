@@ -71,3 +71,6 @@ WorkDir = Annotated[Path | None, typer.Option(help="Keep the embedded test set h
 
 # models (eval, generate)
 ModelDir = Annotated[Path | None, typer.Option(help="Model directory (default: the bundled model)")]
+Normalize = Annotated[str, typer.Option(
+    help="Compare text through reformatting: 'text' (NFKC and whitespace runs collapsed for r(C); also lowercase "
+         "and no punctuation for near-duplicates) or 'none' (raw LM tokens, the paper's definition)")]
