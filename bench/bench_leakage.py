@@ -23,7 +23,7 @@ import numpy as np
 def plain_datasketch(db, test_docs: list[np.ndarray], n: int, num_perm: int, threshold: float):
     from datasketch import MinHash, MinHashLSH
 
-    from retrocli.leakage import doc_tokens
+    from retrocli.near_duplicates import doc_tokens
 
     def shingles(tokens):
         tokens = tokens.astype(np.int64)
@@ -56,7 +56,7 @@ def plain_datasketch(db, test_docs: list[np.ndarray], n: int, num_perm: int, thr
 def ours(db, test_docs: list[np.ndarray], n: int, num_perm: int, threshold: float):
     from datasketch import MinHashLSH
 
-    from retrocli.leakage import doc_tokens, jaccard, minhash_of, ngram_hashes
+    from retrocli.near_duplicates import doc_tokens, jaccard, minhash_of, ngram_hashes
 
     start = time.perf_counter()
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
@@ -87,7 +87,7 @@ def main() -> None:
     from retrocli.db import open_db
     from retrocli.embed import load_embeddings
     from retrocli.index import ShardedIndex
-    from retrocli.leakage import doc_tokens
+    from retrocli.near_duplicates import doc_tokens
     from retrocli.overlap import NEIGHBOR_PAD, compute_overlap
     from retrocli.sequences import neighbor_rows
 
@@ -143,7 +143,7 @@ def main() -> None:
     found_ours, t_ours = ours(db, test_docs, 13, 128, 0.8)
     total = db.num_docs + len(test_docs)
     truth = set()
-    from retrocli.leakage import jaccard, ngram_hashes
+    from retrocli.near_duplicates import jaccard, ngram_hashes
     for t, toks in enumerate(test_docs):
         d = int(docs[t])
         if jaccard(ngram_hashes(doc_tokens(db, d), 13), ngram_hashes(toks, 13)) >= 0.8:

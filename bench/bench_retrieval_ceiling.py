@@ -23,7 +23,7 @@ import torch
 def copyable(test, db, neighbor_ids: np.ndarray, k: int, context: int, pad: int,
              db_tokens: np.ndarray, db_lengths: np.ndarray) -> np.ndarray:
     """[num_test_chunks, m] bool: token j of chunk c is copyable from the neighbours of chunk c-1."""
-    from retrocli.leakage import ngram_window_hashes
+    from retrocli.near_duplicates import ngram_window_hashes
     from retrocli.sequences import chunk_rows, neighbor_rows
 
     m, n = test.chunk_size, test.num_chunks

@@ -19,7 +19,8 @@ import torch
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.model.checkpoint import load_model, resolve_model
-from retrocli.neighbors import neighbors_of_inputs
+from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
+from retrocli.neighbors import CANDIDATES_PER_K, neighbors_of_inputs
 from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
@@ -138,9 +139,15 @@ def evaluate(
     text_field: str = DEFAULT_TEXT_FIELD,
     progress: Progress | None = None,
     k: int | None = None,
+    exclude_near_duplicates: bool = False,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
-    `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10)."""
+    `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
+
+    Test text that sits in the DB is retrieved as itself (distance 0): that is the paper's bpb(α) setting,
+    and `exact_match_fraction` says how much of it there was. exclude_near_duplicates drops from each test
+    document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ DEFAULT_JACCARD, on
+    normalised text), so what remains is what retrieval finds elsewhere."""
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
     check_at_least("--batch-size", batch_size)
@@ -152,18 +159,43 @@ def evaluate(
     model, meta = load_model(model_dir, db)
     model_k = k or model.config.num_neighbors
     k = max(model_k, DEFAULT_LEAKAGE_K if leakage else 0)
-    with neighbors_of_inputs(db.path, inputs, work_dir, k=min(k, db.num_chunks), threads=threads, progress=progress,
-                             text_field=text_field) as (nb, test):
-        losses = chunk_losses(model, db, test, nb.ids, batch_size, progress, k=model_k)
-        r = compute_overlap(db, test, nb.ids, progress=progress).r if leakage else None
+    k = min(k, db.num_chunks)
+    candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
+    with neighbors_of_inputs(db.path, inputs, work_dir, k=k, candidates=candidates, threads=threads,
+                             progress=progress, text_field=text_field) as (nb, test):
+        ids, excluded = nb.ids[:, :k], None
+        if exclude_near_duplicates:
+            pairs, _ = near_duplicates(db, test, progress=progress)
+            ids, replaced = drop_near_duplicate_neighbors(db, test, nb.ids, pairs, k)
+            excluded = {"pairs": len(pairs), "neighbours_replaced": replaced}
+        losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k)
+        r = compute_overlap(db, test, ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
         result.update(
             {
                 "model": str(model_dir),
+                "copy_head": model.copy_head is not None,
                 "db": str(db.path),
                 "inputs": [str(p) for p in inputs],
                 "num_neighbors": model_k,
                 "test_documents": test.num_docs,
+                # chunks given a neighbour at distance 0: the test text itself, sitting in the DB
+                "exact_match_fraction": exact_match_fraction(nb, ids[:, :model_k]),
+                "excluded_near_duplicates": excluded,
             }
         )
         return result
+
+
+EXACT_DISTANCE = 1e-6  # squared L2 of fp16-stored unit vectors: a copy is 0 up to rounding
+EXACT_WARNING = 0.25  # above this share of test chunks retrieving themselves, eval says so
+
+
+def exact_match_fraction(nb, used: np.ndarray) -> float:
+    """Share of test chunks with a neighbour fed to the model (`used` [n, k], ids from nb's candidates)
+    at distance 0."""
+    if len(used) == 0:
+        return 0.0
+    same = (nb.ids[:, None, :] == used[:, :, None]) & (used[:, :, None] >= 0)  # [n, k, C]
+    dist = np.where(same, nb.distances[:, None, :], np.inf).min(axis=2)
+    return float(np.mean((dist <= EXACT_DISTANCE).any(axis=1)))

@@ -47,7 +47,7 @@ NEIGHBORS_VERSION = 1
 NEIGHBOR_ARRAYS = ("ids", "distances")
 # Candidates stored per neighbour kept, for --exclude-same-doc (training): a window spans several documents,
 # and neighbours from any of them are dropped at batch time.
-TRAIN_CANDIDATES_PER_K = 4
+CANDIDATES_PER_K = 4
 SAME_DOC_RUN = 0.9  # a query chunk "is" DB text when it shares a run this long with a neighbour's [N, F]
 
 
@@ -218,7 +218,7 @@ def batch_neighbors(
 ) -> Path:
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
     `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
-    TRAIN_CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
+    CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
     keep k (see retrocli.train.TrainingData).""
     With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
     each holding every index shard in memory (loaded once per worker)."""
@@ -229,7 +229,7 @@ def batch_neighbors(
     db = open_db(db_path)
     check_k(db, k)
     if candidates is None:
-        candidates = min(TRAIN_CANDIDATES_PER_K * k, db.num_chunks) if exclude_same_doc else k
+        candidates = min(CANDIDATES_PER_K * k, db.num_chunks) if exclude_same_doc else k
     if candidates < k:
         raise RetroError(f"--candidates: must be at least --k ({k}), got {candidates}")
     check_k(db, candidates)

@@ -1,5 +1,6 @@
 """`retro eval`: bits per byte with and without retrieval, and bpb(alpha)."""
 
+import json
 import math
 
 import numpy as np
@@ -58,3 +59,36 @@ def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_
     assert result.exit_code == 0 and "bpb with retrieval (k=4): " + f"{four['bpb_retrieval']:.4f}" in result.output
     result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--k", "0", "--work-dir", work)
     assert result.exit_code == 2 and "--k" in result.output and "Traceback" not in result.output
+
+
+def test_eval_says_when_the_test_text_is_in_the_db_and_can_exclude_its_duplicates(trained, tiny_db, small_jsonl,
+                                                                                  tmp_path, cli):
+    """small_jsonl is tiny_db's own corpus: every test chunk retrieves itself at distance 0."""
+    out, _ = trained
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", tmp_path / "a", "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 0 and data["exact_match_fraction"] > 0.9
+    assert "retrieve themselves (distance 0)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert data["copy_head"] is False and data["excluded_near_duplicates"] is None
+    excluded = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", tmp_path / "b", "--json",
+                   "--exclude-near-duplicates")
+    data_ex = json.loads(excluded.stdout)
+    assert excluded.exit_code == 0 and "retrieve themselves" not in excluded.stderr
+    assert data_ex["exact_match_fraction"] == 0.0 and data_ex["excluded_near_duplicates"]["pairs"] >= 12
+    assert data_ex["bpb_no_retrieval"] == data["bpb_no_retrieval"]
+    human = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", tmp_path / "a")
+    assert "the paper's architecture (no copy head)" in human.stdout
+
+
+def test_leakage_report_can_exclude_near_duplicate_documents_from_retrieval(tiny_db, planted):
+    from retrocli.leakage import leakage_report
+
+    plain = leakage_report(tiny_db, [planted], k=10, examples=0)
+    excluded = leakage_report(tiny_db, [planted], k=10, examples=0, exclude_near_duplicates=True)
+    assert [(p["db_doc"], p["test_doc"]) for p in plain.near_duplicates] == [(1, 0)]
+    db = open_db(tiny_db)
+    ov = excluded.overlap
+    verbatim = ov.test_doc == 0
+    assert not np.isin(db.chunk_doc[ov.neighbor[verbatim & (ov.neighbor >= 0)]], [1]).any()
+    assert plain.overlap.r[verbatim].mean() == 1.0 and ov.r[verbatim].mean() < 0.5
+    assert excluded.exclude_near_duplicates and excluded.near_duplicate_stats["neighbours_replaced"] > 0

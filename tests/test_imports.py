@@ -20,6 +20,7 @@ LAYERS = [
     ["retrocli.index"],
     ["retrocli.build_db", "retrocli.sequences", "retrocli.verify", "retrocli.info"],
     ["retrocli.overlap"],
+    ["retrocli.near_duplicates"],
     ["retrocli.neighbors"],
     ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model",
      "retrocli.model.checkpoint"],

@@ -5,7 +5,8 @@ import pytest
 from helpers import tree_snapshot
 
 from retrocli.db import open_db
-from retrocli.leakage import jaccard, leakage_report, ngram_hashes
+from retrocli.leakage import leakage_report
+from retrocli.near_duplicates import jaccard, ngram_hashes
 from retrocli.leakage_html import render_html
 
 
@@ -41,7 +42,7 @@ def test_near_duplicates_agree_with_exact_jaccard(report, tiny_db):
     pairs = report.near_duplicates
     assert [(p["db_doc"], p["test_doc"]) for p in pairs] == [(1, 0)]
     db = open_db(tiny_db)
-    from retrocli.leakage import doc_tokens
+    from retrocli.near_duplicates import doc_tokens
 
     exact = jaccard(ngram_hashes(doc_tokens(db, 1), 13), ngram_hashes(db.tokenizer.encode_batch(
         [db.document_text(1)])[0], 13))
@@ -159,7 +160,7 @@ def test_normalised_r_is_never_below_the_raw_one(report, tiny_db, planted):
 
 
 def test_documents_shorter_than_the_ngram_are_skipped_not_matched(tiny_db, tmp_path):
-    from retrocli.leakage import near_duplicates
+    from retrocli.near_duplicates import near_duplicates
 
     short = tmp_path / "short.jsonl"
     short.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Index", "Index", "See also")))

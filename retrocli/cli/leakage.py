@@ -23,6 +23,7 @@ from retrocli.cli.options import (
     Alpha,
     Dask,
     Ef,
+    ExcludeNearDuplicates,
     JaccardThreshold,
     JsonOut,
     KNeighbors,
@@ -97,8 +98,13 @@ def _print_leakage(report) -> None:
         t = ex["test_text"]
         console.print(f"  {user(t[0][-60:])}[reverse]{user(t[1][:240])}[/]{user(t[2][:60])}", highlight=False)
     dup = report.near_duplicates
+    if report.exclude_near_duplicates:
+        console.print(f"near-duplicate DB documents excluded from retrieval: "
+                      f"{report.near_duplicate_stats['neighbours_replaced']:,} neighbours replaced")
     if report.bpb:
         b = report.bpb
+        if b.get("copy_head"):
+            console.print("model has the copy head (not the paper's architecture)")
         console.print(
             f"bpb with retrieval {b['bpb_retrieval']:.4f}, without {b['bpb_no_retrieval']:.4f}; "
             + ", ".join(
@@ -130,6 +136,7 @@ def leakage_report_cmd(
     num_perm: NumPerm = DEFAULT_NUM_PERM,
     jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
     normalize: Normalize = DEFAULT_NORMALIZE,
+    exclude_near_duplicates: ExcludeNearDuplicates = False,
     ef: Ef = DEFAULT_EF_SEARCH,
     json_output: JsonOut = False,
     json_path: Annotated[Path | None, typer.Option("--json-out", help="Write every figure as JSON here")] = None,
@@ -166,6 +173,7 @@ def leakage_report_cmd(
             progress=progress,
             model_dir=model,
             dask=client,
+            exclude_near_duplicates=exclude_near_duplicates,
             **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
                               normalize),
         )

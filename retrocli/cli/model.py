@@ -10,7 +10,16 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import JsonOut, LocalThreads, ModelDir, TestInputs, TextField, WorkDir, flag
+from retrocli.cli.options import (
+    ExcludeNearDuplicates,
+    JsonOut,
+    LocalThreads,
+    ModelDir,
+    TestInputs,
+    TextField,
+    WorkDir,
+    flag,
+)
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
     DEFAULT_LEAKAGE_K,
@@ -99,21 +108,35 @@ def eval_cmd(
     threads: LocalThreads = None,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
     = None,
+    exclude_near_duplicates: ExcludeNearDuplicates = False,
     json_output: JsonOut = False,
 ):
     """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
-    from retrocli.eval import evaluate
+    from retrocli.eval import EXACT_WARNING, evaluate
 
     with progress_display(enabled=not json_output) as progress:
         result = evaluate(model, db, test, leakage=leakage, batch_size=batch_size, threads=threads, work_dir=work_dir,
-                          text_field=text_field, progress=progress, k=k)
+                          text_field=text_field, progress=progress, k=k,
+                          exclude_near_duplicates=exclude_near_duplicates)
+    if result["exact_match_fraction"] > EXACT_WARNING:
+        err_console.print(
+            f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
+            "(distance 0): the test text is in the DB, so the gain includes copying it; see bpb(α) below, or "
+            "pass --exclude-near-duplicates", soft_wrap=True)
     if json_output:
         print_json(result)
         return
+    architecture = "with the copy head (not the paper's architecture)" if result["copy_head"] else \
+        "the paper's architecture (no copy head)"
+    console.print(f"model: {user(result['model'])}, {architecture}", soft_wrap=True)
     console.print(
         f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
         f"{result['test_bytes']:,} bytes"
     )
+    if result["excluded_near_duplicates"]:
+        ex = result["excluded_near_duplicates"]
+        console.print(f"near-duplicate DB documents excluded from retrieval: {ex['pairs']} pairs, "
+                      f"{ex['neighbours_replaced']:,} neighbours replaced")
     console.print(
         f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   without: "
         f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"

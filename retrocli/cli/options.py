@@ -74,3 +74,6 @@ ModelDir = Annotated[Path | None, typer.Option(help="Model directory (default: t
 Normalize = Annotated[str, typer.Option(
     help="Compare text through reformatting: 'text' (NFKC and whitespace runs collapsed for r(C); also lowercase "
          "and no punctuation for near-duplicates) or 'none' (raw LM tokens, the paper's definition)")]
+ExcludeNearDuplicates = Annotated[bool, flag(
+    "--exclude-near-duplicates",
+    "Drop from each test document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ 0.8)")]
