@@ -46,10 +46,10 @@ def main() -> None:
     eval_seconds = {name: 0.0 for name in models}
     tokens = 0
     for step in range(args.steps + 1):  # step 0 warms up and is not timed
-        idx, targets, neighbors = data.batch(0, step, args.batch_size)
+        idx, targets, neighbors, real = data.batch(0, step, args.batch_size)
         for name, (model, optimizer) in models.items():
             start = time.perf_counter()
-            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False)
+            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -51,7 +51,7 @@ step "6/7 evaluate on the held-out pages: bpb with / without retrieval, bpb(alph
 $RETRO eval "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" --json > "$W/eval.json.tmp"
 mv "$W/eval.json.tmp" "$W/eval.json"
 $RETRO leakage-report "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" \
-  --json "$W/leakage.json" --html "$W/leakage.html"
+  --json-out "$W/leakage.json" --html "$W/leakage.html"
 # the eval's work dir holds k=10 neighbours of the held-out chunks: what the ceiling needs
 $PYTHON bench/bench_retrieval_ceiling.py --db "$W/db" --test-neighbors "$W/heldout" --model "$W/model" \
   --k 2 10 --threads 2 --json > "$W/ceiling.json.tmp"

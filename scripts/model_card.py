@@ -92,7 +92,7 @@ def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, bat
     data = TrainingData(db, nb.ids, model.config.seq_len, model.config.num_neighbors, set())
     losses: dict[str, list[float]] = {"retrieved": [], "none": [], "shuffled": [], "oracle": []}
     for step in range(batches):
-        idx, targets, neighbors = data.batch(seed=123, step=step, batch_size=4)
+        idx, targets, neighbors, real = data.batch(seed=123, step=step, batch_size=4)
         rows = data.batch_rows(seed=123, step=step, batch_size=4)
         oracle_ids = np.stack([rows] + [np.full_like(rows, -1)] * (neighbors.shape[2] - 1), axis=-1)
         variants = {"retrieved": neighbors, "none": torch.full_like(neighbors, data.pad),
@@ -100,7 +100,7 @@ def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, bat
                     "oracle": torch.from_numpy(neighbor_rows(db, oracle_ids, data.pad, data.tokens, data.lengths))}
         with torch.no_grad():
             for name, value in variants.items():
-                losses[name].append(float(model(idx, neighbors=value, targets=targets)[1]))
+                losses[name].append(float(model(idx, neighbors=value, targets=targets, token_mask=real)[1]))
     mean = {name: sum(v) / len(v) for name, v in losses.items()}
     return "\n".join(["| neighbours given | training loss (nats/token) |", "|---|---:|"] + [
         f"| {name} | {value:.4f} |" for name, value in mean.items()])

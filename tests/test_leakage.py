@@ -6,8 +6,8 @@ from helpers import tree_snapshot
 
 from retrocli.db import open_db
 from retrocli.leakage import leakage_report
-from retrocli.near_duplicates import jaccard, ngram_hashes
 from retrocli.leakage_html import render_html
+from retrocli.near_duplicates import jaccard, ngram_hashes
 
 
 def test_ngram_jaccard_exact():
