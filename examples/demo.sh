@@ -23,7 +23,7 @@ $RETRO neighbors "$OUT/db" --k 2 \
   --query "How do I define a class with a method that returns the instance's name?"
 
 echo "==> 4/6 batch neighbours of every DB chunk (excluding its own document), as RETRO training reads them"
-$RETRO neighbors "$OUT/db" --input "$OUT/db" --out "$OUT/neighbors" --k 2 --exclude-same-doc
+$RETRO neighbors "$OUT/db" --input "$OUT/db" --out "$OUT/neighbors" --k 2 --exclude-same-doc --overwrite
 
 echo "==> 5/6 leakage-report: how much of the held-out pages already sits in the DB"
 $RETRO leakage-report "$OUT/db" --test examples/subset/heldout.jsonl --examples 2 \
