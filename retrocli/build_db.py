@@ -9,6 +9,7 @@ from pathlib import Path
 from retrocli.chunk import chunk_corpus
 from retrocli.cluster import dask_client
 from retrocli.db import MANIFEST, read_manifest, stage_status
+from retrocli.device import resolve_device
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import index_db
@@ -36,10 +37,13 @@ def build_db(
     overwrite: bool = False,
     progress: Progress | None = None,
     dask=None,
+    device: str = "auto",
 ):
     """Chunk (in this process), then embed and index on `dask` when given (an address, 'local:N' or a
     distributed.Client; one cluster serves both stages)."""
     chunk_options = chunk_options or ChunkOptions()
+    if dask is None:
+        resolve_device(device)  # a device that is not here is refused before chunking
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
         manifest = read_manifest(out)
@@ -53,5 +57,6 @@ def build_db(
     else:
         chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress)
     with dask_client(dask) as client:
-        embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client)
+        embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client,
+                 device=device)
         return index_db(out, index_options, progress=progress, dask=client)

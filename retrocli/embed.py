@@ -36,6 +36,7 @@ from retrocli.db import (
     stage_status,
     write_json_atomic,
 )
+from retrocli.device import native_bf16, resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import (
@@ -46,8 +47,6 @@ from retrocli.options import (
     check_at_least,
 )
 from retrocli.progress import NullProgress, Progress
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_embedder_path(name: str) -> str:
@@ -158,12 +157,12 @@ class Embedder:
     """A frozen BERT that turns texts into float32 vectors; loaded once and reused for every batch."""
 
     def __init__(self, name: str = DEFAULT_EMBEDDER, precision: str = DEFAULT_PRECISION,
-                 batch_size: int = DEFAULT_EMBED_BATCH):
+                 batch_size: int = DEFAULT_EMBED_BATCH, device: str | torch.device = "cpu"):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        if precision not in PRECISIONS:
-            raise RetroError(f"--precision: must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        self.device = resolve_device(device)
+        precision = resolve_precision(precision, device=self.device)
         if batch_size < 1:
             raise RetroError("--batch-size: must be at least 1")
         hf_logging.set_verbosity_error()
@@ -193,6 +192,7 @@ class Embedder:
         self.batch_size = batch_size
         for param in self.model.parameters():
             param.requires_grad_(False)
+        self.model.to(self.device)
 
     def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed texts into float32 [len(texts), dim]. Batches are formed over length-sorted texts
@@ -207,7 +207,7 @@ class Embedder:
         order = np.argsort([-len(ids) for ids in encoded], kind="stable")
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
         with torch.inference_mode(), autocast:
             for start in range(0, len(order), self.batch_size):
                 batch_idx = order[start : start + self.batch_size]
@@ -218,6 +218,7 @@ class Embedder:
                     ids = encoded[i]
                     input_ids[row, : len(ids)] = torch.tensor(ids)
                     mask[row, : len(ids)] = 1
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
                 hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
                 if self.info.pooling == "cls":
                     pooled = hidden[:, 0]
@@ -226,7 +227,7 @@ class Embedder:
                     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
                 if self.info.normalize:
                     pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[batch_idx] = pooled.numpy()
+                out[batch_idx] = pooled.cpu().numpy()
                 if on_batch is not None:
                     on_batch(len(batch_idx))
         return out
@@ -235,17 +236,18 @@ class Embedder:
 _EMBEDDER_CACHE: dict[tuple, Embedder] = {}
 
 
-def get_embedder(name: str, precision: str, batch_size: int = 32) -> Embedder:
-    """One Embedder per (name, precision) per process: loading BERT costs far more than a query."""
-    key = (name, precision)
+def get_embedder(name: str, precision: str, batch_size: int = 32, device: str | torch.device = "cpu") -> Embedder:
+    """One Embedder per (name, precision, device) per process: loading BERT costs far more than a query."""
+    device = resolve_device(device)
+    key = (name, precision, str(device))
     if key not in _EMBEDDER_CACHE:
-        _EMBEDDER_CACHE[key] = Embedder(name, precision, batch_size)
+        _EMBEDDER_CACHE[key] = Embedder(name, precision, batch_size, device)
     embedder = _EMBEDDER_CACHE[key]
     embedder.batch_size = batch_size
     return embedder
 
 
-def db_embedder(db: RetroDB, batch_size: int = 32) -> Embedder:
+def db_embedder(db: RetroDB, batch_size: int = 32, device: str | torch.device = "cpu") -> Embedder:
     """The DB's recorded embedder, for embedding queries; refuses one whose weights changed."""
     recorded = db.manifest.get("embedder")
     if recorded is None or db.stage("embed") != "complete":
@@ -257,7 +259,7 @@ def db_embedder(db: RetroDB, batch_size: int = 32) -> Embedder:
             f"{db.path}: embedder '{recorded['name']}' weights differ from the ones the DB was built with "
             f"(sha256 {found[:12]}… vs {recorded['sha256'][:12]}…)"
         )
-    return get_embedder(recorded["name"], recorded["precision"], batch_size)
+    return get_embedder(recorded["name"], recorded["precision"], batch_size, device)
 
 
 def check_embedder_matches(db: RetroDB, name: str | None) -> None:
@@ -283,8 +285,11 @@ def embed_db(
     progress: Progress | None = None,
     max_blocks: int | None = None,
     dask=None,
+    device: str = "auto",
 ) -> RetroDB:
     """Embed every chunk of the DB at `path`, resuming a previous partial run. Returns the DB reopened.
+    `device` (auto, cpu, cuda, cuda:N, mps) runs BERT there; on Dask each worker resolves it for itself
+    (a worker started with CUDA_VISIBLE_DEVICES=N uses GPU N with the default auto).""
 
     `dask` (a scheduler address, 'local:N' or a distributed.Client) embeds the blocks on Dask workers,
     `threads` torch threads per task (default 1 there). `max_blocks` stops after that many new blocks
@@ -298,6 +303,9 @@ def embed_db(
     if block_size < 1:
         raise RetroError("--block-size: must be at least 1")
     status = stage_status(manifest, "embed")
+    local_device = resolve_device(device)  # a device that is not here is refused before any work
+    precision = resolve_precision(precision, (manifest.get("embedder") or {}).get("precision")
+                                  if status != "missing" else None, local_device)
     if status == "complete":
         recorded = manifest["embedder"]
         if recorded["name"] != embedder or recorded["precision"] != precision:
@@ -307,7 +315,7 @@ def embed_db(
             )
         return db
     # Loaded here even with Dask: it validates the embedder and gives the sha256 workers must match.
-    model = get_embedder(embedder, precision, batch_size)
+    model = get_embedder(embedder, precision, batch_size, local_device)
     n = db.num_chunks
     store_path = str(db.path / STORE)
     state = manifest.get("stages", {}).get("embed", {})
@@ -342,7 +350,8 @@ def embed_db(
         # Locally the bar advances per BERT batch (a DB smaller than one block still shows progress and an
         # ETA); on Dask, per finished block.
         args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
-                block_size, model.info.sha256, task if client is None else None)
+                block_size, model.info.sha256, str(local_device) if client is None else device,
+                task if client is None else None)
         for block, count in run_blocks(client, "embed", embed_block, args, todo, max_blocks):
             done.add(block)
             state["done_blocks"] = sorted(done)
@@ -362,14 +371,14 @@ def embed_db(
 
 def embed_block(
     db_path: str, embedder: str, precision: str, batch_size: int, threads: int | None, block_size: int,
-    sha256: str, task, block: int,
+    sha256: str, device: str, task, block: int,
 ) -> tuple[int, int]:
     """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process
     or on a Dask worker, where the embedder is loaded once per worker process and then reused."""
     if threads:
         torch.set_num_threads(threads)
     db = open_db(db_path)
-    model = get_embedder(embedder, precision, batch_size)
+    model = get_embedder(embedder, precision, batch_size, device)
     if model.info.sha256 != sha256:
         raise RetroError(f"embedder '{embedder}' on this worker has other weights than on the client "
                          f"(sha256 {model.info.sha256[:12]}… vs {sha256[:12]}…)")
@@ -388,12 +397,6 @@ def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.
         raise RetroError(f"{db.path}: embeddings array missing from the store") from None
     return np.asarray(array[start:stop], dtype=np.float32)
 
-
-
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 matmul hardware (AVX512-BF16 or AMX); without it bf16 is emulated."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return "AVX512_BF16" in capability or "AMX" in capability or "SVE" in capability
 
 
 def warn_slow_bf16(precision: str, console) -> None:

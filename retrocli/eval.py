@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from retrocli.db import RetroDB, open_db
+from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
@@ -82,13 +83,14 @@ def chunk_losses(
             nbr[row, : b - a] = neighbor_rows(db, neighbor_ids[a:b, :k], pad, db_tokens, db_lengths)
         targets = np.full_like(tokens, -1)
         targets[:, :-1] = np.where(real[:, :-1] & real[:, 1:], tokens[:, 1:], -1)
-        idx, tgt = torch.from_numpy(tokens), torch.from_numpy(targets)
+        device = model.wte.weight.device  # batches go where the model is; bits come back to the CPU
+        idx, tgt = torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device)
         for use_retrieval, sink in ((True, bits_r), (False, bits_n)):
-            logits, _ = model(idx, neighbors=torch.from_numpy(nbr) if use_retrieval else None)
+            logits, _ = model(idx, neighbors=torch.from_numpy(nbr).to(device) if use_retrieval else None)
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1, reduction="none"
             ).reshape(tgt.shape)
-            bits = (loss / math.log(2)).numpy()
+            bits = (loss / math.log(2)).cpu().numpy()
             for row, (a, _b) in enumerate(group):
                 # target at position p is token p+1, which belongs to chunk (p+1)//m of the window
                 pos = np.nonzero(targets[row] >= 0)[0]
@@ -140,6 +142,7 @@ def evaluate(
     progress: Progress | None = None,
     k: int | None = None,
     exclude_near_duplicates: bool = False,
+    device: str = "auto",
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
@@ -155,14 +158,16 @@ def evaluate(
     model_dir = resolve_model(model_dir)
     if threads:
         torch.set_num_threads(threads)
+    where = resolve_device(device)
     db = open_db(db_path)
     model, meta = load_model(model_dir, db)
+    model.to(where)
     model_k = k or model.config.num_neighbors
     k = max(model_k, DEFAULT_LEAKAGE_K if leakage else 0)
     k = min(k, db.num_chunks)
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
     with neighbors_of_inputs(db.path, inputs, work_dir, k=k, candidates=candidates, threads=threads,
-                             progress=progress, text_field=text_field) as (nb, test):
+                             progress=progress, text_field=text_field, device=str(where)) as (nb, test):
         ids, excluded = nb.ids[:, :k], None
         if exclude_near_duplicates:
             pairs, _ = near_duplicates(db, test, progress=progress)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from retrocli.db import RetroDB, open_db
+from retrocli.device import resolve_device
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -80,9 +81,14 @@ def generate(
     top_k: int | None = DEFAULT_TOP_K, top_p: float | None = None,
     seed: int = DEFAULT_SAMPLING_SEED, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
     on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
+    device: str = "auto",
 ) -> Generation:
+    """`device` runs the model and the query embedder there; greedy decoding gives the same tokens on any
+    device in fp32 (up to ties within rounding)."""
+    where = resolve_device(device)
     db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
     model, _ = load_model(model_dir, db)
+    model.to(where)
     if not prompt.strip():
         raise RetroError("--prompt is empty")
     if max_new_tokens < 1:
@@ -99,7 +105,7 @@ def generate(
     result = Generation(prompt, "")
     if retrieval:
         index = ShardedIndex(db, ef=ef)
-        embedder = db_embedder(db)
+        embedder = db_embedder(db, device=where)
         if k > db.num_chunks:
             raise RetroError(f"--k {k} is larger than the DB ({db.num_chunks} chunks)")
 
@@ -115,7 +121,7 @@ def generate(
     prompt_ids = db.tokenizer.encode_batch([prompt])[0]
     if not prompt_ids:
         raise RetroError("--prompt encodes to no tokens")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=where).manual_seed(seed)  # sampling draws on the model's device
     new_ids: list[int] = []
     shown = ""
     for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from retrocli.db import RetroDB, open_db
+from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.eval import bpb_summary, chunk_losses
 from retrocli.model.checkpoint import load_model
@@ -110,7 +111,7 @@ def leakage_report(
     num_perm: int = DEFAULT_NUM_PERM, jaccard_threshold: float = DEFAULT_JACCARD, ef: int = DEFAULT_EF_SEARCH,
     work_dir: str | os.PathLike | None = None, text_field: str = DEFAULT_TEXT_FIELD,
     threads: int | None = None, progress: Progress | None = None, model_dir: str | os.PathLike | None = None,
-    dask=None, normalize: str = DEFAULT_NORMALIZE, exclude_near_duplicates: bool = False,
+    dask=None, normalize: str = DEFAULT_NORMALIZE, exclude_near_duplicates: bool = False, device: str = "auto",
 ) -> LeakageReport:
     """Measure chunk overlap and near-duplicate documents of `test_inputs` against the DB. The DB is only
     read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming).
@@ -125,8 +126,10 @@ def leakage_report(
     check_k(db, k)
     started = time.time()
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
+    where = resolve_device(device)
     with neighbors_of_inputs(db.path, test_inputs, work_dir, k=k, candidates=candidates, ef=ef, threads=threads,
-                             progress=progress, text_field=text_field, dask=dask) as (neighbors, test):
+                             progress=progress, text_field=text_field, dask=dask,
+                             device=str(where) if dask is None else device) as (neighbors, test):
         t_neighbors = time.time() - started
         pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress, normalize)
         ids = neighbors.ids[:, :k]
@@ -142,6 +145,7 @@ def leakage_report(
         report.exclude_near_duplicates = exclude_near_duplicates
         if model_dir is not None:
             model, _ = load_model(model_dir, db)
+            model.to(where)
             if model.config.num_neighbors > k:
                 raise RetroError(f"--k {k} is below the model's {model.config.num_neighbors} neighbours")
             report.bpb = bpb_summary(chunk_losses(model, db, test, ids, progress=progress), ov.r)

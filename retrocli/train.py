@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retrocli.db import RetroDB, check_outside, open_db
-from retrocli.embed import native_bf16
+from retrocli.device import resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
@@ -31,14 +31,6 @@ from retrocli.options import DEFAULT_TRAIN_K, TrainOptions
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
-
-
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise RetroError(f"--precision: must be auto, fp32 or bf16, got '{precision}'")
-    return precision
 
 
 def lr_at(step: int, opts: TrainOptions) -> float:

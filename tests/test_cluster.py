@@ -29,6 +29,9 @@ distributed = pytest.importorskip("distributed")
 HELDOUT = Path(__file__).resolve().parents[1] / "examples" / "subset" / "heldout.jsonl"
 # Several shards and many blocks, so that work really is spread over both workers.
 INDEX = IndexOptions(shard_size=40, threads=1)
+# fp32: the tests compare runs with different block sizes, which batch chunks differently; bf16 rounding
+# depends on the batch (fp32 here does not), and "auto" is bf16 on CPUs with native bf16.
+PRECISION = "fp32"
 BLOCK = 16
 
 
@@ -43,14 +46,16 @@ def client():
 @pytest.fixture(scope="module")
 def local_db(tmp_path_factory, tiny_bert, small_jsonl):
     path = tmp_path_factory.mktemp("local") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX)
+    build_db([small_jsonl], path, embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK,
+             index_options=INDEX)
     return path
 
 
 @pytest.fixture(scope="module")
 def dask_db(tmp_path_factory, tiny_bert, small_jsonl, client):
     path = tmp_path_factory.mktemp("dask") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, threads=1, block_size=BLOCK, index_options=INDEX, dask=client)
+    build_db([small_jsonl], path, embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK,
+             index_options=INDEX, dask=client)
     return path
 
 
@@ -114,10 +119,10 @@ def test_leakage_report_on_dask_equals_single_process(local_db, client):
 def test_interrupted_dask_embed_resumes_to_the_same_array(local_db, tiny_bert, small_jsonl, tmp_path, client):
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
-    embed_db(path, tiny_bert, threads=1, block_size=BLOCK, max_blocks=3, dask=client)
+    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=BLOCK, max_blocks=3, dask=client)
     state = read_manifest(path)["stages"]["embed"]
     assert state["status"] == "running" and len(state["done_blocks"]) == 3
-    embed_db(path, tiny_bert, threads=1, block_size=BLOCK, dask=client)
+    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=BLOCK, dask=client)
     assert open_db(path).stage("embed") == "complete"
     np.testing.assert_array_equal(_array(path, "embeddings"), _array(local_db, "embeddings"))
 
@@ -154,7 +159,7 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_ber
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     progress = KillOnFirstBlock(client)
-    embed_db(path, tiny_bert, threads=1, block_size=4, progress=progress, dask=client)
+    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=4, progress=progress, dask=client)
     done_when_killed, total, pids_before = progress.killed_at
     assert done_when_killed < total / 2  # most blocks were still to do when the worker died
     assert open_db(path).stage("embed") == "complete"
@@ -167,7 +172,8 @@ def test_cli_build_db_with_local_cluster(tiny_bert, small_jsonl, local_db, tmp_p
     out = tmp_path / "db"
     proc = subprocess.run(
         [sys.executable, "-m", "retrocli.cli", "build-db", str(small_jsonl), "--out", str(out), "--embedder", tiny_bert,
-         "--threads", "1", "--block-size", str(BLOCK), "--shard-size", "40", "--dask", "local:2"],
+         "--threads", "1", "--block-size", str(BLOCK), "--shard-size", "40", "--dask", "local:2",
+         "--precision", PRECISION],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -216,7 +222,7 @@ def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert,
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     with pytest.raises(RetroError, match="other weights than on the client"):
-        args = (str(path), tiny_bert, "fp32", 32, 1, BLOCK, "0" * 64, None)
+        args = (str(path), tiny_bert, "fp32", 32, 1, BLOCK, "0" * 64, "cpu", None)
         list(run_blocks(client, "embed", embed_block, args, [0, 1]))
 
 

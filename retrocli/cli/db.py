@@ -24,6 +24,7 @@ from retrocli.cli.options import (
     BlockSize,
     ChunkSize,
     Dask,
+    Device,
     EfConstruction,
     Embedder,
     IdField,
@@ -193,6 +194,7 @@ def embed(
     threads: Threads = None,
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
     dask: Dask = None,
+    device: Device = "auto",
 ):
     """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
     from retrocli.embed import embed_db, warn_slow_bf16
@@ -200,7 +202,7 @@ def embed(
     warn_slow_bf16(precision, err_console)
     with cluster(dask) as client, progress_display() as progress:
         out = embed_db(db, embedder=embedder, precision=precision, batch_size=batch_size, threads=threads,
-                       block_size=block_size, progress=progress, dask=client)
+                       block_size=block_size, progress=progress, dask=client, device=device)
     _embed_summary(out)
 
 @handle_errors
@@ -248,6 +250,7 @@ def build_db_cmd(
     seed: Seed = DEFAULT_INDEX_SEED,
     overwrite: Annotated[bool, flag("--overwrite", "Rebuild from scratch")] = False,
     dask: Dask = None,
+    device: Device = "auto",
 ):
     """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
     from retrocli.build_db import build_db
@@ -270,6 +273,7 @@ def build_db_cmd(
             overwrite=overwrite,
             progress=progress,
             dask=client,
+            device=device,
         )
     counts = db.manifest["counts"]
     console.print(f"[green]built[/] {user(db.path)}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")

@@ -22,6 +22,7 @@ from retrocli.cli.common import (
 from retrocli.cli.options import (
     Alpha,
     Dask,
+    Device,
     Ef,
     ExcludeNearDuplicates,
     JaccardThreshold,
@@ -147,6 +148,7 @@ def leakage_report_cmd(
     text_field: TextField = DEFAULT_TEXT_FIELD,
     threads: Threads = None,
     dask: Dask = None,
+    device: Device = "auto",
 ):
     """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
     from retrocli.db import check_outside
@@ -174,6 +176,7 @@ def leakage_report_cmd(
             model_dir=model,
             dask=client,
             exclude_near_duplicates=exclude_near_duplicates,
+            device=device,
             **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
                               normalize),
         )

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import (
+    Device,
     ExcludeNearDuplicates,
     JsonOut,
     LocalThreads,
@@ -109,6 +110,7 @@ def eval_cmd(
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
     = None,
     exclude_near_duplicates: ExcludeNearDuplicates = False,
+    device: Device = "auto",
     json_output: JsonOut = False,
 ):
     """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
@@ -117,7 +119,7 @@ def eval_cmd(
     with progress_display(enabled=not json_output) as progress:
         result = evaluate(model, db, test, leakage=leakage, batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
-                          exclude_near_duplicates=exclude_near_duplicates)
+                          exclude_near_duplicates=exclude_near_duplicates, device=device)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
@@ -164,6 +166,7 @@ def generate(
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
     no_retrieval: Annotated[bool, flag("--no-retrieval", "Disable retrieval (plain decoder)")] = False,
     show_neighbors: Annotated[bool, flag("--show-neighbors", "Print each retrieval as it happens")] = False,
+    device: Device = "auto",
     json_output: JsonOut = False,
 ):
     """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""
@@ -196,6 +199,7 @@ def generate(
         seed=seed,
         k=k,
         retrieval=not no_retrieval,
+        device=device,
         on_text=on_text,
         on_retrieval=on_retrieval,
     )

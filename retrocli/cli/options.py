@@ -37,7 +37,9 @@ AllowDuplicates = Annotated[
 
 # embedding and indexing (embed, index, build-db)
 Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
-Precision = Annotated[str, typer.Option(help="fp32, or bf16 (autocast; fast only on CPUs with native bf16)")]
+Precision = Annotated[str, typer.Option(
+    help="auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; else fp32), fp32, or bf16 "
+         "(autocast; slow without native bf16). A DB already embedded keeps its precision")]
 BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
 Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
 IndexThreads = Annotated[int | None, typer.Option(
@@ -77,3 +79,5 @@ Normalize = Annotated[str, typer.Option(
 ExcludeNearDuplicates = Annotated[bool, flag(
     "--exclude-near-duplicates",
     "Drop from each test document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ 0.8)")]
+Device = Annotated[str, typer.Option(
+    help="Where BERT and the model run: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")]

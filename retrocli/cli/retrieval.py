@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import BlockSize, Dask, Ef, JsonOut, Threads, flag
+from retrocli.cli.options import BlockSize, Dask, Device, Ef, JsonOut, Threads, flag
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
 
@@ -41,6 +41,7 @@ def neighbors(
     threads: Threads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Batch mode: replace --out")] = False,
     dask: Dask = None,
+    device: Device = "auto",
     json_output: JsonOut = False,
 ):
     """Nearest DB chunks of a text with their continuations ([N, F]) and sources; batch mode with --input/--out.
@@ -61,7 +62,7 @@ def neighbors(
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
             path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
                                    block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   dask=client, candidates=candidates)
+                                   dask=client, candidates=candidates, device=device)
 
         result = open_neighbors(path)
         summary = {
@@ -83,7 +84,7 @@ def neighbors(
             texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise RetroError(f"{query_file}: cannot read query file ({err})") from None
-    results = query_neighbors(opened, texts, k=k, ef=ef, exclude_same_doc=exclude_same_doc)
+    results = query_neighbors(opened, texts, k=k, ef=ef, exclude_same_doc=exclude_same_doc, device=device)
     if json_output:
         for text, chunks in zip(texts, results):
             print_json(_neighbors_json(text, chunks))

@@ -1,0 +1,49 @@
+"""`--device`: auto picks what is there, a device that is not there is one line, and CPU results are the
+same whichever way the CPU was chosen."""
+
+import numpy as np
+import pytest
+import torch
+
+from retrocli.db import open_db
+from retrocli.device import resolve_device
+from retrocli.errors import RetroError
+
+
+def test_auto_is_the_best_device_present():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type in (expected, "mps")
+    assert resolve_device(None) == resolve_device("auto") and resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+@pytest.mark.parametrize("name, message", [("cuda", "no CUDA GPU"), ("cuda:3", "no CUDA GPU"),
+                                           ("tpu", "not a device"), ("gpu!", "not a device")])
+def test_a_device_that_is_not_here_is_one_line(name, message):
+    with pytest.raises(RetroError, match=message):
+        resolve_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_every_heavy_command_refuses_a_missing_device_before_any_work(tiny_db_copy, small_jsonl, tmp_path, cli):
+    from helpers import tree_snapshot
+
+    before = tree_snapshot(tiny_db_copy)
+    for args in (["embed", tiny_db_copy], ["build-db", small_jsonl, "--out", tmp_path / "new"],
+                 ["neighbors", tiny_db_copy, "--query", "x"],
+                 ["leakage-report", tiny_db_copy, "--test", small_jsonl],
+                 ["eval", tiny_db_copy, "--test", small_jsonl],
+                 ["generate", "--db", tiny_db_copy, "--prompt", "x", "--max-new-tokens", "2"]):
+        result = cli(*args, "--device", "cuda")
+        assert result.exit_code == 2 and "no CUDA GPU" in result.output and "Traceback" not in result.output, args
+    assert tree_snapshot(tiny_db_copy) == before and not (tmp_path / "new").exists()
+
+
+def test_embedding_on_an_explicit_cpu_equals_the_default(tiny_db, tiny_bert, small_jsonl, tmp_path):
+    from retrocli.build_db import build_db
+
+    if resolve_device("auto").type != "cpu":
+        pytest.skip("auto is an accelerator here")
+    db = build_db([small_jsonl], tmp_path / "cpu", embedder=tiny_bert, block_size=32, device="cpu")
+    a, b = open_db(db.path).root["embeddings"][:], open_db(tiny_db).root["embeddings"][:]
+    assert np.array_equal(a, b)
