@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retrocli.db import RetroDB, check_outside, open_db
-from retrocli.device import resolve_precision
+from retrocli.device import resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
@@ -238,12 +238,15 @@ def train(
     progress: Progress | None = None,
     stop_after: int | None = None,
     init_from: str | os.PathLike | None = None,
+    device: str = "auto",
 ) -> dict:
     """Train and save the model in `out`. `init_from` starts from a saved model's weights (fine-tuning:
     new schedule and optimizer; parameters the saved model lacks, such as smeared CCA keys, keep their
     fresh init). `stop_after` ends this run after that step's checkpoint, as an interruption would (for
-    tests of --resume)."""
+    tests of --resume). `device` trains there (auto: a CUDA GPU if torch sees one); a checkpoint resumes on
+    any device."""
     opts = options or TrainOptions()
+    where = resolve_device(device)
     progress = progress or NullProgress()
     out = Path(out)
     db = open_db(db_path)
@@ -258,7 +261,7 @@ def train(
     if nb.ids.shape[1] < k:
         raise RetroError(f"{neighbors_path}: holds {nb.ids.shape[1]} neighbours per chunk, --k is {k}")
     opts.check()
-    precision = resolve_precision(opts.precision)
+    precision = resolve_precision(opts.precision, device=where)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     ckpt = out / "checkpoint"
@@ -274,7 +277,7 @@ def train(
     fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)
     if resume:
-        model = RetroModel.from_pretrained(ckpt)
+        model = RetroModel.from_pretrained(ckpt, device=where)
         state = json.loads((ckpt / "state.json").read_text())
         # --steps, --threads and the sampling options may change on resume; the rest is the checkpoint's
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
@@ -284,6 +287,7 @@ def train(
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
         if init_from:
             state["init_from"] = load_initial_weights(model, init_from, db)
+    model.to(where)  # before the optimizer, whose state then lives on the device too
     optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
         load_optimizer(ckpt, optimizer)
@@ -292,11 +296,14 @@ def train(
     model.train()
     task = progress.start("train", total=opts.steps, unit="steps", completed=state["step"])
     started, window_tokens, window_start = time.time(), 0, time.time()
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(where.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    on_gpu = where.type == "cuda"
     loss_value = float("nan")
     while state["step"] < opts.steps:
         step = state["step"]
-        idx, targets, neighbors, real = data.batch(opts.seed, step, opts.batch_size)
+        # Built on the CPU (a pure function of seed and step), then copied over; pinned for async copies.
+        idx, targets, neighbors, real = (t.pin_memory().to(where, non_blocking=True) if on_gpu else t
+                                         for t in data.batch(opts.seed, step, opts.batch_size))
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr

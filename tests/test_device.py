@@ -33,10 +33,12 @@ def test_every_heavy_command_refuses_a_missing_device_before_any_work(tiny_db_co
                  ["neighbors", tiny_db_copy, "--query", "x"],
                  ["leakage-report", tiny_db_copy, "--test", small_jsonl],
                  ["eval", tiny_db_copy, "--test", small_jsonl],
-                 ["generate", "--db", tiny_db_copy, "--prompt", "x", "--max-new-tokens", "2"]):
+                 ["generate", "--db", tiny_db_copy, "--prompt", "x", "--max-new-tokens", "2"],
+                 ["train", tiny_db_copy, "--neighbors", tmp_path / "nb", "--out", tmp_path / "model"]):
         result = cli(*args, "--device", "cuda")
         assert result.exit_code == 2 and "no CUDA GPU" in result.output and "Traceback" not in result.output, args
     assert tree_snapshot(tiny_db_copy) == before and not (tmp_path / "new").exists()
+    assert not (tmp_path / "model").exists()
 
 
 def test_embedding_on_an_explicit_cpu_equals_the_default(tiny_db, tiny_bert, small_jsonl, tmp_path):
@@ -47,3 +49,22 @@ def test_embedding_on_an_explicit_cpu_equals_the_default(tiny_db, tiny_bert, sma
     db = build_db([small_jsonl], tmp_path / "cpu", embedder=tiny_bert, block_size=32, device="cpu")
     a, b = open_db(db.path).root["embeddings"][:], open_db(tiny_db).root["embeddings"][:]
     assert np.array_equal(a, b)
+
+
+def test_training_on_an_explicit_cpu_equals_the_default(tiny_db, self_neighbors, tmp_path):
+    from helpers import TRAIN_OPTS
+
+    from retrocli.model import RetroModel
+    from retrocli.train import train
+
+    if resolve_device("auto").type != "cpu":
+        pytest.skip("auto is an accelerator here")
+    from retrocli.options import TrainOptions
+
+    options = TrainOptions(**{**TRAIN_OPTS, "steps": 3, "threads": 1})
+    a = train(tiny_db, self_neighbors, tmp_path / "a", options=options)
+    b = train(tiny_db, self_neighbors, tmp_path / "b", options=options, device="cpu")
+    assert a["final_loss"] == b["final_loss"]
+    wa = RetroModel.from_pretrained(tmp_path / "a").state_dict()
+    wb = RetroModel.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)

@@ -69,6 +69,7 @@ def train_cmd(
     init_from: Annotated[
         Path | None, typer.Option(help="Start from this saved model's weights (fine-tune; new schedule)")
     ] = None,
+    device: Device = "auto",
     json_output: JsonOut = False,
 ):
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
@@ -81,7 +82,7 @@ def train_cmd(
     )
     with progress_display(enabled=not json_output) as progress:
         summary = train(db, neighbors, out, options=opts, heldout=heldout, resume=resume, k=k, progress=progress,
-                        init_from=init_from)
+                        init_from=init_from, device=device)
     if json_output:
         print_json(summary)
         return
