@@ -172,8 +172,10 @@ def test_embed_progress_moves_per_batch_on_a_db_smaller_than_one_block(tmp_path,
 WEIRD = "we[/]ird:fire:[bold]x"  # rich markup and an emoji code in a directory name
 
 
-def test_markup_and_emoji_in_user_text_print_as_typed(tmp_path, small_jsonl, planted, tiny_bert, retro_proc):
+def test_markup_and_emoji_in_user_text_print_as_typed(tmp_path, small_jsonl, planted, tiny_bert, retro_proc,
+                                                      monkeypatch):
     """Every command that prints a user path, query or corpus text: exit 0, the text verbatim, no emoji."""
+    monkeypatch.setenv("COLUMNS", "400")  # tables fold long cells; how long tmp_path is must not matter
     root = tmp_path / WEIRD  # "[/]" spans two directories: "we[" and "]ird:fire:[bold]x"
     root.mkdir(parents=True)
     db, nb, model = root / "db", root / "nb", root / "model"

@@ -108,7 +108,9 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
         print_json(data)
         return
     counts = data["counts"]
-    table = Table(title=f"retro DB {user(data['path'])}", show_header=False)
+    # The path on its own line, never wrapped: a table title would cut a long path anywhere.
+    console.print(f"[bold]retro DB[/] {user(data['path'])}", soft_wrap=True, highlight=False)
+    table = Table(show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("documents", f"{counts['documents']:,}")
@@ -138,7 +140,8 @@ def verify(db: Annotated[Path, typer.Argument(help="DB directory")], json_output
     if json_output:
         print_json(result.to_dict())
     else:
-        table = Table(title=f"retro verify {user(result.path)}")
+        console.print(f"[bold]retro verify[/] {user(result.path)}", soft_wrap=True, highlight=False)
+        table = Table()
         for column in ("stage", "status", "files", "size"):
             table.add_column(column, justify="right" if column in ("files", "size") else "left")
         for check in result.stages:
