@@ -14,7 +14,6 @@ import functools
 import sys
 import time
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,15 +73,6 @@ def dedupe_normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def normalized_doc_tokens(db: RetroDB, batch: int = 64) -> Iterator[np.ndarray]:
-    """Every document of `db`, normalised for near-duplicates and re-tokenized with the DB's tokenizer."""
-    tok = db.tokenizer.tokenizer
-    for start in range(0, db.num_docs, batch):
-        texts = [dedupe_normalize(db.document_text(d)) for d in range(start, min(db.num_docs, start + batch))]
-        for enc in tok.encode_batch(texts, add_special_tokens=False):
-            yield np.array(enc.ids, dtype=np.int64)
-
-
 def doc_tokens(db: RetroDB, doc: int, tokens: np.ndarray | None = None, lengths: np.ndarray | None = None):
     chunks = db.doc_chunks(doc)
     if tokens is None:
@@ -134,36 +124,42 @@ def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_
     started = time.time()
     lsh = candidate_index(threshold, num_perm)
     task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
+    db_rows, test_rows = db.tokens_block(0, db.num_chunks), test.tokens_block(0, test.num_chunks)  # read once
 
-    def documents(of: RetroDB) -> Iterator[np.ndarray]:
-        if normalize == "text":
-            return normalized_doc_tokens(of)
-        tokens, lengths = of.tokens_block(0, of.num_chunks)
-        return (doc_tokens(of, doc, tokens, lengths) for doc in range(of.num_docs))
+    def doc_hashes(of: RetroDB, rows: tuple[np.ndarray, np.ndarray], doc: int) -> np.ndarray:
+        ids = doc_tokens(of, doc, *rows)
+        if normalize == "text":  # normalised text, re-tokenized: a reformatted or re-cased copy still matches
+            text = dedupe_normalize(of.tokenizer.decode(ids.tolist()))
+            ids = np.array(of.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        return ngram_hashes(ids, ngram)
 
-    db_hashes: dict[int, np.ndarray] = {}
-    db_minhash = {}
     skipped = {"db": 0, "test": 0}
-    for doc, doc_ids in enumerate(documents(db)):
-        hashes = ngram_hashes(doc_ids, ngram)
+
+    def signature(of: RetroDB, rows, doc: int, side: str) -> tuple[np.ndarray, MinHash | None]:
+        hashes = doc_hashes(of, rows, doc)
         task.advance()
-        if len(hashes) == 0:
-            skipped["db"] += 1
-            continue
-        mh = minhash_of(hashes, num_perm)
-        lsh.insert(doc, mh, check_duplication=False)
-        db_minhash[doc], db_hashes[doc] = mh, hashes
+        if len(hashes) == 0:  # shorter than n: no n-gram, so no signature (never a duplicate of another)
+            skipped[side] += 1
+            return hashes, None
+        return hashes, minhash_of(hashes, num_perm)
+
+    db_minhash = {}
+    for doc in range(db.num_docs):
+        _, mh = signature(db, db_rows, doc, "db")
+        if mh is not None:
+            lsh.insert(doc, mh, check_duplication=False)
+            db_minhash[doc] = mh
     candidates = verified = 0
     pairs: list[DuplicatePair] = []
-    for tdoc, t_ids in enumerate(documents(test)):
-        t_hashes = ngram_hashes(t_ids, ngram)
-        task.advance()
-        if len(t_hashes) == 0:
-            skipped["test"] += 1
+    db_hashes: dict[int, np.ndarray] = {}  # only for candidates: all of them would not fit a large DB
+    for tdoc in range(test.num_docs):
+        t_hashes, t_mh = signature(test, test_rows, tdoc, "test")
+        if t_mh is None:
             continue
-        t_mh = minhash_of(t_hashes, num_perm)
         for doc in sorted(lsh.query(t_mh)):
             candidates += 1
+            if doc not in db_hashes:
+                db_hashes[doc] = doc_hashes(db, db_rows, doc)
             exact = jaccard(db_hashes[doc], t_hashes)
             if exact >= threshold:
                 verified += 1

@@ -86,9 +86,7 @@ class TrainingData:
         self.candidates = neighbor_ids  # [N, C ≥ k], nearest first, own document already excluded
         self.heldout_doc = np.zeros(db.num_docs + 1, dtype=bool)  # [-1] stays False: a missing neighbour
         self.heldout_doc[list(heldout_docs)] = True
-        # Per chunk, the first k candidates outside held-out documents (what --retrieval-focus scores).
-        self.neighbor_ids = self.window_neighbors(np.arange(db.num_chunks)[:, None])[:, 0]
-        bad = np.isin(db.chunk_doc, list(heldout_docs)) if heldout_docs else np.zeros(db.num_chunks, bool)
+        bad = self.heldout_doc[db.chunk_doc]
         # a start s is usable when chunks s..s+L-1 exist and none belongs to a held-out document
         window_bad = np.convolve(bad.astype(np.int64), np.ones(self.chunks, dtype=np.int64), mode="full")
         usable = np.arange(max(0, db.num_chunks - self.chunks + 1))
@@ -100,7 +98,8 @@ class TrainingData:
             raise RetroError("--retrieval-focus: must be between 0 and 1")
         self.focus, self.focus_starts = retrieval_focus, self.starts
         if retrieval_focus > 0:
-            score = next_chunk_overlap(db, self.neighbor_ids)
+            # scored with each chunk's first k candidates outside held-out documents (its window aside)
+            score = next_chunk_overlap(db, self.window_neighbors(np.arange(db.num_chunks)[:, None])[:, 0])
             window = np.convolve(score, np.ones(self.chunks), mode="full")[self.chunks - 1 :][self.starts]
             self.focus_starts = self.starts[window >= np.quantile(window, FOCUS_QUANTILE)]
         if not 0 <= copy_curriculum <= 1:
