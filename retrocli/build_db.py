@@ -9,7 +9,7 @@ from pathlib import Path
 from retrocli.chunk import chunk_corpus
 from retrocli.cluster import dask_client
 from retrocli.db import MANIFEST, read_manifest, stage_status
-from retrocli.device import resolve_device
+from retrocli.device import resolve_device, resolve_devices
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import index_db
@@ -38,12 +38,15 @@ def build_db(
     progress: Progress | None = None,
     dask=None,
     device: str = "auto",
+    devices: str | None = None,
 ):
     """Chunk (in this process), then embed and index on `dask` when given (an address, 'local:N' or a
     distributed.Client; one cluster serves both stages)."""
     chunk_options = chunk_options or ChunkOptions()
-    if dask is None:
-        resolve_device(device)  # a device that is not here is refused before chunking
+    if devices is not None:
+        resolve_devices(devices)  # devices that are not here are refused before chunking
+    elif dask is None:
+        resolve_device(device)
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
         manifest = read_manifest(out)
@@ -58,5 +61,5 @@ def build_db(
         chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress)
     with dask_client(dask) as client:
         embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client,
-                 device=device)
+                 device=device, devices=devices)
         return index_db(out, index_options, progress=progress, dask=client)

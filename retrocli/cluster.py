@@ -11,6 +11,8 @@ stops with one line and a rerun resumes from the recorded blocks.
 Workers must reach the DB at the same path (a shared filesystem) and run the same retrocli version.
 Dask moves task arguments and results with pickle over its own connections; nothing we write to disk
 is pickled. Nothing here is imported unless --dask is given.
+
+`run_on_devices` is the single-machine counterpart for `--devices`: one worker process per device.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -106,3 +109,56 @@ def run_blocks(
             yield result
     finally:
         client.cancel([f for f in futures if not f.done()])
+
+
+# -- --devices: one worker process per device on this machine ---------------------------------------------
+
+_WORKER_DEVICE: str | None = None
+
+
+def worker_device(default: str) -> str:
+    """The device this worker process was given by run_on_devices; `default` elsewhere."""
+    return _WORKER_DEVICE or default
+
+
+def _take_device(slots, threads: int | None) -> None:
+    global _WORKER_DEVICE
+    import torch
+
+    _WORKER_DEVICE = slots.get()
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def run_on_devices(
+    devices: list[str], stage: str, function: Callable, args: tuple, blocks: Iterable[Any],
+    max_blocks: int | None = None, threads: int | None = None,
+) -> Iterator[Any]:
+    """Yield function(*args, block) for each block, run by one spawned worker process per device (in
+    completion order); inside, worker_device() names the process's device. CPU devices share the cores
+    (`threads` each, default cores / workers)."""
+    import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
+
+    blocks = list(blocks)[:max_blocks] if max_blocks is not None else list(blocks)
+    if not blocks:
+        return
+    if threads is None and all(d.startswith("cpu") for d in devices):
+        threads = max(1, (os.cpu_count() or 1) // len(devices))
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    slots = context.Queue()
+    for device in devices:
+        slots.put(device)
+    pool = concurrent.futures.ProcessPoolExecutor(len(devices), mp_context=context, initializer=_take_device,
+                                                  initargs=(slots, threads))
+    futures = [pool.submit(function, *args, block) for block in blocks]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                raise RetroError(
+                    f"{stage}: a worker process died; finished blocks are recorded, rerun the same command to resume"
+                ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

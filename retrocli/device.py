@@ -80,3 +80,54 @@ def resolve_precision(precision: str, recorded: str | None = None, device: str |
     if recorded is not None:
         return recorded
     return "bf16" if native_bf16(device) else "fp32"
+
+
+# Dense peak FLOP/s (bf16 tensor cores; fp32 without TF32, torch's default) of GPUs by the name torch
+# reports, from the vendors' data sheets: the denominator of MFU. Other devices (CPUs included) have no
+# entry, and their MFU is not reported.
+_PEAK_FLOPS = (  # (name contains, bf16, fp32); first match wins
+    ("H200", 989.4e12, 66.9e12),
+    ("H100 PCIe", 756.0e12, 51.2e12),
+    ("H100", 989.4e12, 66.9e12),
+    ("A100", 312.0e12, 19.5e12),
+    ("L40S", 362.1e12, 91.6e12),
+    ("L4", 121.0e12, 30.3e12),
+)
+
+
+def peak_flops(device: str | torch.device, precision: str) -> float | None:
+    """The device's dense peak FLOP/s at `precision`, or None where not known."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for part, bf16, fp32 in _PEAK_FLOPS:
+        if part in name:
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """`--devices`: 'all' (every CUDA GPU torch sees) or a comma-separated list such as cuda:0,cuda:1
+    (cpu,cpu runs that many CPU processes). All of one type, so that one precision serves them all."""
+    text = spec.strip().lower()
+    if text == "all":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RetroError("--devices all: no CUDA GPU is visible to torch here; list devices, e.g. cpu,cpu")
+        return [torch.device("cuda", i) for i in range(count)]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise RetroError(f"--devices '{spec}': expected 'all' or a list such as cuda:0,cuda:1")
+    devices = []
+    for name in names:
+        try:
+            devices.append(resolve_device(name))
+        except RetroError as err:  # "--device X: why" becomes "--devices LIST: X: why"
+            raise RetroError(f"--devices {spec}: {str(err).removeprefix('--device ')}") from None
+    devices = [torch.device("cuda", 0) if d.type == "cuda" and d.index is None else d for d in devices]
+    if len({d.type for d in devices}) > 1:
+        raise RetroError(f"--devices {spec}: all devices must be of one type")
+    if len({str(d) for d in devices if d.type != "cpu"}) < len([d for d in devices if d.type != "cpu"]):
+        raise RetroError(f"--devices {spec}: a GPU is listed twice")
+    return devices

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import zarr
 
-from retrocli.cluster import dask_client, run_blocks
+from retrocli.cluster import dask_client, run_blocks, run_on_devices, worker_device
 from retrocli.db import (
     EMBED_ARRAYS,
     MANIFEST,
@@ -36,7 +36,7 @@ from retrocli.db import (
     stage_status,
     write_json_atomic,
 )
-from retrocli.device import native_bf16, resolve_device, resolve_precision
+from retrocli.device import native_bf16, resolve_device, resolve_devices, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import (
@@ -286,24 +286,34 @@ def embed_db(
     max_blocks: int | None = None,
     dask=None,
     device: str = "auto",
+    devices: str | None = None,
 ) -> RetroDB:
     """Embed every chunk of the DB at `path`, resuming a previous partial run. Returns the DB reopened.
     `device` (auto, cpu, cuda, cuda:N, mps) runs BERT there; on Dask each worker resolves it for itself
-    (a worker started with CUDA_VISIBLE_DEVICES=N uses GPU N with the default auto).""
+    (a worker started with CUDA_VISIBLE_DEVICES=N uses GPU N with the default auto).
 
-    `dask` (a scheduler address, 'local:N' or a distributed.Client) embeds the blocks on Dask workers,
-    `threads` torch threads per task (default 1 there). `max_blocks` stops after that many new blocks
-    (used to test interruption without killing)."""
+    `devices` ('all' or a list such as 'cuda:0,cuda:1') runs one worker process per device over the same
+    blocks; the result is the one a single device writes. `dask` (a scheduler address, 'local:N' or a
+    distributed.Client) embeds the blocks on Dask workers, `threads` torch threads per task (default 1
+    there). `max_blocks` stops after that many new blocks (used to test interruption without killing)."""
     progress = progress or NullProgress()
     check_at_least("--threads", threads, allow_none=True)
-    if threads and dask is None:
+    worker_devices = None
+    if devices is not None:
+        if dask is not None:
+            raise RetroError("--devices runs workers on this machine, --dask on a cluster: pass one of them")
+        if device != "auto":
+            raise RetroError("--device and --devices: pass one of them")
+        worker_devices = resolve_devices(devices)
+    if threads and dask is None and worker_devices is None:
         torch.set_num_threads(threads)
     db = open_db(path)
     manifest = db.manifest
     if block_size < 1:
         raise RetroError("--block-size: must be at least 1")
     status = stage_status(manifest, "embed")
-    local_device = resolve_device(device)  # a device that is not here is refused before any work
+    # a device that is not here is refused before any work
+    local_device = worker_devices[0] if worker_devices else resolve_device(device)
     precision = resolve_precision(precision, (manifest.get("embedder") or {}).get("precision")
                                   if status != "missing" else None, local_device)
     if status == "complete":
@@ -314,8 +324,9 @@ def embed_db(
                 "build a new DB to change the embedder"
             )
         return db
-    # Loaded here even with Dask: it validates the embedder and gives the sha256 workers must match.
-    model = get_embedder(embedder, precision, batch_size, local_device)
+    # Loaded here even with Dask: it validates the embedder and gives the sha256 workers must match. With
+    # --devices it stays on the CPU, leaving the GPUs to the workers.
+    model = get_embedder(embedder, precision, batch_size, "cpu" if worker_devices else local_device)
     n = db.num_chunks
     store_path = str(db.path / STORE)
     state = manifest.get("stages", {}).get("embed", {})
@@ -347,16 +358,23 @@ def embed_db(
         min(block_size, n - b * block_size) for b in todo))
     started = time.time()
     with dask_client(dask) as client:
-        # Locally the bar advances per BERT batch (a DB smaller than one block still shows progress and an
-        # ETA); on Dask, per finished block.
-        args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
-                block_size, model.info.sha256, str(local_device) if client is None else device,
-                task if client is None else None)
-        for block, count in run_blocks(client, "embed", embed_block, args, todo, max_blocks):
+        # In this process the bar advances per BERT batch (a DB smaller than one block still shows progress
+        # and an ETA); on Dask or worker processes, per finished block.
+        per_block = client is not None or worker_devices is not None
+        if worker_devices:
+            args = (str(db.path), embedder, precision, batch_size, None, block_size, model.info.sha256, None, None)
+            blocks = run_on_devices([str(d) for d in worker_devices], "embed", embed_block, args, todo, max_blocks,
+                                    threads)
+        else:
+            args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
+                    block_size, model.info.sha256, str(local_device) if client is None else device,
+                    task if client is None else None)
+            blocks = run_blocks(client, "embed", embed_block, args, todo, max_blocks)
+        for block, count in blocks:
             done.add(block)
             state["done_blocks"] = sorted(done)
             write_json_atomic(db.path / MANIFEST, manifest)
-            if client is not None:
+            if per_block:
                 task.advance(count)
     if len(done) < num_blocks:  # stopped early by max_blocks
         return open_db(path)
@@ -371,14 +389,15 @@ def embed_db(
 
 def embed_block(
     db_path: str, embedder: str, precision: str, batch_size: int, threads: int | None, block_size: int,
-    sha256: str, device: str, task, block: int,
+    sha256: str, device: str | None, task, block: int,
 ) -> tuple[int, int]:
-    """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process
-    or on a Dask worker, where the embedder is loaded once per worker process and then reused."""
+    """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process,
+    on a Dask worker or in a --devices worker (device None: the worker's own), where the embedder is loaded
+    once per worker process and then reused."""
     if threads:
         torch.set_num_threads(threads)
     db = open_db(db_path)
-    model = get_embedder(embedder, precision, batch_size, device)
+    model = get_embedder(embedder, precision, batch_size, worker_device(device or "auto"))
     if model.info.sha256 != sha256:
         raise RetroError(f"embedder '{embedder}' on this worker has other weights than on the client "
                          f"(sha256 {model.info.sha256[:12]}… vs {sha256[:12]}…)")

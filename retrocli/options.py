@@ -109,6 +109,7 @@ class TrainOptions:
     # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
     # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
     copy_curriculum: float = 0.0
+    compile: bool = False  # torch.compile the model for the run (a runtime choice, like threads)
 
     def check(self) -> None:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""

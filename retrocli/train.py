@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrocli import distributed
 from retrocli.db import RetroDB, check_outside, open_db
-from retrocli.device import resolve_device, resolve_precision
+from retrocli.device import peak_flops, resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
@@ -137,18 +138,29 @@ class TrainingData:
             starts[:focused] = self.focus_starts[rng.integers(0, len(self.focus_starts), focused)]
         return starts[:, None] + np.arange(self.chunks)[None, :]
 
-    def batch(self, seed: int, step: int, batch_size: int) -> tuple[torch.Tensor, ...]:
+    def batch(self, seed: int, step: int, batch_size: int, part: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, ...]:
+        """(tokens, targets, neighbours, real-token mask) of step `step`; `part` = (rank, ranks) keeps that
+        rank's contiguous slice of the global batch, drawn exactly as a single process draws it."""
         rows = self.batch_rows(seed, step, batch_size)
-        tokens, real = self.tokens[rows].reshape(batch_size, -1), self.real[rows].reshape(batch_size, -1)
+        copies = []
+        if self.copy > 0:
+            # its own stream, so switching the curriculum on or off leaves the windows drawn unchanged;
+            # drawn for the global batch so that every rank sees the copies one process would
+            rng = np.random.default_rng([seed, step, 1])
+            copies = [(b, u, self.copy_neighbor(int(rows[b, u]), rng))
+                      for b, u in zip(*np.nonzero(rng.random(rows.shape) < self.copy))]
+        rank, ranks = part
+        share = batch_size // ranks
+        lo = rank * share
+        rows = rows[lo : lo + share]
+        tokens, real = self.tokens[rows].reshape(share, -1), self.real[rows].reshape(share, -1)
         targets = np.full_like(tokens, -1)
         ok = real[:, :-1] & real[:, 1:]  # predict only real tokens from real tokens
         targets[:, :-1] = np.where(ok, tokens[:, 1:], -1)
         neighbors = neighbor_rows(self.db, self.window_neighbors(rows), self.pad, self.tokens, self.lengths)
-        if self.copy > 0:
-            # its own stream, so switching the curriculum on or off leaves the windows drawn unchanged
-            rng = np.random.default_rng([seed, step, 1])
-            for b, u in zip(*np.nonzero(rng.random(rows.shape) < self.copy)):
-                neighbors[b, u, 0] = self.copy_neighbor(int(rows[b, u]), rng)
+        for b, u, copy in copies:
+            if lo <= b < lo + share:
+                neighbors[b - lo, u, 0] = copy
         return torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(neighbors), torch.from_numpy(real)
 
     def copy_neighbor(self, chunk: int, rng: np.random.Generator) -> np.ndarray:
@@ -243,10 +255,15 @@ def train(
     new schedule and optimizer; parameters the saved model lacks, such as smeared CCA keys, keep their
     fresh init). `stop_after` ends this run after that step's checkpoint, as an interruption would (for
     tests of --resume). `device` trains there (auto: a CUDA GPU if torch sees one); a checkpoint resumes on
-    any device."""
+    any device.
+
+    Under torchrun (or `distributed.launch(train, N, …)`) each of the WORLD_SIZE ranks trains its slice of
+    every global batch with DistributedDataParallel; only rank 0 writes. The loss is the mean over the
+    global batch's target tokens, so N ranks take the steps one process takes with the same batch."""
     opts = options or TrainOptions()
+    ranks = distributed.ranks_from_env()
     where = resolve_device(device)
-    progress = progress or NullProgress()
+    progress = (progress or NullProgress()) if ranks.is_main else NullProgress()
     out = Path(out)
     db = open_db(db_path)
     check_outside(out, db.path, "--out")
@@ -260,6 +277,9 @@ def train(
     if nb.ids.shape[1] < k:
         raise RetroError(f"{neighbors_path}: holds {nb.ids.shape[1]} neighbours per chunk, --k is {k}")
     opts.check()
+    if opts.batch_size % ranks.world:
+        raise RetroError(f"--batch-size {opts.batch_size}: must be a multiple of the {ranks.world} ranks")
+    where = distributed.start(ranks, where)
     precision = resolve_precision(opts.precision, device=where)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -280,7 +300,8 @@ def train(
         state = json.loads((ckpt / "state.json").read_text())
         # --steps, --threads and the sampling options may change on resume; the rest is the checkpoint's
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
-                               "retrieval_focus": opts.retrieval_focus, "copy_curriculum": opts.copy_curriculum})
+                               "retrieval_focus": opts.retrieval_focus, "copy_curriculum": opts.copy_curriculum,
+                               "compile": opts.compile})
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
@@ -290,9 +311,19 @@ def train(
     optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
         load_optimizer(ckpt, optimizer)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config or --init-from leaves no directory
+    distributed.barrier(ranks)  # every rank has checked --out before rank 0 creates it
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused config or --init-from leaves no directory
     log_path = out / "train_log.jsonl"
     model.train()
+    net = model
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
+    if opts.compile:
+        net = torch.compile(net)
+    flops_per_token = None
     task = progress.start("train", total=opts.steps, unit="steps", completed=state["step"])
     started, window_tokens, window_start = time.time(), 0, time.time()
     autocast = torch.autocast(where.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -301,26 +332,34 @@ def train(
     while state["step"] < opts.steps:
         step = state["step"]
         # Built on the CPU (a pure function of seed and step), then copied over; pinned for async copies.
+        batch = data.batch(opts.seed, step, opts.batch_size, part=(ranks.rank, ranks.world))
+        local_tokens = int((batch[1] >= 0).sum())
         idx, targets, neighbors, real = (t.pin_memory().to(where, non_blocking=True) if on_gpu else t
-                                         for t in data.batch(opts.seed, step, opts.batch_size))
+                                         for t in batch)
+        if flops_per_token is None:
+            flops_per_token = count_flops_per_token(model, autocast, idx, neighbors, targets, real, local_tokens)
+        (tokens,) = distributed.all_sum([local_tokens], ranks, where)
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with autocast:
-            _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
+            _, loss = net(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages gradients over ranks; weighting each rank's mean by its share of the global batch's
+        # target tokens makes that average the gradient of the global mean, as in one process
+        (loss * (local_tokens * ranks.world / max(tokens, 1)) if ranks.active else loss).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip))
         optimizer.step()
-        loss_value = float(loss.detach())
+        (loss_sum,) = distributed.all_sum([float(loss.detach()) * local_tokens], ranks, where)
+        loss_value = loss_sum / max(tokens, 1) if ranks.active else float(loss.detach())
         if not math.isfinite(loss_value):
             raise RetroError(f"loss became {loss_value} at step {step}; lower --lr")
-        tokens = int((targets >= 0).sum())
+        tokens = int(tokens)
         state["step"] += 1
         state["tokens_seen"] += tokens
         window_tokens += tokens
         task.advance(1)
-        if state["step"] % opts.log_every == 0 or state["step"] == opts.steps:
+        if ranks.is_main and (state["step"] % opts.log_every == 0 or state["step"] == opts.steps):
             now = time.time()
             record = {
                 "step": state["step"],
@@ -339,32 +378,63 @@ def train(
         if state["step"] % opts.checkpoint_every == 0 or state["step"] == opts.steps:
             state["seconds"] = round(state["seconds"] + time.time() - started, 2)
             started = time.time()
-            save_checkpoint(ckpt, model, optimizer, state)
+            if ranks.is_main:
+                save_checkpoint(ckpt, model, optimizer, state)
             if stop_after is not None and state["step"] >= stop_after:
                 break
     task.finish()
-    model.save_pretrained(out)
-    write_model_meta(
-        out,
-        db,
-        {
-            "steps": state["step"],
-            "tokens_seen": state["tokens_seen"],
-            "precision": precision,
-            "heldout_documents": len(heldout_docs),
-            "neighbor_fill": round(fill, 4),
-            "parameters": model.num_parameters(),
-            **({"init_from": state["init_from"]} if "init_from" in state else {}),
-        },
-    )
+    if ranks.is_main:
+        model.save_pretrained(out)
+        write_model_meta(
+            out,
+            db,
+            {
+                "steps": state["step"],
+                "tokens_seen": state["tokens_seen"],
+                "precision": precision,
+                "ranks": ranks.world,
+                "heldout_documents": len(heldout_docs),
+                "neighbor_fill": round(fill, 4),
+                "parameters": model.num_parameters(),
+                **({"init_from": state["init_from"]} if "init_from" in state else {}),
+            },
+        )
+    distributed.barrier(ranks)  # no rank returns before the model is on disk
+    distributed.stop()
+    tokens_per_second = state["tokens_seen"] / max(state["seconds"], 1e-9)
+    model_flops = (flops_per_token or 0) * tokens_per_second
+    peak = peak_flops(where, precision)
     return {
         "out": str(out),
         "steps": state["step"],
         "tokens_seen": state["tokens_seen"],
         "final_loss": loss_value,
         "seconds": state["seconds"],
-        "tokens_per_second": round(state["tokens_seen"] / max(state["seconds"], 1e-9), 1),
+        "tokens_per_second": round(tokens_per_second, 1),
         "parameters": model.num_parameters(),
         "precision": precision,
+        "device": str(where) if not ranks.active else f"{ranks.world}× {where.type}",
+        "ranks": ranks.world,
+        "compiled": opts.compile,
         "neighbor_fill": fill,
+        "flops_per_token": flops_per_token,
+        "model_flops_per_second": model_flops,
+        # model FLOPs achieved against the peak of all ranks' devices together (None where not known)
+        "mfu": model_flops / (peak * ranks.world) if peak and flops_per_token else None,
     }
+
+
+def count_flops_per_token(model, autocast, idx, neighbors, targets, real, tokens: int) -> float | None:
+    """FLOPs of one training step (forward and backward, matmuls and attention, as torch's FLOP counter
+    sees them) per target token, measured on the first batch with the unwrapped model; nothing is kept."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if tokens == 0:
+        return None
+    counter = FlopCounterMode(display=False)
+    with counter, autocast:
+        _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
+    with counter:
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / tokens

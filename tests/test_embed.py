@@ -164,3 +164,56 @@ def test_cpu_features_come_from_torch_queries():
     features = cpu_features()
     assert set(features) == {"capability", "amx_tile", "avx512_bf16", "avx512", "avx2"}
     assert all(isinstance(features[k], bool) for k in ("amx_tile", "avx512_bf16", "avx512", "avx2"))
+
+
+def test_devices_runs_one_worker_per_device_and_writes_what_one_device_writes(chunked, tiny_bert, tmp_path):
+    reference = tmp_path / "ref"
+    shutil.copytree(chunked, reference)
+    embed_db(reference, tiny_bert, block_size=8, threads=1, device="cpu")
+    # half done in this process, the rest by two worker processes: resuming works across the two ways
+    embed_db(chunked, tiny_bert, block_size=8, threads=1, device="cpu", max_blocks=2)
+    db = embed_db(chunked, tiny_bert, threads=1, devices="cpu,cpu")
+    assert db.stage("embed") == "complete" and db.manifest["stages"]["embed"]["block_size"] == 8
+    a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
+    b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
+    assert a.tobytes() == b.tobytes() and np.abs(a).sum() > 0
+
+
+def test_kill_9_with_worker_processes_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):
+    reference = tmp_path / "ref"
+    shutil.copytree(chunked, reference)
+    embed_db(reference, tiny_bert, block_size=4, threads=1, device="cpu")
+    retro = Path(sys.executable).with_name("retro")
+    cmd = [str(retro), "embed", str(chunked), "--embedder", tiny_bert, "--block-size", "4", "--batch-size", "2",
+           "--threads", "1", "--devices", "cpu,cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline, done = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None and len(done) < 2:
+        try:
+            done = json.loads((chunked / "manifest.json").read_text())["stages"]["embed"].get("done_blocks", [])
+        except (KeyError, json.JSONDecodeError, FileNotFoundError):
+            done = []
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the command and its workers
+    proc.wait()
+    assert json.loads((chunked / "manifest.json").read_text())["stages"]["embed"]["status"] == "running"
+    embed_db(chunked, tiny_bert, threads=1, devices="cpu,cpu")
+    a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
+    b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
+    assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--devices", "cpu,cpu", "--dask", "local:1"], "--devices runs workers on this machine, --dask on a cluster"),
+    (["--devices", "cpu,cpu", "--device", "cpu"], "--device and --devices: pass one of them"),
+    (["--devices", "cuda:0,cuda:1"], "--devices cuda:0,cuda:1: cuda:0: no CUDA GPU is visible"),
+    (["--devices", "all"], "--devices all: no CUDA GPU is visible to torch here"),
+    (["--devices", ","], "--devices ',': expected 'all' or a list"),
+])
+def test_bad_devices_are_one_line_and_write_nothing(chunked, tiny_bert, cli, args, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    before = (chunked / "manifest.json").read_bytes()
+    result = cli("embed", chunked, "--embedder", tiny_bert, *args)
+    assert result.exit_code == 2 and len(result.error_lines) == 1 and message in result.error_lines[0], result.output
+    assert (chunked / "manifest.json").read_bytes() == before

@@ -25,6 +25,7 @@ from retrocli.cli.options import (
     ChunkSize,
     Dask,
     Device,
+    Devices,
     EfConstruction,
     Embedder,
     IdField,
@@ -198,6 +199,7 @@ def embed(
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
     dask: Dask = None,
     device: Device = "auto",
+    devices: Devices = None,
 ):
     """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
     from retrocli.embed import embed_db, warn_slow_bf16
@@ -205,7 +207,8 @@ def embed(
     warn_slow_bf16(precision, err_console)
     with cluster(dask) as client, progress_display() as progress:
         out = embed_db(db, embedder=embedder, precision=precision, batch_size=batch_size, threads=threads,
-                       block_size=block_size, progress=progress, dask=client, device=device)
+                       block_size=block_size, progress=progress, dask=client, device=device,
+                       devices=devices)
     _embed_summary(out)
 
 @handle_errors
@@ -254,6 +257,7 @@ def build_db_cmd(
     overwrite: Annotated[bool, flag("--overwrite", "Rebuild from scratch")] = False,
     dask: Dask = None,
     device: Device = "auto",
+    devices: Devices = None,
 ):
     """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
     from retrocli.build_db import build_db
@@ -277,6 +281,7 @@ def build_db_cmd(
             progress=progress,
             dask=client,
             device=device,
+            devices=devices,
         )
     counts = db.manifest["counts"]
     console.print(f"[green]built[/] {user(db.path)}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")

@@ -70,25 +70,42 @@ def train_cmd(
         Path | None, typer.Option(help="Start from this saved model's weights (fine-tune; new schedule)")
     ] = None,
     device: Device = "auto",
+    nproc: Annotated[
+        int, typer.Option(help="Data-parallel ranks to start on this machine (one per GPU, or CPU processes); "
+                               "--batch-size is the global batch")
+    ] = 1,
+    compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
     json_output: JsonOut = False,
 ):
-    """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume)."""
+    """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume).
+
+    Several GPUs: --nproc N, or `torchrun --nproc-per-node N -m retrocli train …` (also across machines)."""
+    from retrocli.distributed import launch, ranks_from_env
     from retrocli.train import train
 
     opts = TrainOptions(
         config=config, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
         weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
         checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
+        compile=compile_model,
     )
-    with progress_display(enabled=not json_output) as progress:
-        summary = train(db, neighbors, out, options=opts, heldout=heldout, resume=resume, k=k, progress=progress,
-                        init_from=init_from, device=device)
+    kwargs = dict(db_path=db, neighbors_path=neighbors, out=out, options=opts, heldout=heldout, resume=resume,
+                  k=k, init_from=init_from, device=device)
+    if nproc != 1:
+        summary = launch(train, nproc, threads=threads, show_progress=not json_output, **kwargs)
+    else:
+        with progress_display(enabled=not json_output and ranks_from_env().is_main) as progress:
+            summary = train(progress=progress, **kwargs)
+        if not ranks_from_env().is_main:  # under torchrun, rank 0 reports for all
+            return
     if json_output:
         print_json(summary)
         return
+    mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+    ranks = f" on {summary['ranks']} ranks" if summary["ranks"] > 1 else ""
     console.print(
-        f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps "
-        f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s, "
+        f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps{ranks} "
+        f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s{mfu}, "
         f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {user(summary['out'])}"
     )
     if summary["neighbor_fill"] < 0.99:

@@ -81,3 +81,5 @@ ExcludeNearDuplicates = Annotated[bool, flag(
     "Drop from each test document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ 0.8)")]
 Device = Annotated[str, typer.Option(
     help="Where BERT and the model run: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps")]
+Devices = Annotated[str | None, typer.Option(
+    help="Embed with one worker process per device: all (every GPU) or a list such as cuda:0,cuda:1")]
