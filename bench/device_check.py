@@ -6,8 +6,10 @@ PASS/FAIL line per figure. On a machine without one it prints "no accelerator: s
 Checks: the committed subset's chunks embedded on the device agree with the CPU's (cosine ≥ 0.999);
 `retro build-db --device DEVICE` builds the demo DB; bits per byte of the held-out pages with the bundled
 model on the device match the CPU's (within 1e-3); greedy generation gives the same tokens in fp32; the
-bundled config trains --train-steps steps on the device (bf16 where it runs natively) and its tokens/s
-are printed. Exit 1 if any check fails.
+bundled config trains --train-steps steps on the device (bf16 where it runs natively), with its tokens/s
+and MFU, then --compile-steps steps with torch.compile, against the eager steady rate. With two or more GPUs,
+`embed --devices all` must write the bytes one GPU writes, and 2 DDP ranks must train to the weights of one
+process. Exit 1 if any check fails.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="keep the DBs here (default: a temp dir)")
     parser.add_argument("--train-steps", type=int, default=200, help="steps of the bundled config to train")
+    parser.add_argument("--compile-steps", type=int, default=60, help="steps of the compiled run (0: skip)")
     parser.add_argument("--device", default="auto",
                         help="the device to check against the CPU (--device cpu runs the checks CPU against CPU)")
     args = parser.parse_args()
@@ -98,13 +101,69 @@ def main() -> int:
     config = REPO / "scripts" / "bundled-model-config.json"
     steps = args.train_steps
     options = TrainOptions(config=str(config), seq_len=2048, batch_size=4, steps=steps, warmup=min(20, steps),
-                           checkpoint_every=steps, precision="auto")
+                           checkpoint_every=steps, precision="auto", log_every=10)
     summary = train(db.path, neighbors, work / "model", options=options, device=str(device))
+    eager = steady_rate(work / "model")
+    mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] is not None else ", MFU n/a (peak not known)"
     report(f"retro train --device ({steps} steps, bundled config, {summary['precision']})",
            np.isfinite(summary["final_loss"]),
-           f"{summary['tokens_per_second']:,.0f} tokens/s, final loss {summary['final_loss']:.3f}")
+           f"{summary['tokens_per_second']:,.0f} tokens/s overall, {eager:,.0f} steady{mfu}; "
+           f"{summary['flops_per_token'] / 1e6:.1f} MFLOP/token; final loss {summary['final_loss']:.3f}")
+    if args.compile_steps:
+        compiled_options = TrainOptions(**{**options.__dict__, "steps": args.compile_steps, "compile": True,
+                                           "checkpoint_every": args.compile_steps})
+        start = time.perf_counter()
+        compiled = train(db.path, neighbors, work / "model-compiled", options=compiled_options, device=str(device))
+        rate = steady_rate(work / "model-compiled")
+        report(f"retro train --compile ({args.compile_steps} steps)", np.isfinite(compiled["final_loss"]),
+               f"{rate:,.0f} tokens/s steady = {rate / eager:.2f}x eager; whole run {time.perf_counter() - start:.0f} s")
+    if device.type == "cuda" and torch.cuda.device_count() >= 2:
+        several_gpus(db, neighbors, work, options, report)
     print(f"{'all checks passed' if failures == 0 else f'{failures} check(s) failed'}")
     return 1 if failures else 0
+
+
+def steady_rate(model_dir: Path) -> float:
+    """Median tokens/s of the logged windows after the first (which holds start-up and any compile)."""
+    import json
+
+    log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    rates = [record["tokens_per_second"] for record in log[1:]] or [log[-1]["tokens_per_second"]]
+    return float(np.median(rates))
+
+
+def several_gpus(db, neighbors, work: Path, options, report) -> None:
+    """`embed --devices all` against one GPU, and 2 DDP ranks against one process (fp32, 20 steps)."""
+    import shutil
+
+    import zarr
+    from safetensors.torch import load_file
+
+    from retrocli.distributed import launch
+    from retrocli.embed import embed_db
+    from retrocli.train import train
+
+    arrays = {}
+    for name, kwargs in (("one", {"device": "cuda:0"}), ("all", {"devices": "all"})):
+        target = work / f"embed-{name}"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(work / "chunks", target)
+        start = time.perf_counter()
+        embed_db(target, precision="fp32", block_size=512, **kwargs)
+        arrays[name] = (zarr.open_array(str(target / "store.zarr"), path="embeddings", mode="r")[:],
+                        time.perf_counter() - start)
+    report(f"embed --devices all ({torch.cuda.device_count()} GPUs) vs one GPU",
+           arrays["one"][0].tobytes() == arrays["all"][0].tobytes(),
+           f"identical bytes; {arrays['one'][1]:.1f} s vs {arrays['all'][1]:.1f} s")
+    small = {**options.__dict__, "steps": 20, "precision": "fp32", "checkpoint_every": 20}
+    from retrocli.options import TrainOptions
+
+    train(db.path, neighbors, work / "ddp-one", options=TrainOptions(**small), device="cuda:0")
+    launch(train, 2, db_path=db.path, neighbors_path=neighbors, out=work / "ddp-two",
+           options=TrainOptions(**small), device="cuda")
+    one, two = (load_file(str(work / name / "model.safetensors")) for name in ("ddp-one", "ddp-two"))
+    worst = max(float((one[k] - two[k]).abs().max()) for k in one)
+    report("train --nproc 2 (DDP, NCCL) vs one GPU, 20 fp32 steps", worst < 1e-3, f"max weight difference {worst:.2e}")
 
 
 if __name__ == "__main__":

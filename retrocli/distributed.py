@@ -10,6 +10,7 @@ global batch, and a checkpoint from either resumes on the other.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import queue
 import socket
@@ -89,6 +90,17 @@ def stop() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leaves_the_group(function):
+    """Decorate a function that may call start(): the process group is left when it returns or fails."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            stop()
+    return wrapper
 
 
 def barrier(ranks: Ranks) -> None:

@@ -190,6 +190,7 @@ class Embedder:
             precision=precision,
         )
         self.batch_size = batch_size
+        self.sort_by_length = True  # off only to measure what sorting saves (bench/bench_embed.py)
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.model.to(self.device)
@@ -204,14 +205,14 @@ class Embedder:
             texts, truncation=True, max_length=self.info.max_seq_length, padding=False,
             return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
-        order = np.argsort([-len(ids) for ids in encoded], kind="stable")
+        order = padding_order(encoded, self.sort_by_length)
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
         with torch.inference_mode(), autocast:
             for start in range(0, len(order), self.batch_size):
                 batch_idx = order[start : start + self.batch_size]
-                width = len(encoded[batch_idx[0]])
+                width = max(len(encoded[i]) for i in batch_idx)
                 input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
                 for row, i in enumerate(batch_idx):
@@ -231,6 +232,21 @@ class Embedder:
                 if on_batch is not None:
                     on_batch(len(batch_idx))
         return out
+
+
+def padding_order(encoded: list[list[int]], sort_by_length: bool = True) -> np.ndarray:
+    """The order texts are batched in: longest first, so each batch pads to lengths close to its own."""
+    if not sort_by_length:
+        return np.arange(len(encoded))
+    return np.argsort([-len(ids) for ids in encoded], kind="stable")
+
+
+def padding_share(encoded: list[list[int]], batch_size: int, sort_by_length: bool = True) -> float:
+    """Share of the BERT positions computed that are padding, batching `encoded` as Embedder.embed does."""
+    lengths = np.array([len(ids) for ids in encoded])[padding_order(encoded, sort_by_length)]
+    computed = sum(int(lengths[i : i + batch_size].max()) * len(lengths[i : i + batch_size])
+                   for i in range(0, len(lengths), batch_size))
+    return 1 - lengths.sum() / max(computed, 1)
 
 
 _EMBEDDER_CACHE: dict[tuple, Embedder] = {}

@@ -238,6 +238,7 @@ def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: i
     return config
 
 
+@distributed.leaves_the_group
 def train(
     db_path: str | os.PathLike,
     neighbors_path: str | os.PathLike,
@@ -277,8 +278,6 @@ def train(
     if nb.ids.shape[1] < k:
         raise RetroError(f"{neighbors_path}: holds {nb.ids.shape[1]} neighbours per chunk, --k is {k}")
     opts.check()
-    if opts.batch_size % ranks.world:
-        raise RetroError(f"--batch-size {opts.batch_size}: must be a multiple of the {ranks.world} ranks")
     where = distributed.start(ranks, where)
     precision = resolve_precision(opts.precision, device=where)
     if opts.threads:
@@ -307,6 +306,8 @@ def train(
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
         if init_from:
             state["init_from"] = load_initial_weights(model, init_from, db)
+    if opts.batch_size % ranks.world:  # checked after --resume, whose checkpoint sets the batch size
+        raise RetroError(f"--batch-size {opts.batch_size}: must be a multiple of the {ranks.world} ranks")
     model.to(where)  # before the optimizer, whose state then lives on the device too
     optimizer = model.configure_optimizer(opts.weight_decay, opts.lr)
     if resume:
@@ -400,7 +401,6 @@ def train(
             },
         )
     distributed.barrier(ranks)  # no rank returns before the model is on disk
-    distributed.stop()
     tokens_per_second = state["tokens_seen"] / max(state["seconds"], 1e-9)
     model_flops = (flops_per_token or 0) * tokens_per_second
     peak = peak_flops(where, precision)
@@ -431,6 +431,7 @@ def count_flops_per_token(model, autocast, idx, neighbors, targets, real, tokens
 
     if tokens == 0:
         return None
+    _count_cpu_attention()
     counter = FlopCounterMode(display=False)
     with counter, autocast:
         _, loss = model(idx, neighbors=neighbors, targets=targets, need_logits=False, token_mask=real)
@@ -438,3 +439,28 @@ def count_flops_per_token(model, autocast, idx, neighbors, targets, real, tokens
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / tokens
+
+
+_CPU_ATTENTION_COUNTED = False
+
+
+def _count_cpu_attention() -> None:
+    """torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU one, which it
+    would count as 0; give the CPU kernel (and its backward) the same formulas."""
+    global _CPU_ATTENTION_COUNTED
+    if _CPU_ATTENTION_COUNTED:
+        return
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    forward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None and forward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(forward, get_raw=True)(
+            lambda query, key, value, *args, out_val=None, **kwargs:
+            flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape))
+    if backward is not None and backward not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(backward, get_raw=True)(
+            lambda grad_out, query, key, value, *args, out_val=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape))
+    _CPU_ATTENTION_COUNTED = True

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retrocli.db import open_db
-from retrocli.device import resolve_device
+from retrocli.device import peak_flops, resolve_device, resolve_devices
 from retrocli.errors import RetroError
 
 
@@ -68,3 +68,22 @@ def test_training_on_an_explicit_cpu_equals_the_default(tiny_db, self_neighbors,
     wa = RetroModel.from_pretrained(tmp_path / "a").state_dict()
     wb = RetroModel.from_pretrained(tmp_path / "b").state_dict()
     assert all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_devices_lists_processes_of_one_type():
+    assert resolve_devices("cpu, cpu") == [torch.device("cpu")] * 2
+    with pytest.raises(RetroError, match="expected 'all' or a list"):
+        resolve_devices(" , ")
+    if not torch.cuda.is_available():
+        with pytest.raises(RetroError, match="--devices all: no CUDA GPU"):
+            resolve_devices("all")
+    else:
+        assert resolve_devices("all") == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        with pytest.raises(RetroError, match="a GPU is listed twice"):
+            resolve_devices("cuda,cuda:0")
+        with pytest.raises(RetroError, match="all devices must be of one type"):
+            resolve_devices("cuda:0,cpu")
+
+
+def test_mfu_has_a_peak_for_known_gpus_only():
+    assert peak_flops("cpu", "bf16") is None and peak_flops("cpu", "fp32") is None

@@ -203,3 +203,44 @@ def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continu
     assert torch.equal(mixed, half.batch(seed=0, step=7, batch_size=8)[2])  # still a pure function of step
     with pytest.raises(RetroError, match="copy-curriculum"):
         TrainingData(db, nb.ids, 128, 2, set(), copy_curriculum=-0.1)
+
+
+def test_rank_slices_of_a_batch_put_together_are_the_whole_batch(tiny_db, self_neighbors):
+    from retrocli.neighbors import open_neighbors
+
+    data = TrainingData(open_db(tiny_db), open_neighbors(self_neighbors).ids, 128, 2, set(), copy_curriculum=0.5)
+    whole = data.batch(seed=3, step=4, batch_size=6)
+    parts = [data.batch(seed=3, step=4, batch_size=6, part=(rank, 3)) for rank in range(3)]
+    for i, tensor in enumerate(whole):
+        assert torch.equal(torch.cat([part[i] for part in parts]), tensor)
+
+
+def test_flop_count_includes_attention_on_the_cpu(tiny_db):
+    from retrocli.train import build_config, count_flops_per_token
+
+    db = open_db(tiny_db)
+
+    def per_token(seq_len):
+        torch.manual_seed(0)
+        model = RetroModel(build_config("tiny", db.tokenizer.vocab_size, db.chunk_size, seq_len, 2, 0))
+        idx = torch.randint(0, 100, (1, seq_len))
+        neighbors = torch.randint(0, 100, (1, seq_len // db.chunk_size, 2, 2 * db.chunk_size))
+        real = torch.ones_like(idx, dtype=torch.bool)
+        autocast = torch.autocast("cpu", enabled=False)
+        return count_flops_per_token(model, autocast, idx, neighbors, idx, real, seq_len)
+
+    # matmul FLOPs per token do not depend on the sequence length; causal self-attention's grow with it
+    short, long = per_token(128), per_token(512)
+    assert long > short * 1.05
+
+
+def test_compile_trains_to_the_eager_weights(tiny_db, self_neighbors, tmp_path):
+    opts = dict(OPTS, steps=2, precision="fp32", threads=2)
+    eager = train(tiny_db, self_neighbors, tmp_path / "eager", TrainOptions(**opts), device="cpu")
+    compiled = train(tiny_db, self_neighbors, tmp_path / "compiled", TrainOptions(**opts, compile=True),
+                     device="cpu")
+    assert compiled["compiled"] and not eager["compiled"] and compiled["mfu"] is None  # no peak known for a CPU
+    a, b = (RetroModel.from_pretrained(tmp_path / name).state_dict() for name in ("eager", "compiled"))
+    assert a.keys() == b.keys()  # saved from the module itself, not torch.compile's wrapper
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
