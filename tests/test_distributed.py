@@ -79,6 +79,26 @@ def test_retro_train_nproc_runs_ranks_and_reports_once(tiny_db, self_neighbors, 
     assert not (tmp_path / "bad").exists()
 
 
+def test_torchrun_runs_the_cli_as_ranks_and_only_rank_0_reports(tiny_db, self_neighbors, single, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "m"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "retrocli", "train", str(tiny_db),
+           "--neighbors", str(self_neighbors), "--out", str(out), "--config", "tiny", "--seq-len", "128",
+           "--batch-size", "4", "--steps", "6", "--warmup", "2", "--lr", "3e-3", "--checkpoint-every", "3",
+           "--precision", "fp32", "--device", "cpu", "--copy-curriculum", "0.25", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and json.loads(reports[0])["ranks"] == 2
+    assert_same_weights(out, single[0])
+
+
 def test_ranks_come_from_the_torchrun_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "2")
