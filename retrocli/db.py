@@ -15,11 +15,20 @@ Layout (see docs/db-format.md):
         files/path      [F]     string
         embeddings      [N, dim] float16 (embed stage)
     DB/index/shard-*.hnsw     hnswlib indexes (index stage)
+    DB/segments/NNNNN/        documents added later (`retro add`): each a DB directory of its own with
+                              local ids, read as the rows that follow the base's, plus index/ shards
+                              holding its vectors under their global ids
+
+The manifest's `version` counts committed changes (build = 1; every add or remove adds one), `segments`
+lists the added parts in order and `removed.documents` the tombstoned documents. A change is committed by
+the atomic rename of the manifest alone, so a reader sees one version whole, and files of a committed
+version never change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -49,6 +58,8 @@ DOCS_PER_ZARR_CHUNK = 65536
 CHUNK_ARRAYS = ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offset", "docs/file",
                 "docs/position", "docs/external_id", "files/path")
 EMBED_ARRAYS = ("embeddings",)
+SEGMENTS_DIR = "segments"
+_SEGMENT_PATH = re.compile(r"segments/[0-9]{5}")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -130,7 +141,11 @@ MANIFEST_SCHEMA = {
     "stages": (dict, True),
     "embedder": ({"name": (str, True), "sha256": (str, True), "dim": (int, True), "precision": (str, True)}, False),
     "index": ({"space": (str, True), "dim": (int, True), "shards": (list, True)}, False),
+    "version": (int, False), "segments": (list, False), "removed": ({"documents": (list, True)}, False),
 }
+SEGMENT_SCHEMA = {"path": (str, True), "db_id": (str, True), "manifest_sha256": (str, True),
+                  "first_doc": _COUNT, "first_chunk": _COUNT, "documents": _COUNT, "chunks": _COUNT,
+                  "tokens": _COUNT, "version": _COUNT}
 SHARD_SCHEMA = {"shard": _COUNT, "file": (str, True), "start": _COUNT, "count": _COUNT, "bytes": _COUNT}
 
 
@@ -169,6 +184,18 @@ def check_manifest_shape(file: Path, manifest: dict) -> None:
         if not isinstance(shard, dict):
             raise RetroError(f"{file}: field 'index.shards[{i}]' must be an object, not {shard!r}")
         check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
+    if manifest.get("version", 1) < 1:
+        raise RetroError(f"{file}: field 'version' must be ≥ 1, not {manifest['version']}")
+    for i, segment in enumerate(manifest.get("segments", [])):
+        if not isinstance(segment, dict):
+            raise RetroError(f"{file}: field 'segments[{i}]' must be an object, not {segment!r}")
+        check_fields(file, segment, SEGMENT_SCHEMA, f"segments[{i}].")
+        if not _SEGMENT_PATH.fullmatch(segment["path"]):
+            raise RetroError(f"{file}: field 'segments[{i}].path' must be segments/NNNNN, not {segment['path']!r}")
+    removed = manifest.get("removed", {}).get("documents", [])
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < manifest["counts"]["documents"]
+               for d in removed):
+        raise RetroError(f"{file}: field 'removed.documents' must list document ids of this DB")
 
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
@@ -268,11 +295,38 @@ class RetroDB:
         try:
             store = CheckedStore(self.path / STORE, records, damaged)
             self.root = zarr.open_group(store=store, mode="r")
-            self._tokens = self.root["chunks/tokens"]
+            base = _Part(self.root, 0, 0)
         except RetroError:
             raise
         except Exception as err:  # zarr raises several types for missing/corrupt metadata
             raise RetroError(f"{self.path / STORE}: cannot open the zarr store ({err})") from None
+        self.parts = [base] + [self._open_segment(i, record, check_files)
+                               for i, record in enumerate(self.manifest.get("segments", []))]
+        if sum(part.num_chunks for part in self.parts) != self.num_chunks or \
+                sum(part.num_docs for part in self.parts) != self.num_docs:
+            raise RetroError(f"{self.path / MANIFEST}: counts do not match the DB's arrays; {damaged}")
+        self._tokens = StackedRows([(p.first_chunk, p.root["chunks/tokens"]) for p in self.parts])
+
+    def _open_segment(self, i: int, record: dict, check_files: bool) -> _Part:
+        """An added segment: a DB directory of its own, pinned by its manifest's sha256 and db_id."""
+        where = self.path / record["path"]
+        damaged = f"the DB is damaged; `retro verify {self.path}` lists every problem"
+        if where.is_symlink() or not where.is_dir() or self.path.resolve() not in where.resolve().parents:
+            raise RetroError(f"{where}: segment {i + 1} of the DB is missing; {damaged}")
+        try:
+            digest = hashlib.sha256((where / MANIFEST).read_bytes()).hexdigest()
+        except OSError:
+            digest = None
+        if digest != record["manifest_sha256"]:
+            raise RetroError(f"{where / MANIFEST}: does not match the checksum the DB recorded; {damaged}")
+        segment = RetroDB(where, check_files)
+        if segment.manifest["db_id"] != record["db_id"] or segment.manifest.get("segments"):
+            raise RetroError(f"{where}: is not the segment the DB recorded; {damaged}")
+        check_same_chunking(self, where, segment.manifest["tokenizer"]["sha256"], segment.chunk_size, "the segment ")
+        part = _Part(segment.root, record["first_chunk"], record["first_doc"])
+        if (part.num_chunks, part.num_docs) != (record["chunks"], record["documents"]):
+            raise RetroError(f"{where}: holds other documents than the DB recorded; {damaged}")
+        return part
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -293,22 +347,67 @@ class RetroDB:
     def stage(self, name: str) -> str:
         return stage_status(self.manifest, name)
 
+    @property
+    def version(self) -> int:
+        """Committed changes so far: 1 when built, one more for every add or remove."""
+        return int(self.manifest.get("version", 1))
+
+    @cached_property
+    def removed_docs(self) -> frozenset[int]:
+        return frozenset(int(d) for d in self.manifest.get("removed", {}).get("documents", []))
+
+    @cached_property
+    def removed_chunks(self) -> np.ndarray:
+        """bool [N]: chunks of removed documents, which no search returns."""
+        if not self.removed_docs:
+            return np.zeros(self.num_chunks, dtype=bool)
+        return np.isin(self.chunk_doc, np.fromiter(self.removed_docs, dtype=np.int64))
+
+    @property
+    def num_live_docs(self) -> int:
+        return self.num_docs - len(self.removed_docs)
+
+    def array(self, name: str) -> StackedRows:
+        """A per-chunk array (chunks/tokens, chunks/length, embeddings) over every part, read as one."""
+        try:
+            return StackedRows([(p.first_chunk, p.root[name]) for p in self.parts])
+        except KeyError:
+            raise RetroError(f"{self.path}: array {name} is missing from the store") from None
+
     # -- small per-chunk arrays, loaded once (9 bytes a chunk) --------------------------------------
     @cached_property
     def chunk_doc(self) -> np.ndarray:
-        return self.root["chunks/doc"][:]
+        return np.concatenate([p.root["chunks/doc"][:] + p.first_doc for p in self.parts])
 
     @cached_property
     def chunk_length(self) -> np.ndarray:
-        return self.root["chunks/length"][:].astype(np.int64)
+        return np.concatenate([p.root["chunks/length"][:].astype(np.int64) for p in self.parts])
 
     @cached_property
     def doc_offsets(self) -> np.ndarray:
-        return self.root["docs/chunk_offset"][:]
+        # each part's offsets start at its own 0: shifted to global ids, the leading 0 dropped after the base
+        return np.concatenate([p.root["docs/chunk_offset"][:][(1 if i else 0):] + p.first_chunk
+                               for i, p in enumerate(self.parts)])
 
-    @cached_property
-    def _files(self) -> np.ndarray:
-        return self.root["files/path"][:]
+    def _doc_part(self, doc: int) -> tuple[_Part, int]:
+        doc = self._check_doc(doc)
+        for part in reversed(self.parts):
+            if doc >= part.first_doc:
+                return part, doc - part.first_doc
+        raise AssertionError("unreachable: the base part starts at document 0")
+
+    def doc_table(self) -> dict[str, np.ndarray]:
+        """Per-document arrays of every part, merged: files/path, docs/file (into the merged paths),
+        docs/position and docs/external_id ('' where a part has no ids)."""
+        paths, files, positions, ids = [], [], [], []
+        for part in self.parts:
+            files.append(part.doc_file + len(paths))
+            paths.extend(part.files.tolist())
+            positions.append(part.doc_position)
+            ids.append(part.external_ids.astype(object) if part.external_ids is not None
+                       else np.full(part.num_docs, "", dtype=object))
+        return {"files/path": np.array([str(p) for p in paths], dtype=object), "docs/file": np.concatenate(files),
+                "docs/position": np.concatenate(positions), "docs/external_id": np.concatenate(ids)}
 
     @cached_property
     def tokenizer(self):
@@ -343,7 +442,7 @@ class RetroDB:
         """Padded tokens [stop-start, m] and lengths for a contiguous range: the bulk read path."""
         lengths = self.__dict__.get("chunk_length")  # read only this range unless all are loaded already
         if lengths is None:
-            return self._tokens[start:stop], self.root["chunks/length"][start:stop].astype(np.int64)
+            return self._tokens[start:stop], self.array("chunks/length")[start:stop].astype(np.int64)
         return self._tokens[start:stop], lengths[start:stop]
 
     def chunk_text(self, chunk_id: int) -> str:
@@ -378,35 +477,23 @@ class RetroDB:
         ids = np.concatenate([row[:n] for row, n in zip(tokens, lengths, strict=True)])
         return self.tokenizer.decode(ids.tolist())
 
-    @cached_property
-    def _doc_file(self) -> np.ndarray:
-        return self.root["docs/file"][:]
-
-    @cached_property
-    def _doc_position(self) -> np.ndarray:
-        return self.root["docs/position"][:]
-
-    @cached_property
-    def _external_ids(self) -> np.ndarray | None:
-        return self.root["docs/external_id"][:] if "docs/external_id" in self.root else None
-
     def external_id(self, doc: int) -> str | None:
         """The document's id from the corpus (its `id` field, or --id-field), if it had one."""
-        doc = self._check_doc(doc)
-        value = str(self._external_ids[doc]) if self._external_ids is not None else ""
+        part, local = self._doc_part(doc)
+        value = str(part.external_ids[local]) if part.external_ids is not None else ""
         return value or None
 
     def location(self, doc: int, relative: bool = True) -> str:
         """file:line (JSONL) or file:row (Parquet), the file relative to the working directory or the DB
         when it lies inside one of them (relative=False: as recorded, absolute)."""
-        doc = self._check_doc(doc)
-        path = str(self._files[int(self._doc_file[doc])])
+        part, local = self._doc_part(doc)
+        path = str(part.files[int(part.doc_file[local])])
         if relative:
             for base in (Path.cwd(), self.path.absolute()):
                 with contextlib.suppress(ValueError):
                     path = str(Path(path).relative_to(base))
                     break
-        position = int(self._doc_position[doc])
+        position = int(part.doc_position[local])
         if path.endswith(".parquet"):
             return f"{path}:row {position}"
         return f"{path}:line {position}" if position > 0 else path
@@ -435,7 +522,65 @@ class RetroDB:
         index_dir = self.path / "index"
         if index_dir.exists():
             sizes["index"] = sum(f.stat().st_size for f in index_dir.rglob("*") if f.is_file())
+        if self.manifest.get("segments"):
+            sizes["segments"] = sum(f.stat().st_size for record in self.manifest["segments"]
+                                    for f in (self.path / record["path"]).rglob("*") if f.is_file())
         return sizes
+
+
+class _Part:
+    """One part of a DB, the base or an added segment: its zarr group and where its ids start."""
+
+    def __init__(self, root, first_chunk: int, first_doc: int):
+        self.root, self.first_chunk, self.first_doc = root, int(first_chunk), int(first_doc)
+        self.num_chunks = int(root["chunks/length"].shape[0])
+        self.num_docs = int(root["docs/file"].shape[0])
+
+    @cached_property
+    def files(self) -> np.ndarray:
+        return self.root["files/path"][:]
+
+    @cached_property
+    def doc_file(self) -> np.ndarray:
+        return self.root["docs/file"][:]
+
+    @cached_property
+    def doc_position(self) -> np.ndarray:
+        return self.root["docs/position"][:]
+
+    @cached_property
+    def external_ids(self) -> np.ndarray | None:
+        return self.root["docs/external_id"][:] if "docs/external_id" in self.root else None
+
+
+class StackedRows:
+    """The rows of one array across a DB's parts, indexed as one array: [a:b], [i], [i, :n]."""
+
+    def __init__(self, pieces: list[tuple[int, object]]):
+        self.pieces = pieces  # (first row, zarr array), in order
+        last_start, last = pieces[-1]
+        self.shape = (last_start + last.shape[0], *last.shape[1:])
+        self.dtype = pieces[0][1].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, (int, np.integer)):
+            row = int(rows) + (self.shape[0] if rows < 0 else 0)
+            for start, array in reversed(self.pieces):
+                if row >= start:
+                    return array[(row - start, *rest)]
+        start, stop, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (None, None, None)
+        if step != 1:
+            raise TypeError("StackedRows takes an int or a contiguous slice of rows")
+        out = []
+        for first, array in self.pieces:
+            lo, hi = max(start, first), min(stop, first + array.shape[0])
+            if lo < hi or (not out and first + array.shape[0] >= stop):
+                out.append(array[(slice(lo - first, max(lo, hi) - first), *rest)])
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
 
 def _is_group(meta: Path) -> bool:

@@ -190,28 +190,26 @@ class Embedder:
             precision=precision,
         )
         self.batch_size = batch_size
-        self.sort_by_length = True  # off only to measure what sorting saves (bench/bench_embed.py)
+        self.batching = "by-length"  # or "padded", "db-order": only to measure what it saves (bench_embed.py)
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.model.to(self.device)
 
     def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """Embed texts into float32 [len(texts), dim]. Batches are formed over length-sorted texts
-        (as sentence-transformers does) so padding is minimal; results return in input order.
-        on_batch(n) is called after each batch of n texts (progress bars)."""
+        """Embed texts into float32 [len(texts), dim], returned in input order. Each batch holds texts of
+        one BERT length (see length_batches), so nothing is padded and a text's vector depends only on the
+        text. on_batch(n) is called after each batch of n texts (progress bars)."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         encoded = self.tokenizer(
             texts, truncation=True, max_length=self.info.max_seq_length, padding=False,
             return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
-        order = padding_order(encoded, self.sort_by_length)
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
         pad_id = self.tokenizer.pad_token_id or 0
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
         with torch.inference_mode(), autocast:
-            for start in range(0, len(order), self.batch_size):
-                batch_idx = order[start : start + self.batch_size]
+            for batch_idx in length_batches(encoded, self.batch_size, self.batching):
                 width = max(len(encoded[i]) for i in batch_idx)
                 input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
@@ -234,19 +232,37 @@ class Embedder:
         return out
 
 
-def padding_order(encoded: list[list[int]], sort_by_length: bool = True) -> np.ndarray:
-    """The order texts are batched in: longest first, so each batch pads to lengths close to its own."""
-    if not sort_by_length:
-        return np.arange(len(encoded))
-    return np.argsort([-len(ids) for ids in encoded], kind="stable")
+def length_batches(encoded: list[list[int]], batch_size: int, batching: str = "by-length") -> list[np.ndarray]:
+    """Indices of the texts of each batch. "by-length" (the default): longest first, each batch at most
+    batch_size texts of one BERT length. No position is padding, and a text's vector is the same whatever
+    else is in the block, so a chunk embedded when added to a DB gets the bytes a rebuild gives it (on the
+    CPU a matmul row does not depend on the batch's other rows; tested). "padded": longest first in
+    batches of batch_size, padded to the longest (sentence-transformers' way); "db-order": unsorted."""
+    lengths = np.array([len(ids) for ids in encoded])
+    if batching == "db-order":
+        order = np.arange(len(lengths))
+    else:
+        order = np.argsort(-lengths, kind="stable")
+    if batching != "by-length":
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        stop = start + 1
+        while stop < len(order) and stop - start < batch_size and lengths[order[stop]] == lengths[order[start]]:
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
 
 
-def padding_share(encoded: list[list[int]], batch_size: int, sort_by_length: bool = True) -> float:
+def padding_share(encoded: list[list[int]], batch_size: int, batching: str = "by-length") -> float:
     """Share of the BERT positions computed that are padding, batching `encoded` as Embedder.embed does."""
-    lengths = np.array([len(ids) for ids in encoded])[padding_order(encoded, sort_by_length)]
-    computed = sum(int(lengths[i : i + batch_size].max()) * len(lengths[i : i + batch_size])
-                   for i in range(0, len(lengths), batch_size))
-    return 1 - lengths.sum() / max(computed, 1)
+    lengths = np.array([len(ids) for ids in encoded])
+    real = computed = 0
+    for batch in length_batches(encoded, batch_size, batching):
+        real += int(lengths[batch].sum())
+        computed += int(lengths[batch].max()) * len(batch)
+    return 1 - real / max(computed, 1)
 
 
 _EMBEDDER_CACHE: dict[tuple, Embedder] = {}
@@ -426,10 +442,7 @@ def embed_block(
 def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:
     if db.stage("embed") != "complete":
         raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
-    try:
-        array = db.root["embeddings"]
-    except KeyError:
-        raise RetroError(f"{db.path}: embeddings array missing from the store") from None
+    array = db.array("embeddings")
     return np.asarray(array[start:stop], dtype=np.float32)
 
 

@@ -185,8 +185,13 @@ def checked_shard_file(db_path: Path, shard: dict, cached: bool = True) -> Path:
     return file
 
 
+FILTER_ABOVE = 64  # removed chunks in a shard beyond which a search filters instead of over-fetching
+
+
 class ShardedIndex:
-    """All shards of a DB, loaded for search. Exact merge of per-shard top-k."""
+    """All shards of a DB, loaded for search. Exact merge of per-shard top-k. Chunks of removed documents
+    are never returned: a shard with a few of them is searched for k + (their number) and they are
+    dropped; with more, hnswlib's filtered search skips them."""
 
     def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH):
         check_at_least("--ef", ef)
@@ -197,6 +202,8 @@ class ShardedIndex:
         self.size = db.num_chunks
         self.ef = ef
         self.shards: list[hnswlib.Index] = []
+        self.removed = db.removed_chunks
+        self.removed_in_shard: list[int] = []
         check_shard_coverage(db.path, db.manifest)
         for shard in meta["shards"]:
             file = checked_shard_file(db.path, shard)
@@ -209,6 +216,7 @@ class ShardedIndex:
                 raise RetroError(f"{file}: index shard is corrupt (holds {index.get_current_count()} "
                                  f"vectors, manifest says {shard['count']})")
             self.shards.append(index)
+            self.removed_in_shard.append(int(self.removed[shard["start"] : shard["start"] + shard["count"]].sum()))
 
     def search(self, vectors: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist."""
@@ -219,14 +227,11 @@ class ShardedIndex:
         if q == 0 or k == 0:
             return ids, dists
         all_ids, all_dists = [], []
-        for index in self.shards:
-            kk = min(k, index.get_current_count())
-            if kk == 0:
-                continue
-            index.set_ef(max(self.ef, kk))
-            labels, distances = index.knn_query(vectors, k=kk, num_threads=threads)
-            all_ids.append(labels.astype(np.int64))
-            all_dists.append(distances.astype(np.float32))
+        for index, removed in zip(self.shards, self.removed_in_shard):
+            labels, distances = self._search_shard(index, removed, vectors, k, threads)
+            if labels is not None:
+                all_ids.append(labels)
+                all_dists.append(distances)
         if not all_ids:
             return ids, dists
         cat_ids, cat_dists = np.concatenate(all_ids, axis=1), np.concatenate(all_dists, axis=1)
@@ -236,6 +241,38 @@ class ShardedIndex:
         ids[:, :width] = np.take_along_axis(cat_ids, order, axis=1)
         dists[:, :width] = np.take_along_axis(cat_dists, order, axis=1)
         return ids, dists
+
+    def _search_shard(self, index, removed: int, vectors: np.ndarray, k: int, threads: int):
+        """One shard's top-k live chunks per query (ids −1 and distance inf where it has fewer)."""
+        live = index.get_current_count() - removed
+        kk = min(k, live)
+        if kk <= 0:
+            return None, None
+        if removed == 0:
+            index.set_ef(max(self.ef, kk))
+            labels, distances = index.knn_query(vectors, k=kk, num_threads=threads)
+            return labels.astype(np.int64), distances.astype(np.float32)
+        if removed > FILTER_ABOVE:
+            mask = self.removed
+            index.set_ef(max(self.ef, kk))
+            try:
+                labels, distances = index.knn_query(vectors, k=kk, num_threads=1,
+                                                    filter=lambda label: not mask[label])
+                return labels.astype(np.int64), distances.astype(np.float32)
+            except RuntimeError:  # the filtered walk found fewer than k: fetch past the removed ones
+                pass
+        wide = min(kk + removed, index.get_current_count())
+        index.set_ef(max(self.ef, wide))
+        labels, distances = index.knn_query(vectors, k=wide, num_threads=threads)
+        labels, distances = labels.astype(np.int64), distances.astype(np.float32)
+        keep = ~self.removed[labels]
+        # stable: live results keep their order; removed ones go last, then are cut off
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :kk]
+        got_ids = np.take_along_axis(labels, order, axis=1)
+        got_d = np.take_along_axis(distances, order, axis=1)
+        dead = ~np.take_along_axis(keep, order, axis=1)
+        got_ids[dead], got_d[dead] = -1, np.inf
+        return got_ids, got_d
 
 
 @holds_writer_lock("retro index --overwrite", "db_path")

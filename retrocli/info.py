@@ -17,6 +17,10 @@ def db_info(path: str | os.PathLike) -> dict:
         "format_version": manifest["format_version"],
         "chunk_size": db.chunk_size,
         "counts": manifest["counts"],
+        "version": db.version,
+        "live": {"documents": db.num_live_docs, "chunks": int(db.num_chunks - db.removed_chunks.sum())},
+        "removed": {"documents": len(db.removed_docs), "chunks": int(db.removed_chunks.sum())},
+        "segments": len(manifest.get("segments", [])),
         "tokenizer": manifest["tokenizer"],
         # A complete stage whose recorded files are missing or of another size reads "damaged".
         "stages": stage_health(db.path, manifest),

@@ -217,3 +217,20 @@ def test_bad_devices_are_one_line_and_write_nothing(chunked, tiny_bert, cli, arg
     result = cli("embed", chunked, "--embedder", tiny_bert, *args)
     assert result.exit_code == 2 and len(result.error_lines) == 1 and message in result.error_lines[0], result.output
     assert (chunked / "manifest.json").read_bytes() == before
+
+
+def test_a_chunks_vector_does_not_depend_on_the_rest_of_its_block(tiny_bert, tiny_db):
+    from retrocli.embed import length_batches, padding_share
+
+    db = open_db(tiny_db)
+    texts = chunk_texts(db, 0, 40)
+    embedder = Embedder(tiny_bert, "fp32", 8, "cpu")
+    together = embedder.embed(texts)
+    alone = np.stack([embedder.embed([text])[0] for text in texts])
+    reversed_block = embedder.embed(texts[::-1])[::-1]
+    assert together.tobytes() == alone.tobytes() == reversed_block.tobytes()
+    encoded = embedder.tokenizer(texts)["input_ids"]
+    batches = length_batches(encoded, 8)
+    assert all(len({len(encoded[i]) for i in batch}) == 1 and len(batch) <= 8 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(40))
+    assert padding_share(encoded, 8) == 0 < padding_share(encoded, 8, "db-order")

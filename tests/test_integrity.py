@@ -166,7 +166,12 @@ def test_embed_progress_moves_per_batch_on_a_db_smaller_than_one_block(tmp_path,
     progress = RecordingProgress()
     embed_db(db.path, tiny_bert, batch_size=8, progress=progress)
     steps = progress.advances["embed"]
-    assert sum(steps) == db.num_chunks and len(steps) == -(-db.num_chunks // 8) and max(steps) == 8
+    from retrocli.embed import chunk_texts, get_embedder, length_batches
+
+    embedder = get_embedder(tiny_bert, "auto", 8)
+    encoded = embedder.tokenizer(chunk_texts(db, 0, db.num_chunks), truncation=True,
+                                 max_length=embedder.info.max_seq_length)["input_ids"]
+    assert sum(steps) == db.num_chunks and len(steps) == len(length_batches(encoded, 8)) > 1 and max(steps) <= 8
 
 
 WEIRD = "we[/]ird:fire:[bold]x"  # rich markup and an emoji code in a directory name

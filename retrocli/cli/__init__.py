@@ -46,6 +46,9 @@ for name, command in (
     ("embed", db.embed),
     ("index", db.index),
     ("build-db", db.build_db_cmd),
+    ("add", db.add),
+    ("remove", db.remove),
+    ("compact", db.compact),
     ("neighbors", retrieval.neighbors),
     ("leakage-report", leakage.leakage_report_cmd),  # takes the old `--json PATH` as an extra argument
     ("dedupe", leakage.dedupe),

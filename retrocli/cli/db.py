@@ -114,8 +114,13 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
     table = Table(show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    table.add_row("documents", f"{counts['documents']:,}")
-    table.add_row("chunks", f"{counts['chunks']:,}  (chunk size {data['chunk_size']})")
+    removed = data["removed"]
+    gone = f"  ({removed['documents']:,} removed, {data['live']['documents']:,} live)" if removed["documents"] else ""
+    table.add_row("documents", f"{counts['documents']:,}{gone}")
+    gone = f"  ({removed['chunks']:,} removed)" if removed["chunks"] else ""
+    table.add_row("chunks", f"{counts['chunks']:,}  (chunk size {data['chunk_size']}){gone}")
+    added = f", {data['segments']} added segment(s)" if data["segments"] else ""
+    table.add_row("version", f"{data['version']}{added}")
     table.add_row("tokens", f"{counts['tokens']:,}")
     tok = data["tokenizer"]
     table.add_row("tokenizer", f"{user(tok['name'])}  vocab {tok['vocab_size']:,}  sha256 {tok['sha256'][:12]}…")
@@ -287,3 +292,78 @@ def build_db_cmd(
     console.print(f"[green]built[/] {user(db.path)}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")
     _embed_summary(db)
     _index_summary(db)
+
+
+@handle_errors
+def add(
+    db: Annotated[Path, typer.Argument(help="DB directory (built)")],
+    inputs: Annotated[list[Path], typer.Argument(help="Files or directories of new documents", readable=False)],
+    text_field: Annotated[str | None, typer.Option(help="JSONL/Parquet text field (default: the DB's)")] = None,
+    id_field: Annotated[str | None, typer.Option(help="JSONL/Parquet id field (default: the DB's)")] = None,
+    strict: Strict = False,
+    allow_duplicates: Annotated[
+        bool, flag("--allow-duplicates", "Add a file the DB already holds (or one given twice) again")] = False,
+    batch_size: BatchSize = DEFAULT_EMBED_BATCH,
+    threads: Threads = None,
+    device: Device = "auto",
+    json_output: JsonOut = False,
+):
+    """Add documents to a built DB: chunked, embedded and indexed as the DB was; nothing else moves."""
+    from retrocli.add import add_documents
+
+    with progress_display(enabled=not json_output) as progress:
+        summary = add_documents(db, inputs, text_field=text_field, id_field=id_field, strict=strict or None,
+                                allow_duplicates=allow_duplicates, batch_size=batch_size, threads=threads,
+                                device=device, progress=progress)
+    if json_output:
+        print_json(summary)
+        return
+    last_doc = summary["first_doc"] + summary["documents"] - 1
+    console.print(
+        f"[green]added[/] {summary['documents']:,} documents (ids {summary['first_doc']:,}–{last_doc:,}), "
+        f"{summary['chunks']:,} chunks, in {summary['seconds']:.1f}s → {user(db)} version {summary['version']}"
+    )
+
+
+@handle_errors
+def remove(
+    db: Annotated[Path, typer.Argument(help="DB directory")],
+    source: Annotated[list[str] | None, typer.Option(
+        help="Shell-style glob matched against each document's source, e.g. '*chapter_20.txt*' (repeatable)")] = None,
+    doc: Annotated[list[int] | None, typer.Option(help="Document id (repeatable)")] = None,
+    json_output: JsonOut = False,
+):
+    """Remove documents: their chunks are never returned again (no re-embedding; `retro compact` drops them)."""
+    from retrocli.remove import remove_documents
+
+    summary = remove_documents(db, source or [], doc or [])
+    if json_output:
+        print_json(summary)
+        return
+    already = f" ({summary['already_removed']} were removed already)" if summary["already_removed"] else ""
+    console.print(
+        f"[green]removed[/] {len(summary['removed']):,} documents{already} → {user(db)} version "
+        f"{summary['version']}: {summary['live_documents']:,} live documents, {summary['removed_chunks']:,} "
+        "removed chunks"
+    )
+
+
+@handle_errors
+def compact(
+    db: Annotated[Path, typer.Argument(help="DB directory")],
+    out: Annotated[Path, typer.Option(help="New DB directory to write")],
+    overwrite: Annotated[bool, flag("--overwrite", "Replace an existing DB at --out")] = False,
+    json_output: JsonOut = False,
+):
+    """Write a copy of a DB without its removed documents, added segments folded in (vectors are copied)."""
+    from retrocli.compact import compact_db
+
+    with progress_display(enabled=not json_output) as progress:
+        new = compact_db(db, out, overwrite=overwrite, progress=progress)
+    counts = new.manifest["counts"]
+    if json_output:
+        print_json({"path": str(new.path), "counts": counts, "derived_from": new.manifest["derived_from"]})
+        return
+    dropped = len(new.manifest["derived_from"]["removed_documents"])
+    console.print(f"[green]compacted[/] {user(db)} → {user(new.path)}: {counts['documents']:,} documents, "
+                  f"{counts['chunks']:,} chunks ({dropped:,} removed documents left out)")

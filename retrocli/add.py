@@ -1,0 +1,204 @@
+"""`retro add`: new documents into a built DB, without touching what is there.
+
+The documents become a segment, `DB/segments/NNNNN` (NNNNN = the version the add commits): a DB directory
+of its own, chunked with the DB's tokenizer and chunk size and embedded with its embedder, plus index
+shards of its vectors under their global ids. Its documents and chunks take the next ids; no existing
+id, chunk, vector or file changes. Nothing is visible until the last step rewrites the DB's manifest
+(atomically, one rename) with the segment, its shards, the new counts and version + 1. Killed before
+that, the DB is still at the old version; the same command run again resumes the segment (chunking is
+redone, finished embedding blocks and shards are kept) and commits it.
+
+Embedding batches hold chunks of one BERT length (retrocli.embed.length_batches), so an added chunk's
+vector is the one a rebuild of the whole corpus gives it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from retrocli.checksums import file_sha256
+from retrocli.chunk import chunk_corpus
+from retrocli.corpus import expand_inputs
+from retrocli.db import (
+    MANIFEST,
+    SEGMENTS_DIR,
+    TOKENIZER_FILE,
+    RetroDB,
+    open_db,
+    read_manifest,
+    stage_status,
+    write_json_atomic,
+)
+from retrocli.embed import embed_db, load_embeddings
+from retrocli.errors import RetroError
+from retrocli.index import ADD_BLOCK, INDEX_DIR, _check_saved_shard
+from retrocli.lock import holds_writer_lock
+from retrocli.options import DEFAULT_EMBED_BATCH, ChunkOptions
+from retrocli.progress import NullProgress, Progress
+
+# For tests of kill -9 at a given step: with RETRO_TEST_PAUSE_ADD_AT=STEP:FILE the process creates FILE
+# when it reaches STEP (chunk, embed, index or commit) and waits there to be killed.
+PAUSE_ENV = "RETRO_TEST_PAUSE_ADD_AT"
+
+
+def _pause_point(step: str) -> None:
+    wanted, _, marker = os.environ.get(PAUSE_ENV, "").partition(":")
+    if wanted == step and marker:
+        Path(marker).touch()
+        while True:
+            time.sleep(1)
+
+
+@holds_writer_lock("retro add", "path")
+def add_documents(
+    path: str | os.PathLike,
+    inputs: list[str | os.PathLike],
+    text_field: str | None = None,
+    id_field: str | None = None,
+    strict: bool | None = None,
+    allow_duplicates: bool = False,
+    batch_size: int = DEFAULT_EMBED_BATCH,
+    threads: int | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+) -> dict:
+    """Add the documents of `inputs` to the built DB at `path` as one committed version. Returns what was
+    added: {version, first_doc, documents, first_chunk, chunks, tokens, seconds}. Corpus options default
+    to the ones the DB was chunked with."""
+    started = time.time()
+    progress = progress or NullProgress()
+    db = open_db(path)
+    if db.stage("index") != "complete":
+        raise RetroError(f"{db.path}: is not fully built (index stage {db.stage('index')}); finish it with "
+                         f"`retro build-db` before adding documents")
+    inside = db.path.resolve()
+    for item in inputs:
+        resolved = Path(item).resolve()
+        if resolved == inside or inside in resolved.parents:
+            raise RetroError(f"{item}: lies inside the DB {db.path}; add documents from outside it")
+    recorded = db.manifest["stages"]["chunk"].get("options", {})
+    options = ChunkOptions(
+        chunk_size=db.chunk_size, tokenizer=str(db.path / TOKENIZER_FILE),
+        text_field=text_field if text_field is not None else recorded.get("text_field", "text"),
+        id_field=id_field if id_field is not None else recorded.get("id_field"),
+        strict=strict if strict is not None else bool(recorded.get("strict", False)),
+        allow_duplicates=allow_duplicates,
+    )
+    files = expand_inputs(inputs, allow_duplicates)  # every path checked before any work
+    if not allow_duplicates:
+        known = set(db.doc_table()["files/path"].tolist())
+        again = [str(f) for f in files if str(f.absolute()) in known or str(f) in known]
+        if again:
+            raise RetroError(f"{again[0]}: is already in {db.path}; pass --allow-duplicates to add it again")
+
+    version = db.version + 1
+    relative = f"{SEGMENTS_DIR}/{version:05d}"
+    segment = db.path / relative
+    (db.path / SEGMENTS_DIR).mkdir(exist_ok=True)
+    wanted_inputs = [str(Path(p).absolute()) for p in inputs]
+    if segment.exists() or segment.is_symlink():
+        # left by an add that was killed before its commit: resume it if it is this add, else start over
+        try:
+            state = read_manifest(segment)["stages"]["chunk"]
+            same = state.get("inputs") == wanted_inputs and state.get("options") == options.__dict__
+        except (RetroError, KeyError, TypeError):
+            same = False
+        if not same or segment.is_symlink():
+            _remove(segment)
+    for leftover in (db.path / SEGMENTS_DIR).iterdir():  # uncommitted work of other versions
+        if leftover.name != f"{version:05d}" and leftover.name not in _committed(db):
+            _remove(leftover)
+
+    if not (segment / MANIFEST).exists():
+        _pause_point("chunk")
+        chunk_corpus(inputs, segment, options, progress=progress)
+    embedder = db.manifest["embedder"]
+    block_size = int(db.manifest["stages"]["embed"].get("block_size", 4096))
+    if stage_status(read_manifest(segment), "embed") != "complete":
+        _pause_point("embed")
+    added = embed_db(segment, embedder["name"], embedder["precision"], batch_size, threads, block_size,
+                     progress=progress, device=device)
+    if added.manifest["embedder"]["sha256"] != embedder["sha256"]:
+        raise RetroError(f"embedder '{embedder['name']}' here has other weights than the DB was built with")
+    _pause_point("index")
+    shards = _index_segment(db, added, relative, progress)
+    _pause_point("commit")
+
+    manifest = db.manifest
+    first_doc, first_chunk = db.num_docs, db.num_chunks
+    counts = added.manifest["counts"]
+    manifest["segments"] = [*manifest.get("segments", []), {
+        "path": relative, "db_id": added.manifest["db_id"],
+        "manifest_sha256": hashlib.sha256((segment / MANIFEST).read_bytes()).hexdigest(),
+        "first_doc": first_doc, "first_chunk": first_chunk, "documents": counts["documents"],
+        "chunks": counts["chunks"], "tokens": counts["tokens"], "version": version,
+    }]
+    manifest["index"]["shards"] = [*manifest["index"]["shards"], *shards]
+    manifest["counts"] = {**manifest["counts"], "documents": first_doc + counts["documents"],
+                          "chunks": first_chunk + counts["chunks"],
+                          "tokens": manifest["counts"]["tokens"] + counts["tokens"],
+                          "files": manifest["counts"].get("files", 0) + counts.get("files", 0)}
+    manifest["version"] = version
+    summary = {"version": version, "first_doc": first_doc, "documents": counts["documents"],
+               "first_chunk": first_chunk, "chunks": counts["chunks"], "tokens": counts["tokens"],
+               "seconds": round(time.time() - started, 3)}
+    manifest["history"] = [*manifest.get("history", []), {"version": version, "op": "add",
+                                                          "inputs": wanted_inputs, **summary}]
+    write_json_atomic(db.path / MANIFEST, manifest)  # the commit
+    return summary
+
+
+def _committed(db: RetroDB) -> set[str]:
+    return {Path(record["path"]).name for record in db.manifest.get("segments", [])}
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progress) -> list[dict]:
+    """hnswlib shards of the segment's vectors, labelled with their global chunk ids, with the DB's index
+    parameters, in `segment/index/`; returns their manifest records. A shard already there whole is kept."""
+    params = db.manifest["index"]
+    space, dim, shard_size = params["space"], int(params["dim"]), int(params["shard_size"])
+    first_chunk, n = db.num_chunks, segment.num_chunks
+    next_shard = 1 + max((int(s["shard"]) for s in params["shards"]), default=-1)
+    directory = segment.path / INDEX_DIR
+    directory.mkdir(exist_ok=True)
+    task = progress.start("index", total=n, unit="vectors")
+    records = []
+    for i, start in enumerate(range(0, n, shard_size)):
+        stop = min(n, start + shard_size)
+        final = directory / f"shard-{i:05d}.hnsw"
+        try:
+            if not final.exists():
+                raise RuntimeError("not built yet")
+            _check_saved_shard(final, space, dim, stop - start)
+        except (OSError, RuntimeError):
+            index = hnswlib.Index(space=space, dim=dim)
+            index.init_index(max_elements=max(stop - start, 1), M=params["M"],
+                             ef_construction=params["ef_construction"], random_seed=params.get("seed", 100))
+            for block in range(start, stop, ADD_BLOCK):
+                block_stop = min(stop, block + ADD_BLOCK)
+                index.add_items(load_embeddings(segment, block, block_stop),
+                                np.arange(block, block_stop) + first_chunk, num_threads=1)
+            tmp = final.with_suffix(f".{os.getpid()}.partial")
+            index.save_index(str(tmp))
+            _check_saved_shard(tmp, space, dim, stop - start)
+            os.replace(tmp, final)
+        task.advance(stop - start)
+        records.append({"shard": next_shard + i, "file": f"{relative}/{INDEX_DIR}/{final.name}",
+                        "start": first_chunk + start, "count": stop - start, "bytes": final.stat().st_size,
+                        "sha256": file_sha256(final)})
+    task.finish()
+    return records

@@ -1,0 +1,118 @@
+"""`retro compact`: a copy of a DB without its removed documents, and the filtered copy `retro dedupe`
+writes. Chunks, sources and stored vectors are copied (nothing is re-embedded), every added segment is
+folded in, and the index is rebuilt with the DB's own parameters. The input DB is only read."""
+
+from __future__ import annotations
+
+import copy as copy_module
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from retrocli.db import (
+    CHUNK_ARRAYS,
+    EMBED_ARRAYS,
+    MANIFEST,
+    ROWS_PER_ZARR_CHUNK,
+    DOCS_PER_ZARR_CHUNK,
+    STORE,
+    TOKENIZER_FILE,
+    RetroDB,
+    check_outside,
+    open_db,
+    record_stage_arrays,
+    remove_db_dir,
+    write_json_atomic,
+)
+from retrocli.errors import RetroError
+from retrocli.index import IndexOptions, index_db
+from retrocli.lock import holds_writer_lock
+from retrocli.progress import Progress
+
+_PER_DOC = ("docs/file", "docs/position", "docs/external_id")
+
+
+@holds_writer_lock("retro compact", "out")
+def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Progress | None = None) -> RetroDB:
+    """A new DB holding every document of `db` except `drop_docs` (and its removed ones), in one part:
+    chunks, sources and embeddings are copied (nothing is re-embedded) and the index is rebuilt with the
+    same parameters. `db` is not touched."""
+    drop = set(drop_docs) | set(db.removed_docs)
+    keep_docs = np.array([d for d in range(db.num_docs) if d not in drop], dtype=np.int64)
+    if len(keep_docs) == 0:
+        raise RetroError("every DB document would be removed; nothing left to write")
+    keep_chunk = np.isin(db.chunk_doc, keep_docs)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        dst = zarr.open_group(str(partial / STORE), mode="w")
+
+        def copy(name, data, rows_per_chunk):
+            chunks = (min(rows_per_chunk, max(len(data), 1)), *data.shape[1:])
+            text = data.dtype.kind in "UO"
+            arr = dst.create_array(name, shape=data.shape, dtype=str if text else data.dtype, chunks=chunks,
+                                   fill_value="" if text else 0)
+            if data.size:
+                arr[...] = data
+
+        new_doc_of = np.full(db.num_docs, -1, dtype=np.int64)
+        new_doc_of[keep_docs] = np.arange(len(keep_docs))
+        lengths = db.array("chunks/length")[:][keep_chunk]
+        copy("chunks/tokens", db.array("chunks/tokens")[:][keep_chunk], ROWS_PER_ZARR_CHUNK)
+        copy("chunks/length", lengths, ROWS_PER_ZARR_CHUNK)
+        copy("chunks/doc", new_doc_of[db.chunk_doc[keep_chunk]], ROWS_PER_ZARR_CHUNK)
+        per_doc = np.diff(db.doc_offsets)[keep_docs]
+        copy("docs/chunk_offset", np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64), DOCS_PER_ZARR_CHUNK)
+        table = db.doc_table()
+        has_ids = any("docs/external_id" in part.root for part in db.parts)
+        for name in _PER_DOC:
+            if name != "docs/external_id" or has_ids:
+                copy(name, table[name][keep_docs], DOCS_PER_ZARR_CHUNK)
+        copy("files/path", table["files/path"], 65536)
+        manifest = copy_module.deepcopy({k: v for k, v in db.manifest.items()
+                                         if k not in ("index", "segments", "removed", "version", "history")})
+        manifest["db_id"] = uuid.uuid4().hex
+        manifest["counts"] = {**manifest["counts"], "documents": int(len(keep_docs)),
+                              "chunks": int(keep_chunk.sum()),
+                              "tokens": int(lengths.astype(np.int64).sum()), "files": len(table["files/path"])}
+        manifest["derived_from"] = {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"],
+                                    "db_version": db.version, "removed_documents": sorted(int(d) for d in drop)}
+        manifest["stages"] = {"chunk": {**db.manifest["stages"]["chunk"],
+                                        "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS)}}
+        if db.stage("embed") == "complete":
+            copy("embeddings", db.array("embeddings")[:][keep_chunk], db.parts[0].root["embeddings"].chunks[0])
+            manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"],
+                                           "files": record_stage_arrays(partial / STORE, EMBED_ARRAYS)}
+        else:
+            manifest.pop("embedder", None)
+        (partial / TOKENIZER_FILE).write_text((db.path / TOKENIZER_FILE).read_text(encoding="utf-8"), "utf-8")
+        write_json_atomic(partial / MANIFEST, manifest)
+        if db.stage("index") == "complete":
+            idx = db.manifest["index"]
+            index_db(partial, IndexOptions(idx["space"], idx["M"], idx["ef_construction"], idx["shard_size"],
+                                           idx.get("seed", 100)), progress=progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists():
+        remove_db_dir(out)
+    os.replace(partial, out)
+    return open_db(out)
+
+
+def compact_db(db_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+               progress: Progress | None = None) -> RetroDB:
+    """Write `out`: the DB at `db_path` without its removed documents, its segments folded in."""
+    out = Path(out)
+    db = open_db(db_path)
+    check_outside(out, db.path, "--out")
+    if out.is_symlink():
+        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
+    if out.exists() and not overwrite:
+        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    return write_filtered_db(db, out, set(), progress)
