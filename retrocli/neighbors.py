@@ -247,7 +247,7 @@ def batch_neighbors(
         raise RetroError("--exclude-same-doc needs --input to be the DB itself (its documents are the DB's)")
     if _is_db(out):
         raise RetroError(f"{out}: --out must be a new directory, not a DB")
-    settings = {"db_id": db.manifest["db_id"], "db": str(db.path.absolute()),
+    settings = {"db_id": db.manifest["db_id"], "db_version": db.version, "db": str(db.path.absolute()),
                 "input": [str(p.absolute()) for p in inputs], "k": k, "candidates": candidates, "ef": ef,
                 "exclude_same_doc": exclude_same_doc, "block_size": block_size}
     manifest_file = out / MANIFEST
@@ -261,6 +261,10 @@ def batch_neighbors(
         if manifest["status"] == "complete" and manifest["settings"] == settings:
             return out
         if manifest["settings"] != settings:
+            had = manifest["settings"].get("db_version", 1)
+            if {**manifest["settings"], "db_version": db.version} == settings:
+                raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at version "
+                                 f"{db.version} (documents were added or removed); pass --overwrite")
             raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
     elif out.exists() and any(out.iterdir()):
         raise RetroError(f"{out}: exists and is not a neighbours directory")

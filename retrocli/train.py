@@ -271,8 +271,12 @@ def train(
     check_outside(out, neighbors_path, "--out", "the neighbours")
     nb = open_neighbors(neighbors_path)
     settings = nb.manifest["settings"]
-    if settings["db_id"] != db.manifest["db_id"] or nb.ids.shape[0] != db.num_chunks:
+    if settings["db_id"] != db.manifest["db_id"]:
         raise RetroError(f"{neighbors_path}: neighbours were not computed for every chunk of {db.path}")
+    if settings.get("db_version", 1) != db.version or nb.ids.shape[0] != db.num_chunks:
+        raise RetroError(f"{neighbors_path}: computed on version {settings.get('db_version', 1)} of {db.path}, which "
+                         f"is now at version {db.version} (documents were added or removed); recompute them: "
+                         f"`retro neighbors {db.path} --input {db.path} --out NEW --exclude-same-doc`")
     if not settings.get("exclude_same_doc"):
         raise RetroError(f"{neighbors_path}: computed without --exclude-same-doc; training would see its own text")
     if nb.ids.shape[1] < k:
@@ -290,7 +294,7 @@ def train(
     if resume and init_from:
         raise RetroError("--init-from starts a new run; --resume continues one: pass only one")
 
-    heldout_docs = load_heldout(db, heldout)
+    heldout_docs = load_heldout(db, heldout) | set(db.removed_docs)  # removed documents are never trained on
     data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum)
     fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)

@@ -51,7 +51,11 @@ class VerifyResult:
 def _check_counts(db_path: Path, manifest: dict, files: dict) -> list[str]:
     """The recorded arrays' shapes against the manifest's counts (their zarr.json matched its checksum, so
     a mismatch here is a manifest edited after the stage, or a stage that recorded the wrong thing)."""
-    chunks, docs, m = manifest["counts"]["chunks"], manifest["counts"]["documents"], manifest["chunk_size"]
+    # the base's own arrays: the counts less what added segments hold
+    segments = manifest.get("segments", [])
+    chunks = manifest["counts"]["chunks"] - sum(seg["chunks"] for seg in segments)
+    docs = manifest["counts"]["documents"] - sum(seg["documents"] for seg in segments)
+    m = manifest["chunk_size"]
     expected = {"chunks/tokens": [chunks, m], "chunks/length": [chunks], "chunks/doc": [chunks],
                 "docs/chunk_offset": [docs + 1], "docs/file": [docs], "docs/position": [docs],
                 "docs/external_id": [docs], "embeddings": [chunks, (manifest.get("embedder") or {}).get("dim")]}
@@ -108,8 +112,38 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
             checks.append(StageCheck(stage, "damaged" if problems else "complete",
                                      files=sum(len(a) for a in files.values()),
                                      bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+    for record in manifest.get("segments", []):
+        checks.append(_verify_segment(db_path, record))
     task.finish()
     return VerifyResult(str(db_path), not any(c.problems for c in checks), checks, time.time() - started)
+
+
+def _verify_segment(db_path: Path, record: dict) -> StageCheck:
+    """An added segment: its manifest as the DB recorded it, then the segment checked as a DB of its own."""
+    import hashlib
+
+    where = db_path / record["path"]
+    check = StageCheck(f"segment {Path(record['path']).name}", "complete")
+    try:
+        digest = hashlib.sha256((where / MANIFEST).read_bytes()).hexdigest()
+    except OSError as err:
+        check.problems.append(f"{where / MANIFEST}: cannot read the segment's manifest ({err.strerror})")
+        check.status = "damaged"
+        return check
+    if digest != record["manifest_sha256"]:
+        check.problems.append(f"{where / MANIFEST}: does not match the checksum the DB recorded")
+    else:
+        try:
+            inner = verify_db(where)
+        except RetroError as err:
+            inner = None
+            check.problems.append(str(err))
+        if inner is not None:
+            check.problems.extend(inner.problems)
+            check.files = sum(stage.files for stage in inner.stages)
+            check.bytes = sum(stage.bytes for stage in inner.stages)
+    check.status = "damaged" if check.problems else "complete"
+    return check
 
 
 def _verify_index(db_path: Path, manifest: dict, shards: list[dict], task) -> StageCheck:
