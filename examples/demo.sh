@@ -11,28 +11,54 @@ PY=${PY:-.venv/bin/python}
 PROMPT_DOC=14 PROMPT_FROM=1302 PROMPT_TO=2137
 mkdir -p "$OUT"
 
-echo "==> 1/6 chunk: tokenize the example subset (Python docs, Django release notes) into 64-token chunks"
+echo "==> 1/7 chunk: tokenize the example subset (Python docs, Django release notes) into 64-token chunks"
 $RETRO chunk examples/subset/train.jsonl --out "$OUT/chunks-only" --overwrite
 $RETRO info "$OUT/chunks-only"
 
-echo "==> 2/6 build-db: chunk → embed (frozen MiniLM BERT) → index (HNSW); a rerun resumes"
+echo "==> 2/7 build-db: chunk → embed (frozen MiniLM BERT) → index (HNSW); a rerun resumes"
 $RETRO build-db examples/subset/train.jsonl --out "$OUT/db"
 
-echo "==> 3/6 neighbors: the nearest chunks of a question, with their continuations"
+echo "==> 3/7 neighbors: the nearest chunks of a question, with their continuations"
 $RETRO neighbors "$OUT/db" --k 2 \
   --query "How do I define a class with a method that returns the instance's name?"
 
-echo "==> 4/6 batch neighbours of every DB chunk (excluding its own document), as RETRO training reads them"
+echo "==> 4/7 batch neighbours of every DB chunk (excluding its own document), as RETRO training reads them"
 $RETRO neighbors "$OUT/db" --input "$OUT/db" --out "$OUT/neighbors" --k 2 --exclude-same-doc --overwrite
 
-echo "==> 5/6 leakage-report: how much of the held-out pages already sits in the DB"
+echo "==> 5/7 leakage-report: how much of the held-out pages already sits in the DB"
 $RETRO leakage-report "$OUT/db" --test examples/subset/heldout.jsonl --examples 2 \
   --html "$OUT/leakage.html" --json-out "$OUT/leakage.json"
 
-echo "==> 6/6 generate: the bundled RETRO model continues a held-out page, retrieving from the DB as it goes"
+echo "==> 6/7 generate: the bundled RETRO model continues a held-out page, retrieving from the DB as it goes"
 PROMPT=$($PY -c 'import json, sys
 doc = [json.loads(line) for line in open("examples/subset/heldout.jsonl")][int(sys.argv[1])]
 print(doc["text"][int(sys.argv[2]):int(sys.argv[3])])' "$PROMPT_DOC" "$PROMPT_FROM" "$PROMPT_TO")
 $RETRO generate --db "$OUT/db" --prompt "$PROMPT" --max-new-tokens 96 --temperature 0 --show-neighbors
 
-echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors, leakage report in $OUT/leakage.html"
+echo "==> 7/7 knowledge without retraining: add a page the DB lacks, generate again, then remove it"
+# Held-out page NEW_DOC (Python's Development Mode) is not in the DB. The prompt is its first 7 chunks
+# (448 tokens); once the page is added, the retrieval for the 7th returns that chunk and its continuation.
+NEW_DOC=8
+$PY -c 'import json, sys
+from retrocli.db import open_db
+doc = [json.loads(line) for line in open("examples/subset/heldout.jsonl")][int(sys.argv[1])]
+open(sys.argv[2], "w").write(json.dumps(doc) + "\n")
+tokenizer = open_db(sys.argv[4]).tokenizer
+print(tokenizer.decode(tokenizer.encode_batch([doc["text"]])[0][:448]), file=open(sys.argv[3], "w"), end="")' \
+  "$NEW_DOC" "$OUT/new-page.jsonl" "$OUT/new-prompt.txt" "$OUT/db"
+NEW_PROMPT=$(cat "$OUT/new-prompt.txt")
+cp -r "$OUT/db" "$OUT/living-db.partial" && rm -rf "$OUT/living-db" && mv "$OUT/living-db.partial" "$OUT/living-db"
+echo "--- before: the page is not in the DB"
+$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
+  | grep -E -A2 "shares a" || echo "(no copied run)"
+$RETRO add "$OUT/living-db" "$OUT/new-page.jsonl"
+echo "--- after retro add: the model copies the page's continuation from the DB"
+$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
+  | grep -E -A2 "shares a" || echo "(no copied run)"
+$RETRO remove "$OUT/living-db" --source "*new-page.jsonl*"
+echo "--- after retro remove: the page is gone from every search"
+$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
+  | grep -E -A2 "shares a" || echo "(no copied run)"
+$RETRO info "$OUT/living-db"
+
+echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors, leakage report in $OUT/leakage.html, the changed DB in $OUT/living-db"

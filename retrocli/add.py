@@ -27,6 +27,7 @@ from retrocli.checksums import file_sha256
 from retrocli.chunk import chunk_corpus
 from retrocli.corpus import expand_inputs
 from retrocli.db import (
+    LIVING_FORMAT_VERSION,
     MANIFEST,
     SEGMENTS_DIR,
     TOKENIZER_FILE,
@@ -146,6 +147,7 @@ def add_documents(
                           "tokens": manifest["counts"]["tokens"] + counts["tokens"],
                           "files": manifest["counts"].get("files", 0) + counts.get("files", 0)}
     manifest["version"] = version
+    manifest["format_version"] = max(manifest["format_version"], LIVING_FORMAT_VERSION)
     summary = {"version": version, "first_doc": first_doc, "documents": counts["documents"],
                "first_chunk": first_chunk, "chunks": counts["chunks"], "tokens": counts["tokens"],
                "seconds": round(time.time() - started, 3)}

@@ -32,7 +32,7 @@ from retrocli.db import (
     CHUNK_ARRAYS,
     DOCS_PER_ZARR_CHUNK,
     FORMAT_NAME,
-    FORMAT_VERSION,
+    BUILT_FORMAT_VERSION,
     MANIFEST,
     ROWS_PER_ZARR_CHUNK,
     STORE,
@@ -175,7 +175,7 @@ def chunk_corpus(
         stats, counts = _write_chunks(inputs, partial, tokenizer, options, corpus_opts, progress)
         manifest = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": BUILT_FORMAT_VERSION,
             "db_id": uuid.uuid4().hex,
             "created_by": f"retrocli {__version__}",
             "tokenizer": {

@@ -14,6 +14,7 @@ import numpy as np
 import zarr
 
 from retrocli.db import (
+    BUILT_FORMAT_VERSION,
     CHUNK_ARRAYS,
     EMBED_ARRAYS,
     MANIFEST,
@@ -77,6 +78,7 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
         manifest = copy_module.deepcopy({k: v for k, v in db.manifest.items()
                                          if k not in ("index", "segments", "removed", "version", "history")})
         manifest["db_id"] = uuid.uuid4().hex
+        manifest["format_version"] = BUILT_FORMAT_VERSION
         manifest["counts"] = {**manifest["counts"], "documents": int(len(keep_docs)),
                               "chunks": int(keep_chunk.sum()),
                               "tokens": int(lengths.astype(np.int64).sum()), "files": len(table["files/path"])}

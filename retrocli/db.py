@@ -47,7 +47,10 @@ from retrocli.errors import RetroError
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this retrocli reads
+BUILT_FORMAT_VERSION = 1  # what a build writes: one part, nothing removed
+# A DB with added segments or removed documents: a reader of format 1 would miss both, so it must refuse it.
+LIVING_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 STORE = "store.zarr"
 TOKENIZER_FILE = "tokenizer.json"

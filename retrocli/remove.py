@@ -12,7 +12,7 @@ import fnmatch
 import os
 import time
 
-from retrocli.db import MANIFEST, RetroDB, open_db, write_json_atomic
+from retrocli.db import LIVING_FORMAT_VERSION, MANIFEST, RetroDB, open_db, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 
@@ -52,6 +52,7 @@ def remove_documents(path: str | os.PathLike, sources: list[str] = (), docs: lis
     if new:
         manifest = db.manifest
         manifest["version"] = db.version + 1
+        manifest["format_version"] = max(manifest["format_version"], LIVING_FORMAT_VERSION)
         manifest["removed"] = {"documents": removed}
         summary["version"] = manifest["version"]
         manifest["history"] = [*manifest.get("history", []), {

@@ -13,7 +13,7 @@ from conftest import SUBSET_TRAIN
 import retrocli
 from retrocli import RetroError, open_db
 from retrocli.chunk import ChunkOptions, _token_dtype, chunk_corpus
-from retrocli.db import FORMAT_NAME, FORMAT_VERSION, ROWS_PER_ZARR_CHUNK
+from retrocli.db import BUILT_FORMAT_VERSION, FORMAT_NAME, FORMAT_VERSION, ROWS_PER_ZARR_CHUNK
 from retrocli.tokenizer import default_tokenizer_path, load_tokenizer
 
 # -- round trip -----------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_open_db_is_the_package_api(subset_db):
 def test_manifest_fields(subset_db, subset_texts):
     manifest = json.loads((subset_db / "manifest.json").read_text())
     assert manifest["format"] == FORMAT_NAME == "retrocli-db"
-    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["format_version"] == BUILT_FORMAT_VERSION
     assert len(manifest["db_id"]) == 32
     assert manifest["created_by"] == f"retrocli {retrocli.__version__}"
     tok = manifest["tokenizer"]

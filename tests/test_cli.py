@@ -9,7 +9,7 @@ import pytest
 from conftest import SUBSET_TRAIN
 
 from retrocli import open_db
-from retrocli.db import FORMAT_VERSION
+from retrocli.db import BUILT_FORMAT_VERSION, FORMAT_VERSION
 
 
 def test_chunk_then_info_then_info_json(cli, tmp_path, subset_texts):
@@ -38,7 +38,7 @@ def test_chunk_then_info_then_info_json(cli, tmp_path, subset_texts):
     data = json.loads(result.stdout)
     assert data["counts"] == counts
     assert data["chunk_size"] == 64
-    assert data["format_version"] == FORMAT_VERSION
+    assert data["format_version"] == BUILT_FORMAT_VERSION
     assert data["db_id"] == db.manifest["db_id"]
     assert data["tokenizer"] == db.manifest["tokenizer"]
     assert data["stages"] == {"chunk": "complete"}
