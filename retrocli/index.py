@@ -204,6 +204,7 @@ class ShardedIndex:
         self.shards: list[hnswlib.Index] = []
         self.removed = db.removed_chunks
         self.removed_in_shard: list[int] = []
+        self.starts: list[int] = []
         check_shard_coverage(db.path, db.manifest)
         for shard in meta["shards"]:
             file = checked_shard_file(db.path, shard)
@@ -216,10 +217,12 @@ class ShardedIndex:
                 raise RetroError(f"{file}: index shard is corrupt (holds {index.get_current_count()} "
                                  f"vectors, manifest says {shard['count']})")
             self.shards.append(index)
+            self.starts.append(int(shard["start"]))
             self.removed_in_shard.append(int(self.removed[shard["start"] : shard["start"] + shard["count"]].sum()))
 
-    def search(self, vectors: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist."""
+    def search(self, vectors: np.ndarray, k: int, threads: int = 1, from_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist.
+        from_chunk: search only the shards that start there or later (the chunks added since)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         q = len(vectors)
         ids = np.full((q, k), -1, dtype=np.int64)
@@ -227,7 +230,9 @@ class ShardedIndex:
         if q == 0 or k == 0:
             return ids, dists
         all_ids, all_dists = [], []
-        for index, removed in zip(self.shards, self.removed_in_shard):
+        for index, removed, start in zip(self.shards, self.removed_in_shard, self.starts):
+            if start < from_chunk:
+                continue
             labels, distances = self._search_shard(index, removed, vectors, k, threads)
             if labels is not None:
                 all_ids.append(labels)

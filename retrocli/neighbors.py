@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import shutil
 import tempfile
@@ -217,13 +218,17 @@ def batch_neighbors(
     dask=None,
     candidates: int | None = None,
     device: str = "auto",
+    update: bool = False,
 ) -> Path:
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
     `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
     CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
     keep k (see retrocli.train.TrainingData).""
     With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
-    each holding every index shard in memory (loaded once per worker)."""
+    each holding every index shard in memory (loaded once per worker).
+
+    `update`: neighbours in `out` computed on an earlier version of the DB are brought to this version by
+    recomputing only the rows that can have changed (see update_neighbors)."""
     progress = progress or NullProgress()
     check_at_least("--ef", ef)
     check_at_least("--threads", threads, allow_none=True)
@@ -262,9 +267,13 @@ def batch_neighbors(
             return out
         if manifest["settings"] != settings:
             had = manifest["settings"].get("db_version", 1)
+            if {**manifest["settings"], "db_version": db.version} == settings and manifest["status"] == "complete" \
+                    and update:
+                return update_neighbors(out, manifest, db, settings, progress)
             if {**manifest["settings"], "db_version": db.version} == settings:
                 raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at version "
-                                 f"{db.version} (documents were added or removed); pass --overwrite")
+                                 f"{db.version} (documents were added or removed); pass --update to recompute the rows that can have changed, or "
+                                 "--overwrite")
             raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
     elif out.exists() and any(out.iterdir()):
         raise RetroError(f"{out}: exists and is not a neighbours directory")
@@ -308,6 +317,7 @@ def batch_neighbors(
         inside = queries.path.absolute().parent == out.absolute()
         manifest["query_db"] = queries.path.name if inside else str(queries.path.absolute())
         manifest["query_db_id"] = queries.manifest["db_id"]
+        manifest["db_chunks"] = db.num_chunks
         write_json_atomic(manifest_file, manifest)
     if dask is None:
         _cached_index(str(db.path), ef)  # load and check the shards before the first block
@@ -366,6 +376,72 @@ def search_block(
     return block, stop - start
 
 
+def _store_name(manifest: dict) -> str:
+    """The zarr store the manifest names: store.zarr, or store-vN.zarr after an update to version N."""
+    name = manifest.get("store", STORE)
+    if not re.fullmatch(r"store(-v[0-9]+)?\.zarr", str(name)):
+        raise RetroError(f"neighbours manifest names an unsafe store {name!r}")
+    return name
+
+
+def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, progress: Progress) -> Path:
+    """Bring neighbours computed on an earlier version of `db` to its current version. A row is recomputed
+    when it is a new query (a chunk added to the DB that is its own query set), when one of its stored
+    candidates was removed, or when a chunk added since is at least as near as its last stored candidate
+    (found by searching only the added shards); every other row keeps its candidates, which a full
+    recomputation would give again: the old shards are unchanged, and added chunks lie farther. (With
+    removals the over-fetching of shards that hold removed chunks widens HNSW's beam, so with approximate
+    search a full recomputation may differ in rows that held no removed chunk; with exact search it
+    cannot.) The new arrays go to a new store, committed by the manifest."""
+    old_chunks = manifest.get("db_chunks")
+    if not isinstance(old_chunks, int):
+        raise RetroError(f"{out}: records no DB size (an older retrocli); pass --overwrite instead of --update")
+    started = time.time()
+    old = open_neighbors(out)
+    queries = db if manifest.get("query_db_id") == db.manifest["db_id"] else query_db_of(out, old)
+    n_old, width = old.ids.shape
+    n = queries.num_chunks
+    index = ShardedIndex(db, ef=settings["ef"])
+    exclude_same_doc, block = settings["exclude_same_doc"], settings["block_size"]
+    removed = np.flatnonzero(db.removed_chunks)
+    stale = np.isin(old.ids, removed).any(axis=1)
+    task = progress.start("neighbors", total=n, unit="chunks")
+    if db.num_chunks > old_chunks:
+        for start in range(0, n_old, block):
+            stop = min(n_old, start + block)
+            best_ids, best_d = index.search(load_embeddings(queries, start, stop), 1, from_chunk=old_chunks)
+            stale[start:stop] |= (best_ids[:, 0] >= 0) & (best_d[:, 0] <= old.distances[start:stop, -1])
+            task.advance(stop - start)
+    rows = np.concatenate([np.flatnonzero(stale), np.arange(n_old, n)]).astype(np.int64)
+    ids = np.full((n, width), -1, dtype=np.int64)
+    dists = np.full((n, width), np.inf, dtype=np.float32)
+    ids[:n_old], dists[:n_old] = old.ids, old.distances
+    vectors = load_embeddings(queries, 0, n)[rows] if len(rows) else np.zeros((0, 1), np.float32)
+    for start in range(0, len(rows), block):
+        part = rows[start : start + block]
+        exclude = queries.chunk_doc[part] if exclude_same_doc else None
+        ids[part], dists[part] = search_excluding(index, vectors[start : start + block], width, exclude, db.chunk_doc)
+    name = f"store-v{db.version}.zarr"
+    store = out / name
+    if store.exists():
+        shutil.rmtree(store)
+    root = zarr.open_group(str(store), mode="w")
+    chunks = (min(block, max(n, 1)), width)
+    root.create_array("ids", shape=(n, width), dtype=np.int64, chunks=chunks, fill_value=-1)[:] = ids
+    root.create_array("distances", shape=(n, width), dtype=np.float32, chunks=chunks, fill_value=np.inf)[:] = dists
+    previous = out / _store_name(manifest)
+    manifest.update(settings=settings, num_queries=n, db_chunks=db.num_chunks, store=name,
+                    files=record_arrays(store, list(NEIGHBOR_ARRAYS)),
+                    update={"from_version": manifest["settings"].get("db_version", 1), "to_version": db.version,
+                            "rows_recomputed": int(len(rows)), "rows": int(n),
+                            "seconds": round(time.time() - started, 3)})
+    write_json_atomic(out / MANIFEST, manifest)  # the commit; then the old store goes
+    if previous != store:
+        shutil.rmtree(previous, ignore_errors=True)
+    task.finish()
+    return out
+
+
 def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
     a, b = db.manifest.get("embedder") or {}, other.manifest.get("embedder") or {}
     if a.get("sha256") != b.get("sha256") or a.get("pooling") != b.get("pooling"):
@@ -406,8 +482,8 @@ def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
         raise RetroError(f"{path / MANIFEST}: records no checksums for its arrays (an older retrocli); {rerun}")
     check_files_record(path / MANIFEST, files, "files")
     try:
-        root = zarr.open_group(store=CheckedStore(path / STORE, files, f"the neighbours are damaged; {rerun}"),
-                               mode="r")
+        store = path / _store_name(manifest)
+        root = zarr.open_group(store=CheckedStore(store, files, f"the neighbours are damaged; {rerun}"), mode="r")
         return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
     except RetroError:
         raise
@@ -444,7 +520,7 @@ def neighbors_of_inputs(
     tmp = tempfile.mkdtemp(prefix="retro-test-set-") if work_dir is None else None
     work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
     try:
-        batch_neighbors(db_path, inputs, work, **options)
+        batch_neighbors(db_path, inputs, work, update=True, **options)  # a work dir follows the DB's versions
         found = open_neighbors(work)
         yield found, query_db_of(work, found)
     finally:

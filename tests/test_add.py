@@ -209,3 +209,31 @@ def test_stale_neighbours_are_refused_for_training(db_a, parts, tmp_path):
         train(db_a, nb, tmp_path / "m", TrainOptions(config="tiny", seq_len=128, steps=1), device="cpu")
     with pytest.raises(RetroError, match="holds neighbours of version 1 of .*now at version 2"):
         batch_neighbors(db_a, [db_a], nb, k=2, exclude_same_doc=True)
+
+
+def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_a, parts, tmp_path, cli):
+    from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.remove import remove_documents
+
+    args = dict(k=2, exclude_same_doc=True, ef=512)  # ef above the DB's size: the search is exact
+    nb = batch_neighbors(db_a, [db_a], tmp_path / "nb", **args)
+    test_nb = batch_neighbors(db_a, [parts[1]], tmp_path / "test-nb", k=3, ef=512)  # a test set's rows
+    add_documents(db_a, [parts[1]])
+    remove_documents(db_a, docs=[2])
+    result = cli("neighbors", db_a, "--input", db_a, "--out", nb, "--k", "2", "--exclude-same-doc", "--ef", "512",
+                 "--update", "--json")
+    assert result.exit_code == 0, result.output
+    update = json.loads(result.stdout)["update"]
+    assert update["from_version"] == 1 and update["to_version"] == 3
+    db = open_db(db_a)
+    added = db.num_chunks - db.manifest["segments"][0]["first_chunk"]
+    assert update["rows"] == db.num_chunks and added <= update["rows_recomputed"] < update["rows"], update
+    full = batch_neighbors(db_a, [db_a], tmp_path / "full", **args)
+    got, want = open_neighbors(nb), open_neighbors(full)
+    assert np.array_equal(got.ids, want.ids) and np.array_equal(got.distances, want.distances)
+    assert not np.isin(got.ids, np.flatnonzero(db.removed_chunks)).any()
+    # the test set's neighbours follow too (what eval and leakage-report do with their work dirs)
+    batch_neighbors(db_a, [parts[1]], test_nb, k=3, ef=512, update=True)
+    fresh = batch_neighbors(db_a, [parts[1]], tmp_path / "test-full", k=3, ef=512)
+    assert np.array_equal(open_neighbors(test_nb).ids, open_neighbors(fresh).ids)
+    assert len(list(nb.glob("store*.zarr"))) == 1  # the old store is gone once the update is committed

@@ -40,6 +40,9 @@ def neighbors(
     block_size: BlockSize = DEFAULT_BATCH_BLOCK,
     threads: Threads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Batch mode: replace --out")] = False,
+    update: Annotated[bool, flag(
+        "--update", "Batch mode: bring --out, computed on an earlier DB version, to this one (changed rows only)")
+    ] = False,
     dask: Dask = None,
     device: Device = "auto",
     json_output: JsonOut = False,
@@ -62,7 +65,7 @@ def neighbors(
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
             path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
                                    block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   dask=client, candidates=candidates, device=device)
+                                   dask=client, candidates=candidates, device=device, update=update)
 
         result = open_neighbors(path)
         summary = {
@@ -72,9 +75,16 @@ def neighbors(
             "candidates": int(result.ids.shape[1]),
             "missing": int((result.ids < 0).sum()),
             "seconds": result.manifest.get("seconds"),
+            "db_version": result.manifest["settings"].get("db_version", 1),
+            "update": result.manifest.get("update"),
         }
         if json_output:
             print_json(summary)
+        elif update and summary["update"]:
+            done = summary["update"]
+            console.print(f"[green]updated[/] neighbours from DB version {done['from_version']} to "
+                          f"{done['to_version']}: recomputed {done['rows_recomputed']:,} of {done['rows']:,} rows "
+                          f"→ {user(path)}")
         else:
             console.print(f"[green]wrote[/] neighbours of {summary['queries']:,} chunks (k={k}) → {user(path)}")
         return
