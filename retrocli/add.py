@@ -14,14 +14,10 @@ vector is the one a rebuild of the whole corpus gives it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
-
-import hnswlib
-import numpy as np
 
 from retrocli.checksums import file_sha256
 from retrocli.chunk import chunk_corpus
@@ -37,11 +33,11 @@ from retrocli.db import (
     stage_status,
     write_json_atomic,
 )
-from retrocli.embed import embed_db, load_embeddings
+from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import ADD_BLOCK, INDEX_DIR, _check_saved_shard
+from retrocli.index import INDEX_DIR, _check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock
-from retrocli.options import DEFAULT_EMBED_BATCH, ChunkOptions
+from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions
 from retrocli.progress import NullProgress, Progress
 
 # For tests of kill -9 at a given step: with RETRO_TEST_PAUSE_ADD_AT=STEP:FILE the process creates FILE
@@ -94,7 +90,7 @@ def add_documents(
     )
     files = expand_inputs(inputs, allow_duplicates)  # every path checked before any work
     if not allow_duplicates:
-        known = set(db.doc_table()["files/path"].tolist())
+        known = {str(p) for part in db.parts for p in part.files}
         again = [str(f) for f in files if str(f.absolute()) in known or str(f) in known]
         if again:
             raise RetroError(f"{again[0]}: is already in {db.path}; pass --allow-duplicates to add it again")
@@ -121,7 +117,7 @@ def add_documents(
         _pause_point("chunk")
         chunk_corpus(inputs, segment, options, progress=progress)
     embedder = db.manifest["embedder"]
-    block_size = int(db.manifest["stages"]["embed"].get("block_size", 4096))
+    block_size = int(db.manifest["stages"]["embed"].get("block_size", DEFAULT_BLOCK_SIZE))
     if stage_status(read_manifest(segment), "embed") != "complete":
         _pause_point("embed")
     added = embed_db(segment, embedder["name"], embedder["precision"], batch_size, threads, block_size,
@@ -137,7 +133,7 @@ def add_documents(
     counts = added.manifest["counts"]
     manifest["segments"] = [*manifest.get("segments", []), {
         "path": relative, "db_id": added.manifest["db_id"],
-        "manifest_sha256": hashlib.sha256((segment / MANIFEST).read_bytes()).hexdigest(),
+        "manifest_sha256": file_sha256(segment / MANIFEST),
         "first_doc": first_doc, "first_chunk": first_chunk, "documents": counts["documents"],
         "chunks": counts["chunks"], "tokens": counts["tokens"], "version": version,
     }]
@@ -185,22 +181,12 @@ def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progr
         try:
             if not final.exists():
                 raise RuntimeError("not built yet")
-            _check_saved_shard(final, space, dim, stop - start)
+            _check_saved_shard(final, space, dim, stop - start)  # whole: kept from an interrupted add
         except (OSError, RuntimeError):
-            index = hnswlib.Index(space=space, dim=dim)
-            index.init_index(max_elements=max(stop - start, 1), M=params["M"],
-                             ef_construction=params["ef_construction"], random_seed=params.get("seed", 100))
-            for block in range(start, stop, ADD_BLOCK):
-                block_stop = min(stop, block + ADD_BLOCK)
-                index.add_items(load_embeddings(segment, block, block_stop),
-                                np.arange(block, block_stop) + first_chunk, num_threads=1)
-            tmp = final.with_suffix(f".{os.getpid()}.partial")
-            index.save_index(str(tmp))
-            _check_saved_shard(tmp, space, dim, stop - start)
-            os.replace(tmp, final)
+            write_shard(segment, start, stop, first_chunk, final, space, dim, params["M"], params["ef_construction"],
+                        params.get("seed", 100), 1)
         task.advance(stop - start)
-        records.append({"shard": next_shard + i, "file": f"{relative}/{INDEX_DIR}/{final.name}",
-                        "start": first_chunk + start, "count": stop - start, "bytes": final.stat().st_size,
-                        "sha256": file_sha256(final)})
+        records.append(shard_record(next_shard + i, final, f"{relative}/{INDEX_DIR}/{final.name}",
+                                    first_chunk + start, stop - start))
     task.finish()
     return records

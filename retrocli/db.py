@@ -28,7 +28,6 @@ version never change.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from retrocli.checksums import CheckedStore, record_arrays
+from retrocli.checksums import CheckedStore, file_sha256, record_arrays
 from retrocli.checksums import check_files as check_recorded_files
 from retrocli.errors import RetroError
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
@@ -317,7 +316,7 @@ class RetroDB:
         if where.is_symlink() or not where.is_dir() or self.path.resolve() not in where.resolve().parents:
             raise RetroError(f"{where}: segment {i + 1} of the DB is missing; {damaged}")
         try:
-            digest = hashlib.sha256((where / MANIFEST).read_bytes()).hexdigest()
+            digest = file_sha256(where / MANIFEST)
         except OSError:
             digest = None
         if digest != record["manifest_sha256"]:
@@ -578,11 +577,10 @@ class StackedRows:
         start, stop, step = rows.indices(self.shape[0]) if isinstance(rows, slice) else (None, None, None)
         if step != 1:
             raise TypeError("StackedRows takes an int or a contiguous slice of rows")
-        out = []
-        for first, array in self.pieces:
-            lo, hi = max(start, first), min(stop, first + array.shape[0])
-            if lo < hi or (not out and first + array.shape[0] >= stop):
-                out.append(array[(slice(lo - first, max(lo, hi) - first), *rest)])
+        out = [array[(slice(max(start, first) - first, min(stop, first + array.shape[0]) - first), *rest)]
+               for first, array in self.pieces if max(start, first) < min(stop, first + array.shape[0])]
+        if not out:  # an empty range: zero rows of the right shape and type
+            return self.pieces[0][1][(slice(0, 0), *rest)]
         return np.concatenate(out) if len(out) > 1 else out[0]
 
 

@@ -111,20 +111,35 @@ def build_shard(
     """Build shard `shard` from its embeddings and move it into place; returns its manifest record."""
     db = open_db(db_path)
     start, stop = shard * shard_size, min(db.num_chunks, (shard + 1) * shard_size)
+    final = db.path / INDEX_DIR / _shard_name(shard)
+    write_shard(db, start, stop, 0, final, space, dim, M, ef_construction, seed, threads, task)
+    return shard_record(shard, final, f"{INDEX_DIR}/{final.name}", start, stop - start)
+
+
+def write_shard(
+    db: RetroDB, start: int, stop: int, first_label: int, final: Path, space: str, dim: int, M: int,
+    ef_construction: int, seed: int, threads: int, task=None,
+) -> None:
+    """An HNSW shard of db's vectors [start, stop), labelled first_label + row, written to `final` via a
+    temp name and checked whole before the rename."""
     index = hnswlib.Index(space=space, dim=dim)
     index.init_index(max_elements=max(stop - start, 1), M=M, ef_construction=ef_construction, random_seed=seed)
     for block in range(start, stop, ADD_BLOCK):
         block_stop = min(stop, block + ADD_BLOCK)
-        index.add_items(load_embeddings(db, block, block_stop), np.arange(block, block_stop), num_threads=threads)
+        index.add_items(load_embeddings(db, block, block_stop), np.arange(block, block_stop) + first_label,
+                        num_threads=threads)
         if task is not None:
             task.advance(block_stop - block)
-    final = db.path / INDEX_DIR / _shard_name(shard)
     tmp = final.with_suffix(f".{os.getpid()}.partial")  # two workers retrying one shard never share a file
     index.save_index(str(tmp))
     _check_saved_shard(tmp, space, dim, stop - start)
     os.replace(tmp, final)
-    return {"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start, "count": stop - start,
-            "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+
+
+def shard_record(shard: int, final: Path, relative: str, start: int, count: int) -> dict:
+    """A shard's manifest record; `relative` is its file's path inside the DB."""
+    return {"shard": shard, "file": relative, "start": start, "count": count, "bytes": final.stat().st_size,
+            "sha256": file_sha256(final)}
 
 
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process

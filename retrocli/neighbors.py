@@ -267,10 +267,10 @@ def batch_neighbors(
             return out
         if manifest["settings"] != settings:
             had = manifest["settings"].get("db_version", 1)
-            if {**manifest["settings"], "db_version": db.version} == settings and manifest["status"] == "complete" \
-                    and update:
+            only_version = {**manifest["settings"], "db_version": db.version} == settings
+            if only_version and update and manifest["status"] == "complete":
                 return update_neighbors(out, manifest, db, settings, progress)
-            if {**manifest["settings"], "db_version": db.version} == settings:
+            if only_version:
                 raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at version "
                                  f"{db.version} (documents were added or removed); pass --update to recompute the rows that can have changed, or "
                                  "--overwrite")
@@ -416,11 +416,11 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     ids = np.full((n, width), -1, dtype=np.int64)
     dists = np.full((n, width), np.inf, dtype=np.float32)
     ids[:n_old], dists[:n_old] = old.ids, old.distances
-    vectors = load_embeddings(queries, 0, n)[rows] if len(rows) else np.zeros((0, 1), np.float32)
     for start in range(0, len(rows), block):
-        part = rows[start : start + block]
+        part = rows[start : start + block]  # ascending, so one bounded read covers the block's rows
+        vectors = load_embeddings(queries, int(part[0]), int(part[-1]) + 1)[part - part[0]]
         exclude = queries.chunk_doc[part] if exclude_same_doc else None
-        ids[part], dists[part] = search_excluding(index, vectors[start : start + block], width, exclude, db.chunk_doc)
+        ids[part], dists[part] = search_excluding(index, vectors, width, exclude, db.chunk_doc)
     name = f"store-v{db.version}.zarr"
     store = out / name
     if store.exists():

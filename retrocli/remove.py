@@ -12,6 +12,8 @@ import fnmatch
 import os
 import time
 
+import numpy as np
+
 from retrocli.db import LIVING_FORMAT_VERSION, MANIFEST, RetroDB, open_db, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
@@ -58,5 +60,5 @@ def remove_documents(path: str | os.PathLike, sources: list[str] = (), docs: lis
         manifest["history"] = [*manifest.get("history", []), {
             "version": manifest["version"], "op": "remove", "documents": new, "at": round(time.time(), 3)}]
         write_json_atomic(db.path / MANIFEST, manifest)  # the commit
-    summary["removed_chunks"] = int(open_db(db.path).removed_chunks.sum())
+    summary["removed_chunks"] = int(np.isin(db.chunk_doc, removed).sum())
     return summary

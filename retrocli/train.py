@@ -328,7 +328,7 @@ def train(
         net = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     if opts.compile:
         net = torch.compile(net)
-    flops_per_token = None
+    flops_per_token, count_flops = None, ranks.is_main  # counted once, on the first batch; rank 0 reports
     task = progress.start("train", total=opts.steps, unit="steps", completed=state["step"])
     started, window_tokens, window_start = time.time(), 0, time.time()
     autocast = torch.autocast(where.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -341,8 +341,9 @@ def train(
         local_tokens = int((batch[1] >= 0).sum())
         idx, targets, neighbors, real = (t.pin_memory().to(where, non_blocking=True) if on_gpu else t
                                          for t in batch)
-        if flops_per_token is None:
+        if count_flops:
             flops_per_token = count_flops_per_token(model, autocast, idx, neighbors, targets, real, local_tokens)
+            count_flops = False
         (tokens,) = distributed.all_sum([local_tokens], ranks, where)
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
@@ -445,15 +446,9 @@ def count_flops_per_token(model, autocast, idx, neighbors, targets, real, tokens
     return counter.get_total_flops() / tokens
 
 
-_CPU_ATTENTION_COUNTED = False
-
-
 def _count_cpu_attention() -> None:
     """torch's FLOP counter has formulas for the CUDA attention kernels but not for the CPU one, which it
     would count as 0; give the CPU kernel (and its backward) the same formulas."""
-    global _CPU_ATTENTION_COUNTED
-    if _CPU_ATTENTION_COUNTED:
-        return
     from torch.utils import flop_counter
 
     aten = torch.ops.aten
@@ -467,4 +462,3 @@ def _count_cpu_attention() -> None:
         flop_counter.register_flop_formula(backward, get_raw=True)(
             lambda grad_out, query, key, value, *args, out_val=None, **kwargs:
             flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape))
-    _CPU_ATTENTION_COUNTED = True

@@ -120,12 +120,10 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
 
 def _verify_segment(db_path: Path, record: dict) -> StageCheck:
     """An added segment: its manifest as the DB recorded it, then the segment checked as a DB of its own."""
-    import hashlib
-
     where = db_path / record["path"]
     check = StageCheck(f"segment {Path(record['path']).name}", "complete")
     try:
-        digest = hashlib.sha256((where / MANIFEST).read_bytes()).hexdigest()
+        digest = file_sha256(where / MANIFEST)
     except OSError as err:
         check.problems.append(f"{where / MANIFEST}: cannot read the segment's manifest ({err.strerror})")
         check.status = "damaged"
