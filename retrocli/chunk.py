@@ -29,10 +29,10 @@ from retrocli.corpus import (
     iter_documents,
 )
 from retrocli.db import (
+    BUILT_FORMAT_VERSION,
     CHUNK_ARRAYS,
     DOCS_PER_ZARR_CHUNK,
     FORMAT_NAME,
-    BUILT_FORMAT_VERSION,
     MANIFEST,
     ROWS_PER_ZARR_CHUNK,
     STORE,

@@ -30,7 +30,7 @@ from retrocli.errors import RetroError
 LOCAL_PREFIX = "local:"
 
 
-def _import_distributed():
+def import_distributed():
     try:
         import distributed
     except ImportError:
@@ -45,7 +45,7 @@ def dask_client(dask: Any) -> Iterator[Any]:
     if dask is None:
         yield None
         return
-    distributed = _import_distributed()
+    distributed = import_distributed()
     if isinstance(dask, distributed.Client):
         yield dask
         return
@@ -87,7 +87,7 @@ def run_blocks(
         for block in blocks:
             yield function(*args, block)
         return
-    distributed = _import_distributed()
+    distributed = import_distributed()
     run = uuid.uuid4().hex[:8]
     futures = [client.submit(function, *args, block, pure=False, key=f"retro-{stage}-{i}-{run}")
                for i, block in enumerate(blocks)]

@@ -16,10 +16,10 @@ import zarr
 from retrocli.db import (
     BUILT_FORMAT_VERSION,
     CHUNK_ARRAYS,
+    DOCS_PER_ZARR_CHUNK,
     EMBED_ARRAYS,
     MANIFEST,
     ROWS_PER_ZARR_CHUNK,
-    DOCS_PER_ZARR_CHUNK,
     STORE,
     TOKENIZER_FILE,
     RetroDB,

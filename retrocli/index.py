@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import hnswlib
@@ -200,6 +201,23 @@ def checked_shard_file(db_path: Path, shard: dict, cached: bool = True) -> Path:
     return file
 
 
+def merge_top_k(results: list[tuple[int, np.ndarray, np.ndarray]], queries: int, k: int):
+    """The exact top-k of per-shard top-k lists (shard, ids, distances), wherever they were searched;
+    -1 / inf where fewer than k exist. The stable sort on (distance, id) keeps ties the same across
+    shardings and across the order results arrive in."""
+    ids = np.full((queries, k), -1, dtype=np.int64)
+    dists = np.full((queries, k), np.inf, dtype=np.float32)
+    if not results or queries == 0 or k == 0:
+        return ids, dists
+    cat_ids = np.concatenate([r[1] for r in results], axis=1)
+    cat_dists = np.concatenate([r[2] for r in results], axis=1)
+    order = np.lexsort((cat_ids, cat_dists), axis=1)[:, :k]
+    width = order.shape[1]
+    ids[:, :width] = np.take_along_axis(cat_ids, order, axis=1)
+    dists[:, :width] = np.take_along_axis(cat_dists, order, axis=1)
+    return ids, dists
+
+
 FILTER_ABOVE = 64  # removed chunks in a shard beyond which a search filters instead of over-fetching
 
 
@@ -208,21 +226,30 @@ class ShardedIndex:
     are never returned: a shard with a few of them is searched for k + (their number) and they are
     dropped; with more, hnswlib's filtered search skips them."""
 
-    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH):
+    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH, shards: Iterable[int] | None = None):
+        """shards: load only these shard numbers (a Dask worker's own); None loads every shard."""
         check_at_least("--ef", ef)
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         meta = db.manifest["index"]
+        self.db_path = db.path
         self.space, self.dim = meta["space"], int(meta["dim"])
         self.size = db.num_chunks
         self.ef = ef
-        self.shards: list[hnswlib.Index] = []
         self.removed = db.removed_chunks
-        self.removed_in_shard: list[int] = []
-        self.starts: list[int] = []
+        self.records = {int(s["shard"]): s for s in meta["shards"]}
+        # shard number -> (hnswlib index, first chunk, removed chunks in it), in shard order
+        self.loaded: dict[int, tuple[hnswlib.Index, int, int]] = {}
         check_shard_coverage(db.path, db.manifest)
-        for shard in meta["shards"]:
-            file = checked_shard_file(db.path, shard)
+        self.load(self.records if shards is None else shards)
+
+    def load(self, shards: Iterable[int]) -> None:
+        """Load (after checking) the given shards that are not loaded yet."""
+        for number in sorted(set(shards) - self.loaded.keys()):
+            if number not in self.records:
+                raise RetroError(f"{self.db_path}: the index has no shard {number}")
+            shard = self.records[number]
+            file = checked_shard_file(self.db_path, shard)
             index = hnswlib.Index(space=self.space, dim=self.dim)
             try:
                 index.load_index(str(file), max_elements=shard["count"])
@@ -231,36 +258,31 @@ class ShardedIndex:
             if index.get_current_count() != shard["count"]:
                 raise RetroError(f"{file}: index shard is corrupt (holds {index.get_current_count()} "
                                  f"vectors, manifest says {shard['count']})")
-            self.shards.append(index)
-            self.starts.append(int(shard["start"]))
-            self.removed_in_shard.append(int(self.removed[shard["start"] : shard["start"] + shard["count"]].sum()))
+            start = int(shard["start"])
+            self.loaded[number] = (index, start, int(self.removed[start : start + shard["count"]].sum()))
+        self.loaded = dict(sorted(self.loaded.items()))
 
-    def search(self, vectors: np.ndarray, k: int, threads: int = 1, from_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, vectors: np.ndarray, k: int, threads: int = 1,
+               from_chunk: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist.
         from_chunk: search only the shards that start there or later (the chunks added since)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        q = len(vectors)
-        ids = np.full((q, k), -1, dtype=np.int64)
-        dists = np.full((q, k), np.inf, dtype=np.float32)
-        if q == 0 or k == 0:
-            return ids, dists
-        all_ids, all_dists = [], []
-        for index, removed, start in zip(self.shards, self.removed_in_shard, self.starts):
+        return merge_top_k(self.search_shards(vectors, k, threads, from_chunk), len(vectors), k)
+
+    def search_shards(self, vectors: np.ndarray, k: int, threads: int = 1,
+                      from_chunk: int = 0) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Each loaded shard's own top-k, as (shard, ids, distances); merge_top_k combines them."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if len(vectors) == 0 or k == 0:
+            return []
+        results = []
+        for number, (index, start, removed) in self.loaded.items():
             if start < from_chunk:
                 continue
             labels, distances = self._search_shard(index, removed, vectors, k, threads)
             if labels is not None:
-                all_ids.append(labels)
-                all_dists.append(distances)
-        if not all_ids:
-            return ids, dists
-        cat_ids, cat_dists = np.concatenate(all_ids, axis=1), np.concatenate(all_dists, axis=1)
-        # Stable sort on (distance, id) keeps ties deterministic across shardings.
-        order = np.lexsort((cat_ids, cat_dists), axis=1)[:, :k]
-        width = order.shape[1]
-        ids[:, :width] = np.take_along_axis(cat_ids, order, axis=1)
-        dists[:, :width] = np.take_along_axis(cat_dists, order, axis=1)
-        return ids, dists
+                results.append((number, labels, distances))
+        return results
 
     def _search_shard(self, index, removed: int, vectors: np.ndarray, k: int, threads: int):
         """One shard's top-k live chunks per query (ids −1 and distance inf where it has fewer)."""

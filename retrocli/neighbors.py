@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -42,6 +42,7 @@ from retrocli.index import ShardedIndex
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import longest_shared_run
 from retrocli.progress import NullProgress, Progress
+from retrocli.shard_owners import OwnedShards
 
 NEIGHBORS_FORMAT = "retrocli-neighbors"
 NEIGHBORS_VERSION = 1
@@ -219,13 +220,15 @@ def batch_neighbors(
     candidates: int | None = None,
     device: str = "auto",
     update: bool = False,
+    replicas: int = 1,
 ) -> Path:
     """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
     `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
     CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
     keep k (see retrocli.train.TrainingData).""
-    With `dask` (an address, 'local:N' or a distributed.Client) query blocks are searched on the workers,
-    each holding every index shard in memory (loaded once per worker).
+    With `dask` (an address, 'local:N' or a distributed.Client) each index shard is placed on `replicas`
+    workers, which alone load it; every block of queries is searched by one owner of each shard and the
+    per-shard results are merged here, exactly (see retrocli.shard_owners).
 
     `update`: neighbours in `out` computed on an earlier version of the DB are brought to this version by
     recomputing only the rows that can have changed (see update_neighbors)."""
@@ -271,9 +274,9 @@ def batch_neighbors(
             if only_version and update and manifest["status"] == "complete":
                 return update_neighbors(out, manifest, db, settings, progress)
             if only_version:
-                raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at version "
-                                 f"{db.version} (documents were added or removed); pass --update to recompute the rows that can have changed, or "
-                                 "--overwrite")
+                raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at "
+                                 f"version {db.version} (documents were added or removed); pass --update to "
+                                 "recompute the rows that can have changed, or --overwrite")
             raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
     elif out.exists() and any(out.iterdir()):
         raise RetroError(f"{out}: exists and is not a neighbours directory")
@@ -328,8 +331,15 @@ def batch_neighbors(
                           completed=n - sum(min(block_size, n - b * block_size) for b in todo))
     started = time.time()
     with dask_client(dask) as client:
-        args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
-        for block, count in run_blocks(client, "neighbors", search_block, args, todo, max_blocks):
+        todo = todo[:max_blocks] if max_blocks is not None else todo
+        if client is None:
+            args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
+            blocks = run_blocks(None, "neighbors", search_block, args, todo)
+        else:  # each shard stays on the workers that own it; this process merges and writes
+            owners = OwnedShards(client, db, ef, replicas)
+            blocks = _search_blocks_threaded(owners, db, queries, str(store), candidates, exclude_same_doc,
+                                             block_size, todo, in_flight=2 * len(owners.placement()) + 2)
+        for block, count in blocks:
             done.add(block)
             manifest["done_blocks"] = sorted(done)
             write_json_atomic(manifest_file, manifest)
@@ -366,6 +376,27 @@ def search_block(
     """Search the neighbours of query block `block` and write them to its zarr chunk of `store`."""
     db, index = _cached_index(db_path, ef)
     queries = db if queries_path == db_path else open_db(queries_path)
+    return _search_block_with(index, db, queries, store, k, exclude_same_doc, block_size, block)
+
+
+def _search_blocks_threaded(index, db: RetroDB, queries: RetroDB, store: str, k: int, exclude_same_doc: bool,
+                            block_size: int, blocks: list[int], in_flight: int) -> Iterator[tuple[int, int]]:
+    """_search_block_with for each block, `in_flight` at once (each waits on the cluster), in completion order."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max(1, in_flight)) as pool:
+        futures = [pool.submit(_search_block_with, index, db, queries, store, k, exclude_same_doc, block_size, b)
+                   for b in blocks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _search_block_with(index, db: RetroDB, queries: RetroDB, store: str, k: int, exclude_same_doc: bool,
+                       block_size: int, block: int) -> tuple[int, int]:
     start, stop = block * block_size, min(queries.num_chunks, (block + 1) * block_size)
     vectors = load_embeddings(queries, start, stop)
     exclude = queries.chunk_doc[start:stop] if exclude_same_doc else None

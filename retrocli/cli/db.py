@@ -320,7 +320,8 @@ def add(
         return
     last_doc = summary["first_doc"] + summary["documents"] - 1
     console.print(
-        f"[green]added[/] {summary['documents']:,} document{'s' if summary['documents'] != 1 else ''} (ids {summary['first_doc']:,}–{last_doc:,}), "
+        f"[green]added[/] {summary['documents']:,} document{'s' if summary['documents'] != 1 else ''} "
+        f"(ids {summary['first_doc']:,}–{last_doc:,}), "
         f"{summary['chunks']:,} chunks, in {summary['seconds']:.1f}s → {user(db)} version {summary['version']}"
     )
 
@@ -342,7 +343,8 @@ def remove(
         return
     already = f" ({summary['already_removed']} were removed already)" if summary["already_removed"] else ""
     console.print(
-        f"[green]removed[/] {len(summary['removed']):,} document{'s' if len(summary['removed']) != 1 else ''}{already} → {user(db)} version "
+        f"[green]removed[/] {len(summary['removed']):,} document{'s' if len(summary['removed']) != 1 else ''}"
+        f"{already} → {user(db)} version "
         f"{summary['version']}: {summary['live_documents']:,} live documents, {summary['removed_chunks']:,} "
         "removed chunks"
     )

@@ -44,6 +44,8 @@ def neighbors(
         "--update", "Batch mode: bring --out, computed on an earlier DB version, to this one (changed rows only)")
     ] = False,
     dask: Dask = None,
+    replicas: Annotated[int, typer.Option(
+        help="With --dask: workers that hold each index shard (more survive a lost worker without reloading)")] = 1,
     device: Device = "auto",
     json_output: JsonOut = False,
 ):
@@ -65,7 +67,8 @@ def neighbors(
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
             path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
                                    block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   dask=client, candidates=candidates, device=device, update=update)
+                                   dask=client, candidates=candidates, device=device, update=update,
+                                   replicas=replicas)
 
         result = open_neighbors(path)
         summary = {
