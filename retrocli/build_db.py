@@ -40,26 +40,26 @@ def build_db(
     device: str = "auto",
     devices: str | None = None,
 ):
-    """Chunk (in this process), then embed and index on `dask` when given (an address, 'local:N' or a
-    distributed.Client; one cluster serves both stages)."""
+    """Chunk, embed and index, on `dask` when given (an address, 'local:N' or a distributed.Client; one
+    cluster serves every stage)."""
     chunk_options = chunk_options or ChunkOptions()
     if devices is not None:
         resolve_devices(devices)  # devices that are not here are refused before chunking
     elif dask is None:
         resolve_device(device)
     out = Path(out)
-    if (out / MANIFEST).exists() and not overwrite:
-        manifest = read_manifest(out)
-        chunk_state = manifest.get("stages", {}).get("chunk", {})
-        same_inputs = chunk_state.get("inputs") == [str(Path(p).absolute()) for p in inputs]
-        same_options = chunk_state.get("options") == chunk_options.__dict__
-        if stage_status(manifest, "chunk") != "complete" or not (same_inputs and same_options):
-            raise RetroError(
-                f"{out}: exists with other inputs or chunk options; pass --overwrite to rebuild it"
-            )
-    else:
-        chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress)
     with dask_client(dask) as client:
+        if (out / MANIFEST).exists() and not overwrite:
+            manifest = read_manifest(out)
+            chunk_state = manifest.get("stages", {}).get("chunk", {})
+            same_inputs = chunk_state.get("inputs") == [str(Path(p).absolute()) for p in inputs]
+            same_options = chunk_state.get("options") == chunk_options.__dict__
+            if stage_status(manifest, "chunk") != "complete" or not (same_inputs and same_options):
+                raise RetroError(
+                    f"{out}: exists with other inputs or chunk options; pass --overwrite to rebuild it"
+                )
+        else:
+            chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress, dask=client)
         embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client,
                  device=device, devices=devices)
         return index_db(out, index_options, progress=progress, dask=client)

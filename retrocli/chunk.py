@@ -20,13 +20,18 @@ import numpy as np
 import zarr
 
 from retrocli import __version__
+from retrocli.cluster import dask_client, run_blocks
 from retrocli.corpus import (
     SUPPORTED,
     CorpusOptions,
     CorpusStats,
+    Piece,
+    check_not_empty,
     describe_paths,
     expand_inputs,
     iter_documents,
+    iter_piece_documents,
+    plan_pieces,
 )
 from retrocli.db import (
     BUILT_FORMAT_VERSION,
@@ -47,13 +52,17 @@ from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import AUTO_ID_FIELD, ChunkOptions
 from retrocli.progress import NullProgress, Progress
-from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
+from retrocli.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_from_json
 
 TOKENIZE_BATCH_CHARS = 4_000_000  # text handed to the Rust tokenizer at once (it parallelises inside)
 # A longer document is tokenized in windows of about this many characters, cut where whitespace meets a
 # non-space character: a byte-level BPE pre-tokenizer splits there anyway, so the ids are unchanged, and
 # the tokenizer's memory (offsets, words: ~100 bytes a character) no longer grows with the document.
 LONG_DOC_WINDOW = 1_000_000
+# With --dask: the corpus is cut into pieces of about this size, each one task (a file, a line range of an
+# uncompressed JSONL file, or a Parquet row group), so one large file is still spread over the workers.
+PIECE_BYTES = 64 << 20
+PIECES_DIR = "pieces"
 
 
 _CUT = re.compile(r"\s(?=\S)")  # the last whitespace character of a run, followed by a word
@@ -145,8 +154,12 @@ def chunk_corpus(
     options: ChunkOptions | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    dask=None,
+    piece_bytes: int = PIECE_BYTES,
 ) -> RetroDB:
-    """Chunk `inputs` into a new DB at `out` and return it opened."""
+    """Chunk `inputs` into a new DB at `out` and return it opened. With `dask` (an address, 'local:N' or a
+    distributed.Client) the corpus is cut into pieces of about `piece_bytes` (files, line ranges of JSONL,
+    Parquet row groups) tokenized as tasks; the DB is the same as one process writes."""
     options = options or ChunkOptions()
     progress = progress or NullProgress()
     out = Path(out)
@@ -172,7 +185,12 @@ def chunk_corpus(
     partial.mkdir(parents=True)
     started = time.time()
     try:
-        stats, counts = _write_chunks(inputs, partial, tokenizer, options, corpus_opts, progress)
+        if dask is None:
+            stats, counts = _write_chunks(inputs, partial, tokenizer, options, corpus_opts, progress)
+        else:
+            with dask_client(dask) as client:
+                stats, counts = _write_chunks_on_dask(inputs, partial, tokenizer, options, corpus_opts, progress,
+                                                      client, piece_bytes)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": BUILT_FORMAT_VERSION,
@@ -216,85 +234,187 @@ def _is_replaceable(path: Path) -> bool:
     return path.is_dir() and ((path / MANIFEST).exists() or not any(path.iterdir()))
 
 
+class _ChunkArrays:
+    """The chunk stage's arrays in a zarr group, grown as documents arrive (memory bounded)."""
+
+    def __init__(self, root, chunk_size: int, vocab_size: int, with_ids: bool):
+        self.root, self.m = root, chunk_size
+        self.dtype = _token_dtype(vocab_size)
+        self.len_dtype = np.uint8 if chunk_size <= 255 else np.uint16
+
+        def array(name, shape, dt, chunks, fill=0):
+            return root.create_array(name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill)
+
+        def per_chunk(name, dt, width=()):
+            return _GrowingArray(array(name, (0, *width), dt, (ROWS_PER_ZARR_CHUNK, *width)), ROWS_PER_ZARR_CHUNK)
+
+        def per_doc(name, dt, fill=0):
+            return _GrowingArray(array(name, (0,), dt, (DOCS_PER_ZARR_CHUNK,), fill), DOCS_PER_ZARR_CHUNK)
+
+        self.tokens = per_chunk("chunks/tokens", self.dtype, (chunk_size,))
+        self.lengths = per_chunk("chunks/length", self.len_dtype)
+        self.chunk_doc = per_chunk("chunks/doc", np.int64)
+        self.offsets = per_doc("docs/chunk_offset", np.int64)
+        self.doc_file = per_doc("docs/file", np.int32)
+        self.doc_pos = per_doc("docs/position", np.int64)
+        self.ext_ids = per_doc("docs/external_id", str, "") if with_ids else None
+        self.offsets.append(np.zeros(1, dtype=np.int64))
+        self.file_index: dict[str, int] = {}
+        self.any_id = False
+        self.n_docs = self.n_chunks = self.n_tokens = 0
+
+    def add(self, encoded: list[np.ndarray], paths: list[str], positions: list[int], ids: list[str]) -> None:
+        """Documents, tokenized, with where they came from."""
+        doc_offsets = np.empty(len(encoded), dtype=np.int64)
+        for i, token_ids in enumerate(encoded):
+            rows, lens = _split_into_chunks(token_ids, self.m, self.dtype)
+            self.tokens.append(rows)
+            self.lengths.append(lens.astype(self.len_dtype))
+            self.chunk_doc.append(np.full(len(rows), self.n_docs + i, dtype=np.int64))
+            self.n_chunks += len(rows)
+            self.n_tokens += len(token_ids)
+            doc_offsets[i] = self.n_chunks
+        self.offsets.append(doc_offsets)
+        self.doc_file.append(np.array([self.file_index.setdefault(p, len(self.file_index)) for p in paths], np.int32))
+        self.doc_pos.append(np.array(positions, np.int64))
+        if self.ext_ids is not None:
+            self.ext_ids.append(np.array(ids, dtype=object).astype(str))
+            self.any_id = self.any_id or any(ids)
+        self.n_docs += len(encoded)
+
+    def add_piece(self, piece) -> None:
+        """Every document of a piece's group (written by another _ChunkArrays), appended in order."""
+        count = int(piece["docs/file"].shape[0])
+        if count == 0:
+            return
+        paths = piece["files/path"][:].tolist()
+        self.tokens.append(piece["chunks/tokens"][:])
+        self.lengths.append(piece["chunks/length"][:])
+        self.chunk_doc.append(piece["chunks/doc"][:] + self.n_docs)
+        self.offsets.append(piece["docs/chunk_offset"][1:] + self.n_chunks)
+        self.doc_file.append(np.array([self.file_index.setdefault(str(paths[f]), len(self.file_index))
+                                       for f in piece["docs/file"][:]], np.int32))
+        self.doc_pos.append(piece["docs/position"][:])
+        if self.ext_ids is not None:
+            ids = piece["docs/external_id"][:] if "docs/external_id" in piece else np.full(count, "", dtype=object)
+            self.ext_ids.append(np.asarray(ids, dtype=object).astype(str))
+            self.any_id = self.any_id or any(str(i) for i in ids)
+        self.n_docs += count
+        self.n_chunks += int(piece["chunks/length"].shape[0])
+        self.n_tokens += int(piece["chunks/length"][:].astype(np.int64).sum())
+
+    def close(self, id_field: str | None, keep_empty_ids: bool = False) -> dict:
+        """Flush everything and write files/path; the counts. Automatic ids (id_field None) that no
+        record had leave no docs/external_id array (kept in a piece, whose DB may have them elsewhere)."""
+        growing = (self.tokens, self.lengths, self.chunk_doc, self.offsets, self.doc_file, self.doc_pos)
+        for array in growing + ((self.ext_ids,) if self.ext_ids else ()):
+            array.close()
+        if self.ext_ids is not None and id_field is None and not self.any_id and not keep_empty_ids:
+            del self.root["docs/external_id"]
+        paths = list(self.file_index)
+        files = self.root.create_array("files/path", shape=(len(paths),), dtype=str,
+                                       chunks=(max(1, min(len(paths), 65536)),))
+        files[:] = np.array(paths, dtype=object).astype(str)
+        return {"documents": self.n_docs, "chunks": self.n_chunks, "tokens": self.n_tokens}
+
+
 def _write_chunks(
     inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts, progress
 ):
-    m = options.chunk_size
-    dtype = _token_dtype(tokenizer.vocab_size)
-    len_dtype = np.uint8 if m <= 255 else np.uint16
     root = zarr.open_group(str(dest / STORE), mode="w")
-
-    def array(name, shape, dt, chunks, fill=0):
-        return root.create_array(name, shape=shape, dtype=dt, chunks=chunks, fill_value=fill)
-
-    def per_chunk(name, dt, width=()):
-        rows = ROWS_PER_ZARR_CHUNK
-        return _GrowingArray(array(name, (0, *width), dt, (rows, *width)), rows)
-
-    def per_doc(name, dt, fill=0):
-        rows = DOCS_PER_ZARR_CHUNK
-        return _GrowingArray(array(name, (0,), dt, (rows,), fill), rows)
-
-    tokens = per_chunk("chunks/tokens", dtype, (m,))
-    lengths = per_chunk("chunks/length", len_dtype)
-    chunk_doc = per_chunk("chunks/doc", np.int64)
-    offsets = per_doc("docs/chunk_offset", np.int64)
-    doc_file = per_doc("docs/file", np.int32)
-    doc_pos = per_doc("docs/position", np.int64)
-    ext_ids = per_doc("docs/external_id", str, "") if options.id_field != "" else None
-    any_id = False
-
+    arrays = _ChunkArrays(root, options.chunk_size, tokenizer.vocab_size, with_ids=options.id_field != "")
     files = expand_inputs(inputs, options.allow_duplicates)  # validate every path before any progress is shown
     if not files:  # directories with no corpus files: say so about the inputs, not an empty list
         raise RetroError(f"empty corpus: no {'/'.join(SUPPORTED)} files in {describe_paths(inputs)}")
     stats = CorpusStats()
-    file_index: dict[str, int] = {}
-    n_docs = n_chunks = n_tokens = 0
-    offsets.append(np.zeros(1, dtype=np.int64))
     task = progress.start("chunk", total=sum(f.stat().st_size for f in files) // 1024 or 1, unit="KB read")
     reported_kb = 0
 
-    def flush(batch):
-        nonlocal n_docs, n_chunks, n_tokens, reported_kb, any_id
-        encoded = encode_documents(tokenizer, [doc.text for doc in batch])
-        doc_offsets = np.empty(len(batch), dtype=np.int64)
-        for i, ids in enumerate(encoded):
-            rows, lens = _split_into_chunks(ids, m, dtype)
-            tokens.append(rows)
-            lengths.append(lens.astype(len_dtype))
-            chunk_doc.append(np.full(len(rows), n_docs + i, dtype=np.int64))
-            n_chunks += len(rows)
-            n_tokens += len(ids)
-            doc_offsets[i] = n_chunks
-        offsets.append(doc_offsets)
-        doc_file.append(np.array([file_index.setdefault(d.path, len(file_index)) for d in batch], np.int32))
-        doc_pos.append(np.array([d.position for d in batch], np.int64))
-        if ext_ids is not None:
-            ext_ids.append(np.array([d.external_id for d in batch], dtype=object).astype(str))
-            any_id = any_id or any(d.external_id for d in batch)
-        n_docs += len(batch)
+    def advance():
+        nonlocal reported_kb
         task.advance(stats.bytes_read // 1024 - reported_kb)
         reported_kb = stats.bytes_read // 1024
 
+    _tokenize_into(arrays, iter_documents(files, corpus_opts, stats), tokenizer, advance)
+    counts = arrays.close(options.id_field)
+    if arrays.ext_ids is not None and (options.id_field is not None or arrays.any_id):
+        stats.id_field = options.id_field or AUTO_ID_FIELD
+    task.finish()
+    return stats, {**counts, "files": stats.files}
+
+
+def _tokenize_into(arrays: _ChunkArrays, docs, tokenizer: LoadedTokenizer, on_batch=lambda: None) -> None:
+    """Tokenize documents in batches of about TOKENIZE_BATCH_CHARS and append them to `arrays`."""
     batch, batch_chars = [], 0
-    for doc in iter_documents(files, corpus_opts, stats):
+    for doc in docs:
         batch.append(doc)
         batch_chars += len(doc.text)
         if batch_chars >= TOKENIZE_BATCH_CHARS:
-            flush(batch)
+            arrays.add(encode_documents(tokenizer, [d.text for d in batch]), [d.path for d in batch],
+                       [d.position for d in batch], [d.external_id for d in batch])
+            on_batch()
             batch, batch_chars = [], 0
     if batch:
-        flush(batch)
-    for growing in (tokens, lengths, chunk_doc, offsets, doc_file, doc_pos) + ((ext_ids,) if ext_ids else ()):
-        growing.close()
-    if ext_ids is not None and options.id_field is None and not any_id:
-        del root["docs/external_id"]  # automatic ids, and no record had one: the DB has no ids
-    elif ext_ids is not None:
+        arrays.add(encode_documents(tokenizer, [d.text for d in batch]), [d.path for d in batch],
+                   [d.position for d in batch], [d.external_id for d in batch])
+        on_batch()
+
+
+_PIECE_TOKENIZER: dict[str, LoadedTokenizer] = {}
+
+
+def chunk_piece(dest: str, options: ChunkOptions, corpus_opts: CorpusOptions, numbered: tuple[int, Piece]) -> dict:
+    """A Dask task: tokenize one piece into its own zarr group under dest/pieces. A refusal (bad record,
+    --strict) comes back as the result, so the client can report the first one in corpus order."""
+    number, piece = numbered
+    file = Path(dest) / TOKENIZER_FILE
+    text = file.read_text(encoding="utf-8")
+    key = f"{file}:{len(text)}:{hash(text)}"
+    if key not in _PIECE_TOKENIZER:
+        _PIECE_TOKENIZER.clear()
+        _PIECE_TOKENIZER[key] = tokenizer_from_json(text, "piece")
+    tokenizer = _PIECE_TOKENIZER[key]
+    stats = CorpusStats()
+    root = zarr.open_group(str(Path(dest) / PIECES_DIR / f"{number:06d}.zarr"), mode="w")
+    arrays = _ChunkArrays(root, options.chunk_size, tokenizer.vocab_size, with_ids=options.id_field != "")
+    try:
+        _tokenize_into(arrays, iter_piece_documents(piece, corpus_opts, stats), tokenizer)
+    except RetroError as err:
+        return {"piece": number, "error": str(err)}
+    arrays.close(options.id_field, keep_empty_ids=True)
+    return {"piece": number, "stats": asdict(stats)}
+
+
+def _write_chunks_on_dask(inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts,
+                          progress, client, piece_bytes: int):
+    """Pieces tokenized on the cluster, then appended here in corpus order: document ids, chunk order and
+    every array are those of one process."""
+    files = expand_inputs(inputs, options.allow_duplicates)
+    if not files:
+        raise RetroError(f"empty corpus: no {'/'.join(SUPPORTED)} files in {describe_paths(inputs)}")
+    pieces = plan_pieces(files, piece_bytes)
+    (dest / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")  # what the tasks tokenize with
+    task = progress.start("chunk", total=sum(f.stat().st_size for f in files) // 1024 or 1, unit="KB read")
+    results: dict[int, dict] = {}
+    for result in run_blocks(client, "chunk", chunk_piece, (str(dest), options, corpus_opts), enumerate(pieces)):
+        results[result["piece"]] = result
+        task.advance(result.get("stats", {}).get("bytes_read", 0) // 1024)
+    refused = [results[i]["error"] for i in sorted(results) if "error" in results[i]]
+    if refused:  # the first in corpus order: what one process would have stopped at
+        raise RetroError(refused[0])
+    root = zarr.open_group(str(dest / STORE), mode="w")
+    arrays = _ChunkArrays(root, options.chunk_size, tokenizer.vocab_size, with_ids=options.id_field != "")
+    stats = CorpusStats()
+    for i in range(len(pieces)):
+        piece_stats = results[i]["stats"]
+        for name in ("files", "documents", "empty_skipped", "replaced_bytes_docs", "bytes_read"):
+            setattr(stats, name, getattr(stats, name) + piece_stats[name])
+        stats.binary_skipped.extend(piece_stats["binary_skipped"])
+        arrays.add_piece(zarr.open_group(str(dest / PIECES_DIR / f"{i:06d}.zarr"), mode="r"))
+    check_not_empty(inputs, stats)
+    counts = arrays.close(options.id_field)
+    if arrays.ext_ids is not None and (options.id_field is not None or arrays.any_id):
         stats.id_field = options.id_field or AUTO_ID_FIELD
-    paths = list(file_index)
-    files = root.create_array(
-        "files/path", shape=(len(paths),), dtype=str, chunks=(max(1, min(len(paths), 65536)),)
-    )
-    files[:] = np.array(paths, dtype=object).astype(str)
+    shutil.rmtree(dest / PIECES_DIR)
     task.finish()
-    return stats, {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": stats.files}
+    return stats, {**counts, "files": stats.files}

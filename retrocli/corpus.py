@@ -174,11 +174,20 @@ def _record_text(record, where: str, opts: CorpusOptions) -> tuple[str | None, s
     return text, ext
 
 
-def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator[Document]:
+def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats, start: int = 0, stop: int | None = None,
+                first_line: int = 1) -> Iterator[Document]:
+    """The records of a JSONL file; start/stop: only the lines that begin in that byte range (a piece of
+    an uncompressed file), the first of them being line `first_line`."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as handle:
-            for lineno, raw in enumerate(handle, start=1):
+            if start:
+                handle.seek(start)
+            at = start
+            for lineno, raw in enumerate(handle, start=first_line):
+                if stop is not None and at >= stop:
+                    break
+                at += len(raw)
                 stats.bytes_read += len(raw)
                 if not raw.strip():
                     continue
@@ -197,7 +206,9 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator
         raise RetroError(f"{path}: cannot read file ({getattr(err, 'strerror', None) or err})") from None
 
 
-def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterator[Document]:
+def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats,
+                  row_group: int | None = None) -> Iterator[Document]:
+    """The rows of a Parquet file, or of one of its row groups (a piece; rows keep their file numbering)."""
     import pyarrow.parquet as pq
 
     try:
@@ -211,9 +222,11 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterat
         raise RetroError(f"{path}: missing id column '{opts.id_field}'")
     id_column = opts.id_field or (AUTO_ID_FIELD if opts.id_field is None and AUTO_ID_FIELD in names else None)
     columns = [opts.text_field] + ([id_column] if id_column else [])
-    stats.bytes_read += path.stat().st_size
-    row = 0
-    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+    groups = None if row_group is None else [row_group]
+    if row_group in (None, 0):
+        stats.bytes_read += path.stat().st_size
+    row = sum(parquet.metadata.row_group(g).num_rows for g in range(row_group or 0))
+    for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns, row_groups=groups):
         texts = batch.column(opts.text_field).to_pylist()
         ids = batch.column(id_column).to_pylist() if id_column else [""] * len(texts)
         for text, ext in zip(texts, ids, strict=True):
@@ -224,27 +237,86 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iterat
             row += 1
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A part of the corpus chunked on its own (`chunk --dask`): a whole file, the lines beginning in a
+    byte range of an uncompressed JSONL file, or one row group of a Parquet file."""
+
+    path: str
+    start: int = 0  # JSONL: byte range [start, stop) and the line number at start
+    stop: int | None = None
+    first_line: int = 1
+    row_group: int | None = None  # Parquet
+    first_of_file: bool = True  # counts the file in the stats
+
+
+def plan_pieces(files: list[Path], piece_bytes: int) -> list[Piece]:
+    """The corpus cut into pieces of about piece_bytes, in document order. A JSONL range ends just after a
+    newline, and its first line number comes from counting the newlines before it."""
+    import pyarrow.parquet as pq
+
+    pieces: list[Piece] = []
+    for path in files:
+        name = path.name.lower()
+        if name.endswith(PARQUET_SUFFIXES):
+            try:
+                groups = pq.ParquetFile(path).num_row_groups
+            except Exception:  # a bad file: one piece, whose reader says what is wrong with it
+                groups = 1
+            pieces.extend(Piece(str(path), row_group=g, first_of_file=g == 0) for g in range(max(groups, 1)))
+        elif name.endswith(".jsonl") and path.stat().st_size > piece_bytes:
+            pieces.extend(_jsonl_ranges(path, piece_bytes))
+        else:
+            pieces.append(Piece(str(path)))
+    return pieces
+
+
+def _jsonl_ranges(path: Path, piece_bytes: int) -> list[Piece]:
+    size = path.stat().st_size
+    ranges, start, line = [], 0, 1
+    with open(path, "rb") as handle:
+        while start < size:
+            handle.seek(min(start + piece_bytes, size))
+            handle.readline()  # to the end of the line the cut falls in
+            stop = min(handle.tell(), size)
+            ranges.append(Piece(str(path), start, stop, line, first_of_file=start == 0))
+            handle.seek(start)
+            line += handle.read(stop - start).count(b"\n")
+            start = stop
+    return ranges
+
+
+def iter_piece_documents(piece: Piece, opts: CorpusOptions, stats: CorpusStats) -> Iterator[Document]:
+    """The non-empty documents of one piece, counting what was skipped into `stats` (which may end at 0)."""
+    path = Path(piece.path)
+    if piece.first_of_file:
+        stats.files += 1
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES):
+        docs = _read_jsonl(path, opts, stats, piece.start, piece.stop, piece.first_line)
+    elif name.endswith(PARQUET_SUFFIXES):
+        docs = _read_parquet(path, opts, stats, piece.row_group)
+    else:
+        docs = _read_text_file(path, opts, stats)
+    for doc in docs:
+        if not doc.text.strip():
+            stats.empty_skipped += 1
+            continue
+        stats.documents += 1
+        yield doc
+
+
 def iter_documents(
     inputs: Sequence[str | os.PathLike], opts: CorpusOptions | None = None, stats: CorpusStats | None = None
 ) -> Iterator[Document]:
     """Yield the non-empty documents of `inputs`, counting what was skipped into `stats`."""
     opts = opts or CorpusOptions()
     stats = stats if stats is not None else CorpusStats()
-    files = expand_inputs(inputs, opts.allow_duplicates)
-    for path in files:
-        stats.files += 1
-        name = path.name.lower()
-        if name.endswith(JSONL_SUFFIXES):
-            reader = _read_jsonl
-        elif name.endswith(PARQUET_SUFFIXES):
-            reader = _read_parquet
-        else:
-            reader = _read_text_file
-        for doc in reader(path, opts, stats):
-            if not doc.text.strip():
-                stats.empty_skipped += 1
-                continue
-            stats.documents += 1
-            yield doc
+    for path in expand_inputs(inputs, opts.allow_duplicates):
+        yield from iter_piece_documents(Piece(str(path)), opts, stats)
+    check_not_empty(inputs, stats)
+
+
+def check_not_empty(inputs: Sequence[str | os.PathLike], stats: CorpusStats) -> None:
     if stats.documents == 0:
         raise RetroError(f"empty corpus: no non-empty documents in {describe_paths(inputs)}")

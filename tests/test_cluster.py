@@ -229,3 +229,72 @@ def test_an_error_inside_a_task_reaches_the_client_as_one_retro_error(tiny_bert,
 def test_dask_with_a_single_query_is_refused(local_db, cli):
     result = cli("neighbors", local_db, "--query", "hello", "--dask", "local:1")
     assert result.exit_code == 2 and "batch mode" in result.output
+
+
+# -- chunk --dask: pieces tokenized as tasks, appended in corpus order --------------------------------------
+
+def _mixed_corpus(make_corpus, small_jsonl):
+    """Every kind of piece: a JSONL file cut into line ranges, Parquet row groups, gzip, text, a binary
+    file, empty records and ids on some records only."""
+    from helpers import SUBSET_TRAIN
+
+    texts = [json.loads(line)["text"][:1500] for line in SUBSET_TRAIN.read_text(encoding="utf-8").splitlines()[:90]]
+    records = [{"text": text} for text in texts[:60]]
+    for i, record in enumerate(records):
+        if i % 3 == 0:
+            record["id"] = f"doc-{i}"
+    records[5]["text"] = "   "
+    return make_corpus({
+        "a/big.jsonl": records,
+        "b/rows.parquet": [{"text": text} for text in texts[60:80]] * 80,
+        "c/small.jsonl.gz": [{"text": text} for text in texts[80:90]],
+        "d/notes.txt": "plain text document. " * 300,
+        "e/blob.txt": b"\x00\x01binary",
+    })
+
+
+def _db_arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path / "store.zarr"), mode="r")
+    return {name: root[name][:] for name in ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offset",
+                                             "docs/file", "docs/position", "files/path", "docs/external_id")
+            if name in root}
+
+
+def test_chunk_on_dask_equals_single_process(make_corpus, small_jsonl, tmp_path, client):
+    from retrocli.corpus import expand_inputs, plan_pieces
+
+    corpus = _mixed_corpus(make_corpus, small_jsonl)
+    pieces = plan_pieces(expand_inputs([corpus]), piece_bytes=4096)
+    assert sum(p.path.endswith("big.jsonl") for p in pieces) >= 4  # one file, several tasks
+    assert sum(p.row_group is not None for p in pieces) >= 2
+    local = chunk_corpus([corpus], tmp_path / "local")
+    remote = chunk_corpus([corpus], tmp_path / "dask", dask=client, piece_bytes=4096)
+    a, b = _db_arrays(local.path), _db_arrays(remote.path)
+    assert a.keys() == b.keys() and "docs/external_id" in a
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    assert remote.manifest["counts"] == local.manifest["counts"]
+    assert remote.manifest["stages"]["chunk"]["corpus"] == local.manifest["stages"]["chunk"]["corpus"]
+    assert remote.manifest["stages"]["chunk"]["files"] == local.manifest["stages"]["chunk"]["files"]
+    assert not (tmp_path / "dask" / "pieces").exists() and not (tmp_path / "dask.partial").exists()
+
+
+def test_chunk_on_dask_reports_the_first_bad_record_in_corpus_order(make_corpus, small_jsonl, tmp_path, client):
+    from helpers import SUBSET_TRAIN
+
+    lines = [json.dumps({"text": json.loads(line)["text"][:1500]})
+             for line in SUBSET_TRAIN.read_text(encoding="utf-8").splitlines()[:40]]
+    bad = lines[:25] + ['{"text": 3}'] + lines[25:] + ["not json"]
+    corpus = make_corpus({"a.jsonl": bad, "b.jsonl": ["{broken"]})
+    with pytest.raises(RetroError) as single:
+        chunk_corpus([corpus], tmp_path / "one")
+    with pytest.raises(RetroError) as spread:
+        chunk_corpus([corpus], tmp_path / "many", dask=client, piece_bytes=2048)
+    assert str(spread.value) == str(single.value) and ":26:" in str(single.value)
+    assert not (tmp_path / "many").exists() and not (tmp_path / "many.partial").exists()
+
+
+def test_cli_chunk_with_dask(small_jsonl, tmp_path, cli):
+    result = cli("chunk", str(small_jsonl), "--out", str(tmp_path / "db"), "--dask", "local:2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["counts"] == read_manifest(tmp_path / "db")["counts"]

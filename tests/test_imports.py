@@ -19,6 +19,7 @@ LAYERS = [
     ["retrocli.db", "retrocli"],
     ["retrocli.chunk", "retrocli.embed"],
     ["retrocli.index"],
+    ["retrocli.shard_owners"],
     ["retrocli.build_db", "retrocli.sequences", "retrocli.verify", "retrocli.info", "retrocli.add",
      "retrocli.remove", "retrocli.compact"],
     ["retrocli.overlap"],

@@ -72,6 +72,7 @@ def chunk(
     strict: Strict = False,
     allow_duplicates: AllowDuplicates = False,
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing DB at --out")] = False,
+    dask: Dask = None,
     json_output: JsonOut = False,
 ):
     """Tokenize a corpus and cut it into chunks: the DB every other command reads."""
@@ -79,8 +80,8 @@ def chunk(
 
     options = ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field, id_field=id_field,
                            strict=strict, allow_duplicates=allow_duplicates)
-    with progress_display(enabled=not json_output) as progress:
-        db = chunk_corpus(inputs, out, options, overwrite=overwrite, progress=progress)
+    with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
+        db = chunk_corpus(inputs, out, options, overwrite=overwrite, progress=progress, dask=client)
     stage = db.manifest["stages"]["chunk"]
     if json_output:
         print_json({"path": str(db.path), "counts": db.manifest["counts"], "corpus": stage["corpus"]})
