@@ -133,7 +133,8 @@ def leakage_report(
                              progress=progress, text_field=text_field, dask=dask,
                              device=str(where) if dask is None else device) as (neighbors, test):
         t_neighbors = time.time() - started
-        pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress, normalize)
+        pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress, normalize,
+                                           dask=dask)
         ids = neighbors.ids[:, :k]
         if exclude_near_duplicates:  # r(C) then measures what retrieval finds outside the duplicated documents
             ids, replaced = drop_near_duplicate_neighbors(db, test, neighbors.ids, pairs, k)

@@ -108,13 +108,27 @@ def candidate_index(threshold: float, num_perm: int) -> MinHashLSH:
             lsh_threshold = round(lsh_threshold - 0.05, 2)
 
 
+def document_hashes(of: RetroDB, doc: int, ngram: int, normalize: str, rows=None) -> np.ndarray:
+    """A document's n-gram hashes, as near-duplicate detection compares them (rows: the DB's tokens and
+    lengths, read once by the caller)."""
+    ids = doc_tokens(of, doc, *(rows or (None, None)))
+    if normalize == "text":  # normalised text, re-tokenized: a reformatted or re-cased copy still matches
+        text = dedupe_normalize(of.tokenizer.decode(ids.tolist()))
+        ids = np.array(of.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    return ngram_hashes(ids, ngram)
+
+
 def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_perm: int = DEFAULT_NUM_PERM,
                     threshold: float = DEFAULT_JACCARD, progress: Progress | None = None,
-                    normalize: str = DEFAULT_NORMALIZE) -> tuple[list[DuplicatePair], dict]:
+                    normalize: str = DEFAULT_NORMALIZE, dask=None) -> tuple[list[DuplicatePair], dict]:
     """Every (DB doc, test doc) pair with exact n-gram Jaccard ≥ threshold among MinHash-LSH candidates.
     normalize "text": n-grams of the documents' normalised text (dedupe_normalize) re-tokenized; "none":
     of their LM tokens as stored. A document shorter than n tokens has no n-gram: it is skipped (and
-    counted), never reported as a duplicate of another short one."""
+    counted), never reported as a duplicate of another short one.
+
+    With `dask` (a distributed.Client) the same pairs come from a distributed pass: MinHash signatures per
+    block of documents, LSH band keys grouped by a shuffle, and exact verification of the candidates in
+    blocks; no process holds every signature."""
     progress = progress or NullProgress()
     check_normalization(normalize)
     if not 0 < threshold <= 1:
@@ -124,14 +138,16 @@ def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_
     started = time.time()
     lsh = candidate_index(threshold, num_perm)
     task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
+    if dask is not None:
+        from retrocli.cluster import dask_client
+
+        with dask_client(dask) as client:
+            return _near_duplicates_on_dask(client, db, test, lsh, ngram, num_perm, threshold, normalize, progress,
+                                            started)
     db_rows, test_rows = db.tokens_block(0, db.num_chunks), test.tokens_block(0, test.num_chunks)  # read once
 
     def doc_hashes(of: RetroDB, rows: tuple[np.ndarray, np.ndarray], doc: int) -> np.ndarray:
-        ids = doc_tokens(of, doc, *rows)
-        if normalize == "text":  # normalised text, re-tokenized: a reformatted or re-cased copy still matches
-            text = dedupe_normalize(of.tokenizer.decode(ids.tolist()))
-            ids = np.array(of.tokenizer.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
-        return ngram_hashes(ids, ngram)
+        return document_hashes(of, doc, ngram, normalize, rows)
 
     skipped = {"db": 0, "test": 0}
 
@@ -171,6 +187,95 @@ def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_
                    "short_documents_skipped": skipped,
                    "docs_per_second": round((db.num_docs + test.num_docs) / max(seconds, 1e-9), 1)}
 
+
+# -- the same pass on Dask ---------------------------------------------------------------------------
+
+DOCS_PER_TASK = 2048
+PAIRS_PER_TASK = 4096
+_OPENED: dict[str, RetroDB] = {}
+
+
+def _opened(path: str) -> RetroDB:
+    from retrocli.db import open_db
+
+    if path not in _OPENED:
+        if len(_OPENED) > 4:
+            _OPENED.clear()
+        _OPENED[path] = open_db(path)
+    return _OPENED[path]
+
+
+def band_keys(db_path: str, side: str, ngram: int, num_perm: int, normalize: str, bands: int, rows: int,
+              docs: tuple[int, int]) -> dict:
+    """A task: for each document of the range, one (band, key) per LSH band of its MinHash (a short
+    document has none), as entries (band, key, side, doc)."""
+    of = _opened(db_path)
+    entries, skipped = [], 0
+    for doc in range(*docs):
+        hashes = document_hashes(of, doc, ngram, normalize)
+        if len(hashes) == 0:
+            skipped += 1
+            continue
+        values = minhash_of(hashes, num_perm).hashvalues
+        entries.extend((band, values[band * rows : (band + 1) * rows].tobytes(), side, doc) for band in range(bands))
+    return {"entries": entries, "skipped": skipped, "side": side}
+
+
+def _pairs_of_bucket(bucket) -> list[tuple[int, int]]:
+    """Every (DB doc, test doc) pair that shares this band key."""
+    _, members = bucket
+    db_docs = {doc for _, _, side, doc in members if side == "db"}
+    test_docs = {doc for _, _, side, doc in members if side == "test"}
+    return [(d, t) for d in db_docs for t in test_docs]
+
+
+def verify_pairs(db_path: str, test_path: str, ngram: int, num_perm: int, normalize: str, threshold: float,
+                 pairs: list[tuple[int, int]]) -> list[tuple[int, int, float, float]]:
+    """A task: exact Jaccard of each candidate pair; those at or above threshold, with the MinHash estimate."""
+    db, test = _opened(db_path), _opened(test_path)
+    kept = []
+    for doc, tdoc in pairs:
+        a, b = document_hashes(db, doc, ngram, normalize), document_hashes(test, tdoc, ngram, normalize)
+        exact = jaccard(a, b)
+        if exact >= threshold:
+            estimate = float(minhash_of(b, num_perm).jaccard(minhash_of(a, num_perm)))
+            kept.append((doc, tdoc, exact, estimate))
+    return kept
+
+
+def _near_duplicates_on_dask(client, db: RetroDB, test: RetroDB, lsh: MinHashLSH, ngram: int, num_perm: int,
+                             threshold: float, normalize: str, progress: Progress, started: float):
+    import dask
+    import dask.bag
+
+    from retrocli.cluster import run_blocks
+
+    task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
+    ranges = [("db", str(db.path), (a, min(a + DOCS_PER_TASK, db.num_docs)))
+              for a in range(0, db.num_docs, DOCS_PER_TASK)]
+    ranges += [("test", str(test.path), (a, min(a + DOCS_PER_TASK, test.num_docs)))
+               for a in range(0, test.num_docs, DOCS_PER_TASK)]
+    blocks = dask.bag.from_sequence(ranges, npartitions=max(1, len(ranges))).map(
+        lambda r: band_keys(r[1], r[0], ngram, num_perm, normalize, lsh.b, lsh.r, r[2]))
+    buckets = blocks.pluck("entries").flatten().groupby(lambda e: (e[0], e[1]), shuffle="tasks")
+    candidates = buckets.map(_pairs_of_bucket).flatten().distinct()
+    skipped, pairs = dask.compute(blocks.map(lambda b: (b["side"], b["skipped"])), candidates, scheduler=client)
+    task.advance(db.num_docs + test.num_docs)
+    pairs = sorted(pairs, key=lambda p: (p[1], p[0]))
+    chunks = [pairs[i : i + PAIRS_PER_TASK] for i in range(0, len(pairs), PAIRS_PER_TASK)]
+    args = (str(db.path), str(test.path), ngram, num_perm, normalize, threshold)
+    verified = sorted((row for rows in run_blocks(client, "near-dups", verify_pairs, args, chunks) for row in rows),
+                      key=lambda r: (r[1], r[0]))
+    found = [DuplicatePair(doc, db.source(doc), tdoc, test.source(tdoc), exact, estimate)
+             for doc, tdoc, exact, estimate in verified]
+    task.finish()
+    seconds = time.time() - started
+    short = {"db": 0, "test": 0}
+    for side, count in skipped:
+        short[side] += count
+    return found, {"candidates": len(pairs), "verified": len(found), "seconds": round(seconds, 3),
+                   "short_documents_skipped": short,
+                   "docs_per_second": round((db.num_docs + test.num_docs) / max(seconds, 1e-9), 1)}
 
 
 def drop_near_duplicate_neighbors(db: RetroDB, test: RetroDB, ids: np.ndarray, pairs: list[DuplicatePair],

@@ -298,3 +298,27 @@ def test_cli_chunk_with_dask(small_jsonl, tmp_path, cli):
     result = cli("chunk", str(small_jsonl), "--out", str(tmp_path / "db"), "--dask", "local:2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["counts"] == read_manifest(tmp_path / "db")["counts"]
+
+
+def test_near_duplicates_on_dask_find_the_same_pairs(local_db, tmp_path, client, monkeypatch):
+    from retrocli import near_duplicates as nd
+
+    db = open_db(local_db)
+    texts = [db.document_text(1), db.document_text(5)]
+    texts.append(db.document_text(3).upper() + " And one sentence more at the end.")  # re-cased, extended
+    texts.append("Entirely unrelated prose about tide pools, kelp and the migrations of shorebirds. " * 6)
+    texts.append("short")
+    corpus = tmp_path / "test.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    test = chunk_corpus([corpus], tmp_path / "test-db")
+    monkeypatch.setattr(nd, "DOCS_PER_TASK", 3)  # many signature tasks, so the shuffle really groups across them
+    monkeypatch.setattr(nd, "PAIRS_PER_TASK", 1)
+    for normalize in ("text", "none"):
+        local_pairs, local_stats = nd.near_duplicates(db, test, normalize=normalize)
+        spread_pairs, spread_stats = nd.near_duplicates(db, test, normalize=normalize, dask=client)
+        assert [p.__dict__ for p in spread_pairs] == [p.__dict__ for p in local_pairs]
+        found = {p.test_doc for p in local_pairs}  # the copies were found, so the comparison can fail
+        assert found >= ({0, 1, 2} if normalize == "text" else {0, 1}) and 3 not in found
+        for stats in (local_stats, spread_stats):
+            stats.pop("seconds"), stats.pop("docs_per_second")
+        assert spread_stats == local_stats and local_stats["short_documents_skipped"]["test"] == 1
