@@ -43,6 +43,7 @@ import zarr
 from retrocli.checksums import CheckedStore, file_sha256, record_arrays
 from retrocli.checksums import check_files as check_recorded_files
 from retrocli.errors import RetroError
+from retrocli.storage import committed
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
@@ -84,6 +85,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if path.name == MANIFEST:
+        committed(path)  # a DB copied from object storage: the change goes up to the store now
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from retrocli.db import RetroDB
+from retrocli.cluster import dask_client, run_blocks
+from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_JACCARD, DEFAULT_NGRAM, DEFAULT_NORMALIZE, DEFAULT_NUM_PERM
 from retrocli.overlap import check_normalization
@@ -139,8 +140,6 @@ def near_duplicates(db: RetroDB, test: RetroDB, ngram: int = DEFAULT_NGRAM, num_
     lsh = candidate_index(threshold, num_perm)
     task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
     if dask is not None:
-        from retrocli.cluster import dask_client
-
         with dask_client(dask) as client:
             return _near_duplicates_on_dask(client, db, test, lsh, ngram, num_perm, threshold, normalize, progress,
                                             started)
@@ -196,8 +195,6 @@ _OPENED: dict[str, RetroDB] = {}
 
 
 def _opened(path: str) -> RetroDB:
-    from retrocli.db import open_db
-
     if path not in _OPENED:
         if len(_OPENED) > 4:
             _OPENED.clear()
@@ -247,8 +244,6 @@ def _near_duplicates_on_dask(client, db: RetroDB, test: RetroDB, lsh: MinHashLSH
                              threshold: float, normalize: str, progress: Progress, started: float):
     import dask
     import dask.bag
-
-    from retrocli.cluster import run_blocks
 
     task = progress.start("near-dups", total=db.num_docs + test.num_docs, unit="docs")
     ranges = [("db", str(db.path), (a, min(a + DOCS_PER_TASK, db.num_docs)))

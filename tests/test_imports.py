@@ -14,7 +14,7 @@ PACKAGE = REPO / "retrocli"
 # Lower rank = lower layer. A module may import its own rank or below, never above.
 LAYERS = [
     ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock",
-     "retrocli.device", "retrocli.distributed"],
+     "retrocli.device", "retrocli.distributed", "retrocli.storage"],
     ["retrocli.checksums", "retrocli.cluster", "retrocli.corpus", "retrocli.tokenizer"],
     ["retrocli.db", "retrocli"],
     ["retrocli.chunk", "retrocli.embed"],

@@ -22,6 +22,7 @@ from retrocli.cli.options import (
     AllowDuplicates,
     BatchSize,
     BlockSize,
+    CacheDir,
     ChunkSize,
     Dask,
     Device,
@@ -59,6 +60,7 @@ from retrocli.options import (
     ChunkOptions,
     IndexOptions,
 )
+from retrocli.storage import local_db, local_inputs
 
 
 @handle_errors
@@ -73,6 +75,7 @@ def chunk(
     allow_duplicates: AllowDuplicates = False,
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing DB at --out")] = False,
     dask: Dask = None,
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Tokenize a corpus and cut it into chunks: the DB every other command reads."""
@@ -80,8 +83,9 @@ def chunk(
 
     options = ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field, id_field=id_field,
                            strict=strict, allow_duplicates=allow_duplicates)
-    with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
-        db = chunk_corpus(inputs, out, options, overwrite=overwrite, progress=progress, dask=client)
+    with local_db(out, cache_dir, write="retro chunk") as out, cluster(dask) as client, \
+            progress_display(enabled=not json_output) as progress:
+        db = chunk_corpus(local_inputs(inputs), out, options, overwrite=overwrite, progress=progress, dask=client)
     stage = db.manifest["stages"]["chunk"]
     if json_output:
         print_json({"path": str(db.path), "counts": db.manifest["counts"], "corpus": stage["corpus"]})
@@ -101,11 +105,13 @@ def chunk(
         err_console.print(f"[yellow]warning:[/] skipped binary file {user(path)}", soft_wrap=True)
 
 @handle_errors
-def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: JsonOut = False):
+def info(db: Annotated[Path, typer.Argument(help="DB directory or URL")], cache_dir: CacheDir = None,
+         json_output: JsonOut = False):
     """Summarise a DB: documents, chunks, tokens, tokenizer, stages and size on disk."""
     from retrocli.info import db_info
 
-    data = db_info(db)
+    with local_db(db, cache_dir) as path:
+        data = db_info(path)
     if json_output:
         print_json(data)
         return
@@ -138,12 +144,13 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: 
     console.print(table)
 
 @handle_errors
-def verify(db: Annotated[Path, typer.Argument(help="DB directory")], json_output: JsonOut = False):
+def verify(db: Annotated[Path, typer.Argument(help="DB directory or URL")], cache_dir: CacheDir = None,
+           json_output: JsonOut = False):
     """Check every file of a DB against the checksums its stages recorded. Exit 1 if any is damaged."""
     from retrocli.verify import verify_db
 
-    with progress_display(enabled=not json_output) as progress:
-        result = verify_db(db, progress=progress)
+    with local_db(db, cache_dir) as path, progress_display(enabled=not json_output) as progress:
+        result = verify_db(path, progress=progress)
     if json_output:
         print_json(result.to_dict())
     else:
@@ -206,12 +213,14 @@ def embed(
     dask: Dask = None,
     device: Device = "auto",
     devices: Devices = None,
+    cache_dir: CacheDir = None,
 ):
     """Embed every chunk with a frozen BERT (mean-pooled) into zarr; resumes an interrupted run."""
     from retrocli.embed import embed_db, warn_slow_bf16
 
     warn_slow_bf16(precision, err_console)
-    with cluster(dask) as client, progress_display() as progress:
+    with local_db(db, cache_dir, write="retro embed") as db, cluster(dask) as client, \
+            progress_display() as progress:
         out = embed_db(db, embedder=embedder, precision=precision, batch_size=batch_size, threads=threads,
                        block_size=block_size, progress=progress, dask=client, device=device,
                        devices=devices)
@@ -228,13 +237,15 @@ def index(
     threads: IndexThreads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Rebuild an existing index")] = False,
     dask: Dask = None,
+    cache_dir: CacheDir = None,
 ):
     """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
     from retrocli.index import index_db, remove_index
 
-    if overwrite:
-        remove_index(db)
-    with cluster(dask) as client, progress_display() as progress:
+    with local_db(db, cache_dir, write="retro index") as db, cluster(dask) as client, \
+            progress_display() as progress:
+        if overwrite:
+            remove_index(db)
         options = IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size, seed=seed,
                                threads=threads)
         out = index_db(db, options, progress=progress, dask=client)
@@ -264,15 +275,17 @@ def build_db_cmd(
     dask: Dask = None,
     device: Device = "auto",
     devices: Devices = None,
+    cache_dir: CacheDir = None,
 ):
     """chunk → embed → index in one command; a rerun skips finished stages and resumes the rest."""
     from retrocli.build_db import build_db
     from retrocli.embed import warn_slow_bf16
 
     warn_slow_bf16(precision, err_console)
-    with cluster(dask) as client, progress_display() as progress:
+    with local_db(out, cache_dir, write="retro build-db") as out, cluster(dask) as client, \
+            progress_display() as progress:
         db = build_db(
-            inputs,
+            local_inputs(inputs),
             out,
             chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
                                        id_field=id_field, strict=strict, allow_duplicates=allow_duplicates),

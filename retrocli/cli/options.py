@@ -52,6 +52,8 @@ MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]
 EfConstruction = Annotated[int, typer.Option(help="HNSW build-time search width")]
 ShardSize = Annotated[int, typer.Option(help="Vectors per HNSW shard (bounds build memory)")]
 Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
+CacheDir = Annotated[Path | None, typer.Option(
+    help="Where a DB given as a URL (s3://bucket/db, gs://…) is copied to work on (or RETRO_CACHE_DIR)")]
 Dask = Annotated[
     str | None,
     typer.Option(help="Run on Dask: a scheduler address (tcp://host:8786) or local:N worker processes"),

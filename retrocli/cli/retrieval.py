@@ -9,9 +9,10 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import BlockSize, Dask, Device, Ef, JsonOut, Threads, flag
+from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, flag
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
+from retrocli.storage import fetch_db
 
 
 def _neighbors_json(query: str, chunks) -> dict:
@@ -47,6 +48,7 @@ def neighbors(
     replicas: Annotated[int, typer.Option(
         help="With --dask: workers that hold each index shard (more survive a lost worker without reloading)")] = 1,
     device: Device = "auto",
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Nearest DB chunks of a text with their continuations ([N, F]) and sources; batch mode with --input/--out.
@@ -57,6 +59,7 @@ def neighbors(
     from retrocli.embed import check_embedder_matches
     from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
 
+    db = fetch_db(db, cache_dir)
     opened = open_db(db)
     check_embedder_matches(opened, embedder)
     if dask and not (input or out):

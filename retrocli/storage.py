@@ -1,0 +1,303 @@
+"""DBs on object storage (`s3://bucket/db`, `gs://…`, any fsspec URL): worked on through a local mirror.
+
+A command given a DB URL works on a copy of the DB in the cache directory the user names (`--cache-dir`
+or RETRO_CACHE_DIR; never a hidden default): `<cache>/<protocol>/<bucket>/<key…>`. Opening fetches the
+files that are not in the cache or differ from the store (by size; index shards also by the sha256 the
+manifest records, so a damaged cached shard is fetched again before hnswlib sees it). Readers then check
+every file as they do locally.
+
+Object stores have no rename, so a change is committed the way one object store PUT allows: every new
+or changed file is uploaded first, the manifest last. A PUT replaces an object whole, so a reader sees
+the old manifest or the new one, never half; the files the old one names do not change (the DB's own
+rule). Files a change deleted are deleted from the store after the new manifest is up. Each manifest
+write of a stage (every finished embedding block, every index shard) is such a commit, so a build
+killed on one machine resumes on another from what was uploaded.
+
+One writer at a time: beside the DB the store holds `.<name>.lock`, created with a conditional PUT
+(If-None-Match), which fails when the object exists; it holds the writer's pid, host and command like
+the local lock, and a dead holder on the same host is taken over.
+
+Credentials and endpoints come from the environment as fsspec's backends read them (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, …).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from retrocli.errors import RetroError
+
+CACHE_ENV = "RETRO_CACHE_DIR"
+MANIFEST = "manifest.json"
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
+# typer/pathlib turn `s3://b/k` into `s3:/b/k`: recognised and restored
+_COLLAPSED = re.compile(r"^([a-z][a-z0-9+.-]*):/([^/].*)$")
+
+
+def as_location(value: str | os.PathLike) -> str:
+    """The user's DB or input argument as a string: a URL with its `//` restored, or a local path."""
+    text = os.fspath(value)
+    collapsed = _COLLAPSED.match(text)
+    if collapsed and not Path(text).exists():
+        text = f"{collapsed.group(1)}://{collapsed.group(2)}"
+    if text.startswith("file://"):
+        return text[len("file://"):]
+    return text
+
+
+def is_url(value: str | os.PathLike) -> bool:
+    return _URL.match(as_location(value)) is not None
+
+
+def _filesystem(url: str):
+    try:
+        import fsspec
+    except ImportError:
+        raise RetroError("object storage needs fsspec: pip install 'retrocli[s3]'") from None
+    protocol = _URL.match(url).group(1)
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise RetroError(f"{url}: no filesystem for {protocol}:// ({err}); for s3:// pip install s3fs") from None
+    return fs, root.rstrip("/")
+
+
+def cache_dir_for(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    chosen = cache_dir or os.environ.get(CACHE_ENV)
+    if not chosen:
+        raise RetroError(f"{url}: a DB on object storage needs --cache-dir DIR (or {CACHE_ENV}) for its local copy")
+    return Path(chosen)
+
+
+def mirror_path(url: str, cache_dir: str | os.PathLike) -> Path:
+    """Where the URL's DB lives in the cache: <cache>/<protocol>/<bucket>/<key…>, no `..` anywhere."""
+    protocol, rest = _URL.match(url).groups()
+    parts = [p for p in rest.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise RetroError(f"{url}: not a DB location (empty, or with . or .. in its path)")
+    return Path(cache_dir) / protocol / Path(*parts)
+
+
+def _is_synced_file(relative: str) -> bool:
+    """Files of a DB that travel: not temp files of an interrupted write (`.x.partial`, `.manifest.json.*`)."""
+    name = relative.rsplit("/", 1)[-1]
+    return not name.startswith(".") and not name.endswith(".partial")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Mirror:
+    """One DB URL and its local copy; `pull` fetches, `push` commits local changes (manifest last)."""
+
+    def __init__(self, url: str, cache_dir: str | os.PathLike | None):
+        self.url = url.rstrip("/")
+        self.fs, self.root = _filesystem(self.url)
+        self.local = mirror_path(self.url, cache_dir_for(self.url, cache_dir))
+        self.pushed: dict[str, tuple[int, int]] = {}  # relative file -> (size, mtime_ns) as last uploaded
+
+    def _remote_files(self) -> dict[str, int]:
+        self.fs.invalidate_cache()  # another writer may have committed since this process last listed
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        except OSError as err:
+            raise RetroError(f"{self.url}: cannot list the store ({err})") from None
+        prefix = self.root + "/"
+        return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
+                if path.startswith(prefix) and _is_synced_file(path[len(prefix):])}
+
+    def _local_files(self) -> dict[str, Path]:
+        if not self.local.is_dir():
+            return {}
+        return {f.relative_to(self.local).as_posix(): f for f in sorted(self.local.rglob("*"))
+                if f.is_file() and not f.is_symlink() and _is_synced_file(f.relative_to(self.local).as_posix())}
+
+    def pull(self) -> Path:
+        """Bring the local copy to the store's state; files only the copy has are removed (an interrupted
+        run's leftovers, or a version the store no longer has)."""
+        remote = self._remote_files()
+        manifest = None
+        if MANIFEST in remote:
+            try:
+                manifest = json.loads(self.fs.cat_file(f"{self.root}/{MANIFEST}"))
+            except (OSError, ValueError) as err:
+                raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest ({err})") from None
+        shard_sha = {s.get("file"): s.get("sha256") for s in (manifest or {}).get("index", {}).get("shards", [])
+                     if isinstance(s, dict)}
+        local = self._local_files()
+        if not remote:  # no DB there (yet): nor here, so a new DB can be written at this path
+            if self.local.is_dir() and not self.local.is_symlink():
+                shutil.rmtree(self.local)
+            self.pushed = {}
+            return self.local
+        for relative, size in remote.items():
+            if relative == MANIFEST:
+                continue
+            have = local.get(relative)
+            stale = have is None or have.stat().st_size != size or \
+                (relative in shard_sha and _sha256(have) != shard_sha[relative])
+            if stale:
+                self._download(relative)
+        for relative, path in local.items():
+            if relative not in remote:
+                path.unlink()
+        if manifest is not None:  # last: a local reader sees it only with every file it names
+            self._download(MANIFEST)
+        self.pushed = {rel: self._stamp(path) for rel, path in self._local_files().items()}
+        return self.local
+
+    def _download(self, relative: str) -> None:
+        target = self.local / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            self.fs.get_file(f"{self.root}/{relative}", str(tmp))
+            os.replace(tmp, target)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RetroError(f"{self.url}/{relative}: cannot fetch ({err})") from None
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int]:
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def push(self) -> None:
+        """Upload what changed since the last pull or push, the manifest last; then delete from the store
+        what the copy no longer has."""
+        local = self._local_files()
+        changed = [rel for rel, path in local.items() if self.pushed.get(rel) != self._stamp(path)]
+        for relative in sorted(changed, key=lambda r: r == MANIFEST):
+            try:
+                self.fs.put_file(str(local[relative]), f"{self.root}/{relative}")
+            except OSError as err:
+                raise RetroError(f"{self.url}/{relative}: cannot upload ({err})") from None
+            self.pushed[relative] = self._stamp(local[relative])
+        for relative in sorted(set(self.pushed) - local.keys()):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(f"{self.root}/{relative}")
+            del self.pushed[relative]
+
+    # -- the writer lock, beside the DB in the store ----------------------------------------------------
+    @property
+    def lock_key(self) -> str:
+        parent, _, name = self.root.rpartition("/")
+        return f"{parent}/.{name}.lock"
+
+    @contextlib.contextmanager
+    def writer_lock(self, command: str) -> Iterator[None]:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": round(time.time(), 3)}
+        body = json.dumps(me).encode()
+        for _attempt in range(3):
+            try:
+                self.fs.pipe_file(self.lock_key, body, mode="create")
+                break
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.fs.cat_file(self.lock_key))
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError):
+                    holder = {}
+                pid, host = holder.get("pid"), holder.get("host")
+                if host == me["host"] and isinstance(pid, int) and not _alive(pid):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(self.lock_key)
+                    continue
+                raise RetroError(
+                    f"{self.url}: another writer holds the DB ({holder.get('command', '?')}, pid {pid} on {host}); "
+                    f"wait for it to finish, or delete {self._lock_url()} if it is gone"
+                ) from None
+        else:
+            raise RetroError(f"{self.url}: could not take the writer lock {self._lock_url()}; try again")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads(self.fs.cat_file(self.lock_key)).get("pid") == me["pid"]:
+                    self.fs.rm_file(self.lock_key)
+
+    def _lock_url(self) -> str:
+        protocol = _URL.match(self.url).group(1)
+        return f"{protocol}://{self.lock_key}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Local copies being written: each manifest write under one of them is committed to its store at once.
+_SYNCED: dict[Path, Mirror] = {}
+
+
+def committed(manifest_file: Path) -> None:
+    """Called after every atomic manifest write: push the DB to its store when it is a synced copy."""
+    mirror = _SYNCED.get(Path(os.path.abspath(manifest_file)).parent)
+    if mirror is not None:
+        mirror.push()
+
+
+def fetch_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local path to read a DB location at: itself, or for a URL its mirror, brought up to date."""
+    text = as_location(location)
+    return Mirror(text, cache_dir).pull() if is_url(text) else Path(text)
+
+
+@contextlib.contextmanager
+def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+             write: str | None = None) -> Iterator[Path]:
+    """The local path to work on for a DB location. For a URL: its pulled mirror; with `write` (the
+    command, for the lock) the store's writer lock is held and every manifest write is committed to the
+    store, and a last push runs when the body ends (also after an error: what finished is kept)."""
+    text = as_location(location)
+    if not is_url(text):
+        yield Path(text)
+        return
+    if write is None:
+        yield fetch_db(text, cache_dir)
+        return
+    mirror = Mirror(text, cache_dir)
+    with mirror.writer_lock(write):
+        path = mirror.pull()
+        key = Path(os.path.abspath(path))
+        _SYNCED[key] = mirror
+        try:
+            yield path
+        finally:
+            _SYNCED.pop(key, None)
+            if path.exists():
+                mirror.push()
+
+
+def local_inputs(inputs) -> list[Path]:
+    """Corpus inputs as local paths; a URL is refused in one line (corpus files are read where they lie)."""
+    paths = []
+    for value in inputs:
+        text = as_location(value)
+        if is_url(text):
+            raise RetroError(f"{text}: corpus inputs are read from local (or shared) paths; copy them here first, "
+                             "for example with `aws s3 cp --recursive`")
+        paths.append(Path(text))
+    return paths
