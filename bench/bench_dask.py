@@ -1,7 +1,9 @@
-"""build-db with `--dask local:W` vs the single-process build (the anchor, same corpus, same run), plus
-the scaling model those two runs give.
+"""build-db with `--dask local:W` vs the single-process build (the anchor, same corpus, same run): every
+stage (chunk, embed, index, batch neighbours, the near-duplicate pass), the merged search of shards owned
+by workers against one shard searched alone, and the scaling model those runs give.
 
-    .venv/bin/python bench/bench_dask.py --corpus examples/data/train.jsonl [--workers 2] [--limit-docs N]
+    .venv/bin/python bench/bench_dask.py --corpus examples/data/train.jsonl \
+        --heldout examples/data/heldout.jsonl [--workers 2] [--limit-docs N]
 
 On a 2-core machine no speed-up is expected: the point is the overhead (cluster start-up, per-task
 scheduling, one BERT copy per worker) and that the results match. The model: a stage of T1 single-core
@@ -35,6 +37,8 @@ def main() -> None:
     parser.add_argument("--limit-docs", type=int, default=None, help="Use only the first N documents")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--shard-size", type=int, default=None, help="default: chunks / workers (one shard each)")
+    parser.add_argument("--heldout", default=None, help="A test corpus for the near-duplicate pass")
+    parser.add_argument("--queries", type=int, default=4096, help="Query vectors for the merged-search timing")
     args = parser.parse_args()
 
     import distributed
@@ -42,7 +46,11 @@ def main() -> None:
     from retrocli.build_db import build_db
     from retrocli.chunk import ChunkOptions, chunk_corpus
     from retrocli.db import open_db
-    from retrocli.index import IndexOptions
+    from retrocli.embed import load_embeddings
+    from retrocli.index import IndexOptions, ShardedIndex
+    from retrocli.near_duplicates import near_duplicates
+    from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.shard_owners import OwnedShards
 
     work = Path(tempfile.mkdtemp(prefix="bench-dask-"))
     corpus = Path(args.corpus)
@@ -68,10 +76,48 @@ def main() -> None:
                                            dashboard_address=None)
         client = distributed.Client(cluster)
         startup = time.perf_counter() - start
+        # pieces of a quarter of a worker's share, so one large JSONL file is spread over the workers
+        piece = max(1 << 20, corpus.stat().st_size // (4 * args.workers))
+        chunk_corpus([corpus], work / "dask", ChunkOptions(), dask=client, piece_bytes=piece)
         build_db([corpus], work / "dask", block_size=args.block_size,
                  index_options=IndexOptions(shard_size=shard_size, threads=1), threads=1, dask=client)
         dask_wall = time.perf_counter() - start
         remote = stage_seconds(work / "dask")
+
+        # batch neighbours of the DB itself (what training reads): local search vs shards owned by workers
+        timings = {}
+        for name, cluster_arg in (("local", None), ("dask", client)):
+            t = time.perf_counter()
+            batch_neighbors(work / "local", [work / "local"], work / f"nb-{name}", k=2, exclude_same_doc=True,
+                            dask=cluster_arg)
+            timings[name] = time.perf_counter() - t
+        nb_equal = np.array_equal(open_neighbors(work / "nb-local").ids, open_neighbors(work / "nb-dask").ids)
+
+        # one search call of Q queries: one shard alone (the anchor), every shard here, every shard on its owner
+        db = open_db(work / "local")
+        queries = load_embeddings(db, 0, min(args.queries, n)).astype(np.float32)
+        one = ShardedIndex(db, shards=[0])
+        merged_local = ShardedIndex(db)
+        owned = OwnedShards(client, db, ef=merged_local.ef)
+        owned.search(queries[:8], 10)  # owners load their shards before the timing
+        search = {}
+        for name, index in (("one shard", one), ("all shards, this process", merged_local),
+                            (f"all shards, owned by {args.workers} workers", owned)):
+            t = time.perf_counter()
+            index.search(queries, 10)
+            search[name] = time.perf_counter() - t
+        placement = owned.placement()
+
+        dups = None
+        if args.heldout:
+            test = chunk_corpus([Path(args.heldout)], work / "heldout", ChunkOptions())
+            t = time.perf_counter()
+            local_pairs, _ = near_duplicates(db, test)
+            t_local = time.perf_counter() - t
+            t = time.perf_counter()
+            dask_pairs, _ = near_duplicates(db, test, dask=client)
+            dups = (t_local, time.perf_counter() - t, len(local_pairs),
+                    [p.__dict__ for p in local_pairs] == [p.__dict__ for p in dask_pairs])
         client.close()
         cluster.close()
 
@@ -102,6 +148,15 @@ def main() -> None:
               f"per worker after its {load:.1f}s model load")
         print(f"chunk tokens identical: {tokens_equal}; embeddings max |diff| {np.abs(a - b).max():.2e} "
               "(1 vs 2 torch threads)")
+        print(f"neighbors (self, k=2, --exclude-same-doc): single process {timings['local']:.1f}s, dask with owned "
+              f"shards {timings['dask']:.1f}s ({timings['dask'] / timings['local']:.2f}x); ids identical: {nb_equal}")
+        print(f"search of {len(queries):,} queries, k=10, against one shard alone (the anchor):")
+        for name, seconds in search.items():
+            print(f"  {name:38} {seconds:7.2f}s {seconds / search['one shard']:6.2f}x")
+        print(f"  placement: {placement}")
+        if dups:
+            print(f"near-duplicate pass vs the held-out pages: single process {dups[0]:.1f}s, dask {dups[1]:.1f}s "
+                  f"({dups[1] / dups[0]:.2f}x); {dups[2]} pairs, identical: {dups[3]}")
         print(f"scaling model: embed ~ {startup:.1f}s start-up + {load:.1f}s load + chunks / ({per_worker:.1f} x W)")
         for workers in (8, 64, 400):
             hours = (startup + load + 1e9 / (per_worker * workers)) / 3600
