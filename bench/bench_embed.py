@@ -114,7 +114,8 @@ def main() -> None:
     print("padding share of BERT positions and speed, batch " + str(args.batch_size) + ": " + "; ".join(
         f"{name} {padding_share(encoded, args.batch_size, name):.1%} {rate:.1f} chunks/s"
         for name, rate in rates.items())
-        + f"; default / padded {auto_rate / rates['padded']:.2f}, default / DB order {auto_rate / rates['db-order']:.2f}")
+        + f"; default / padded {auto_rate / rates['padded']:.2f}, "
+          f"default / DB order {auto_rate / rates['db-order']:.2f}")
 
 
 if __name__ == "__main__":

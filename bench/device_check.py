@@ -116,7 +116,8 @@ def main() -> int:
         compiled = train(db.path, neighbors, work / "model-compiled", options=compiled_options, device=str(device))
         rate = steady_rate(work / "model-compiled")
         report(f"retro train --compile ({args.compile_steps} steps)", np.isfinite(compiled["final_loss"]),
-               f"{rate:,.0f} tokens/s steady = {rate / eager:.2f}x eager; whole run {time.perf_counter() - start:.0f} s")
+               f"{rate:,.0f} tokens/s steady = {rate / eager:.2f}x eager; "
+               f"whole run {time.perf_counter() - start:.0f} s")
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         several_gpus(db, neighbors, work, options, report)
     print(f"{'all checks passed' if failures == 0 else f'{failures} check(s) failed'}")

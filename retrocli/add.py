@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retrocli.checksums import file_sha256
 from retrocli.chunk import chunk_corpus
-from retrocli.corpus import expand_inputs
+from retrocli.corpus import expand_inputs, source_name
 from retrocli.db import (
     LIVING_FORMAT_VERSION,
     MANIFEST,
@@ -91,7 +91,7 @@ def add_documents(
     files = expand_inputs(inputs, allow_duplicates)  # every path checked before any work
     if not allow_duplicates:
         known = {str(p) for part in db.parts for p in part.files}
-        again = [str(f) for f in files if str(f.absolute()) in known or str(f) in known]
+        again = [str(f) for f in files if source_name(f) in known or str(f) in known]
         if again:
             raise RetroError(f"{again[0]}: is already in {db.path}; pass --allow-duplicates to add it again")
 

@@ -32,6 +32,7 @@ from retrocli.corpus import (
     iter_documents,
     iter_piece_documents,
     plan_pieces,
+    source_name,
 )
 from retrocli.db import (
     BUILT_FORMAT_VERSION,
@@ -311,7 +312,7 @@ class _ChunkArrays:
             array.close()
         if self.ext_ids is not None and id_field is None and not self.any_id and not keep_empty_ids:
             del self.root["docs/external_id"]
-        paths = list(self.file_index)
+        paths = [source_name(p) for p in self.file_index]
         files = self.root.create_array("files/path", shape=(len(paths),), dtype=str,
                                        chunks=(max(1, min(len(paths), 65536)),))
         files[:] = np.array(paths, dtype=object).astype(str)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from retrocli.errors import RetroError
 from retrocli.options import AUTO_ID_FIELD, DEFAULT_TEXT_FIELD
+from retrocli.storage import source_name
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -151,7 +152,7 @@ def _read_text_file(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iter
     if b"\x00" in raw:
         stats.binary_skipped.append(str(path))
         return
-    yield Document(_decode(raw, str(path), opts, stats), str(path.absolute()), 0)
+    yield Document(_decode(raw, str(path), opts, stats), source_name(path), 0)
 
 
 def _record_text(record, where: str, opts: CorpusOptions) -> tuple[str | None, str]:
@@ -201,7 +202,7 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats, start: int 
                 text = _fix_surrogates(text, where, opts.text_field, opts, stats)
                 if ext:
                     ext = _fix_surrogates(ext, where, opts.id_field or AUTO_ID_FIELD, opts, None)
-                yield Document(text, str(path.absolute()), lineno, ext)
+                yield Document(text, source_name(path), lineno, ext)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise RetroError(f"{path}: cannot read file ({getattr(err, 'strerror', None) or err})") from None
 
@@ -233,7 +234,7 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats,
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__
                 raise RetroError(f"{path}: row {row}: field '{opts.text_field}' is {kind}, expected a string")
-            yield Document(text, str(path.absolute()), row, "" if ext is None else str(ext))
+            yield Document(text, source_name(path), row, "" if ext is None else str(ext))
             row += 1
 
 

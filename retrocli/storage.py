@@ -291,13 +291,97 @@ def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = 
                 mirror.push()
 
 
-def local_inputs(inputs) -> list[Path]:
-    """Corpus inputs as local paths; a URL is refused in one line (corpus files are read where they lie)."""
+# Corpus files fetched from object storage: the local copy's root -> the URL it came from. Sources and the
+# DB's file list name the URL, so a DB built from `s3://…` inputs does not record one machine's cache path.
+FETCHED_ROOTS: dict[str, str] = {}
+
+
+def source_name(path: str | os.PathLike) -> str:
+    """The name a corpus file is recorded under: its absolute path, or the URL it was fetched from."""
+    if _URL.match(os.fspath(path)):
+        return os.fspath(path)
+    text = os.path.abspath(os.fspath(path))
+    for root, url in FETCHED_ROOTS.items():
+        if text == root or text.startswith(root + os.sep):
+            return url + text[len(root):].replace(os.sep, "/")
+    return text
+
+
+INPUTS_RECORD = ".retro-fetched.json"
+
+
+def _version_tag(info: dict) -> str:
+    """What identifies one version of a stored object: its ETag (S3, GCS) or, failing that, size and mtime."""
+    for key in ("ETag", "etag", "md5Hash", "md5"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return f"{info.get('size')}:{info.get('LastModified') or info.get('mtime') or info.get('updated')}"
+
+
+def fetch_input(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A corpus or test-set URL (one object, or a prefix holding many) copied into the cache at the same
+    place a DB would go. An object already fetched is kept while its ETag is unchanged; each download lands
+    under a temporary name first, so an interrupted fetch never leaves a half file under a real name."""
+    fs, root = _filesystem(url)
+    target = mirror_path(url, cache_dir_for(url, cache_dir))
+    fs.invalidate_cache()
+    try:
+        single = fs.isfile(root)
+        if single:
+            found = {root: fs.info(root)}
+            files = {target.name: root}
+            target = target.parent
+        else:
+            found = fs.find(root, detail=True)
+            files = {path[len(root) + 1:]: path for path in found if path.startswith(root + "/")}
+    except OSError as err:
+        raise RetroError(f"{url}: cannot list the store ({err})") from None
+    files = {rel: path for rel, path in files.items() if _is_synced_file(rel) and rel != INPUTS_RECORD}
+    if not files:
+        raise RetroError(f"{url}: no such object or prefix in the store")
+    for relative in files:
+        if any(part in (".", "..") for part in relative.split("/")):
+            raise RetroError(f"{url}/{relative}: a stored name with . or .. is not fetched")
+    record_file = target / INPUTS_RECORD
+    try:
+        record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    except (OSError, ValueError):
+        record = {}
+    for relative, path in sorted(files.items()):
+        tag = _version_tag(found[path])
+        local = target / relative
+        size = int(found[path].get("size") or 0)
+        if record.get(relative) == tag and local.is_file() and local.stat().st_size == size:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
+        try:
+            fs.get_file(path, str(tmp))
+            os.replace(tmp, local)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RetroError(f"{url}/{relative}: cannot fetch ({err})") from None
+        record[relative] = tag
+        tmp_record = record_file.with_name(f".{INPUTS_RECORD}.{os.getpid()}.partial")
+        tmp_record.write_text(json.dumps(record, sort_keys=True))
+        os.replace(tmp_record, record_file)
+    FETCHED_ROOTS[os.path.abspath(target)] = url.rsplit("/", 1)[0] if single else url.rstrip("/")
+    return target / next(iter(files)) if single else target
+
+
+def local_inputs(inputs, cache_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Corpus, test-set or query inputs as local paths: a URL of a DB (it holds a manifest.json) becomes
+    its pulled mirror, any other URL its fetched copy in the cache; a local path stays as it is."""
     paths = []
     for value in inputs:
         text = as_location(value)
-        if is_url(text):
-            raise RetroError(f"{text}: corpus inputs are read from local (or shared) paths; copy them here first, "
-                             "for example with `aws s3 cp --recursive`")
-        paths.append(Path(text))
+        if not is_url(text):
+            paths.append(Path(text))
+            continue
+        mirror = Mirror(text, cache_dir)
+        try:
+            is_db = mirror.fs.isfile(f"{mirror.root}/{MANIFEST}")
+        except OSError as err:
+            raise RetroError(f"{text}: cannot reach the store ({err})") from None
+        paths.append(mirror.pull() if is_db else fetch_input(text, cache_dir))
     return paths

@@ -18,10 +18,11 @@ import pytest
 import zarr
 
 from retrocli.build_db import build_db
+from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions
-from retrocli.storage import Mirror, as_location, fetch_db, local_db, mirror_path
+from retrocli.storage import Mirror, as_location, fetch_db, fetch_input, local_db, local_inputs, mirror_path
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -189,3 +190,80 @@ def test_mirror_refuses_dot_dot_in_a_url(tmp_path):
     with pytest.raises(RetroError, match="not a DB location"):
         mirror_path("s3://bucket/../etc", tmp_path)
     assert Mirror  # the class is the public face of a mirror
+
+
+def _upload(local: Path, key: str) -> str:
+    _fs().put_file(str(local), f"{BUCKET}/{key}")
+    return f"s3://{BUCKET}/{key}"
+
+
+def test_corpus_inputs_from_a_prefix_chunk_like_local_files(s3_server, small_jsonl, make_corpus, tmp_path):
+    corpus = make_corpus({"a.txt": "alpha " * 300, "sub/b.md": "# beta\n" + "gamma delta " * 200})
+    for path in sorted(corpus.rglob("*")):
+        if path.is_file():
+            _upload(path, f"corpora/one/{path.relative_to(corpus).as_posix()}")
+    url = f"s3://{BUCKET}/corpora/one"
+    [fetched] = local_inputs([url], tmp_path / "cache")
+    local = chunk_corpus([corpus], tmp_path / "local-db")
+    remote = chunk_corpus([fetched], tmp_path / "remote-db")
+    assert local.num_docs == remote.num_docs == 2
+    a, b = (zarr.open_group(str(db.path / "store.zarr"), mode="r") for db in (local, remote))
+    for name in ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offset"):
+        np.testing.assert_array_equal(a[name][:], b[name][:], err_msg=name)
+    assert sorted(b["files/path"][:].tolist()) == [f"{url}/a.txt", f"{url}/sub/b.md"]  # the URL, not the cache
+    # fetched again: unchanged objects stay (same inode), a changed one comes anew
+    kept = (fetched / "a.txt").stat().st_ino
+    _fs().pipe_file(f"{BUCKET}/corpora/one/sub/b.md", b"# changed\n" + b"word " * 100)
+    [again] = local_inputs([url], tmp_path / "cache")
+    assert (again / "a.txt").stat().st_ino == kept
+    assert (again / "sub" / "b.md").read_bytes().startswith(b"# changed")
+
+
+def test_a_single_object_input_and_a_missing_one(s3_server, small_jsonl, tmp_path):
+    url = _upload(small_jsonl, "corpora/small.jsonl")
+    fetched = fetch_input(url, tmp_path / "cache")
+    assert fetched.name == "small.jsonl" and fetched.read_bytes() == small_jsonl.read_bytes()
+    with pytest.raises(RetroError, match="no such object"):
+        fetch_input(f"s3://{BUCKET}/corpora/nothing-here", tmp_path / "cache")
+
+
+def test_add_remove_and_compact_a_db_on_s3(s3_db, tiny_bert, make_corpus, tmp_path, cli):
+    url = f"s3://{BUCKET}/dbs/changing"
+    _fs().copy(f"{BUCKET}/dbs/small", f"{BUCKET}/dbs/changing", recursive=True)
+    cache = str(tmp_path / "writer")
+    new_docs = make_corpus({"new.txt": "an added document about object storage " * 40})
+    doc_url = _upload(new_docs / "new.txt", "corpora/new.txt")
+    before = open_db(fetch_db(url, tmp_path / "r0")).manifest["counts"]
+    added = cli("add", url, doc_url, "--cache-dir", cache, "--json")
+    assert added.exit_code == 0, added.output
+    # another machine sees the new version; the store holds no lock and no temp file
+    after = open_db(fetch_db(url, tmp_path / "r1"))
+    assert after.manifest["counts"]["documents"] == before["documents"] + 1 and after.manifest["version"] == 2
+    assert not _fs().exists(f"{BUCKET}/dbs/.changing.lock")
+    hits = cli("neighbors", url, "--query", "an added document about object storage", "--k", "1", "--json",
+               "--cache-dir", str(tmp_path / "r2"))
+    assert hits.exit_code == 0, hits.output
+    assert json.loads(hits.stdout)["chunks"][0]["neighbors"][0]["source"].endswith("new.txt")
+    removed = cli("remove", url, "--doc", str(before["documents"]), "--cache-dir", cache, "--json")
+    assert removed.exit_code == 0, removed.output
+    out = f"s3://{BUCKET}/dbs/compacted"
+    compacted = cli("compact", url, "--out", out, "--cache-dir", cache, "--json")
+    assert compacted.exit_code == 0, compacted.output
+    fresh = fetch_db(out, tmp_path / "r3")
+    assert open_db(fresh).manifest["counts"]["documents"] == before["documents"]
+    assert cli("verify", out, "--cache-dir", str(tmp_path / "r3")).exit_code == 0
+
+
+def test_leakage_report_of_a_db_and_test_set_on_s3_equals_local(s3_db, local_build, small_jsonl, tmp_path, cli):
+    test_url = _upload(small_jsonl, "tests/heldout.jsonl")
+    remote = cli("leakage-report", s3_db, "--test", test_url, "--k", "2", "--cache-dir", str(tmp_path / "c"),
+                 "--json")
+    local = cli("leakage-report", str(local_build), "--test", str(small_jsonl), "--k", "2", "--json")
+    assert remote.exit_code == 0, remote.output
+    got, want = json.loads(remote.stdout), json.loads(local.stdout)
+    for key in ("leaking_fraction", "chunks"):
+        assert got.get(key) == want.get(key), key
+    pairs = lambda report: [(p["db_doc"], p["test_doc"], p["jaccard"]) for p in report["near_duplicates"]]  # noqa: E731
+    assert pairs(got) == pairs(want) and pairs(got)
+    # the test set's sources name the URL it came from, not this machine's cache
+    assert got["near_duplicates"][0]["test_source"].endswith(f"({test_url}:line 1)")

@@ -85,7 +85,8 @@ def chunk(
                            strict=strict, allow_duplicates=allow_duplicates)
     with local_db(out, cache_dir, write="retro chunk") as out, cluster(dask) as client, \
             progress_display(enabled=not json_output) as progress:
-        db = chunk_corpus(local_inputs(inputs), out, options, overwrite=overwrite, progress=progress, dask=client)
+        db = chunk_corpus(local_inputs(inputs, cache_dir), out, options, overwrite=overwrite, progress=progress,
+                          dask=client)
     stage = db.manifest["stages"]["chunk"]
     if json_output:
         print_json({"path": str(db.path), "counts": db.manifest["counts"], "corpus": stage["corpus"]})
@@ -285,7 +286,7 @@ def build_db_cmd(
     with local_db(out, cache_dir, write="retro build-db") as out, cluster(dask) as client, \
             progress_display() as progress:
         db = build_db(
-            local_inputs(inputs),
+            local_inputs(inputs, cache_dir),
             out,
             chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
                                        id_field=id_field, strict=strict, allow_duplicates=allow_duplicates),
@@ -310,8 +311,8 @@ def build_db_cmd(
 
 @handle_errors
 def add(
-    db: Annotated[Path, typer.Argument(help="DB directory (built)")],
-    inputs: Annotated[list[Path], typer.Argument(help="Files or directories of new documents", readable=False)],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (built)")],
+    inputs: Annotated[list[Path], typer.Argument(help="Files, directories or URLs of new documents", readable=False)],
     text_field: Annotated[str | None, typer.Option(help="JSONL/Parquet text field (default: the DB's)")] = None,
     id_field: Annotated[str | None, typer.Option(help="JSONL/Parquet id field (default: the DB's)")] = None,
     strict: Strict = False,
@@ -320,13 +321,15 @@ def add(
     batch_size: BatchSize = DEFAULT_EMBED_BATCH,
     threads: Threads = None,
     device: Device = "auto",
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Add documents to a built DB: chunked, embedded and indexed as the DB was; nothing else moves."""
     from retrocli.add import add_documents
 
-    with progress_display(enabled=not json_output) as progress:
-        summary = add_documents(db, inputs, text_field=text_field, id_field=id_field, strict=strict or None,
+    with local_db(db, cache_dir, write="retro add") as path, progress_display(enabled=not json_output) as progress:
+        summary = add_documents(path, local_inputs(inputs, cache_dir), text_field=text_field, id_field=id_field,
+                                strict=strict or None,
                                 allow_duplicates=allow_duplicates, batch_size=batch_size, threads=threads,
                                 device=device, progress=progress)
     if json_output:
@@ -342,16 +345,18 @@ def add(
 
 @handle_errors
 def remove(
-    db: Annotated[Path, typer.Argument(help="DB directory")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL")],
     source: Annotated[list[str] | None, typer.Option(
         help="Shell-style glob matched against each document's source, e.g. '*chapter_20.txt*' (repeatable)")] = None,
     doc: Annotated[list[int] | None, typer.Option(help="Document id (repeatable)")] = None,
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Remove documents: their chunks are never returned again (no re-embedding; `retro compact` drops them)."""
     from retrocli.remove import remove_documents
 
-    summary = remove_documents(db, source or [], doc or [])
+    with local_db(db, cache_dir, write="retro remove") as path:
+        summary = remove_documents(path, source or [], doc or [])
     if json_output:
         print_json(summary)
         return
@@ -366,16 +371,18 @@ def remove(
 
 @handle_errors
 def compact(
-    db: Annotated[Path, typer.Argument(help="DB directory")],
-    out: Annotated[Path, typer.Option(help="New DB directory to write")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL")],
+    out: Annotated[Path, typer.Option(help="New DB directory or URL to write")],
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing DB at --out")] = False,
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Write a copy of a DB without its removed documents, added segments folded in (vectors are copied)."""
     from retrocli.compact import compact_db
 
-    with progress_display(enabled=not json_output) as progress:
-        new = compact_db(db, out, overwrite=overwrite, progress=progress)
+    with local_db(db, cache_dir) as source, local_db(out, cache_dir, write="retro compact") as target, \
+            progress_display(enabled=not json_output) as progress:
+        new = compact_db(source, target, overwrite=overwrite, progress=progress)
     counts = new.manifest["counts"]
     if json_output:
         print_json({"path": str(new.path), "counts": counts, "derived_from": new.manifest["derived_from"]})

@@ -21,6 +21,7 @@ from retrocli.cli.common import (
 )
 from retrocli.cli.options import (
     Alpha,
+    CacheDir,
     Dask,
     Device,
     Ef,
@@ -50,6 +51,7 @@ from retrocli.options import (
     DEFAULT_NUM_PERM,
     DEFAULT_TEXT_FIELD,
 )
+from retrocli.storage import fetch_db, local_db, local_inputs
 
 
 def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads, normalize):
@@ -128,7 +130,7 @@ def _print_leakage(report) -> None:
 @handle_errors
 def leakage_report_cmd(
     ctx: typer.Context,
-    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed)")],
     test: TestInputs,
     k: KNeighbors = DEFAULT_LEAKAGE_K,
     alpha: Alpha = DEFAULT_ALPHA,
@@ -149,6 +151,7 @@ def leakage_report_cmd(
     threads: Threads = None,
     dask: Dask = None,
     device: Device = "auto",
+    cache_dir: CacheDir = None,
 ):
     """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
     from retrocli.db import check_outside
@@ -162,6 +165,7 @@ def leakage_report_cmd(
         json_output, json_path = False, Path(ctx.args[0])
         err_console.print(f"[yellow]deprecated:[/] --json {user(json_path)} → use --json-out {user(json_path)} "
                           "(--json alone prints the report's JSON)", soft_wrap=True)
+    db, test = fetch_db(db, cache_dir), local_inputs(test, cache_dir)
     for option, path in (("--json-out", json_path), ("--html", html)):
         if path is not None:  # refused before any work: a report file must never land inside the DB
             check_outside(path, db, option)
@@ -199,9 +203,9 @@ def leakage_report_cmd(
 
 @handle_errors
 def dedupe(
-    db: Annotated[Path, typer.Argument(help="DB directory (indexed); never modified")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed); never modified")],
     test: TestInputs,
-    out: Annotated[Path, typer.Option(help="New DB without the flagged documents")],
+    out: Annotated[Path, typer.Option(help="New DB (directory or URL) without the flagged documents")],
     drop_leaking_chunks: Annotated[
         bool, flag("--drop-leaking-chunks", "Also drop DB documents holding a chunk with r > alpha")
     ] = False,
@@ -216,16 +220,18 @@ def dedupe(
     text_field: TextField = DEFAULT_TEXT_FIELD,
     threads: LocalThreads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Replace an existing --out")] = False,
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Write a copy of the DB without the documents that near-duplicate (or, optionally, leak into) a test set."""
     from retrocli.dedupe import dedupe as run_dedupe
 
-    with progress_display(enabled=not json_output) as progress:
+    with local_db(db, cache_dir) as source, local_db(out, cache_dir, write="retro dedupe") as target, \
+            progress_display(enabled=not json_output) as progress:
         new_db, report, dropped = run_dedupe(
-            db,
-            test,
-            out,
+            source,
+            local_inputs(test, cache_dir),
+            target,
             drop_leaking_chunks=drop_leaking_chunks,
             overwrite=overwrite,
             progress=progress,

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import (
+    CacheDir,
     Device,
     ExcludeNearDuplicates,
     JsonOut,
@@ -32,11 +33,12 @@ from retrocli.options import (
     DEFAULT_TRAIN_K,
     TrainOptions,
 )
+from retrocli.storage import fetch_db, local_inputs
 
 
 @handle_errors
 def train_cmd(
-    db: Annotated[Path, typer.Argument(help="DB (indexed): training corpus and retrieval DB")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed): training corpus and retrieval DB")],
     neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
     out: Annotated[Path, typer.Option(help="Model directory to write (checkpoints in OUT/checkpoint)")],
     heldout: Annotated[
@@ -75,6 +77,7 @@ def train_cmd(
                                "--batch-size is the global batch")
     ] = 1,
     compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume).
@@ -89,8 +92,8 @@ def train_cmd(
         checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
         compile=compile_model,
     )
-    kwargs = dict(db_path=db, neighbors_path=neighbors, out=out, options=opts, heldout=heldout, resume=resume,
-                  k=k, init_from=init_from, device=device)
+    kwargs = dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts, heldout=heldout,
+                  resume=resume, k=k, init_from=init_from, device=device)
     if nproc != 1:
         summary = launch(train, nproc, threads=threads, show_progress=not json_output, **kwargs)
     else:
@@ -117,7 +120,7 @@ def train_cmd(
 
 @handle_errors
 def eval_cmd(
-    db: Annotated[Path, typer.Argument(help="DB (indexed) to retrieve from")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed) to retrieve from")],
     test: TestInputs,
     model: ModelDir = None,
     leakage: Annotated[bool, typer.Option(help=f"Also compute r(C) (k={DEFAULT_LEAKAGE_K}) and bpb(alpha)")] = True,
@@ -129,13 +132,15 @@ def eval_cmd(
     = None,
     exclude_near_duplicates: ExcludeNearDuplicates = False,
     device: Device = "auto",
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
     from retrocli.eval import EXACT_WARNING, evaluate
 
     with progress_display(enabled=not json_output) as progress:
-        result = evaluate(model, db, test, leakage=leakage, batch_size=batch_size, threads=threads, work_dir=work_dir,
+        result = evaluate(model, fetch_db(db, cache_dir), local_inputs(test, cache_dir), leakage=leakage,
+                          batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
                           exclude_near_duplicates=exclude_near_duplicates, device=device)
     if result["exact_match_fraction"] > EXACT_WARNING:
@@ -173,7 +178,7 @@ def eval_cmd(
 
 @handle_errors
 def generate(
-    db: Annotated[Path, typer.Option("--db", help="DB (indexed) to retrieve from")],
+    db: Annotated[Path, typer.Option("--db", help="DB directory or URL (indexed) to retrieve from")],
     prompt: Annotated[str, typer.Option(help="Text to continue")],
     model: ModelDir = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample")] = DEFAULT_MAX_NEW_TOKENS,
@@ -185,6 +190,7 @@ def generate(
     no_retrieval: Annotated[bool, flag("--no-retrieval", "Disable retrieval (plain decoder)")] = False,
     show_neighbors: Annotated[bool, flag("--show-neighbors", "Print each retrieval as it happens")] = False,
     device: Device = "auto",
+    cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
     """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""
@@ -207,7 +213,7 @@ def generate(
     if not json_output:
         sys.stdout.write(prompt)
     result = run_generate(
-        db,
+        fetch_db(db, cache_dir),
         prompt,
         model_dir=model,
         max_new_tokens=max_new_tokens,

@@ -12,7 +12,7 @@ from retrocli.cli.common import cluster, console, handle_errors, print_json, pro
 from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, flag
 from retrocli.errors import RetroError
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
-from retrocli.storage import fetch_db
+from retrocli.storage import fetch_db, local_inputs
 
 
 def _neighbors_json(query: str, chunks) -> dict:
@@ -24,7 +24,7 @@ def _neighbors_json(query: str, chunks) -> dict:
 
 @handle_errors
 def neighbors(
-    db: Annotated[Path, typer.Argument(help="DB directory (indexed)")],
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed)")],
     query: Annotated[list[str] | None, typer.Option(help="Query text (repeatable)")] = None,
     query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
     k: Annotated[int, typer.Option(help="Neighbours per query chunk")] = DEFAULT_QUERY_K,
@@ -32,7 +32,8 @@ def neighbors(
     exclude_same_doc: Annotated[
         bool, flag("--exclude-same-doc", "Drop neighbours from the query's own document")
     ] = False,
-    input: Annotated[list[Path] | None, typer.Option("--input", help="Batch mode: a DB or corpus to query")] = None,
+    input: Annotated[list[Path] | None, typer.Option(
+        "--input", help="Batch mode: a DB or corpus (path or URL) to query")] = None,
     out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
     embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
     candidates: Annotated[int | None, typer.Option(
@@ -68,7 +69,8 @@ def neighbors(
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
-            path = batch_neighbors(db, input, out, k=k, ef=ef, exclude_same_doc=exclude_same_doc,
+            path = batch_neighbors(db, local_inputs(input, cache_dir), out, k=k, ef=ef,
+                                   exclude_same_doc=exclude_same_doc,
                                    block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
                                    dask=client, candidates=candidates, device=device, update=update,
                                    replicas=replicas)
