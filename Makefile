@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,bench,dask,s3]"
+	$(BIN)/python -m pip install -q -e ".[dev,bench,dask,s3,serve]"
 	touch $(STAMP)
 
 test: install

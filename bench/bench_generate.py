@@ -1,8 +1,9 @@
 """Generation speed: tokens/s with and without retrieval, retrieval cost per chunk (ms and share of
 generation time), and KV-cached decoding vs recomputing the whole window every token (what
-RETRO-pytorch's generate does) — the anchor, measured in the same run.
+RETRO-pytorch's generate does) — the anchor, measured in the same run. With --stale, also fresh vs stale
+retrieval (`--stale-retrieval`), here and (with --serve) through a `retro serve` started on 127.0.0.1.
 
-    .venv/bin/python bench/bench_generate.py --db DB --model MODEL_DIR [--new-tokens 512]
+    .venv/bin/python bench/bench_generate.py --db DB --model MODEL_DIR [--new-tokens 512] [--stale [--serve]]
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--new-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--stale", action="store_true", help="Also time fresh vs stale retrieval")
+    parser.add_argument("--serve", action="store_true", help="With --stale: also through a retro serve server")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +74,57 @@ def main() -> None:
     print(f"KV cache vs full recomputation per token (anchor, no retrieval): {n / t_cached:.1f} vs "
           f"{n / t_full:.1f} tokens/s, ratio {t_full / t_cached:.1f}; same tokens: {torch.equal(cached, full)}")
     print(f"text differs with retrieval vs without: {plain.text != with_retrieval.text}")
+    if args.stale:
+        stale_comparison(args, db, prompt, n, t_plain)
+
+
+def stale_comparison(args, db, prompt: str, n: int, t_plain: float) -> None:
+    """tokens/s and time spent waiting for retrieval, fresh vs stale, locally and through a server."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from retrocli.generate import generate
+    from retrocli.retriever import LocalRetriever
+
+    def run(label: str, retriever, stale: bool) -> None:
+        start = time.perf_counter()
+        out = generate(None, prompt, args.model, max_new_tokens=n, temperature=0, retriever=retriever,
+                       stale_retrieval=stale)
+        took = time.perf_counter() - start
+        print(f"{label:34s} {n / took:6.1f} tokens/s ({n / took / (n / t_plain):.2f}x no retrieval); decoding "
+              f"waited {out.retrieval_wait_seconds:.2f} s for {len(out.retrievals)} retrievals", flush=True)
+
+    local = LocalRetriever(db)
+    local.retrieve_texts(["warm-up"], 2)
+    print("\nfresh vs stale retrieval (greedy, same prompt; the texts differ, the token count does not):")
+    run("here, fresh", local, False)
+    run("here, stale", local, True)
+    if not args.serve:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", args.db, "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                json.loads(urllib.request.urlopen(url + "/health", timeout=2).read())
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.3)
+        run("through retro serve, fresh", url, False)
+        run("through retro serve, stale", url, True)
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 if __name__ == "__main__":

@@ -101,11 +101,12 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def check_same_chunking(db: RetroDB, where: str | os.PathLike, tokenizer_sha256: str, chunk_size: int,
+def check_same_chunking(db, where: str | os.PathLike, tokenizer_sha256: str, chunk_size: int,
                         subject: str = "") -> None:
     """Refuse tokens cut another way than db's: token ids and chunk boundaries must mean the same thing.
-    `where` names the other side (a DB, a model directory), `subject` says what it is in the message."""
-    if tokenizer_sha256 != db.manifest["tokenizer"]["sha256"]:
+    `db` is a RetroDB or a retriever (anything with tokenizer_sha256, chunk_size and path); `where` names
+    the other side (a DB, a model directory), `subject` says what it is in the message."""
+    if tokenizer_sha256 != db.tokenizer_sha256:
         raise RetroError(f"{where}: {subject}uses a different tokenizer than {db.path}")
     if int(chunk_size) != db.chunk_size:
         raise RetroError(f"{where}: {subject}chunk size {chunk_size} differs from {db.path} ({db.chunk_size})")
@@ -337,6 +338,10 @@ class RetroDB:
     @property
     def chunk_size(self) -> int:
         return int(self.manifest["chunk_size"])
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.manifest["tokenizer"]["sha256"]
 
     @property
     def num_chunks(self) -> int:

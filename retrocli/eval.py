@@ -25,7 +25,7 @@ from retrocli.neighbors import CANDIDATES_PER_K, neighbors_of_inputs
 from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
-from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, token_byte_lengths
+from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, stale_neighbor_ids, token_byte_lengths
 
 ALPHA_GRID = (0.0, 0.05, 0.1, 0.125, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -48,10 +48,10 @@ class ChunkLosses:
 @torch.no_grad()
 def chunk_losses(
     model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = DEFAULT_EVAL_BATCH,
-    progress: Progress | None = None, k: int | None = None,
+    progress: Progress | None = None, k: int | None = None, without_retrieval: bool = True,
 ) -> ChunkLosses:
-    """Per-token bits of every test chunk with its `k` retrieved neighbours (default: the model's k) and
-    without retrieval."""
+    """Per-token bits of every test chunk with its `k` retrieved neighbours (default: the model's k) and,
+    unless without_retrieval is False, without retrieval (left 0 then)."""
     progress = progress or NullProgress()
     m, k = db.chunk_size, k or model.config.num_neighbors
     if neighbor_ids.shape[1] < k:
@@ -85,7 +85,7 @@ def chunk_losses(
         targets[:, :-1] = np.where(real[:, :-1] & real[:, 1:], tokens[:, 1:], -1)
         device = model.wte.weight.device  # batches go where the model is; bits come back to the CPU
         idx, tgt = torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device)
-        for use_retrieval, sink in ((True, bits_r), (False, bits_n)):
+        for use_retrieval, sink in ((True, bits_r), (False, bits_n))[: 2 if without_retrieval else 1]:
             logits, _ = model(idx, neighbors=torch.from_numpy(nbr).to(device) if use_retrieval else None)
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1, reduction="none"
@@ -143,6 +143,7 @@ def evaluate(
     k: int | None = None,
     exclude_near_duplicates: bool = False,
     device: str = "auto",
+    stale_retrieval: bool = False,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
@@ -150,7 +151,8 @@ def evaluate(
     Test text that sits in the DB is retrieved as itself (distance 0): that is the paper's bpb(α) setting,
     and `exact_match_fraction` says how much of it there was. exclude_near_duplicates drops from each test
     document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ DEFAULT_JACCARD, on
-    normalised text), so what remains is what retrieval finds elsewhere."""
+    normalised text), so what remains is what retrieval finds elsewhere. stale_retrieval also measures bpb
+    with the neighbours stale retrieval delivers (chunk u reads chunk u−1's; `bpb_stale_retrieval`)."""
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
     check_at_least("--batch-size", batch_size)
@@ -176,6 +178,11 @@ def evaluate(
         losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k)
         r = compute_overlap(db, test, ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
+        if stale_retrieval:
+            stale = chunk_losses(model, db, test, stale_neighbor_ids(ids, test.chunk_doc), batch_size, progress,
+                                 k=model_k, without_retrieval=False)
+            result["bpb_stale_retrieval"] = float(stale.bits_retrieval.sum() / losses.bytes.sum())
+            result["stale_retrieval_cost"] = result["bpb_stale_retrieval"] / result["bpb_retrieval"] - 1
         result.update(
             {
                 "model": str(model_dir),

@@ -8,19 +8,19 @@ the following tokens attend to them (the paper's CCA alignment). Tokens stream o
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
-from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
-from retrocli.index import ShardedIndex
-from retrocli.model.checkpoint import load_model
-from retrocli.neighbors import neighbor_refs
+from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
     DEFAULT_EF_SEARCH,
     DEFAULT_MAX_NEW_TOKENS,
@@ -31,14 +31,17 @@ from retrocli.options import (
     check_in_range,
 )
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
-from retrocli.sequences import neighbor_rows, pad_id
+from retrocli.retriever import HttpRetriever, LocalRetriever
+from retrocli.sequences import pad_id
+from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
 
 
 @dataclass
 class Retrieval:
-    chunk_index: int
+    chunk_index: int  # the chunk (of prompt + continuation) whose neighbours these are
     chunk_text: str
     neighbors: list  # retrocli.neighbors.Neighbor
+    rows: np.ndarray | None = None  # [k, 2m] the tokens the model read
 
 
 @dataclass
@@ -58,37 +61,96 @@ class Generation:
     retrievals: list[Retrieval] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the continuation's tokens
     copy: Copy | None = None
+    seconds: float = 0.0  # from the first prompt token in to the last token out
+    retrieval_wait_seconds: float = 0.0  # of which decoding stood waiting for retrieval
 
 
-def longest_copy(db: RetroDB, token_ids: list[int], retrievals: list[Retrieval]) -> Copy | None:
+def longest_copy(tokenizer, pad: int, token_ids: list[int], retrievals: list[Retrieval]) -> Copy | None:
     """Where the continuation reuses retrieved text: its longest token run shared with any neighbour."""
-    ids = list(dict.fromkeys(nb.id for rec in retrievals for nb in rec.neighbors))
-    if not token_ids or not ids:
+    rows, neighbors = {}, {}
+    for rec in retrievals:
+        for nb, row in zip(rec.neighbors, rec.rows if rec.rows is not None else []):
+            rows.setdefault(nb.id, row)
+            neighbors.setdefault(nb.id, nb)
+    if not token_ids or not rows:
         return None
-    targets = neighbor_rows(db, np.array([ids]), NEIGHBOR_PAD)
+    ids = list(rows)
+    targets = np.stack([np.where(rows[i] == pad, NEIGHBOR_PAD, rows[i]) for i in ids])[None]
     query = np.asarray(token_ids, dtype=np.int64)[None, :]
     length, which, q_start, _ = (int(v[0]) for v in longest_runs(query, np.array([len(token_ids)]), targets))
     if length == 0:
         return None
-    neighbor = ids[which]
-    return Copy(length, db.tokenizer.decode(token_ids[q_start : q_start + length]), neighbor,
-                db.source(db.doc_of(neighbor)))
+    neighbor = neighbors[ids[which]]
+    return Copy(length, tokenizer.decode(token_ids[q_start : q_start + length]), neighbor.id, neighbor.source)
+
+
+class StaleRetrieval:
+    """Retrieval off the critical path: when chunk u completes, its retrieval starts in a background thread
+    and the next chunk reads the neighbours of chunk u−1, retrieved while chunk u was being decoded. The
+    first chunk after the first completed one reads none. Decoding waits only when a retrieval takes longer
+    than decoding a whole chunk."""
+
+    def __init__(self, fresh: Callable[[list[int]], Retrieval]):
+        self.fresh = fresh
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retro-retrieval")
+        self.pending: Future | None = None
+        self.wait_seconds = 0.0
+
+    def __call__(self, chunk_ids: list[int]) -> Retrieval | None:
+        ready = self._collect()
+        self.pending = self.pool.submit(self.fresh, chunk_ids)
+        return ready
+
+    def _collect(self) -> Retrieval | None:
+        if self.pending is None:
+            return None
+        start = time.perf_counter()
+        got = self.pending.result()
+        self.wait_seconds += time.perf_counter() - start
+        self.pending = None
+        return got
+
+    def finish(self) -> Retrieval | None:
+        """The retrieval still running for the last chunk (no chunk reads it)."""
+        try:
+            return self._collect()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def model_tokenizer(model_path: Path, meta: dict) -> LoadedTokenizer:
+    """The tokenizer a model was trained with, from its directory (for generation without a local DB)."""
+    tokenizer = load_tokenizer(model_path / "tokenizer.json")
+    if tokenizer.sha256 != meta["tokenizer_sha256"]:
+        raise RetroError(f"{model_path}/tokenizer.json: differs from the tokenizer the model was trained with")
+    return tokenizer
 
 
 def generate(
-    db_path: str | os.PathLike | RetroDB, prompt: str, model_dir: str | os.PathLike | None = None,
+    db_path: str | os.PathLike | RetroDB | None, prompt: str, model_dir: str | os.PathLike | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
     top_k: int | None = DEFAULT_TOP_K, top_p: float | None = None,
     seed: int = DEFAULT_SAMPLING_SEED, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
     on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
-    device: str = "auto",
+    device: str = "auto", retriever=None, stale_retrieval: bool = False,
 ) -> Generation:
     """`device` runs the model and the query embedder there; greedy decoding gives the same tokens on any
-    device in fp32 (up to ties within rounding)."""
+    device in fp32 (up to ties within rounding). `retriever`: a LocalRetriever, an HttpRetriever or the
+    URL of a `retro serve` server, used instead of opening db_path. `stale_retrieval`: see StaleRetrieval."""
     where = resolve_device(device)
-    db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
-    model, _ = load_model(model_dir, db)
+    if isinstance(retriever, str):
+        retriever = HttpRetriever(retriever)
+    db = None
+    if retriever is None or isinstance(retriever, LocalRetriever):
+        if retriever is not None:
+            db = retriever.db
+        elif db_path is None:
+            raise RetroError("give a DB (--db) or a retrieval server (--retriever)")
+        else:
+            db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
+    model, meta = load_model(model_dir, db if db is not None else retriever)
     model.to(where)
+    tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir), meta)
     if not prompt.strip():
         raise RetroError("--prompt is empty")
     if max_new_tokens < 1:
@@ -100,42 +162,68 @@ def generate(
     check_at_least("--k", k, allow_none=True)
     check_at_least("--ef", ef)
     k = k or model.config.num_neighbors
-    pad = pad_id(db)
-    retrieve_fn = None
+    pad = pad_id(db) if db is not None else retriever.pad
+    retrieve_fn = stale = None
     result = Generation(prompt, "")
+
+    def record(rec: Retrieval | None) -> torch.Tensor | None:
+        if rec is None:
+            return None
+        rec.chunk_index = len(result.retrievals)
+        result.retrievals.append(rec)
+        if on_retrieval:
+            on_retrieval(rec)
+        return torch.from_numpy(rec.rows)
+
     if retrieval:
-        index = ShardedIndex(db, ef=ef)
-        embedder = db_embedder(db, device=where)
-        if k > db.num_chunks:
-            raise RetroError(f"--k {k} is larger than the DB ({db.num_chunks} chunks)")
+        if retriever is None:
+            retriever = LocalRetriever(db, ef=ef, device=where)
+        if k > retriever.num_chunks:
+            raise RetroError(f"--k {k} is larger than the DB ({retriever.num_chunks} chunks)")
 
-        def retrieve_fn(chunk_ids: list[int]) -> torch.Tensor:
-            text = db.tokenizer.decode(chunk_ids)
-            ids, dists = index.search(embedder.embed([text]), k)
-            rec = Retrieval(len(result.retrievals), text, neighbor_refs(db, ids[0], dists[0]))
-            result.retrievals.append(rec)
-            if on_retrieval:
-                on_retrieval(rec)
-            return torch.from_numpy(neighbor_rows(db, ids[0], pad))
+        def fresh(chunk_ids: list[int]) -> Retrieval:
+            [got] = retriever.retrieve([chunk_ids], k)
+            return Retrieval(-1, got.text, got.neighbors, got.rows)
 
-    prompt_ids = db.tokenizer.encode_batch([prompt])[0]
+        def waited_for(chunk_ids: list[int]) -> Retrieval:  # fresh retrieval: decoding waits all of it
+            start = time.perf_counter()
+            try:
+                return fresh(chunk_ids)
+            finally:
+                result.retrieval_wait_seconds += time.perf_counter() - start
+
+        if stale_retrieval:
+            stale = StaleRetrieval(fresh)
+            retrieve_fn = lambda chunk_ids: record(stale(chunk_ids))  # noqa: E731
+        else:
+            retrieve_fn = lambda chunk_ids: record(waited_for(chunk_ids))  # noqa: E731
+
+    prompt_ids = tokenizer.encode_batch([prompt])[0]
     if not prompt_ids:
         raise RetroError("--prompt encodes to no tokens")
     generator = torch.Generator(device=where).manual_seed(seed)  # sampling draws on the model's device
     new_ids: list[int] = []
     shown = ""
-    for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,
-                                     top_k, top_p, generator):
-        new_ids.append(int(token[0]))
-        text = db.tokenizer.decode(new_ids)
-        # hold back a trailing partial UTF-8 character until its other bytes arrive
-        stable = text[:-1] if text.endswith("\ufffd") else text
-        if on_text and len(stable) > len(shown):
-            on_text(stable[len(shown):])
-        shown = stable if len(stable) > len(shown) else shown
-    result.text = db.tokenizer.decode(new_ids)
+    started = time.perf_counter()
+    try:
+        for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,
+                                         top_k, top_p, generator):
+            new_ids.append(int(token[0]))
+            text = tokenizer.decode(new_ids)
+            # hold back a trailing partial UTF-8 character until its other bytes arrive
+            stable = text[:-1] if text.endswith("\ufffd") else text
+            if on_text and len(stable) > len(shown):
+                on_text(stable[len(shown):])
+            shown = stable if len(stable) > len(shown) else shown
+    finally:
+        last = stale.finish() if stale is not None else None  # never leave the thread running
+    result.seconds = time.perf_counter() - started
+    if stale is not None:
+        result.retrieval_wait_seconds = stale.wait_seconds
+        record(last)
+    result.text = tokenizer.decode(new_ids)
     result.token_ids = new_ids
-    result.copy = longest_copy(db, new_ids, result.retrievals)
+    result.copy = longest_copy(tokenizer, pad, new_ids, result.retrievals)
     if on_text and len(result.text) > len(shown):
         on_text(result.text[len(shown):])
     return result

@@ -163,14 +163,14 @@ def query_neighbors(
     vectors = embedder.embed([chunk.text for chunk in flat])
     exclude = None
     if exclude_same_doc:
-        exclude = [_own_docs(db, index, vec, chunk) for vec, chunk in zip(vectors, flat)]
+        exclude = [own_documents(db, index, vec, chunk) for vec, chunk in zip(vectors, flat)]
     ids, dists = search_excluding(index, vectors, k, None, db.chunk_doc, exclude)
     for chunk, row_ids, row_d in zip(flat, ids, dists):
         chunk.neighbors = neighbor_refs(db, row_ids, row_d)
     return per_query
 
 
-def _own_docs(db: RetroDB, index: ShardedIndex, vector: np.ndarray, chunk: QueryChunk) -> set[int]:
+def own_documents(db: RetroDB, index: ShardedIndex, vector: np.ndarray, chunk: QueryChunk) -> set[int]:
     """The DB documents the query chunk was taken from: those holding a near-exact copy of it."""
     cand, _ = index.search(vector[None, :], min(10, index.size))
     own = set()

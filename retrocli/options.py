@@ -110,6 +110,8 @@ class TrainOptions:
     # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
     copy_curriculum: float = 0.0
     compile: bool = False  # torch.compile the model for the run (a runtime choice, like threads)
+    # Train as stale retrieval generates: chunk u reads the neighbours of chunk u-1 (see TrainingData).
+    stale_retrieval: bool = False
 
     def check(self) -> None:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""
@@ -120,3 +122,10 @@ class TrainOptions:
         check_in_range("--grad-clip", self.grad_clip, 0, math.inf)
         for name in ("warmup", "weight_decay", "min_lr_ratio", "retrieval_focus", "copy_curriculum"):
             check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), low=0)
+
+
+# retro serve
+DEFAULT_SERVE_HOST = "127.0.0.1"
+DEFAULT_SERVE_PORT = 8765
+DEFAULT_BATCH_WINDOW_MS = 2.0
+DEFAULT_MAX_BATCH = 256  # query chunks per embed + search call

@@ -34,6 +34,15 @@ def chunk_rows(db: RetroDB, start: int, stop: int, pad: int) -> tuple[np.ndarray
     return tokens, real
 
 
+def stale_neighbor_ids(ids: np.ndarray, chunk_doc: np.ndarray) -> np.ndarray:
+    """Neighbour ids [N, k] as stale retrieval delivers them: chunk u gets those of chunk u−1 of its
+    document, a document's first chunk none (−1). `chunk_doc` [N]: the document of each row's chunk."""
+    out = np.full_like(ids, -1)
+    same = chunk_doc[1:] == chunk_doc[:-1]
+    out[1:][same] = ids[:-1][same]
+    return out
+
+
 def neighbor_rows(db: RetroDB, ids: np.ndarray, pad: int, tokens: np.ndarray | None = None,
                   lengths: np.ndarray | None = None) -> np.ndarray:
     """DB chunk ids [..., k] (−1 = missing) → [..., k, 2m] tokens of N followed by its continuation F,

@@ -31,7 +31,7 @@ from retrocli.neighbors import open_neighbors
 from retrocli.options import DEFAULT_TRAIN_K, TrainOptions
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
-from retrocli.sequences import chunk_rows, neighbor_rows, pad_id
+from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, stale_neighbor_ids
 
 
 def lr_at(step: int, opts: TrainOptions) -> float:
@@ -73,10 +73,13 @@ class TrainingData:
     with 10 % of tokens replaced at random (so it is a near-duplicate, not the answer). Such a neighbour
     holds the text to predict, which real neighbours here rarely do; copying from retrieved text has to be
     learned somewhere, and the other neighbours stay real, so the model also learns when not to copy.
-    These chunks break the paper's same-document exclusion on purpose; 0 keeps to it."""
+    These chunks break the paper's same-document exclusion on purpose; 0 keeps to it.
+
+    With stale_retrieval, chunk u reads the neighbours retrieved for chunk u−1 of its document (none for a
+    document's first chunk), as `retro generate --stale-retrieval` delivers them."""
 
     def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int],
-                 retrieval_focus: float = 0.0, copy_curriculum: float = 0.0):
+                 retrieval_focus: float = 0.0, copy_curriculum: float = 0.0, stale_retrieval: bool = False):
         m = db.chunk_size
         if seq_len % m:
             raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
@@ -85,6 +88,9 @@ class TrainingData:
         self.tokens, self.real = chunk_rows(db, 0, db.num_chunks, self.pad)
         self.lengths = db.chunk_length
         self.candidates = neighbor_ids  # [N, C ≥ k], nearest first, own document already excluded
+        self.stale = stale_retrieval
+        if stale_retrieval:
+            self.candidates = stale_neighbor_ids(np.asarray(neighbor_ids), db.chunk_doc)
         self.heldout_doc = np.zeros(db.num_docs + 1, dtype=bool)  # [-1] stays False: a missing neighbour
         self.heldout_doc[list(heldout_docs)] = True
         bad = self.heldout_doc[db.chunk_doc]
@@ -295,7 +301,8 @@ def train(
         raise RetroError("--init-from starts a new run; --resume continues one: pass only one")
 
     heldout_docs = load_heldout(db, heldout) | set(db.removed_docs)  # removed documents are never trained on
-    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum)
+    data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum,
+                        opts.stale_retrieval)
     fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)
     if resume:
@@ -305,6 +312,9 @@ def train(
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
                                "retrieval_focus": opts.retrieval_focus, "copy_curriculum": opts.copy_curriculum,
                                "compile": opts.compile})
+        if opts.stale_retrieval != data.stale:
+            raise RetroError(f"{out}: the checkpoint was trained {'with' if opts.stale_retrieval else 'without'} "
+                             "--stale-retrieval; resume it the same way")
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
@@ -402,6 +412,7 @@ def train(
                 "heldout_documents": len(heldout_docs),
                 "neighbor_fill": round(fill, 4),
                 "parameters": model.num_parameters(),
+                "stale_retrieval": opts.stale_retrieval,
                 **({"init_from": state["init_from"]} if "init_from" in state else {}),
             },
         )

@@ -92,3 +92,26 @@ def test_leakage_report_can_exclude_near_duplicate_documents_from_retrieval(tiny
     assert not np.isin(db.chunk_doc[ov.neighbor[verbatim & (ov.neighbor >= 0)]], [1]).any()
     assert plain.overlap.r[verbatim].mean() == 1.0 and ov.r[verbatim].mean() < 0.5
     assert excluded.exclude_near_duplicates and excluded.near_duplicate_stats["neighbours_replaced"] > 0
+
+
+def test_eval_stale_retrieval_scores_the_neighbours_of_the_previous_chunk(trained, tiny_db, small_jsonl, tmp_path,
+                                                                          cli):
+    from retrocli.eval import chunk_losses, evaluate
+    from retrocli.model.checkpoint import load_model
+    from retrocli.neighbors import open_neighbors
+    from retrocli.sequences import stale_neighbor_ids
+
+    out, _ = trained
+    work = tmp_path / "w"
+    result = evaluate(out, tiny_db, [small_jsonl], work_dir=work, stale_retrieval=True)
+    fresh = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
+    assert result["bpb_retrieval"] == fresh["bpb_retrieval"]  # the fresh figures do not change
+    db, test = open_db(tiny_db), open_db(work / "queries")
+    model, _ = load_model(out, db)
+    ids = open_neighbors(work).ids[:, :2]
+    by_hand = chunk_losses(model, db, test, stale_neighbor_ids(ids, test.chunk_doc), without_retrieval=False)
+    assert result["bpb_stale_retrieval"] == pytest.approx(by_hand.bits_retrieval.sum() / by_hand.bytes.sum())
+    assert result["bpb_stale_retrieval"] != result["bpb_retrieval"]
+    assert result["stale_retrieval_cost"] == pytest.approx(result["bpb_stale_retrieval"] / result["bpb_retrieval"] - 1)
+    shown = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", work, "--stale-retrieval")
+    assert shown.exit_code == 0 and "bpb with stale retrieval" in shown.output

@@ -25,6 +25,8 @@ LAYERS = [
     ["retrocli.overlap"],
     ["retrocli.near_duplicates"],
     ["retrocli.neighbors"],
+    ["retrocli.retriever"],
+    ["retrocli.serve"],
     ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model",
      "retrocli.model.checkpoint"],
     ["retrocli.train", "retrocli.eval", "retrocli.generate"],

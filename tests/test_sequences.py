@@ -42,3 +42,12 @@ def test_token_byte_lengths_count_the_utf8_bytes_of_the_text(tiny_db):
     ids = db.tokenizer.encode_batch([text])[0]
     assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
     assert token_byte_lengths('{"decoder": {"type": "WordPiece"}, "model": {"vocab": {}}}') is None
+
+
+def test_stale_neighbor_ids_give_each_chunk_the_previous_chunk_s_within_its_document():
+    from retrocli.sequences import stale_neighbor_ids
+
+    ids = np.array([[10, 11], [20, 21], [30, 31], [40, 41]])
+    chunk_doc = np.array([0, 0, 0, 1])
+    stale = stale_neighbor_ids(ids, chunk_doc)
+    assert stale.tolist() == [[-1, -1], [10, 11], [20, 21], [-1, -1]]  # a document's first chunk gets none

@@ -244,3 +244,30 @@ def test_compile_trains_to_the_eager_weights(tiny_db, self_neighbors, tmp_path):
     assert a.keys() == b.keys()  # saved from the module itself, not torch.compile's wrapper
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_stale_retrieval_trains_chunk_u_on_the_neighbours_of_chunk_u_minus_1(tiny_db, self_neighbors, tmp_path):
+    from retrocli.neighbors import open_neighbors
+
+    db, nb = open_db(tiny_db), open_neighbors(self_neighbors)
+    fresh = TrainingData(db, nb.ids, 128, 2, set())
+    stale = TrainingData(db, nb.ids, 128, 2, set(), stale_retrieval=True)
+    rows = fresh.batch_rows(0, 0, 4)
+    assert np.array_equal(stale.batch_rows(0, 0, 4), rows)  # the same windows, other neighbours
+    doc = db.chunk_doc
+    for window in rows:
+        got = stale.window_neighbors(window[None, :])[0]
+        for u, chunk in enumerate(window):
+            if chunk == 0 or doc[chunk - 1] != doc[chunk]:
+                assert (got[u] == -1).all()  # first chunk of its document: nothing retrieved yet
+            else:  # the previous chunk's candidates, minus this window's documents, nearest first
+                want = [int(c) for c in nb.ids[chunk - 1] if c >= 0 and doc[c] not in set(doc[window])][:2]
+                assert got[u][: len(want)].tolist() == want and (got[u][len(want):] == -1).all()
+    out = tmp_path / "m"
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=4, stale_retrieval=True,
+                                                                 **{**OPTS, "checkpoint_every": 2}), stop_after=2)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["options"]["stale_retrieval"] is True
+    with pytest.raises(RetroError, match="resume it the same way"):
+        train(tiny_db, self_neighbors, out, TrainOptions(steps=4, **OPTS), resume=True)
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=4, stale_retrieval=True, **OPTS), resume=True)
+    assert json.loads((out / "retrocli_model.json").read_text())["stale_retrieval"] is True

@@ -50,6 +50,7 @@ for name, command in (
     ("remove", db.remove),
     ("compact", db.compact),
     ("neighbors", retrieval.neighbors),
+    ("serve", retrieval.serve),
     ("leakage-report", leakage.leakage_report_cmd),  # takes the old `--json PATH` as an extra argument
     ("dedupe", leakage.dedupe),
     ("train", model.train_cmd),

@@ -22,6 +22,7 @@ from retrocli.cli.options import (
     WorkDir,
     flag,
 )
+from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
     DEFAULT_LEAKAGE_K,
@@ -77,6 +78,9 @@ def train_cmd(
                                "--batch-size is the global batch")
     ] = 1,
     compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
+    stale_retrieval: Annotated[bool, flag(
+        "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` "
+                             "delivers them")] = False,
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
@@ -90,7 +94,7 @@ def train_cmd(
         config=config, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
         weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
         checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
-        compile=compile_model,
+        compile=compile_model, stale_retrieval=stale_retrieval,
     )
     kwargs = dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts, heldout=heldout,
                   resume=resume, k=k, init_from=init_from, device=device)
@@ -131,6 +135,9 @@ def eval_cmd(
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk fed to the model (default: the model's)")]
     = None,
     exclude_near_duplicates: ExcludeNearDuplicates = False,
+    stale_retrieval: Annotated[bool, flag(
+        "--stale-retrieval", "Also measure bpb with stale retrieval (chunk u reads the neighbours of chunk u-1)")
+    ] = False,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
@@ -142,7 +149,8 @@ def eval_cmd(
         result = evaluate(model, fetch_db(db, cache_dir), local_inputs(test, cache_dir), leakage=leakage,
                           batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
-                          exclude_near_duplicates=exclude_near_duplicates, device=device)
+                          exclude_near_duplicates=exclude_near_duplicates, device=device,
+                          stale_retrieval=stale_retrieval)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
@@ -166,6 +174,10 @@ def eval_cmd(
         f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   without: "
         f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"
     )
+    if "bpb_stale_retrieval" in result:
+        console.print(f"bpb with stale retrieval (chunk u reads chunk u-1's neighbours): "
+                      f"[bold]{result['bpb_stale_retrieval']:.4f}[/]   cost vs fresh "
+                      f"{100 * result['stale_retrieval_cost']:+.2f}%")
     if "curve" in result:
         table = Table(title="bpb(α): chunks with r(C) ≤ α", show_edge=False)
         for col in ("α", "chunks", "bpb retrieval", "bpb none"):
@@ -178,8 +190,13 @@ def eval_cmd(
 
 @handle_errors
 def generate(
-    db: Annotated[Path, typer.Option("--db", help="DB directory or URL (indexed) to retrieve from")],
     prompt: Annotated[str, typer.Option(help="Text to continue")],
+    db: Annotated[Path | None, typer.Option("--db", help="DB directory or URL (indexed) to retrieve from")] = None,
+    retriever: Annotated[str | None, typer.Option(
+        help="Retrieve from a `retro serve` server (http://host:port) instead of opening a DB here")] = None,
+    stale_retrieval: Annotated[bool, flag(
+        "--stale-retrieval", "Decode chunk u+1 with the neighbours of chunk u-1 while chunk u's are retrieved "
+                             "in the background (decoding never waits for retrieval)")] = False,
     model: ModelDir = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample")] = DEFAULT_MAX_NEW_TOKENS,
     temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
@@ -210,10 +227,12 @@ def generate(
                     highlight=False,
                 )
 
+    if (db is None) == (retriever is None):
+        raise RetroError("give exactly one of --db DB or --retriever http://host:port")
     if not json_output:
         sys.stdout.write(prompt)
     result = run_generate(
-        fetch_db(db, cache_dir),
+        fetch_db(db, cache_dir) if db is not None else None,
         prompt,
         model_dir=model,
         max_new_tokens=max_new_tokens,
@@ -226,6 +245,8 @@ def generate(
         device=device,
         on_text=on_text,
         on_retrieval=on_retrieval,
+        retriever=retriever,
+        stale_retrieval=stale_retrieval,
     )
     if json_output:
         print_json(
@@ -237,6 +258,9 @@ def generate(
                     for r in result.retrievals
                 ],
                 "copy": result.copy.__dict__ if result.copy else None,
+                "stale_retrieval": stale_retrieval,
+                "seconds": round(result.seconds, 4),
+                "retrieval_wait_seconds": round(result.retrieval_wait_seconds, 4),
             }
         )
         return

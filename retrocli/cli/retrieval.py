@@ -11,7 +11,15 @@ from rich.table import Table
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, flag
 from retrocli.errors import RetroError
-from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K
+from retrocli.options import (
+    DEFAULT_BATCH_BLOCK,
+    DEFAULT_BATCH_WINDOW_MS,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUERY_K,
+    DEFAULT_SERVE_HOST,
+    DEFAULT_SERVE_PORT,
+)
 from retrocli.storage import fetch_db, local_inputs
 
 
@@ -126,3 +134,38 @@ def neighbors(
                     user(f"{nb.source} · chunk {nb.id}"),
                 )
             console.print(table)
+
+
+@handle_errors
+def serve(
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed) to serve")],
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: every "
+                                           "interface, with no authentication)")] = DEFAULT_SERVE_HOST,
+    port: Annotated[int, typer.Option(help="TCP port")] = DEFAULT_SERVE_PORT,
+    ef: Ef = DEFAULT_EF_SEARCH,
+    batch_window_ms: Annotated[float, typer.Option(
+        help="How long a request waits for others to share its embed + search call")] = DEFAULT_BATCH_WINDOW_MS,
+    max_batch: Annotated[int, typer.Option(help="Query chunks per embed + search call at most")] = DEFAULT_MAX_BATCH,
+    threads: Threads = None,
+    device: Device = "auto",
+    cache_dir: CacheDir = None,
+):
+    """Serve the DB's retrieval over HTTP: POST /neighbors, GET /info, GET /health (docs/cli.md)."""
+    import torch
+
+    from retrocli.device import resolve_device
+    from retrocli.serve import create_app, run_app
+
+    if not 1 <= port <= 65535:
+        raise RetroError(f"--port: {port} is not a TCP port (1-65535)")
+    if threads:
+        torch.set_num_threads(threads)
+    path = fetch_db(db, cache_dir)
+    app = create_app(path, ef=ef, device=str(resolve_device(device)),
+                     batch_window_ms=batch_window_ms, max_batch=max_batch)
+    info = app.state.info
+    console.print(f"serving {user(path)} ({info['chunks']:,} chunks) at [bold]http://{host}:{port}[/] "
+                  "— POST /neighbors, GET /info, GET /health; Ctrl-C stops", soft_wrap=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]note:[/] bound to {host}: reachable from other machines, with no authentication")
+    run_app(app, host, port)

@@ -1,0 +1,299 @@
+"""`retro serve`: a DB's retrieval as an HTTP service that many clients share.
+
+The DB is opened once (read-only). Requests that arrive within a short batching window are answered by
+one embed + search call, so under load each BERT forward and each index search serves many queries and
+throughput grows with the number of clients. One call runs at a time, in a worker thread; requests that
+arrive while it runs form the next batch.
+
+    GET  /health     {"status": "ok"}
+    GET  /info       the DB: id, version, chunks, chunk size, tokenizer, embedder, pad id, limits
+    POST /neighbors  {"texts": [...]} or {"token_ids": [[...], ...]}, "k": 2,
+                     optional "exclude_docs": [doc ids] (for every query) or
+                     "exclude_docs_per_query": [[doc ids], ...], "exclude_same_doc": true
+                     → {"results": [{"chunks": [{"chunk", "text", "neighbors": [{"id", "distance", "doc",
+                        "source", "text", "continuation_id", "continuation", "tokens",
+                        "continuation_tokens"}]}]}]}
+
+Each text (or token list) is cut into chunks of the DB's chunk size, as `retro neighbors` does. A request
+names no path: it can only read the DB's chunks and never changes anything. Bad requests get a 4xx with
+{"error": one line}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+from retrocli.db import RetroDB, open_db
+from retrocli.errors import RetroError
+from retrocli.neighbors import QueryChunk, own_documents, split_query
+from retrocli.options import DEFAULT_BATCH_WINDOW_MS, DEFAULT_EF_SEARCH, DEFAULT_MAX_BATCH, DEFAULT_QUERY_K
+from retrocli.retriever import MAX_K, MAX_QUERY_CHUNKS, LocalRetriever
+
+MAX_BODY_BYTES = 4 << 20
+REQUEST_FIELDS = {"texts", "token_ids", "k", "exclude_docs", "exclude_docs_per_query", "exclude_same_doc"}
+
+
+class BadRequest(Exception):
+    """A request the server refuses with 400 and this one-line message."""
+
+
+@dataclass
+class Query:
+    """One request, parsed: its chunks, how many neighbours, which documents each chunk may not use."""
+
+    per_input: list[list[QueryChunk]]
+    k: int
+    exclude: list[set[int]] | None  # per chunk, flattened in input order
+    exclude_same_doc: bool = False
+    future: asyncio.Future | None = None
+
+    @property
+    def chunks(self) -> list[QueryChunk]:
+        return [chunk for chunks in self.per_input for chunk in chunks]
+
+
+def _int_list(value, name: str, low: int, high: int) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise BadRequest(f"'{name}' must be a list of integers")
+    bad = [v for v in value if not low <= v < high]
+    if bad:
+        raise BadRequest(f"'{name}': {bad[0]} is out of range [{low}, {high})")
+    return value
+
+
+def parse_request(body: bytes, db: RetroDB) -> Query:
+    """The request body as a Query, or BadRequest naming the field at fault."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(f"the body is not JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(data) - REQUEST_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field '{unknown[0]}' (expected some of {', '.join(sorted(REQUEST_FIELDS))})")
+    if ("texts" in data) == ("token_ids" in data):
+        raise BadRequest("give exactly one of 'texts' or 'token_ids'")
+    k = data.get("k", DEFAULT_QUERY_K)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= min(MAX_K, db.num_chunks):
+        raise BadRequest(f"'k' must be an integer from 1 to {min(MAX_K, db.num_chunks)}")
+    m = db.chunk_size
+    if "texts" in data:
+        texts = data["texts"]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise BadRequest("'texts' must be a non-empty list of non-empty strings")
+        per_input = [split_query(db, text) for text in texts]
+    else:
+        token_ids = data["token_ids"]
+        if not isinstance(token_ids, list) or not token_ids:
+            raise BadRequest("'token_ids' must be a non-empty list of token lists")
+        vocab = db.tokenizer.vocab_size
+        per_input = []
+        for number, ids in enumerate(token_ids):
+            ids = _int_list(ids, f"token_ids[{number}]", 0, vocab)
+            if not ids:
+                raise BadRequest(f"'token_ids[{number}]' is empty")
+            per_input.append([QueryChunk(i // m, db.tokenizer.decode(ids[i : i + m]), ids[i : i + m])
+                              for i in range(0, len(ids), m)])
+    count = sum(len(chunks) for chunks in per_input)
+    if count > MAX_QUERY_CHUNKS:
+        raise BadRequest(f"{count} query chunks in one request; at most {MAX_QUERY_CHUNKS}")
+    exclude = None
+    if "exclude_docs" in data:
+        docs = set(_int_list(data["exclude_docs"], "exclude_docs", 0, db.num_docs))
+        exclude = [set(docs) for _ in range(count)]
+    if "exclude_docs_per_query" in data:
+        if exclude is not None:
+            raise BadRequest("give at most one of 'exclude_docs' or 'exclude_docs_per_query'")
+        rows = data["exclude_docs_per_query"]
+        if not isinstance(rows, list) or len(rows) != count:
+            raise BadRequest(f"'exclude_docs_per_query' must hold one list per query chunk ({count})")
+        exclude = [set(_int_list(r, f"exclude_docs_per_query[{i}]", 0, db.num_docs)) for i, r in enumerate(rows)]
+    same = data.get("exclude_same_doc", False)
+    if not isinstance(same, bool):
+        raise BadRequest("'exclude_same_doc' must be true or false")
+    return Query(per_input, k, exclude, same)
+
+
+def answer_batch(retriever: LocalRetriever, queries: list[Query]) -> list[dict]:
+    """One embed + search call for every chunk of every query; each query's answer as JSON."""
+    flat = [chunk for query in queries for chunk in query.chunks]
+    k = max(query.k for query in queries)
+    for query in queries:
+        if query.exclude_same_doc:  # as `retro neighbors --exclude-same-doc`: the DB documents it was taken from
+            chunks = query.chunks
+            vectors = retriever.embedder.embed([chunk.text for chunk in chunks])
+            own = [own_documents(retriever.db, retriever.index, vec, chunk) for vec, chunk in zip(vectors, chunks)]
+            query.exclude = [a | b for a, b in zip(query.exclude or [set()] * len(chunks), own)]
+    exclude = None
+    if any(query.exclude is not None for query in queries):
+        exclude = [row for query in queries for row in (query.exclude or [set()] * len(query.chunks))]
+    found = retriever.retrieve_texts([chunk.text for chunk in flat], k, exclude)
+    answers, at = [], 0
+    for query in queries:
+        results = []
+        for chunks in query.per_input:
+            out = []
+            for chunk in chunks:
+                got = found[at]
+                neighbors = [{**nb.__dict__, "tokens": n, "continuation_tokens": f}
+                             for nb, (n, f) in list(zip(got.neighbors, got.tokens))[: query.k]]
+                out.append({"chunk": chunk.index, "text": chunk.text, "neighbors": neighbors})
+                at += 1
+            results.append({"chunks": out})
+        answers.append({"results": results})
+    return answers
+
+
+class Batcher:
+    """Collects queries for `window` seconds (or until `max_batch` chunks) and answers them in one call."""
+
+    def __init__(self, retriever: LocalRetriever, window: float, max_batch: int):
+        self.retriever, self.window, self.max_batch = retriever, window, max_batch
+        self.queue: asyncio.Queue[Query] = asyncio.Queue()
+        self.batches = 0
+        self.batched_queries = 0
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def submit(self, query: Query) -> dict:
+        query.future = asyncio.get_running_loop().create_future()
+        await self.queue.put(query)
+        return await query.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            size = len(batch[0].chunks)
+            deadline = loop.time() + self.window
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0 and self.queue.empty():
+                    break
+                try:
+                    query = self.queue.get_nowait() if timeout <= 0 else \
+                        await asyncio.wait_for(self.queue.get(), timeout)
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+                batch.append(query)
+                size += len(query.chunks)
+            try:
+                answers = await asyncio.to_thread(answer_batch, self.retriever, batch)
+            except Exception as err:  # noqa: BLE001 - every waiting client gets the error, the server lives on
+                for query in batch:
+                    if not query.future.done():
+                        query.future.set_exception(err)
+                continue
+            self.batches += 1
+            self.batched_queries += len(batch)
+            for query, answer in zip(batch, answers):
+                if not query.future.done():
+                    query.future.set_result(answer)
+
+
+def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu",
+               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
+    """The Starlette app serving db_path. The DB, its index and its embedder are loaded here, once."""
+    try:
+        import uvicorn  # noqa: F401 - checked here, before the DB is loaded
+        from starlette.applications import Starlette
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+    except ImportError:
+        raise RetroError("retro serve needs starlette and uvicorn: pip install 'retrocli[serve]'") from None
+    if not batch_window_ms >= 0:
+        raise RetroError("--batch-window-ms: must be ≥ 0")
+    if max_batch < 1:
+        raise RetroError("--max-batch: must be at least 1")
+    db = open_db(db_path)
+    retriever = LocalRetriever(db, ef=ef, device=device)
+    batcher = Batcher(retriever, batch_window_ms / 1000, max_batch)
+    info = {
+        "db": db.path.name, "db_id": db.manifest["db_id"], "version": db.version, "chunks": db.num_chunks,
+        "documents": db.num_docs, "chunk_size": db.chunk_size, "tokenizer_sha256": db.tokenizer_sha256,
+        "vocab_size": db.tokenizer.vocab_size, "embedder": db.manifest["embedder"]["name"],
+        "pad_id": retriever.pad, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
+        "max_query_chunks": MAX_QUERY_CHUNKS, "max_k": min(MAX_K, db.num_chunks),
+    }
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    async def get_info(request: Request) -> JSONResponse:
+        return JSONResponse({**info, "batches": batcher.batches, "requests": batcher.batched_queries})
+
+    async def neighbors(request: Request) -> JSONResponse:
+        if "json" not in request.headers.get("content-type", "application/json"):
+            return error(415, "send the request as application/json")
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > MAX_BODY_BYTES:
+                return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        try:
+            query = parse_request(body, db)
+        except BadRequest as err:
+            return error(400, str(err))
+        try:
+            return JSONResponse(await batcher.submit(query))
+        except RetroError as err:
+            return error(500, str(err))
+
+    async def not_found(request: Request, exc) -> JSONResponse:
+        return error(404, f"no such route: {request.method} {request.url.path} (try GET /health, GET /info, "
+                          "POST /neighbors)")
+
+    async def not_allowed(request: Request, exc) -> JSONResponse:
+        return error(405, f"{request.method} is not allowed on {request.url.path}")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = Starlette(
+        routes=[Route("/health", health, methods=["GET"]), Route("/info", get_info, methods=["GET"]),
+                Route("/neighbors", neighbors, methods=["POST"])],
+        exception_handlers={404: not_found, 405: not_allowed},
+        lifespan=lifespan,
+    )
+    app.state.batcher, app.state.retriever, app.state.info = batcher, retriever, info
+    return app
+
+
+def run_app(app, host: str, port: int) -> None:
+    """Serve until interrupted (uvicorn, one process); a port in use is one line."""
+    import uvicorn
+
+    try:  # uvicorn exits the process on a bind error: find it first, for one clear line
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as err:
+        raise RetroError(f"cannot serve on {host}:{port} ({err.strerror or err})") from None
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    try:
+        server.run()
+    except SystemExit:
+        raise RetroError(f"cannot serve on {host}:{port} (is the port in use?)") from None

@@ -1,0 +1,199 @@
+"""`retro serve`, a real server on a free 127.0.0.1 port: the same neighbours as query mode, requests from
+many clients batched into one call, bad requests refused in one line, the DB never touched, and
+`retro generate --retriever` giving the same text as a local DB."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from helpers import tree_snapshot
+
+from retrocli.db import open_db
+from retrocli.neighbors import query_neighbors
+from retrocli.sequences import neighbor_rows, pad_id
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, route: str, body=None, method: str | None = None, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url + route, data=data, method=method or ("GET" if data is None else "POST"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def server(tiny_db):
+    port = _free_port()
+    before = tree_snapshot(tiny_db)
+    proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(tiny_db), "--port", str(port),
+                             "--threads", "1", "--batch-window-ms", "20"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if _call(url, "/health")[0] == 200:
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"retro serve exited: {proc.stderr.read().decode()}") from None
+            if time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("retro serve did not start") from None
+            time.sleep(0.2)
+    yield url, port
+    proc.terminate()
+    proc.wait(20)
+    assert tree_snapshot(tiny_db) == before  # serving never changed the DB
+
+
+def test_health_and_info_describe_the_db(server, tiny_db):
+    url, _ = server
+    db = open_db(tiny_db)
+    assert _call(url, "/health") == (200, {"status": "ok"})
+    status, info = _call(url, "/info")
+    assert status == 200
+    assert info["chunks"] == db.num_chunks and info["chunk_size"] == db.chunk_size
+    assert info["tokenizer_sha256"] == db.tokenizer_sha256 and info["pad_id"] == pad_id(db)
+
+
+def test_neighbors_of_texts_equal_query_mode(server, tiny_db):
+    url, _ = server
+    db = open_db(tiny_db)
+    texts = [db.document_text(3)[:900], "how do I open a file"]
+    status, answer = _call(url, "/neighbors", {"texts": texts, "k": 3})
+    assert status == 200
+    local = query_neighbors(db, texts, k=3)
+    for result, chunks in zip(answer["results"], local):
+        assert [c["text"] for c in result["chunks"]] == [c.text for c in chunks]
+        for got, want in zip(result["chunks"], chunks):
+            assert [n["id"] for n in got["neighbors"]] == [n.id for n in want.neighbors]
+            np.testing.assert_allclose([n["distance"] for n in got["neighbors"]],
+                                       [n.distance for n in want.neighbors], rtol=1e-5, atol=1e-6)
+            assert [n["source"] for n in got["neighbors"]] == [n.source for n in want.neighbors]
+            rows = neighbor_rows(db, np.array([n.id for n in want.neighbors]), pad_id(db))
+            for row, nb in zip(rows, got["neighbors"]):
+                tokens = nb["tokens"] + nb["continuation_tokens"]
+                assert row[: len(tokens)].tolist() == tokens  # the [N, F] the model reads
+
+
+def test_token_ids_and_exclusions(server, tiny_db):
+    url, _ = server
+    db = open_db(tiny_db)
+    chunk = db.chunk_tokens(int(db.doc_chunks(2).start)).tolist()
+    _, by_ids = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2})
+    _, by_text = _call(url, "/neighbors", {"texts": [db.tokenizer.decode(chunk)], "k": 2})
+    first = by_ids["results"][0]["chunks"][0]["neighbors"]
+    assert [n["id"] for n in first] == [n["id"] for n in by_text["results"][0]["chunks"][0]["neighbors"]]
+    assert first[0]["doc"] == 2 and first[0]["distance"] < 1e-4  # the chunk itself
+    _, without = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_docs": [2]})
+    assert all(n["doc"] != 2 for n in without["results"][0]["chunks"][0]["neighbors"])
+    _, same = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_same_doc": True})
+    local = query_neighbors(db, [db.tokenizer.decode(chunk)], k=2, exclude_same_doc=True)[0][0]
+    assert [n["id"] for n in same["results"][0]["chunks"][0]["neighbors"]] == [n.id for n in local.neighbors]
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "JSON object"),
+    (json.dumps({"texts": ["a"], "token_ids": [[1]]}).encode(), "exactly one"),
+    (json.dumps({"texts": ["a"], "k": 0}).encode(), "'k'"),
+    (json.dumps({"texts": ["a"], "k": True}).encode(), "'k'"),
+    (json.dumps({"texts": [""]}).encode(), "non-empty"),
+    (json.dumps({"token_ids": [[10 ** 9]]}).encode(), "out of range"),
+    (json.dumps({"token_ids": [[-1]]}).encode(), "out of range"),
+    (json.dumps({"texts": ["a"], "path": "../../etc/passwd"}).encode(), "unknown field 'path'"),
+    (json.dumps({"texts": ["a"], "exclude_docs": [10 ** 6]}).encode(), "out of range"),
+    (json.dumps({"texts": ["a"] * 2000}).encode(), "at most"),
+])
+def test_bad_requests_get_a_400_with_one_line(server, body, words):
+    url, _ = server
+    status, answer = _call(url, "/neighbors", raw=body)
+    assert status == 400 and words in answer["error"] and "\n" not in answer["error"]
+
+
+def test_wrong_routes_methods_and_sizes(server):
+    import http.client
+
+    url, port = server
+    assert _call(url, "/neighbors", method="GET")[0] == 405
+    status, answer = _call(url, "/../../etc/passwd")
+    assert status == 404 and "no such route" in answer["error"]
+    # a body announced larger than the limit is refused before it is read
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("POST", "/neighbors")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(5 << 20))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "larger than" in json.loads(response.read())["error"]
+    conn.close()
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_answers(server, tiny_db):
+    url, _ = server
+    db = open_db(tiny_db)
+    texts = [db.chunk_text(c) for c in range(0, min(db.num_chunks, 48), 3)]
+    alone = [_call(url, "/neighbors", {"texts": [t], "k": 2})[1] for t in texts]
+    _, before = _call(url, "/info")
+    with ThreadPoolExecutor(len(texts)) as pool:
+        together = list(pool.map(lambda t: _call(url, "/neighbors", {"texts": [t], "k": 2})[1], texts))
+    _, after = _call(url, "/info")
+    ids = lambda a: [n["id"] for c in a["results"][0]["chunks"] for n in c["neighbors"]]  # noqa: E731
+    assert [ids(a) for a in together] == [ids(a) for a in alone]
+    assert after["requests"] - before["requests"] == len(texts)
+    assert after["batches"] - before["batches"] < len(texts)  # some requests were answered together
+
+
+def test_generate_through_the_server_equals_local_retrieval(server, trained, tiny_db, cli):
+    from retrocli.generate import generate
+
+    url, _ = server
+    out, _ = trained
+    prompt = open_db(tiny_db).document_text(2)[:600]
+    local = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
+    remote = generate(None, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, retriever=url)
+    assert remote.text == local.text and remote.token_ids == local.token_ids
+    assert [[n.id for n in r.neighbors] for r in remote.retrievals] == \
+        [[n.id for n in r.neighbors] for r in local.retrievals]
+    args = ["--model", out, "--prompt", prompt[:300], "--max-new-tokens", "8", "--temperature", "0", "--json"]
+    by_cli = cli("generate", "--retriever", url, *args)
+    assert by_cli.exit_code == 0, by_cli.output
+    assert json.loads(by_cli.stdout)["text"] == json.loads(cli("generate", "--db", tiny_db, *args).stdout)["text"]
+
+
+def test_generate_needs_exactly_one_source_and_a_live_server(trained, tiny_db, cli):
+    out, _ = trained
+    neither = cli("generate", "--model", out, "--prompt", "x")
+    assert neither.exit_code != 0 and "exactly one of --db" in neither.stderr
+    dead = cli("generate", "--retriever", f"http://127.0.0.1:{_free_port()}", "--model", out, "--prompt", "x")
+    assert dead.exit_code != 0 and "cannot reach the retrieval server" in dead.stderr
+    assert "Traceback" not in dead.output
+
+
+def test_serving_on_a_port_in_use_is_one_line(server, tiny_db, cli):
+    _, port = server
+    result = cli("serve", tiny_db, "--port", str(port))
+    assert result.exit_code != 0 and f"cannot serve on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.output
