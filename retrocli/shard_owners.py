@@ -7,6 +7,10 @@ top-k of the shards it was asked for, and this process merges them with `merge_t
 merge as the local search. The per-shard results are those of the same file searched with the same ef
 and k, so the merged neighbours equal the single-process search.
 
+A DB on object storage is not read through the client's cache: each owner fetches the manifest, the small
+arrays and its own shards into its own cache (`--cache-dir`, or the worker's RETRO_CACHE_DIR), checked
+against the manifest's sha256 before hnswlib sees them.
+
 A worker that leaves the cluster (killed, or lost with its machine) is noticed within POLL_SECONDS:
 its shards are placed on the live workers that own the fewest, and the requests it held are sent to
 their new owners. A worker only ever loads the shards placed on it.
@@ -24,15 +28,33 @@ from retrocli.cluster import import_distributed
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex, merge_top_k
+from retrocli.storage import fetch_for_search, origin_of
 
 POLL_SECONDS = 1.0  # how often a waiting search checks that the owners it waits on are alive
 
 # On a worker: (DB path, db_id, index record, ef) -> the index of the shards this worker owns.
 _OWNED: dict[tuple, ShardedIndex] = {}
+# On a worker: (URL, cache dir, DB version) -> its local copy for search, and the shards fetched into it.
+_FETCHED: dict[tuple, tuple[str, set[int]]] = {}
 
 
-def _owned_index(db_path: str, ef: int) -> tuple[tuple, ShardedIndex | None]:
-    db = open_db(db_path)
+def _local_copy(location: str | tuple, shards: tuple[int, ...]) -> tuple[str, bool]:
+    """The local DB path to search at, and whether it is a partial copy. A DB on object storage arrives as
+    (URL, cache dir, version): the worker fetches the manifest, the small arrays and its own shards into
+    its cache (never another shard, nor embeddings or tokens), again only when it is given new shards."""
+    if isinstance(location, str):
+        return location, False
+    url, cache_dir, version = location
+    have = _FETCHED.get((url, cache_dir, version))
+    if have is None or not set(shards) <= have[1]:
+        wanted = set(shards) | (have[1] if have else set())
+        _FETCHED.clear()
+        _FETCHED[(url, cache_dir, version)] = (str(fetch_for_search(url, cache_dir, wanted)), wanted)
+    return _FETCHED[(url, cache_dir, version)][0], True
+
+
+def _owned_index(db_path: str, ef: int, partial: bool = False) -> tuple[tuple, ShardedIndex | None]:
+    db = open_db(db_path, check_files=not partial)  # a partial copy lacks the arrays search never reads
     key = (db_path, db.manifest["db_id"], json.dumps(db.manifest.get("index"), sort_keys=True), ef)
     if key not in _OWNED:
         _OWNED.clear()  # one DB's shards at a time: a long-lived worker never piles up old indexes
@@ -40,9 +62,11 @@ def _owned_index(db_path: str, ef: int) -> tuple[tuple, ShardedIndex | None]:
     return key, _OWNED[key]
 
 
-def search_owned(db_path: str, ef: int, shards: tuple[int, ...], vectors: np.ndarray, k: int):
-    """On the owner: the per-shard top-k of `shards` (loaded on first use and kept)."""
-    _, index = _owned_index(db_path, ef)
+def search_owned(location: str | tuple, ef: int, shards: tuple[int, ...], vectors: np.ndarray, k: int):
+    """On the owner: the per-shard top-k of `shards` (loaded on first use and kept). `location`: the DB's
+    path, or (URL, cache dir, version) for a DB on object storage."""
+    db_path, partial = _local_copy(location, shards)
+    _, index = _owned_index(db_path, ef, partial)
     index.load(shards)
     wanted = set(shards)
     return [result for result in index.search_shards(vectors, k) if result[0] in wanted]
@@ -62,6 +86,8 @@ class OwnedShards:
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         self.client, self.db_path, self.ef = client, str(db.path), ef
+        origin = origin_of(db.path)  # a DB on object storage: each owner fetches its shards itself
+        self.location = self.db_path if origin is None else (*origin, f"{db.manifest['db_id']}:{db.version}")
         self.size = db.num_chunks
         self.distributed = import_distributed()
         self.shards = [int(s["shard"]) for s in db.manifest["index"]["shards"]]
@@ -124,7 +150,7 @@ class OwnedShards:
         while todo:
             sent = {}  # future -> (the worker it must run on, its shards)
             for worker, shards in self._plan(todo).items():
-                future = self.client.submit(search_owned, self.db_path, self.ef, tuple(shards), vectors, k,
+                future = self.client.submit(search_owned, self.location, self.ef, tuple(shards), vectors, k,
                                             workers=[worker], allow_other_workers=False, pure=False)
                 sent[future] = (worker, shards)
             todo = []

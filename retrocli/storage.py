@@ -41,6 +41,8 @@ MANIFEST = "manifest.json"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
 # typer/pathlib turn `s3://b/k` into `s3:/b/k`: recognised and restored
 _COLLAPSED = re.compile(r"^([a-z][a-z0-9+.-]*):/([^/].*)$")
+# The bulk of a DB that searching an index shard does not read: embedding and token chunks (zarr v3 keys).
+_BULK_DATA = re.compile(r"(^|/)(embeddings|chunks/tokens)/c/")
 
 
 def as_location(value: str | os.PathLike) -> str:
@@ -128,9 +130,13 @@ class Mirror:
         return {f.relative_to(self.local).as_posix(): f for f in sorted(self.local.rglob("*"))
                 if f.is_file() and not f.is_symlink() and _is_synced_file(f.relative_to(self.local).as_posix())}
 
-    def pull(self) -> Path:
+    def pull(self, search_shards: set[int] | None = None) -> Path:
         """Bring the local copy to the store's state; files only the copy has are removed (an interrupted
-        run's leftovers, or a version the store no longer has)."""
+        run's leftovers, or a version the store no longer has).
+
+        search_shards: fetch only what searching these index shards (numbers) needs (a Dask worker's own
+        shards): the manifest, the DB's small arrays and metadata, and these shards; no other shard, no
+        embedding or token data, and nothing local is removed."""
         remote = self._remote_files()
         manifest = None
         if MANIFEST in remote:
@@ -141,11 +147,21 @@ class Mirror:
         shard_sha = {s.get("file"): s.get("sha256") for s in (manifest or {}).get("index", {}).get("shards", [])
                      if isinstance(s, dict)}
         local = self._local_files()
-        if not remote:  # no DB there (yet): nor here, so a new DB can be written at this path
+        if not remote and search_shards is None:  # no DB there (yet): nor here, so a new DB can be written
             if self.local.is_dir() and not self.local.is_symlink():
                 shutil.rmtree(self.local)
             self.pushed = {}
             return self.local
+        if search_shards is not None:
+            if manifest is None:
+                raise RetroError(f"{self.url}: no DB there (no {MANIFEST})")
+            owned = {s.get("file") for s in manifest.get("index", {}).get("shards", [])
+                     if isinstance(s, dict) and s.get("shard") in search_shards}
+
+            def needed(relative: str) -> bool:
+                return relative in owned if relative in shard_sha else not _BULK_DATA.search(relative)
+
+            remote = {rel: size for rel, size in remote.items() if needed(rel)}
         for relative, size in remote.items():
             if relative == MANIFEST:
                 continue
@@ -154,9 +170,10 @@ class Mirror:
                 (relative in shard_sha and _sha256(have) != shard_sha[relative])
             if stale:
                 self._download(relative)
-        for relative, path in local.items():
-            if relative not in remote:
-                path.unlink()
+        if search_shards is None:
+            for relative, path in local.items():
+                if relative not in remote:
+                    path.unlink()
         if manifest is not None:  # last: a local reader sees it only with every file it names
             self._download(MANIFEST)
         self.pushed = {rel: self._stamp(path) for rel, path in self._local_files().items()}
@@ -259,10 +276,31 @@ def committed(manifest_file: Path) -> None:
         mirror.push()
 
 
+# Local copies of DB URLs in this process -> (URL, cache directory): so that Dask workers can be sent the URL
+# and fetch what they need into their own cache, instead of a path that exists only on this machine.
+_ORIGINS: dict[str, tuple[str, str]] = {}
+
+
+def origin_of(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(URL, cache directory) of a DB's local copy made here, or None for a DB that is a local path."""
+    return _ORIGINS.get(os.path.abspath(path))
+
+
 def fetch_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local path to read a DB location at: itself, or for a URL its mirror, brought up to date."""
     text = as_location(location)
-    return Mirror(text, cache_dir).pull() if is_url(text) else Path(text)
+    if not is_url(text):
+        return Path(text)
+    mirror = Mirror(text, cache_dir)
+    path = mirror.pull()
+    _ORIGINS[os.path.abspath(path)] = (mirror.url, str(cache_dir_for(text, cache_dir)))
+    return path
+
+
+def fetch_for_search(url: str, cache_dir: str | os.PathLike | None, shards: set[int]) -> Path:
+    """On a Dask worker: the local copy of a DB URL holding what searching index shards `shards` needs
+    (see Mirror.pull). The worker's own RETRO_CACHE_DIR, when set, wins over the client's --cache-dir path."""
+    return Mirror(url, os.environ.get(CACHE_ENV) or cache_dir).pull(search_shards=shards)
 
 
 @contextlib.contextmanager

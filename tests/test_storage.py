@@ -267,3 +267,33 @@ def test_leakage_report_of_a_db_and_test_set_on_s3_equals_local(s3_db, local_bui
     assert pairs(got) == pairs(want) and pairs(got)
     # the test set's sources name the URL it came from, not this machine's cache
     assert got["near_duplicates"][0]["test_source"].endswith(f"({test_url}:line 1)")
+
+
+def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_build, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.shard_owners import OwnedShards
+
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+    try:
+        workers = sorted(client.scheduler_info()["workers"])
+        caches = {w: tmp_path / f"worker-{i}" for i, w in enumerate(workers)}
+        for worker, cache in caches.items():  # each worker its own cache, as on separate machines
+            client.run(lambda path=str(cache): os.environ.update(RETRO_CACHE_DIR=path), workers=[worker])
+        db_path = fetch_db(s3_db, tmp_path / "client")
+        remote = batch_neighbors(db_path, [db_path], tmp_path / "nb-s3", k=3, exclude_same_doc=True, dask=client)
+        local = batch_neighbors(local_build, [local_build], tmp_path / "nb-local", k=3, exclude_same_doc=True)
+        np.testing.assert_array_equal(open_neighbors(remote).ids, open_neighbors(local).ids)
+        db = open_db(db_path)
+        files = {int(s["shard"]): s["file"] for s in db.manifest["index"]["shards"]}
+        assert len(files) >= 2
+        for worker, shards in OwnedShards(client, db, ef=128).placement().items():
+            copy = mirror_path(s3_db, caches[worker])
+            assert sorted(p.relative_to(copy).as_posix() for p in copy.glob("index/*")) == \
+                sorted(files[s] for s in shards)  # its own shards, no other
+            assert not list(copy.glob("store.zarr/embeddings/c/**/*"))
+            assert not list(copy.glob("store.zarr/chunks/tokens/c/**/*"))
+    finally:
+        client.close()
+        cluster.close()
