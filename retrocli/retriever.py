@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,13 +56,34 @@ class RetrievalTimes:
         return dict(self.__dict__)
 
 
-def neighbor_tokens(db: RetroDB, chunk_id: int) -> tuple[list[int], list[int]]:
-    """N's tokens and its continuation F's (empty at the end of a document), unpadded."""
-    rows, lengths = db.tokens_block(chunk_id, min(chunk_id + 2, db.num_chunks))
-    n = rows[0, : int(lengths[0])].tolist()
-    cont = db.continuation(chunk_id)
-    f = rows[1, : int(lengths[1])].tolist() if cont is not None else []
-    return n, f
+class TokenRows:
+    """Chunk tokens read in blocks of `rows` chunks and kept (at most `blocks` of them, least recently used
+    dropped). A neighbour's [N, F] is two rows; read one by one, each costs a zarr chunk decode (~6 ms
+    here), so retrieval for a batch would pay that per neighbour."""
+
+    def __init__(self, db: RetroDB, rows: int = 4096, blocks: int = 64):
+        self.db, self.rows, self.blocks = db, rows, blocks
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        if number in self._cache:
+            self._cache.move_to_end(number)
+        else:
+            start = number * self.rows
+            self._cache[number] = self.db.tokens_block(start, min(start + self.rows, self.db.num_chunks))
+            if len(self._cache) > self.blocks:
+                self._cache.popitem(last=False)
+        return self._cache[number]
+
+    def row(self, chunk_id: int) -> list[int]:
+        tokens, lengths = self._block(chunk_id // self.rows)
+        at = chunk_id % self.rows
+        return tokens[at, : int(lengths[at])].tolist()
+
+    def pair(self, chunk_id: int) -> tuple[list[int], list[int]]:
+        """N's tokens and its continuation F's (empty at the end of a document), unpadded."""
+        cont = self.db.continuation(chunk_id)
+        return self.row(chunk_id), self.row(cont) if cont is not None else []
 
 
 def pack_rows(pairs: list[tuple[list[int], list[int]]], k: int, chunk_size: int, pad: int) -> np.ndarray:
@@ -87,6 +109,7 @@ class LocalRetriever:
         self.tokenizer_sha256 = db.tokenizer_sha256
         self.num_chunks = db.num_chunks
         self.path = str(db.path)
+        self.token_rows = TokenRows(db)
         self.times = RetrievalTimes()
         self._lock = threading.Lock()
 
@@ -121,7 +144,7 @@ class LocalRetriever:
         for nid, dist in zip(ids.tolist(), dists.tolist()):
             if nid < 0:
                 continue
-            n, f = neighbor_tokens(db, nid)
+            n, f = self.token_rows.pair(nid)
             doc, cont = db.doc_of(nid), db.continuation(nid)
             neighbors.append(Neighbor(nid, float(dist), doc, db.source(doc), db.tokenizer.decode(n), cont,
                                       db.tokenizer.decode(f) if cont is not None else None))
