@@ -44,7 +44,8 @@ def main() -> None:
 
     from retrocli.db import open_db
     from retrocli.model.checkpoint import load_model
-    from retrocli.retriever import LocalRetriever, TokenRows
+    from retrocli.neighbors import TokenRows
+    from retrocli.retriever import LocalRetriever
     from retrocli.sequences import neighbor_rows
 
     db = open_db(args.db)
@@ -71,7 +72,7 @@ def main() -> None:
 
         def gather(i=ids, d=dists, b=batch):  # cold: a fresh block cache, each block read once per batch
             retriever.token_rows = TokenRows(db)
-            return [retriever._gather(text, row, dist, args.k) for text, row, dist in zip(b, i, d)]
+            return retriever.gather(b, i, d, args.k)
 
         t_gather = timed(gather, args.min_seconds)
         t_model = None

@@ -70,6 +70,7 @@ def chunk_losses(
         for s in range(d.start, d.stop, L)
     ]
     windows.sort(key=lambda w: w[1] - w[0])  # equal lengths batch together
+    passes = ((True, bits_r), (False, bits_n)) if without_retrieval else ((True, bits_r),)
     task = progress.start("eval", total=len(windows), unit="windows")
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
@@ -85,7 +86,7 @@ def chunk_losses(
         targets[:, :-1] = np.where(real[:, :-1] & real[:, 1:], tokens[:, 1:], -1)
         device = model.wte.weight.device  # batches go where the model is; bits come back to the CPU
         idx, tgt = torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device)
-        for use_retrieval, sink in ((True, bits_r), (False, bits_n))[: 2 if without_retrieval else 1]:
+        for use_retrieval, sink in passes:
             logits, _ = model(idx, neighbors=torch.from_numpy(nbr).to(device) if use_retrieval else None)
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1, reduction="none"

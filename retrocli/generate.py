@@ -140,14 +140,14 @@ def generate(
     where = resolve_device(device)
     if isinstance(retriever, str):
         retriever = HttpRetriever(retriever)
-    db = None
-    if retriever is None or isinstance(retriever, LocalRetriever):
-        if retriever is not None:
-            db = retriever.db
-        elif db_path is None:
-            raise RetroError("give a DB (--db) or a retrieval server (--retriever)")
-        else:
-            db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
+    if isinstance(retriever, LocalRetriever):
+        db = retriever.db
+    elif retriever is not None:
+        db = None  # a server: the tokenizer comes from the model directory
+    elif db_path is None:
+        raise RetroError("give a DB (--db) or a retrieval server (--retriever)")
+    else:
+        db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
     model, meta = load_model(model_dir, db if db is not None else retriever)
     model.to(where)
     tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir), meta)

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,15 +118,43 @@ def split_query(db: RetroDB, text: str) -> list[QueryChunk]:
     return [QueryChunk(i, db.tokenizer.decode(p), p) for i, p in enumerate(pieces)]
 
 
-def neighbor_refs(db: RetroDB, ids: np.ndarray, dists: np.ndarray) -> list[Neighbor]:
+class TokenRows:
+    """Chunk tokens read in blocks of `rows` chunks and kept (at most `blocks` of them, least recently used
+    dropped). A neighbour's [N, F] is two rows; read one by one, each costs a zarr chunk decode (~6 ms
+    here), so retrieval for a batch would pay that per neighbour."""
+
+    def __init__(self, db: RetroDB, rows: int = 4096, blocks: int = 64):
+        self.db, self.rows, self.blocks = db, rows, blocks
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
+        if number in self._cache:
+            self._cache.move_to_end(number)
+        else:
+            start = number * self.rows
+            self._cache[number] = self.db.tokens_block(start, min(start + self.rows, self.db.num_chunks))
+            if len(self._cache) > self.blocks:
+                self._cache.popitem(last=False)
+        return self._cache[number]
+
+    def row(self, chunk_id: int) -> list[int]:
+        tokens, lengths = self._block(chunk_id // self.rows)
+        at = chunk_id % self.rows
+        return tokens[at, : int(lengths[at])].tolist()
+
+
+def neighbor_refs(db: RetroDB, ids: np.ndarray, dists: np.ndarray,
+                  token_rows: TokenRows | None = None) -> list[Neighbor]:
+    """Neighbours (−1 skipped) with their text, continuation and source; tokens read through
+    `token_rows` (a fresh one by default: each block read once per call)."""
+    token_rows = token_rows or TokenRows(db)
     out = []
-    for nid, dist in zip(ids, dists):
+    for nid, dist in zip(ids.tolist(), dists.tolist()):
         if nid < 0:
             continue
-        cont = db.continuation(int(nid))
-        doc = db.doc_of(int(nid))
-        out.append(Neighbor(int(nid), float(dist), doc, db.source(doc), db.chunk_text(int(nid)),
-                            cont, db.chunk_text(cont) if cont is not None else None))
+        cont, doc = db.continuation(nid), db.doc_of(nid)
+        out.append(Neighbor(nid, float(dist), doc, db.source(doc), db.tokenizer.decode(token_rows.row(nid)),
+                            cont, db.tokenizer.decode(token_rows.row(cont)) if cont is not None else None))
     return out
 
 

@@ -3,18 +3,16 @@ model reads, from a DB opened here (`LocalRetriever`) or from `retro serve` over
 
 Both answer `retrieve(chunks, k)` for query chunks given as token ids, the way generation sees them, so
 `retro generate` runs unchanged on either; the server itself answers with a LocalRetriever, so the two
-return the same neighbours. Retrieval is timed in three parts (embed the query chunks, search the index,
-gather [N, F]), which `bench/bench_retrieval_batch.py` reports against the batch size.
+return the same neighbours. `bench/bench_retrieval_batch.py` times its three parts (embed the query
+chunks, search the index, gather [N, F]) against the batch size.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +21,15 @@ from retrocli.db import RetroDB
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
-from retrocli.neighbors import Neighbor, require_searchable, search_excluding
+from retrocli.neighbors import (
+    Neighbor,
+    QueryChunk,
+    TokenRows,
+    neighbor_refs,
+    own_documents,
+    require_searchable,
+    search_excluding,
+)
 from retrocli.options import DEFAULT_EF_SEARCH
 from retrocli.sequences import pad_id
 
@@ -42,48 +48,10 @@ class Retrieved:
     tokens: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (N, F) of each neighbour
 
 
-@dataclass
-class RetrievalTimes:
-    """Seconds spent in each part of retrieval since the retriever was made (or reset)."""
-
-    embed: float = 0.0
-    search: float = 0.0
-    gather: float = 0.0
-    queries: int = 0
-    calls: int = 0
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-class TokenRows:
-    """Chunk tokens read in blocks of `rows` chunks and kept (at most `blocks` of them, least recently used
-    dropped). A neighbour's [N, F] is two rows; read one by one, each costs a zarr chunk decode (~6 ms
-    here), so retrieval for a batch would pay that per neighbour."""
-
-    def __init__(self, db: RetroDB, rows: int = 4096, blocks: int = 64):
-        self.db, self.rows, self.blocks = db, rows, blocks
-        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
-
-    def _block(self, number: int) -> tuple[np.ndarray, np.ndarray]:
-        if number in self._cache:
-            self._cache.move_to_end(number)
-        else:
-            start = number * self.rows
-            self._cache[number] = self.db.tokens_block(start, min(start + self.rows, self.db.num_chunks))
-            if len(self._cache) > self.blocks:
-                self._cache.popitem(last=False)
-        return self._cache[number]
-
-    def row(self, chunk_id: int) -> list[int]:
-        tokens, lengths = self._block(chunk_id // self.rows)
-        at = chunk_id % self.rows
-        return tokens[at, : int(lengths[at])].tolist()
-
-    def pair(self, chunk_id: int) -> tuple[list[int], list[int]]:
-        """N's tokens and its continuation F's (empty at the end of a document), unpadded."""
-        cont = self.db.continuation(chunk_id)
-        return self.row(chunk_id), self.row(cont) if cont is not None else []
+def neighbor_pair(token_rows: TokenRows, neighbor: Neighbor) -> tuple[list[int], list[int]]:
+    """N's tokens and its continuation F's (empty at the end of a document), unpadded."""
+    cont = neighbor.continuation_id
+    return token_rows.row(neighbor.id), token_rows.row(cont) if cont is not None else []
 
 
 def pack_rows(pairs: list[tuple[list[int], list[int]]], k: int, chunk_size: int, pad: int) -> np.ndarray:
@@ -110,7 +78,6 @@ class LocalRetriever:
         self.num_chunks = db.num_chunks
         self.path = str(db.path)
         self.token_rows = TokenRows(db)
-        self.times = RetrievalTimes()
         self._lock = threading.Lock()
 
     def retrieve(self, chunks: list[list[int]], k: int, exclude_docs: list[set[int]] | None = None
@@ -118,38 +85,34 @@ class LocalRetriever:
         """Neighbours of each query chunk (token ids); `exclude_docs[q]`: DB documents query q may not use."""
         return self.retrieve_texts([self.db.tokenizer.decode(c) for c in chunks], k, exclude_docs)
 
-    def retrieve_texts(self, texts: list[str], k: int, exclude_docs: list[set[int]] | None = None
-                       ) -> list[Retrieved]:
+    def retrieve_texts(self, texts: list[str], k: int, exclude_docs: list[set[int]] | None = None,
+                       own_tokens: list[list[int] | None] | None = None) -> list[Retrieved]:
+        """`own_tokens[q]`: query q's token ids when the DB documents it was taken from must be excluded too
+        (as `retro neighbors --exclude-same-doc`), else None."""
         if not texts:
             return []
         with self._lock:
-            start = time.perf_counter()
             vectors = self.embedder.embed(texts)
-            embedded = time.perf_counter()
+            if own_tokens is not None:
+                exclude_docs = [
+                    (exclude_docs[q] if exclude_docs else set())
+                    | (own_documents(self.db, self.index, vectors[q], QueryChunk(0, texts[q], tokens))
+                       if tokens is not None else set())
+                    for q, tokens in enumerate(own_tokens)]
             if exclude_docs is None:
                 ids, dists = self.index.search(vectors, k)
             else:
                 ids, dists = search_excluding(self.index, vectors, k, None, self.db.chunk_doc, exclude_docs)
-            searched = time.perf_counter()
-            out = [self._gather(text, row_ids, row_d, k) for text, row_ids, row_d in zip(texts, ids, dists)]
-            done = time.perf_counter()
-            t = self.times
-            t.embed, t.search, t.gather = t.embed + embedded - start, t.search + searched - embedded, \
-                t.gather + done - searched
-            t.queries, t.calls = t.queries + len(texts), t.calls + 1
-        return out
+            return self.gather(texts, ids, dists, k)
 
-    def _gather(self, text: str, ids: np.ndarray, dists: np.ndarray, k: int) -> Retrieved:
-        db, neighbors, pairs = self.db, [], []
-        for nid, dist in zip(ids.tolist(), dists.tolist()):
-            if nid < 0:
-                continue
-            n, f = self.token_rows.pair(nid)
-            doc, cont = db.doc_of(nid), db.continuation(nid)
-            neighbors.append(Neighbor(nid, float(dist), doc, db.source(doc), db.tokenizer.decode(n), cont,
-                                      db.tokenizer.decode(f) if cont is not None else None))
-            pairs.append((n, f))
-        return Retrieved(text, neighbors, pack_rows(pairs, k, self.chunk_size, self.pad), pairs)
+    def gather(self, texts: list[str], ids: np.ndarray, dists: np.ndarray, k: int) -> list[Retrieved]:
+        """The found neighbours' text, sources and [N, F] rows, read through the block cache."""
+        out = []
+        for text, row_ids, row_d in zip(texts, ids, dists):
+            neighbors = neighbor_refs(self.db, row_ids, row_d, self.token_rows)
+            pairs = [neighbor_pair(self.token_rows, nb) for nb in neighbors]
+            out.append(Retrieved(text, neighbors, pack_rows(pairs, k, self.chunk_size, self.pad), pairs))
+        return out
 
 
 @dataclass
@@ -160,7 +123,6 @@ class HttpRetriever:
     url: str
     timeout: float = 60.0
     info: dict = field(default_factory=dict, init=False)
-    times: RetrievalTimes = field(default_factory=RetrievalTimes, init=False)
 
     def __post_init__(self):
         self.url = self.url.rstrip("/")
@@ -202,7 +164,6 @@ class HttpRetriever:
         body: dict = {"token_ids": [list(map(int, c)) for c in chunks], "k": k}
         if exclude_docs is not None:
             body["exclude_docs_per_query"] = [sorted(s) for s in exclude_docs]
-        start = time.perf_counter()
         answer = self._call("POST", "/neighbors", body)
         out = []
         for result in answer["results"]:
@@ -211,6 +172,4 @@ class HttpRetriever:
                              for nb in chunk["neighbors"]]
                 pairs = [(nb["tokens"], nb["continuation_tokens"]) for nb in chunk["neighbors"]]
                 out.append(Retrieved(chunk["text"], neighbors, pack_rows(pairs, k, self.chunk_size, self.pad), pairs))
-        self.times.search += time.perf_counter() - start  # the round trip: embed, search and gather there
-        self.times.queries, self.times.calls = self.times.queries + len(chunks), self.times.calls + 1
         return out

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
-from retrocli.neighbors import QueryChunk, own_documents, split_query
+from retrocli.neighbors import QueryChunk, split_query
 from retrocli.options import DEFAULT_BATCH_WINDOW_MS, DEFAULT_EF_SEARCH, DEFAULT_MAX_BATCH, DEFAULT_QUERY_K
 from retrocli.retriever import MAX_K, MAX_QUERY_CHUNKS, LocalRetriever
 
@@ -124,16 +124,12 @@ def answer_batch(retriever: LocalRetriever, queries: list[Query]) -> list[dict]:
     """One embed + search call for every chunk of every query; each query's answer as JSON."""
     flat = [chunk for query in queries for chunk in query.chunks]
     k = max(query.k for query in queries)
-    for query in queries:
-        if query.exclude_same_doc:  # as `retro neighbors --exclude-same-doc`: the DB documents it was taken from
-            chunks = query.chunks
-            vectors = retriever.embedder.embed([chunk.text for chunk in chunks])
-            own = [own_documents(retriever.db, retriever.index, vec, chunk) for vec, chunk in zip(vectors, chunks)]
-            query.exclude = [a | b for a, b in zip(query.exclude or [set()] * len(chunks), own)]
-    exclude = None
+    exclude = own = None
     if any(query.exclude is not None for query in queries):
         exclude = [row for query in queries for row in (query.exclude or [set()] * len(query.chunks))]
-    found = retriever.retrieve_texts([chunk.text for chunk in flat], k, exclude)
+    if any(query.exclude_same_doc for query in queries):
+        own = [chunk.tokens if query.exclude_same_doc else None for query in queries for chunk in query.chunks]
+    found = retriever.retrieve_texts([chunk.text for chunk in flat], k, exclude, own)
     answers, at = [], 0
     for query in queries:
         results = []

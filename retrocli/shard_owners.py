@@ -85,9 +85,9 @@ class OwnedShards:
             raise RetroError(f"--replicas: must be at least 1, got {replicas}")
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
-        self.client, self.db_path, self.ef = client, str(db.path), ef
+        self.client, self.ef = client, ef
         origin = origin_of(db.path)  # a DB on object storage: each owner fetches its shards itself
-        self.location = self.db_path if origin is None else (*origin, f"{db.manifest['db_id']}:{db.version}")
+        self.location = str(db.path) if origin is None else (*origin, f"{db.manifest['db_id']}:{db.version}")
         self.size = db.num_chunks
         self.distributed = import_distributed()
         self.shards = [int(s["shard"]) for s in db.manifest["index"]["shards"]]

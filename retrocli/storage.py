@@ -103,6 +103,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _download_file(fs, remote: str, target: Path, name: str) -> None:
+    """One object to a local file, through a temporary name: an interrupted fetch leaves no half file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        fs.get_file(remote, str(tmp))
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RetroError(f"{name}: cannot fetch ({err})") from None
+
+
 class Mirror:
     """One DB URL and its local copy; `pull` fetches, `push` commits local changes (manifest last)."""
 
@@ -144,8 +156,8 @@ class Mirror:
                 manifest = json.loads(self.fs.cat_file(f"{self.root}/{MANIFEST}"))
             except (OSError, ValueError) as err:
                 raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest ({err})") from None
-        shard_sha = {s.get("file"): s.get("sha256") for s in (manifest or {}).get("index", {}).get("shards", [])
-                     if isinstance(s, dict)}
+        shards = [s for s in (manifest or {}).get("index", {}).get("shards", []) if isinstance(s, dict)]
+        shard_sha = {s.get("file"): s.get("sha256") for s in shards}
         local = self._local_files()
         if not remote and search_shards is None:  # no DB there (yet): nor here, so a new DB can be written
             if self.local.is_dir() and not self.local.is_symlink():
@@ -155,8 +167,7 @@ class Mirror:
         if search_shards is not None:
             if manifest is None:
                 raise RetroError(f"{self.url}: no DB there (no {MANIFEST})")
-            owned = {s.get("file") for s in manifest.get("index", {}).get("shards", [])
-                     if isinstance(s, dict) and s.get("shard") in search_shards}
+            owned = {s.get("file") for s in shards if s.get("shard") in search_shards}
 
             def needed(relative: str) -> bool:
                 return relative in owned if relative in shard_sha else not _BULK_DATA.search(relative)
@@ -180,15 +191,7 @@ class Mirror:
         return self.local
 
     def _download(self, relative: str) -> None:
-        target = self.local / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            self.fs.get_file(f"{self.root}/{relative}", str(tmp))
-            os.replace(tmp, target)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise RetroError(f"{self.url}/{relative}: cannot fetch ({err})") from None
+        _download_file(self.fs, f"{self.root}/{relative}", self.local / relative, f"{self.url}/{relative}")
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
@@ -391,14 +394,7 @@ def fetch_input(url: str, cache_dir: str | os.PathLike | None) -> Path:
         size = int(found[path].get("size") or 0)
         if record.get(relative) == tag and local.is_file() and local.stat().st_size == size:
             continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.partial")
-        try:
-            fs.get_file(path, str(tmp))
-            os.replace(tmp, local)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise RetroError(f"{url}/{relative}: cannot fetch ({err})") from None
+        _download_file(fs, path, local, f"{url}/{relative}")
         record[relative] = tag
         tmp_record = record_file.with_name(f".{INPUTS_RECORD}.{os.getpid()}.partial")
         tmp_record.write_text(json.dumps(record, sort_keys=True))
@@ -416,10 +412,10 @@ def local_inputs(inputs, cache_dir: str | os.PathLike | None = None) -> list[Pat
         if not is_url(text):
             paths.append(Path(text))
             continue
-        mirror = Mirror(text, cache_dir)
+        fs, root = _filesystem(text)
         try:
-            is_db = mirror.fs.isfile(f"{mirror.root}/{MANIFEST}")
+            is_db = fs.isfile(f"{root}/{MANIFEST}")
         except OSError as err:
             raise RetroError(f"{text}: cannot reach the store ({err})") from None
-        paths.append(mirror.pull() if is_db else fetch_input(text, cache_dir))
+        paths.append(fetch_db(text, cache_dir) if is_db else fetch_input(text, cache_dir))
     return paths
