@@ -7,9 +7,12 @@ is always complete. Memory stays bounded: documents are tokenized in batches and
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import re
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -53,6 +56,7 @@ from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import AUTO_ID_FIELD, ChunkOptions
 from retrocli.progress import NullProgress, Progress
+from retrocli.storage import CACHE_ENV, fetch_input, fetched_origin
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_from_json
 
 TOKENIZE_BATCH_CHARS = 4_000_000  # text handed to the Rust tokenizer at once (it parallelises inside)
@@ -364,26 +368,35 @@ def _tokenize_into(arrays: _ChunkArrays, docs, tokenizer: LoadedTokenizer, on_ba
 _PIECE_TOKENIZER: dict[str, LoadedTokenizer] = {}
 
 
-def chunk_piece(dest: str, options: ChunkOptions, corpus_opts: CorpusOptions, numbered: tuple[int, Piece]) -> dict:
-    """A Dask task: tokenize one piece into its own zarr group under dest/pieces. A refusal (bad record,
-    --strict) comes back as the result, so the client can report the first one in corpus order."""
-    number, piece = numbered
-    file = Path(dest) / TOKENIZER_FILE
-    text = file.read_text(encoding="utf-8")
-    key = f"{file}:{len(text)}:{hash(text)}"
+def chunk_piece(tokenizer_json: str, options: ChunkOptions, corpus_opts: CorpusOptions,
+                numbered: tuple[int, Piece, tuple[str, str] | None]) -> dict:
+    """A Dask task: tokenize one piece into a zarr group of its own and return the group's files (a piece
+    is at most about PIECE_BYTES of text), so the worker needs no filesystem shared with the client. A
+    piece of a file fetched from object storage comes with (URL, cache dir): the worker fetches the file
+    into its own cache. A refusal (bad record, --strict) comes back as the result, so the client can report
+    the first one in corpus order."""
+    number, piece, origin = numbered
+    key = f"{len(tokenizer_json)}:{hashlib.sha256(tokenizer_json.encode()).hexdigest()}"
     if key not in _PIECE_TOKENIZER:
         _PIECE_TOKENIZER.clear()
-        _PIECE_TOKENIZER[key] = tokenizer_from_json(text, "piece")
+        _PIECE_TOKENIZER[key] = tokenizer_from_json(tokenizer_json, "piece")
     tokenizer = _PIECE_TOKENIZER[key]
+    if origin is not None:
+        url, cache_dir = origin
+        piece = dataclasses.replace(piece, path=str(fetch_input(url, os.environ.get(CACHE_ENV) or cache_dir)))
     stats = CorpusStats()
-    root = zarr.open_group(str(Path(dest) / PIECES_DIR / f"{number:06d}.zarr"), mode="w")
-    arrays = _ChunkArrays(root, options.chunk_size, tokenizer.vocab_size, with_ids=options.id_field != "")
-    try:
-        _tokenize_into(arrays, iter_piece_documents(piece, corpus_opts, stats), tokenizer)
-    except RetroError as err:
-        return {"piece": number, "error": str(err)}
-    arrays.close(options.id_field, keep_empty_ids=True)
-    return {"piece": number, "stats": asdict(stats)}
+    with tempfile.TemporaryDirectory(prefix="retro-piece-") as scratch:
+        root = zarr.open_group(scratch, mode="w")
+        arrays = _ChunkArrays(root, options.chunk_size, tokenizer.vocab_size, with_ids=options.id_field != "")
+        try:
+            _tokenize_into(arrays, iter_piece_documents(piece, corpus_opts, stats), tokenizer)
+        except RetroError as err:
+            message = str(err) if origin is None else str(err).replace(piece.path, origin[0])
+            return {"piece": number, "error": message}
+        arrays.close(options.id_field, keep_empty_ids=True)
+        files = {f.relative_to(scratch).as_posix(): f.read_bytes() for f in sorted(Path(scratch).rglob("*"))
+                 if f.is_file()}
+    return {"piece": number, "stats": asdict(stats), "files": files}
 
 
 def _write_chunks_on_dask(inputs, dest: Path, tokenizer: LoadedTokenizer, options: ChunkOptions, corpus_opts,
@@ -394,10 +407,14 @@ def _write_chunks_on_dask(inputs, dest: Path, tokenizer: LoadedTokenizer, option
     if not files:
         raise RetroError(f"empty corpus: no {'/'.join(SUPPORTED)} files in {describe_paths(inputs)}")
     pieces = plan_pieces(files, piece_bytes)
-    (dest / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")  # what the tasks tokenize with
     task = progress.start("chunk", total=sum(f.stat().st_size for f in files) // 1024 or 1, unit="KB read")
     results: dict[int, dict] = {}
-    for result in run_blocks(client, "chunk", chunk_piece, (str(dest), options, corpus_opts), enumerate(pieces)):
+    numbered = [(i, piece, fetched_origin(piece.path)) for i, piece in enumerate(pieces)]
+    for result in run_blocks(client, "chunk", chunk_piece, (tokenizer.json, options, corpus_opts), numbered):
+        group = dest / PIECES_DIR / f"{result['piece']:06d}.zarr"
+        for relative, data in result.pop("files", {}).items():
+            (group / relative).parent.mkdir(parents=True, exist_ok=True)
+            (group / relative).write_bytes(data)
         results[result["piece"]] = result
         task.advance(result.get("stats", {}).get("bytes_read", 0) // 1024)
     refused = [results[i]["error"] for i in sorted(results) if "error" in results[i]]

@@ -8,7 +8,8 @@ written whole (one zarr chunk, or an index file renamed into place), a rerun ove
 same bytes, so a kill neither loses nor duplicates work. When Dask gives up on a task, the stage
 stops with one line and a rerun resumes from the recorded blocks.
 
-Workers must reach the DB at the same path (a shared filesystem) and run the same retrocli version.
+Workers must run the same retrocli version and reach a local DB at the same path (a shared filesystem);
+a DB on object storage they reach themselves, each through a partial copy in its own cache (storage.py).
 Dask moves task arguments and results with pickle over its own connections; nothing we write to disk
 is pickled. Nothing here is imported unless --dask is given.
 

@@ -43,7 +43,7 @@ import zarr
 from retrocli.checksums import CheckedStore, file_sha256, record_arrays
 from retrocli.checksums import check_files as check_recorded_files
 from retrocli.errors import RetroError
-from retrocli.storage import committed
+from retrocli.storage import Mirror, committed, worker_mirror
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
@@ -602,3 +602,14 @@ def _is_group(meta: Path) -> bool:
 def open_db(path: str | os.PathLike, check_files: bool = True) -> RetroDB:
     """Open a DB for reading. Raises RetroError with a one-line reason if it is not usable."""
     return RetroDB(path, check_files)
+
+
+def open_task_db(location: str | tuple[str, str], array: str, start: int, stop: int
+                 ) -> tuple[RetroDB, Mirror | None]:
+    """In a block task: the DB at `location`, a path, or (URL, cache dir) for a DB on object storage,
+    which the worker reaches through its partial mirror holding rows [start, stop) of `array` (and the
+    mirror, to upload what the task writes)."""
+    if isinstance(location, str):
+        return open_db(location), None
+    mirror = worker_mirror(*location)
+    return open_db(mirror.pull_partial(rows={f"{STORE}/{array}": (start, stop)}), check_files=False), mirror

@@ -32,6 +32,7 @@ from retrocli.db import (
     STORE,
     RetroDB,
     open_db,
+    open_task_db,
     record_stage_arrays,
     stage_status,
     write_json_atomic,
@@ -47,6 +48,7 @@ from retrocli.options import (
     check_at_least,
 )
 from retrocli.progress import NullProgress, Progress
+from retrocli.storage import adopt_uploaded, task_location
 
 
 def resolve_embedder_path(name: str) -> str:
@@ -398,11 +400,15 @@ def embed_db(
             blocks = run_on_devices([str(d) for d in worker_devices], "embed", embed_block, args, todo, max_blocks,
                                     threads)
         else:
-            args = (str(db.path), embedder, precision, batch_size, threads if client is None else threads or 1,
-                    block_size, model.info.sha256, str(local_device) if client is None else device,
-                    task if client is None else None)
+            # a DB URL goes to the workers as (URL, cache dir): each reads its tokens from the store and
+            # uploads its block, and this process fetches the block before committing it
+            args = (str(db.path) if client is None else task_location(db.path), embedder, precision, batch_size,
+                    threads if client is None else threads or 1, block_size, model.info.sha256,
+                    str(local_device) if client is None else device, task if client is None else None)
             blocks = run_blocks(client, "embed", embed_block, args, todo, max_blocks)
-        for block, count in blocks:
+        for block, count, uploaded in blocks:
+            if uploaded:
+                adopt_uploaded(db.path, uploaded)
             done.add(block)
             state["done_blocks"] = sorted(done)
             write_json_atomic(db.path / MANIFEST, manifest)
@@ -420,23 +426,31 @@ def embed_db(
 
 
 def embed_block(
-    db_path: str, embedder: str, precision: str, batch_size: int, threads: int | None, block_size: int,
-    sha256: str, device: str | None, task, block: int,
-) -> tuple[int, int]:
-    """Embed block `block` of the DB into its zarr chunk; returns (block, chunks). Runs in this process,
-    on a Dask worker or in a --devices worker (device None: the worker's own), where the embedder is loaded
-    once per worker process and then reused."""
+    location: str | tuple[str, str], embedder: str, precision: str, batch_size: int, threads: int | None,
+    block_size: int, sha256: str, device: str | None, task, block: int,
+) -> tuple[int, int, list[str]]:
+    """Embed block `block` of the DB into its zarr chunk; returns (block, chunks, files uploaded). Runs in
+    this process, on a Dask worker or in a --devices worker (device None: the worker's own), where the
+    embedder is loaded once per worker process and then reused. `location` is the DB's path, or (URL,
+    cache dir) for a DB on object storage: the worker then fetches the manifest, the small arrays and this
+    block's token chunks into its partial copy, and uploads the embedding chunk it writes."""
     if threads:
         torch.set_num_threads(threads)
-    db = open_db(db_path)
+    start = block * block_size
+    db, mirror = open_task_db(location, "chunks/tokens", start, start + block_size)
     model = get_embedder(embedder, precision, batch_size, worker_device(device or "auto"))
     if model.info.sha256 != sha256:
         raise RetroError(f"embedder '{embedder}' on this worker has other weights than on the client "
                          f"(sha256 {model.info.sha256[:12]}… vs {sha256[:12]}…)")
-    start, stop = block * block_size, min(db.num_chunks, (block + 1) * block_size)
+    stop = min(db.num_chunks, start + block_size)
     vectors = model.embed(chunk_texts(db, start, stop), on_batch=task.advance if task is not None else None)
     zarr.open_array(str(db.path / STORE), path="embeddings", mode="r+")[start:stop] = vectors.astype(np.float16)
-    return block, stop - start
+    uploaded = []
+    if mirror is not None:
+        written = db.path / STORE / "embeddings" / "c" / str(block)
+        uploaded = sorted(f.relative_to(db.path).as_posix() for f in written.rglob("*") if f.is_file())
+        mirror.upload(uploaded)
+    return block, stop - start, uploaded
 
 
 def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:

@@ -19,12 +19,13 @@ import numpy as np
 
 from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, RetroDB, open_db, read_manifest, write_json_atomic
+from retrocli.db import MANIFEST, RetroDB, open_db, open_task_db, read_manifest, write_json_atomic
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions, check_at_least
 from retrocli.progress import NullProgress, Progress
+from retrocli.storage import adopt_uploaded, task_location
 
 SPACES = ("l2", "ip", "cosine")
 INDEX_DIR = "index"
@@ -88,11 +89,16 @@ def index_db(
         # so a rebuild is byte-identical. More threads insert concurrently, and the graph (hence a few
         # neighbours) depends on their timing.
         threads = options.threads or 1
-        args = (str(db.path), options.space, dim, options.M, options.ef_construction, options.shard_size,
+        # a DB URL goes to the workers as (URL, cache dir): each fetches its shard's embeddings from the
+        # store and uploads the shard, which this process fetches before committing it
+        location = str(db.path) if client is None else task_location(db.path)
+        args = (location, options.space, dim, options.M, options.ef_construction, options.shard_size,
                 options.seed, threads)
         # Locally, progress advances per added block; on Dask, per finished shard.
         local_task = task if client is None else None
         for record in run_blocks(client, "index", build_shard, (*args, local_task), todo):
+            if not isinstance(location, str):
+                adopt_uploaded(db.path, [record["file"]])
             recorded["shards"].append(record)
             recorded["shards"].sort(key=lambda s: s["shard"])
             write_json_atomic(db.path / MANIFEST, manifest)
@@ -106,15 +112,22 @@ def index_db(
 
 
 def build_shard(
-    db_path: str, space: str, dim: int, M: int, ef_construction: int, shard_size: int, seed: int, threads: int,
-    task, shard: int,
+    location: str | tuple[str, str], space: str, dim: int, M: int, ef_construction: int, shard_size: int,
+    seed: int, threads: int, task, shard: int,
 ) -> dict:
-    """Build shard `shard` from its embeddings and move it into place; returns its manifest record."""
-    db = open_db(db_path)
-    start, stop = shard * shard_size, min(db.num_chunks, (shard + 1) * shard_size)
+    """Build shard `shard` from its embeddings and move it into place; returns its manifest record.
+    `location` is the DB's path, or (URL, cache dir) for a DB on object storage: the worker then fetches
+    the shard's embedding chunks into its partial copy and uploads the shard file."""
+    start = shard * shard_size
+    db, mirror = open_task_db(location, "embeddings", start, start + shard_size)
+    stop = min(db.num_chunks, start + shard_size)
     final = db.path / INDEX_DIR / _shard_name(shard)
+    final.parent.mkdir(exist_ok=True)
     write_shard(db, start, stop, 0, final, space, dim, M, ef_construction, seed, threads, task)
-    return shard_record(shard, final, f"{INDEX_DIR}/{final.name}", start, stop - start)
+    relative = f"{INDEX_DIR}/{final.name}"
+    if mirror is not None:
+        mirror.upload([relative])
+    return shard_record(shard, final, relative, start, stop - start)
 
 
 def write_shard(

@@ -17,6 +17,10 @@ One writer at a time: beside the DB the store holds `.<name>.lock`, created with
 (If-None-Match), which fails when the object exists; it holds the writer's pid, host and command like
 the local lock, and a dead holder on the same host is taken over.
 
+On Dask, a worker never touches that copy: it keeps a partial mirror in its own cache
+(`<cache>/partial/…`) with only what its tasks read (Mirror.pull_partial), uploads the block or shard it
+writes, and the writer fetches that file into its copy before committing the manifest that names it.
+
 Credentials and endpoints come from the environment as fsspec's backends read them (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, …).
 """
@@ -41,8 +45,12 @@ MANIFEST = "manifest.json"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
 # typer/pathlib turn `s3://b/k` into `s3:/b/k`: recognised and restored
 _COLLAPSED = re.compile(r"^([a-z][a-z0-9+.-]*):/([^/].*)$")
-# The bulk of a DB that searching an index shard does not read: embedding and token chunks (zarr v3 keys).
-_BULK_DATA = re.compile(r"(^|/)(embeddings|chunks/tokens)/c/")
+# The bulk of a DB, fetched by a worker's partial copy only for the rows it works on: embedding and token
+# chunks (zarr v3 keys `<array>/c/<row chunk>/<column chunk>`).
+_BULK_DATA = re.compile(r"^(?P<array>(?:.*/)?(?:embeddings|chunks/tokens))/c/(?P<row>\d+)(?:/|$)")
+# Under the cache directory: the partial copies Dask workers make (kept apart from full mirrors, which a
+# worker sharing this machine's cache must never overwrite).
+PARTIAL_DIR = "partial"
 
 
 def as_location(value: str | os.PathLike) -> str:
@@ -80,13 +88,14 @@ def cache_dir_for(url: str, cache_dir: str | os.PathLike | None) -> Path:
     return Path(chosen)
 
 
-def mirror_path(url: str, cache_dir: str | os.PathLike) -> Path:
-    """Where the URL's DB lives in the cache: <cache>/<protocol>/<bucket>/<key…>, no `..` anywhere."""
+def mirror_path(url: str, cache_dir: str | os.PathLike, partial: bool = False) -> Path:
+    """Where the URL's DB lives in the cache: <cache>/<protocol>/<bucket>/<key…>, no `..` anywhere; a
+    worker's partial copy under <cache>/partial/…"""
     protocol, rest = _URL.match(url).groups()
     parts = [p for p in rest.split("/") if p]
     if not parts or any(p in (".", "..") for p in parts):
         raise RetroError(f"{url}: not a DB location (empty, or with . or .. in its path)")
-    return Path(cache_dir) / protocol / Path(*parts)
+    return Path(cache_dir, *((PARTIAL_DIR,) if partial else ())) / protocol / Path(*parts)
 
 
 def _is_synced_file(relative: str) -> bool:
@@ -116,12 +125,13 @@ def _download_file(fs, remote: str, target: Path, name: str) -> None:
 
 
 class Mirror:
-    """One DB URL and its local copy; `pull` fetches, `push` commits local changes (manifest last)."""
+    """One DB URL and its local copy; `pull` fetches, `push` commits local changes (manifest last).
+    A partial mirror (a Dask worker's) holds only what its tasks read: see pull_partial."""
 
-    def __init__(self, url: str, cache_dir: str | os.PathLike | None):
+    def __init__(self, url: str, cache_dir: str | os.PathLike | None, partial: bool = False):
         self.url = url.rstrip("/")
         self.fs, self.root = _filesystem(self.url)
-        self.local = mirror_path(self.url, cache_dir_for(self.url, cache_dir))
+        self.local = mirror_path(self.url, cache_dir_for(self.url, cache_dir), partial)
         self.pushed: dict[str, tuple[int, int]] = {}  # relative file -> (size, mtime_ns) as last uploaded
 
     def _remote_files(self) -> dict[str, int]:
@@ -142,53 +152,95 @@ class Mirror:
         return {f.relative_to(self.local).as_posix(): f for f in sorted(self.local.rglob("*"))
                 if f.is_file() and not f.is_symlink() and _is_synced_file(f.relative_to(self.local).as_posix())}
 
-    def pull(self, search_shards: set[int] | None = None) -> Path:
-        """Bring the local copy to the store's state; files only the copy has are removed (an interrupted
-        run's leftovers, or a version the store no longer has).
+    def _remote_manifest(self, remote: dict[str, int]) -> dict | None:
+        if MANIFEST not in remote:
+            return None
+        try:
+            return json.loads(self.fs.cat_file(f"{self.root}/{MANIFEST}"))
+        except (OSError, ValueError) as err:
+            raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest ({err})") from None
 
-        search_shards: fetch only what searching these index shards (numbers) needs (a Dask worker's own
-        shards): the manifest, the DB's small arrays and metadata, and these shards; no other shard, no
-        embedding or token data, and nothing local is removed."""
-        remote = self._remote_files()
-        manifest = None
-        if MANIFEST in remote:
-            try:
-                manifest = json.loads(self.fs.cat_file(f"{self.root}/{MANIFEST}"))
-            except (OSError, ValueError) as err:
-                raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest ({err})") from None
-        shards = [s for s in (manifest or {}).get("index", {}).get("shards", []) if isinstance(s, dict)]
-        shard_sha = {s.get("file"): s.get("sha256") for s in shards}
+    @staticmethod
+    def _shard_checksums(manifest: dict | None) -> dict[str, str]:
+        shards = (manifest or {}).get("index", {}).get("shards", [])
+        return {s.get("file"): s.get("sha256") for s in shards if isinstance(s, dict)}
+
+    def _fetch_stale(self, remote: dict[str, int], shard_sha: dict[str, str]) -> None:
+        """Download each file (not the manifest) that is missing here or differs by size, or for a shard
+        by sha256."""
         local = self._local_files()
-        if not remote and search_shards is None:  # no DB there (yet): nor here, so a new DB can be written
-            if self.local.is_dir() and not self.local.is_symlink():
-                shutil.rmtree(self.local)
-            self.pushed = {}
-            return self.local
-        if search_shards is not None:
-            if manifest is None:
-                raise RetroError(f"{self.url}: no DB there (no {MANIFEST})")
-            owned = {s.get("file") for s in shards if s.get("shard") in search_shards}
-
-            def needed(relative: str) -> bool:
-                return relative in owned if relative in shard_sha else not _BULK_DATA.search(relative)
-
-            remote = {rel: size for rel, size in remote.items() if needed(rel)}
         for relative, size in remote.items():
             if relative == MANIFEST:
                 continue
             have = local.get(relative)
-            stale = have is None or have.stat().st_size != size or \
-                (relative in shard_sha and _sha256(have) != shard_sha[relative])
-            if stale:
+            if have is None or have.stat().st_size != size or \
+                    (relative in shard_sha and _sha256(have) != shard_sha[relative]):
                 self._download(relative)
-        if search_shards is None:
-            for relative, path in local.items():
-                if relative not in remote:
-                    path.unlink()
+
+    def pull(self) -> Path:
+        """Bring the local copy to the store's state; files only the copy has are removed (an interrupted
+        run's leftovers, or a version the store no longer has)."""
+        remote = self._remote_files()
+        manifest = self._remote_manifest(remote)
+        if not remote:  # no DB there (yet): nor here, so a new DB can be written
+            if self.local.is_dir() and not self.local.is_symlink():
+                shutil.rmtree(self.local)
+            self.pushed = {}
+            return self.local
+        self._fetch_stale(remote, self._shard_checksums(manifest))
+        for relative, path in self._local_files().items():
+            if relative not in remote:
+                path.unlink()
         if manifest is not None:  # last: a local reader sees it only with every file it names
             self._download(MANIFEST)
         self.pushed = {rel: self._stamp(path) for rel, path in self._local_files().items()}
         return self.local
+
+    def pull_partial(self, shards: set[int] = frozenset(), rows: dict[str, tuple[int, int]] | None = None) -> Path:
+        """What one worker's tasks read, and nothing more: the manifest, the DB's small arrays and metadata,
+        the index shards numbered in `shards`, and of the bulk arrays (embeddings, chunk tokens) only the
+        zarr chunks holding rows [start, stop) of `rows` ({array path in the DB: (start, stop)}). Nothing
+        local is removed (other tasks of this worker may be reading it)."""
+        remote = self._remote_files()
+        manifest = self._remote_manifest(remote)
+        if manifest is None:
+            raise RetroError(f"{self.url}: no DB there (no {MANIFEST})")
+        shard_sha = self._shard_checksums(manifest)
+        owned = {s.get("file") for s in manifest.get("index", {}).get("shards", [])
+                 if isinstance(s, dict) and s.get("shard") in shards}
+        small = {rel: size for rel, size in remote.items()
+                 if (rel in owned if rel in shard_sha else not _BULK_DATA.search(rel))}
+        self._fetch_stale(small, shard_sha)  # first: the arrays' zarr.json say how many rows a chunk holds
+        bulk = {}
+        for relative, size in remote.items():
+            found = _BULK_DATA.search(relative)
+            if found and found.group("array") in (rows or {}):
+                start, stop = rows[found.group("array")]
+                per_chunk = self._rows_per_chunk(found.group("array"))
+                first = int(found.group("row")) * per_chunk
+                if first < stop and first + per_chunk > start:
+                    bulk[relative] = size
+        self._fetch_stale(bulk, shard_sha)
+        self._download(MANIFEST)
+        return self.local
+
+    def _rows_per_chunk(self, array: str) -> int:
+        try:
+            meta = json.loads((self.local / array / "zarr.json").read_text())
+            return int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+            raise RetroError(f"{self.url}/{array}/zarr.json: unreadable array metadata ({err})") from None
+
+    def upload(self, relatives: list[str]) -> None:
+        """Put these files of the local copy into the store (a worker's finished block or shard). The
+        manifest never goes this way: only the writer commits it."""
+        for relative in relatives:
+            if relative == MANIFEST:
+                raise ValueError("the manifest is committed by the writer, not uploaded by a worker")
+            try:
+                self.fs.put_file(str(self.local / relative), f"{self.root}/{relative}")
+            except OSError as err:
+                raise RetroError(f"{self.url}/{relative}: cannot upload ({err})") from None
 
     def _download(self, relative: str) -> None:
         _download_file(self.fs, f"{self.root}/{relative}", self.local / relative, f"{self.url}/{relative}")
@@ -300,10 +352,34 @@ def fetch_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     return path
 
 
+def worker_mirror(url: str, cache_dir: str | os.PathLike | None) -> Mirror:
+    """On a Dask worker: the partial mirror of a DB URL. The worker's own RETRO_CACHE_DIR, when set, wins
+    over the client's --cache-dir path (which need not exist on the worker's machine)."""
+    return Mirror(url, os.environ.get(CACHE_ENV) or cache_dir, partial=True)
+
+
 def fetch_for_search(url: str, cache_dir: str | os.PathLike | None, shards: set[int]) -> Path:
-    """On a Dask worker: the local copy of a DB URL holding what searching index shards `shards` needs
-    (see Mirror.pull). The worker's own RETRO_CACHE_DIR, when set, wins over the client's --cache-dir path."""
-    return Mirror(url, os.environ.get(CACHE_ENV) or cache_dir).pull(search_shards=shards)
+    """On a Dask worker: the partial copy of a DB URL holding what searching index shards `shards` needs."""
+    return worker_mirror(url, cache_dir).pull_partial(shards=shards)
+
+
+def task_location(path: str | os.PathLike) -> str | tuple[str, str]:
+    """What a Dask task is given to reach a DB: the local path, or for the copy of a DB URL made here
+    (URL, cache directory), so that the worker reads and writes the store itself and needs no filesystem
+    shared with this machine."""
+    return origin_of(path) or str(path)
+
+
+def adopt_uploaded(path: str | os.PathLike, relatives: list[str]) -> None:
+    """On the writer, for files a worker has put into the store (a block, a shard): fetch them into this
+    copy, marked as already pushed, so the manifest about to be committed names only files the store and
+    this copy both hold."""
+    mirror = _SYNCED.get(Path(os.path.abspath(path)))
+    if mirror is None:
+        raise RetroError(f"{path}: not a DB copy being written here; cannot take the workers' uploads")
+    for relative in relatives:
+        mirror._download(relative)
+        mirror.pushed[relative] = mirror._stamp(mirror.local / relative)
 
 
 @contextlib.contextmanager
@@ -324,6 +400,7 @@ def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         path = mirror.pull()
         key = Path(os.path.abspath(path))
         _SYNCED[key] = mirror
+        _ORIGINS[str(key)] = (mirror.url, str(cache_dir_for(text, cache_dir)))
         try:
             yield path
         finally:
@@ -335,6 +412,17 @@ def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = 
 # Corpus files fetched from object storage: the local copy's root -> the URL it came from. Sources and the
 # DB's file list name the URL, so a DB built from `s3://…` inputs does not record one machine's cache path.
 FETCHED_ROOTS: dict[str, str] = {}
+_FETCHED_CACHES: dict[str, str] = {}  # the same roots -> the cache directory they were fetched into
+
+
+def fetched_origin(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(URL, cache directory) of a corpus file fetched from object storage here, or None for a local one:
+    what a Dask task is given so that its worker fetches the file into its own cache."""
+    text = os.path.abspath(os.fspath(path))
+    for root, url in FETCHED_ROOTS.items():
+        if text.startswith(root + os.sep):
+            return url + text[len(root):].replace(os.sep, "/"), _FETCHED_CACHES[root]
+    return None
 
 
 def source_name(path: str | os.PathLike) -> str:
@@ -400,6 +488,7 @@ def fetch_input(url: str, cache_dir: str | os.PathLike | None) -> Path:
         tmp_record.write_text(json.dumps(record, sort_keys=True))
         os.replace(tmp_record, record_file)
     FETCHED_ROOTS[os.path.abspath(target)] = url.rsplit("/", 1)[0] if single else url.rstrip("/")
+    _FETCHED_CACHES[os.path.abspath(target)] = str(cache_dir_for(url, cache_dir))
     return target / next(iter(files)) if single else target
 
 

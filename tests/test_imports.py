@@ -4,6 +4,7 @@ point down, there is no circle, and nothing below the CLI imports it."""
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,11 @@ def package_modules() -> dict[str, Path]:
 def imports_of(path: Path, modules: set[str]) -> set[str]:
     """Every retrocli module `path` imports, at the top or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    # Parsed in a fresh thread: CPython 3.11's ast.parse can fail with "AST constructor recursion depth
+    # mismatch" in a thread whose recursion count an earlier test (Dask's event loop) left off.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        tree = pool.submit(ast.parse, path.read_text(encoding="utf-8")).result()
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -4,6 +4,7 @@ one writer at a time, and a damaged cached shard fetched again."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -269,18 +270,28 @@ def test_leakage_report_of_a_db_and_test_set_on_s3_equals_local(s3_db, local_bui
     assert got["near_duplicates"][0]["test_source"].endswith(f"({test_url}:line 1)")
 
 
-def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_build, tmp_path):
+@contextlib.contextmanager
+def _workers_with_own_caches(tmp_path: Path):
+    """A Dask cluster of 2 worker processes, each with its own RETRO_CACHE_DIR, as on separate machines."""
     distributed = pytest.importorskip("distributed")
-    from retrocli.neighbors import batch_neighbors, open_neighbors
-    from retrocli.shard_owners import OwnedShards
-
     cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
     client = distributed.Client(cluster)
     try:
         workers = sorted(client.scheduler_info()["workers"])
         caches = {w: tmp_path / f"worker-{i}" for i, w in enumerate(workers)}
-        for worker, cache in caches.items():  # each worker its own cache, as on separate machines
+        for worker, cache in caches.items():
             client.run(lambda path=str(cache): os.environ.update(RETRO_CACHE_DIR=path), workers=[worker])
+        yield client, caches
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_build, tmp_path):
+    from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.shard_owners import OwnedShards
+
+    with _workers_with_own_caches(tmp_path) as (client, caches):
         db_path = fetch_db(s3_db, tmp_path / "client")
         remote = batch_neighbors(db_path, [db_path], tmp_path / "nb-s3", k=3, exclude_same_doc=True, dask=client)
         local = batch_neighbors(local_build, [local_build], tmp_path / "nb-local", k=3, exclude_same_doc=True)
@@ -289,11 +300,39 @@ def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_bui
         files = {int(s["shard"]): s["file"] for s in db.manifest["index"]["shards"]}
         assert len(files) >= 2
         for worker, shards in OwnedShards(client, db, ef=128).placement().items():
-            copy = mirror_path(s3_db, caches[worker])
+            copy = mirror_path(s3_db, caches[worker], partial=True)
             assert sorted(p.relative_to(copy).as_posix() for p in copy.glob("index/*")) == \
                 sorted(files[s] for s in shards)  # its own shards, no other
             assert not list(copy.glob("store.zarr/embeddings/c/**/*"))
             assert not list(copy.glob("store.zarr/chunks/tokens/c/**/*"))
-    finally:
-        client.close()
-        cluster.close()
+
+
+def test_build_db_on_dask_with_no_shared_filesystem_equals_a_local_build(s3_server, tiny_bert, small_jsonl,
+                                                                         local_build, tmp_path):
+    """Client and workers each with their own cache: the workers fetch their corpus pieces, token chunks
+    and embedding blocks from the store and upload what they make; the DB equals the local build."""
+    corpus_url = _upload(small_jsonl, "corpora/small/docs.jsonl")
+    url = f"s3://{BUCKET}/dbs/built-on-dask"
+    client_cache = tmp_path / "client"
+    with _workers_with_own_caches(tmp_path) as (client, caches):
+        with local_db(url, client_cache, write="test build") as path:
+            build_db(local_inputs([corpus_url], client_cache), path, embedder=tiny_bert, dask=client, **BUILD)
+    reader = fetch_db(url, tmp_path / "reader")
+    local, remote = _arrays(local_build), _arrays(reader)
+    for name in ARRAYS:
+        np.testing.assert_array_equal(remote[name], local[name], err_msg=name)
+    a, b = open_db(local_build).manifest, open_db(reader).manifest
+    assert [s["sha256"] for s in a["index"]["shards"]] == [s["sha256"] for s in b["index"]["shards"]]
+    assert zarr.open_group(str(reader / "store.zarr"), mode="r")["files/path"][:].tolist() == [corpus_url]
+    # what each worker holds: a partial copy with its own blocks and shards; together, every one of them
+    shards = {s["file"] for s in b["index"]["shards"]}
+    blocks = {f.relative_to(reader).as_posix() for f in reader.glob("store.zarr/embeddings/c/*/*")}
+    held_shards, held_blocks, fetched_corpus = set(), set(), []
+    for cache in caches.values():
+        assert not mirror_path(url, cache).exists()  # no full mirror on a worker
+        copy = mirror_path(url, cache, partial=True)
+        held_shards |= {p.relative_to(copy).as_posix() for p in copy.glob("index/*")}
+        held_blocks |= {p.relative_to(copy).as_posix() for p in copy.glob("store.zarr/embeddings/c/*/*")}
+        fetched_corpus.append(mirror_path(corpus_url, cache).is_file())
+    assert held_shards == shards and held_blocks == blocks and len(blocks) > 2
+    assert any(fetched_corpus)  # the worker that chunked the (one-piece) corpus fetched it itself
