@@ -35,7 +35,7 @@ from retrocli.db import (
 )
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import INDEX_DIR, _check_saved_shard, shard_record, write_shard
+from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions
 from retrocli.progress import NullProgress, Progress
@@ -181,7 +181,7 @@ def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progr
         try:
             if not final.exists():
                 raise RuntimeError("not built yet")
-            _check_saved_shard(final, space, dim, stop - start)  # whole: kept from an interrupted add
+            check_saved_shard(final, space, dim, stop - start)  # whole: kept from an interrupted add
         except (OSError, RuntimeError):
             write_shard(segment, start, stop, first_chunk, final, space, dim, params["M"], params["ef_construction"],
                         params.get("seed", 100), 1)

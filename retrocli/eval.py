@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -19,10 +20,26 @@ import torch
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
+from retrocli.knn_lm import (
+    Datastore,
+    FinalHidden,
+    Interpolation,
+    is_dev_document,
+    tune_interpolation,
+)
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
 from retrocli.neighbors import CANDIDATES_PER_K, neighbors_of_inputs
-from retrocli.options import DEFAULT_EVAL_BATCH, DEFAULT_LEAKAGE_K, DEFAULT_TEXT_FIELD, check_at_least
+from retrocli.options import (
+    DEFAULT_ALPHA,
+    DEFAULT_EVAL_BATCH,
+    DEFAULT_KNN_EF,
+    DEFAULT_KNN_K,
+    DEFAULT_LAMBDA_BUCKETS,
+    DEFAULT_LEAKAGE_K,
+    DEFAULT_TEXT_FIELD,
+    check_at_least,
+)
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, stale_neighbor_ids, token_byte_lengths
@@ -31,10 +48,22 @@ ALPHA_GRID = (0.0, 0.05, 0.1, 0.125, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0
 
 
 @dataclass
+class TokenNeighbours:
+    """kNN-LM: the datastore neighbours of the hidden state that predicts each test token."""
+
+    dists: np.ndarray  # [num_test_chunks, m, K] squared L2, inf where fewer
+    values: np.ndarray  # [num_test_chunks, m, K] their next tokens
+
+
+@dataclass
 class ChunkLosses:
     token_bits_retrieval: np.ndarray  # [num_test_chunks, m]: bits of each token, by its place in its chunk
     token_bits_none: np.ndarray
     bytes: np.ndarray  # [num_test_chunks]
+    targets: np.ndarray | None = None  # [num_test_chunks, m] the token scored there, −1 where none
+    knn_retrieval: TokenNeighbours | None = None  # queried with the RETRO pass's hidden states
+    knn_none: TokenNeighbours | None = None  # with the pass without retrieval
+    seconds: dict = field(default_factory=dict)  # forward passes and kNN searches
 
     @property
     def bits_retrieval(self) -> np.ndarray:  # [num_test_chunks]
@@ -49,9 +78,12 @@ class ChunkLosses:
 def chunk_losses(
     model, db: RetroDB, test: RetroDB, neighbor_ids: np.ndarray, batch_size: int = DEFAULT_EVAL_BATCH,
     progress: Progress | None = None, k: int | None = None, without_retrieval: bool = True,
+    knn: Datastore | None = None, knn_k: int = DEFAULT_KNN_K, knn_exclude: dict[int, np.ndarray] | None = None,
 ) -> ChunkLosses:
     """Per-token bits of every test chunk with its `k` retrieved neighbours (default: the model's k) and,
-    unless without_retrieval is False, without retrieval (left 0 then)."""
+    unless without_retrieval is False, without retrieval (left 0 then). With a kNN-LM datastore `knn`,
+    also the `knn_k` nearest keys of each pass's hidden state before every scored token, never from the DB
+    documents knn_exclude names for the token's test document."""
     progress = progress or NullProgress()
     m, k = db.chunk_size, k or model.config.num_neighbors
     if neighbor_ids.shape[1] < k:
@@ -71,6 +103,14 @@ def chunk_losses(
     ]
     windows.sort(key=lambda w: w[1] - w[0])  # equal lengths batch together
     passes = ((True, bits_r), (False, bits_n)) if without_retrieval else ((True, bits_r),)
+    losses = ChunkLosses(bits_r, bits_n, nbytes)
+    seconds = losses.seconds
+    if knn is not None:
+        losses.targets = np.full((n, m), -1, dtype=np.int64)
+        losses.knn_retrieval, losses.knn_none = (
+            TokenNeighbours(np.full((n, m, knn_k), np.inf, np.float32), np.zeros((n, m, knn_k), np.int64))
+            for _ in range(2))
+    hidden = FinalHidden(model) if knn is not None else None
     task = progress.start("eval", total=len(windows), unit="windows")
     for i in range(0, len(windows), batch_size):
         group = windows[i : i + batch_size]
@@ -87,21 +127,56 @@ def chunk_losses(
         device = model.wte.weight.device  # batches go where the model is; bits come back to the CPU
         idx, tgt = torch.from_numpy(tokens).to(device), torch.from_numpy(targets).to(device)
         for use_retrieval, sink in passes:
+            started = time.perf_counter()
             logits, _ = model(idx, neighbors=torch.from_numpy(nbr).to(device) if use_retrieval else None)
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-1, reduction="none"
             ).reshape(tgt.shape)
             bits = (loss / math.log(2)).cpu().numpy()
+            name = "retrieval" if use_retrieval else "none"
+            seconds[f"forward_{name}"] = seconds.get(f"forward_{name}", 0.0) + time.perf_counter() - started
+            placed = []
             for row, (a, _b) in enumerate(group):
                 # target at position p is token p+1, which belongs to chunk (p+1)//m of the window
                 pos = np.nonzero(targets[row] >= 0)[0]
                 owner = a + (pos + 1) // m
                 sink[owner, (pos + 1) % m] = bits[row, pos]
+                placed.append((pos, owner))
                 if use_retrieval:
                     np.add.at(nbytes, owner, byte_len[targets[row, pos]])
+                    if knn is not None:
+                        losses.targets[owner, (pos + 1) % m] = targets[row, pos]
+            if knn is not None:
+                started = time.perf_counter()
+                _search_knn(knn, knn_k, hidden.value.float().cpu().numpy(), group, placed, test, knn_exclude,
+                            losses.knn_retrieval if use_retrieval else losses.knn_none, m)
+                seconds[f"knn_{name}"] = seconds.get(f"knn_{name}", 0.0) + time.perf_counter() - started
         task.advance(len(group))
+    if hidden is not None:
+        hidden.close()
     task.finish()
-    return ChunkLosses(bits_r, bits_n, nbytes)
+    return losses
+
+
+def _search_knn(knn: Datastore, k: int, states: np.ndarray, group, placed, test: RetroDB,
+                exclude: dict[int, np.ndarray] | None, sink: TokenNeighbours, m: int) -> None:
+    """The datastore neighbours of each scored position's hidden state in one batch of windows: rows of
+    test documents with nothing to exclude in one search, the others each with their exclusions."""
+    free = [row for row, (a, _b) in enumerate(group) if not (exclude or {}).get(int(test.chunk_doc[a]))]
+    banned = [row for row in range(len(group)) if row not in set(free)]
+    batches = [(free, None)] + [([row], exclude[int(test.chunk_doc[group[row][0]])]) for row in banned]
+    for rows, docs in batches:
+        if not rows:
+            continue
+        queries = np.concatenate([states[row, placed[row][0]] for row in rows])
+        ids, dists = knn.search(queries, k, exclude_docs=docs)
+        values = knn.values[np.maximum(ids, 0)]
+        at = 0
+        for row in rows:
+            pos, owner = placed[row]
+            sink.dists[owner, (pos + 1) % m] = dists[at : at + len(pos)]
+            sink.values[owner, (pos + 1) % m] = values[at : at + len(pos)]
+            at += len(pos)
 
 
 def bpb_summary(losses: ChunkLosses, r: np.ndarray | None, alphas=ALPHA_GRID) -> dict:
@@ -145,6 +220,12 @@ def evaluate(
     exclude_near_duplicates: bool = False,
     device: str = "auto",
     stale_retrieval: bool = False,
+    knn_lm: str | os.PathLike | None = None,
+    knn_lambda: float | str = "auto",
+    knn_k: int = DEFAULT_KNN_K,
+    knn_temperature: float | None = None,
+    knn_ef: int = DEFAULT_KNN_EF,
+    lambda_buckets: int = DEFAULT_LAMBDA_BUCKETS,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
@@ -153,7 +234,11 @@ def evaluate(
     and `exact_match_fraction` says how much of it there was. exclude_near_duplicates drops from each test
     document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ DEFAULT_JACCARD, on
     normalised text), so what remains is what retrieval finds elsewhere. stale_retrieval also measures bpb
-    with the neighbours stale retrieval delivers (chunk u reads chunk u−1's; `bpb_stale_retrieval`)."""
+    with the neighbours stale retrieval delivers (chunk u reads chunk u−1's; `bpb_stale_retrieval`).
+
+    knn_lm: a datastore built by `retro knn-datastore` for this model and DB; the result then holds
+    `knn_lm`, the LM alone, RETRO, kNN-LM and RETRO + kNN-LM side by side (see knn_comparison). The
+    near-duplicates of each test document are excluded from both kinds of retrieval."""
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
     check_at_least("--batch-size", batch_size)
@@ -165,20 +250,40 @@ def evaluate(
     db = open_db(db_path)
     model, meta = load_model(model_dir, db)
     model.to(where)
+    knn = None
+    if knn_lm is not None:
+        knn_lambda = parse_lambda(knn_lambda)
+        check_at_least("--knn-k", knn_k)
+        check_at_least("--lambda-buckets", lambda_buckets)
+        if knn_temperature is not None and not knn_temperature > 0:
+            raise RetroError("--knn-temperature: must be > 0")
+        knn = Datastore(knn_lm, knn_ef)
+        knn.check_matches(model_dir, db)
+        exclude_near_duplicates = True  # the same exclusions for both kinds of retrieval
     model_k = k or model.config.num_neighbors
     k = max(model_k, DEFAULT_LEAKAGE_K if leakage else 0)
     k = min(k, db.num_chunks)
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
+    started = time.perf_counter()
     with neighbors_of_inputs(db.path, inputs, work_dir, k=k, candidates=candidates, threads=threads,
                              progress=progress, text_field=text_field, device=str(where)) as (nb, test):
-        ids, excluded = nb.ids[:, :k], None
+        retrieval_seconds = time.perf_counter() - started
+        ids, excluded, knn_exclude = nb.ids[:, :k], None, None
         if exclude_near_duplicates:
             pairs, _ = near_duplicates(db, test, progress=progress)
             ids, replaced = drop_near_duplicate_neighbors(db, test, nb.ids, pairs, k)
             excluded = {"pairs": len(pairs), "neighbours_replaced": replaced}
-        losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k)
+            knn_exclude = {}
+            for pair in pairs:
+                knn_exclude.setdefault(int(pair.test_doc), set()).add(int(pair.db_doc))
+            knn_exclude = {doc: np.array(sorted(docs), dtype=np.int64) for doc, docs in knn_exclude.items()}
+        losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k, knn=knn, knn_k=knn_k,
+                              knn_exclude=knn_exclude)
         r = compute_overlap(db, test, ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
+        if knn is not None:
+            result["knn_lm"] = knn_comparison(losses, test, r, knn, db, knn_lambda, knn_temperature, lambda_buckets,
+                                              retrieval_seconds)
         if stale_retrieval:
             stale = chunk_losses(model, db, test, stale_neighbor_ids(ids, test.chunk_doc), batch_size, progress,
                                  k=model_k, without_retrieval=False)
@@ -198,6 +303,104 @@ def evaluate(
             }
         )
         return result
+
+
+def parse_lambda(value: float | str) -> float | str:
+    """--lambda: 'auto' or a number in [0, 1]."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise RetroError(f"--lambda: expected 'auto' or a number in [0, 1], got {value!r}") from None
+    if not 0 <= lam <= 1:
+        raise RetroError(f"--lambda: must be in [0, 1], got {lam}")
+    return lam
+
+
+KNN_METHODS = ("lm", "retro", "knn_lm", "retro_knn_lm")
+
+
+def knn_comparison(losses: ChunkLosses, test: RetroDB, r: np.ndarray | None, knn: Datastore, db: RetroDB,
+                   lam: float | str, temperature: float | None, buckets: int, retrieval_seconds: float) -> dict:
+    """The LM alone, RETRO, kNN-LM (p_kNN queried with the plain decoder's state, mixed into p_LM) and
+    RETRO + kNN-LM (queried with the RETRO pass's state, mixed into p_RETRO) on the same tokens, overall
+    and at r(C) ≤ α, with what each costs to build, store and query.
+
+    lam 'auto': T and λ (and λ per nearest-distance bucket) are tuned on the test documents
+    is_dev_document picks, and every figure is reported on the others only."""
+    n = len(losses.bytes)
+    targets = losses.targets
+    scored = targets >= 0
+    if lam == "auto":
+        dev_doc = np.array([is_dev_document(test.document_text(d)) for d in range(test.num_docs)], dtype=bool)
+        dev_chunks = dev_doc[test.chunk_doc] if n else np.zeros(0, dtype=bool)
+        if dev_doc.all() or not dev_doc.any():
+            raise RetroError(f"--lambda auto tunes on about half of the {test.num_docs} test document(s) and "
+                             "reports on the rest: give more documents, or a fixed --lambda")
+    else:
+        dev_chunks = np.zeros(n, dtype=bool)
+    reported = ~dev_chunks
+    bits = {"lm": losses.bits_none, "retro": losses.bits_retrieval}
+    interpolations = {}
+    for name, found, bits_lm in (("knn_lm", losses.knn_none, losses.token_bits_none),
+                                 ("retro_knn_lm", losses.knn_retrieval, losses.token_bits_retrieval)):
+        if lam == "auto":
+            dev = scored & dev_chunks[:, None]
+            chosen, bucketed = tune_interpolation(bits_lm[dev], found.dists[dev], found.values[dev], targets[dev],
+                                                  buckets, temperature)
+        else:
+            chosen, bucketed = Interpolation(temperature or knn.temperature_scale, lam), None
+        for label, interpolation in ((name, chosen), (f"{name}_bucketed", bucketed)):
+            if interpolation is None:
+                continue
+            token_bits = bits_lm.copy()
+            token_bits[scored] = interpolation.bits(bits_lm[scored], found.dists[scored], found.values[scored],
+                                                    targets[scored])
+            bits[label] = token_bits.sum(axis=1)
+            interpolations[label] = interpolation.to_dict()
+
+    def bpb(chunk_bits, mask):
+        total = losses.bytes[mask].sum()
+        return float(chunk_bits[mask].sum() / total) if total else None
+
+    seconds = losses.seconds
+    db_bytes = sum(f.stat().st_size for f in db.path.rglob("*") if f.is_file())
+    store_bytes = knn.disk_bytes()
+    built = lambda manifest, stages: sum(float(manifest["stages"][s].get("seconds", 0)) for s in stages)  # noqa: E731
+    db_build, store_build = built(db.manifest, ("embed", "index")), built(knn.manifest, ("keys", "index"))
+    costs = {
+        "lm": (0, 0.0, seconds.get("forward_none", 0.0)),
+        "retro": (db_bytes, db_build, retrieval_seconds + seconds.get("forward_retrieval", 0.0)),
+        "knn_lm": (store_bytes, store_build, seconds.get("forward_none", 0.0) + seconds.get("knn_none", 0.0)),
+        "retro_knn_lm": (db_bytes + store_bytes, db_build + store_build,
+                         retrieval_seconds + seconds.get("forward_retrieval", 0.0) + seconds.get("knn_retrieval", 0.0)),
+    }
+    rows = []
+    for name in bits:
+        base = name.removesuffix("_bucketed")
+        disk, build, query = costs[base]
+        row = {"method": name, "bpb": bpb(bits[name], reported), "disk_bytes": disk, "build_seconds": round(build, 3),
+               "eval_seconds": round(query, 3)}
+        if r is not None:
+            row["bpb_alpha"] = bpb(bits[name], reported & (r <= DEFAULT_ALPHA))
+            row["curve"] = [{"alpha": a, "bpb": bpb(bits[name], reported & (r <= a))} for a in ALPHA_GRID]
+        if name in interpolations:
+            row["interpolation"] = interpolations[name]
+        rows.append(row)
+    order = {m: i for i, m in enumerate(KNN_METHODS)}
+    rows.sort(key=lambda row: (order[row["method"].removesuffix("_bucketed")], row["method"].endswith("_bucketed")))
+    return {
+        "datastore": str(knn.path),
+        "keys": knn.num_keys,
+        "k": int(losses.knn_none.dists.shape[2]),
+        "lambda": lam,
+        "alpha": DEFAULT_ALPHA,
+        "tuned_on_documents": int(dev_doc.sum()) if lam == "auto" else 0,
+        "reported_documents": int(len(np.unique(test.chunk_doc[reported]))) if n else 0,
+        "reported_chunks": int(reported.sum()),
+        "methods": rows,
+    }
 
 
 EXACT_DISTANCE = 1e-6  # squared L2 of fp16-stored unit vectors: a copy is 0 up to rounding

@@ -20,9 +20,12 @@ import torch
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
+from retrocli.knn_lm import Datastore, FinalHidden, knn_distribution
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
     DEFAULT_EF_SEARCH,
+    DEFAULT_GENERATE_LAMBDA,
+    DEFAULT_KNN_K,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SAMPLING_SEED,
     DEFAULT_TEMPERATURE,
@@ -133,10 +136,16 @@ def generate(
     seed: int = DEFAULT_SAMPLING_SEED, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
     on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
     device: str = "auto", retriever=None, stale_retrieval: bool = False,
+    knn_lm: str | os.PathLike | Datastore | None = None, knn_lambda: float = DEFAULT_GENERATE_LAMBDA,
+    knn_k: int = DEFAULT_KNN_K, knn_temperature: float | None = None,
 ) -> Generation:
     """`device` runs the model and the query embedder there; greedy decoding gives the same tokens on any
     device in fp32 (up to ties within rounding). `retriever`: a LocalRetriever, an HttpRetriever or the
-    URL of a `retro serve` server, used instead of opening db_path. `stale_retrieval`: see StaleRetrieval."""
+    URL of a `retro serve` server, used instead of opening db_path. `stale_retrieval`: see StaleRetrieval.
+
+    knn_lm: a datastore (`retro knn-datastore`) for this model: each token is sampled from
+    λ·p_kNN + (1−λ)·p_model, p_kNN from the knn_k keys nearest to the state that made the logits, at
+    temperature knn_temperature (default: the datastore's median nearest-key distance)."""
     where = resolve_device(device)
     if isinstance(retriever, str):
         retriever = HttpRetriever(retriever)
@@ -198,6 +207,29 @@ def generate(
         else:
             retrieve_fn = lambda chunk_ids: record(waited_for(chunk_ids))  # noqa: E731
 
+    mix_fn, hidden = None, None
+    if knn_lm is not None:
+        if not 0 <= knn_lambda <= 1:  # NaN too
+            raise RetroError(f"--lambda: must be in [0, 1], got {knn_lambda}")
+        check_at_least("--knn-k", knn_k)
+        if knn_temperature is not None and not knn_temperature > 0:
+            raise RetroError("--knn-temperature: must be > 0")
+        store = knn_lm if isinstance(knn_lm, Datastore) else Datastore(knn_lm)
+        if db is not None:
+            store.check_matches(model_dir, db)
+        else:
+            store.check_model(model_dir)
+        hidden = FinalHidden(model)
+        knn_t = knn_temperature or store.temperature_scale
+
+        def mix_fn(logits: torch.Tensor) -> torch.Tensor:
+            query = hidden.value[:, -1].float().cpu().numpy()
+            ids, dists = store.search(query, knn_k)
+            p_model = torch.softmax(logits.double(), dim=-1)
+            p_knn = torch.stack([knn_distribution(d, store.values[np.maximum(i, 0)], knn_t, p_model.shape[-1])
+                                 for i, d in zip(ids, dists, strict=True)]).to(p_model.device)
+            return torch.log(knn_lambda * p_knn + (1 - knn_lambda) * p_model).to(logits.dtype)
+
     prompt_ids = tokenizer.encode_batch([prompt])[0]
     if not prompt_ids:
         raise RetroError("--prompt encodes to no tokens")
@@ -207,7 +239,7 @@ def generate(
     started = time.perf_counter()
     try:
         for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,
-                                         top_k, top_p, generator):
+                                         top_k, top_p, generator, mix_fn=mix_fn):
             new_ids.append(int(token[0]))
             text = tokenizer.decode(new_ids)
             # hold back a trailing partial UTF-8 character until its other bytes arrive
@@ -217,6 +249,8 @@ def generate(
             shown = stable if len(stable) > len(shown) else shown
     finally:
         last = stale.finish() if stale is not None else None  # never leave the thread running
+        if hidden is not None:
+            hidden.close()
     result.seconds = time.perf_counter() - started
     if stale is not None:
         result.retrieval_wait_seconds = stale.wait_seconds

@@ -146,7 +146,7 @@ def write_shard(
             task.advance(block_stop - block)
     tmp = final.with_suffix(f".{os.getpid()}.partial")  # two workers retrying one shard never share a file
     index.save_index(str(tmp))
-    _check_saved_shard(tmp, space, dim, stop - start)
+    check_saved_shard(tmp, space, dim, stop - start)
     os.replace(tmp, final)
 
 
@@ -159,7 +159,7 @@ def shard_record(shard: int, final: Path, relative: str, start: int, count: int)
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process
 
 
-def _check_saved_shard(file: Path, space: str, dim: int, count: int) -> None:
+def check_saved_shard(file: Path, space: str, dim: int, count: int) -> None:
     """hnswlib writes without checking for errors: on a full disk it leaves a truncated file and returns.
     Loading it back (which checks the file's length) is what tells a whole shard from a cut one."""
     reloaded = hnswlib.Index(space=space, dim=dim)

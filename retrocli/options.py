@@ -66,6 +66,18 @@ DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_K = 50
 DEFAULT_SAMPLING_SEED = 0
 
+# kNN-LM (retro knn-datastore, eval/generate --knn-lm)
+DEFAULT_KNN_BLOCK = 65536  # keys per resumable block (one zarr chunk: 32 MB of fp16 keys at d = 256)
+DEFAULT_KNN_SHARD = 2_000_000  # keys per HNSW shard (~2.6 GB of RAM at d = 256, M = 16)
+DEFAULT_KNN_M = 16
+DEFAULT_KNN_EF_CONSTRUCTION = 100
+DEFAULT_KNN_SEED = 100
+DEFAULT_KNN_EF = 64
+DEFAULT_KNN_K = 16
+DEFAULT_KNN_WINDOWS = 8  # windows of seq_len tokens per forward pass while computing keys
+DEFAULT_LAMBDA_BUCKETS = 8
+DEFAULT_GENERATE_LAMBDA = 0.25  # generate --knn-lm: the paper's λ on Wikitext-103
+
 
 @dataclass
 class ChunkOptions:

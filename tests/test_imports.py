@@ -30,6 +30,7 @@ LAYERS = [
     ["retrocli.serve"],
     ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model",
      "retrocli.model.checkpoint"],
+    ["retrocli.knn_lm"],
     ["retrocli.train", "retrocli.eval", "retrocli.generate"],
     ["retrocli.leakage", "retrocli.leakage_html"],
     ["retrocli.dedupe"],

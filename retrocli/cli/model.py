@@ -12,6 +12,7 @@ from rich.table import Table
 from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
 from retrocli.cli.options import (
     CacheDir,
+    Dask,
     Device,
     ExcludeNearDuplicates,
     JsonOut,
@@ -25,6 +26,15 @@ from retrocli.cli.options import (
 from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
+    DEFAULT_GENERATE_LAMBDA,
+    DEFAULT_KNN_BLOCK,
+    DEFAULT_KNN_EF_CONSTRUCTION,
+    DEFAULT_KNN_K,
+    DEFAULT_KNN_M,
+    DEFAULT_KNN_SEED,
+    DEFAULT_KNN_SHARD,
+    DEFAULT_KNN_WINDOWS,
+    DEFAULT_LAMBDA_BUCKETS,
     DEFAULT_LEAKAGE_K,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SAMPLING_SEED,
@@ -35,6 +45,12 @@ from retrocli.options import (
     TrainOptions,
 )
 from retrocli.storage import fetch_db, local_inputs
+
+KnnStore = Annotated[Path | None, typer.Option("--knn-lm", help="A kNN-LM datastore (retro knn-datastore)")]
+KnnK = Annotated[int, typer.Option(help="With --knn-lm: nearest keys per token")]
+KnnTemperature = Annotated[float | None, typer.Option(
+    help="With --knn-lm: softmax temperature over -distance (default: tuned with --lambda auto, else the "
+         "datastore's median nearest-key distance)")]
 
 
 @handle_errors
@@ -138,11 +154,20 @@ def eval_cmd(
     stale_retrieval: Annotated[bool, flag(
         "--stale-retrieval", "Also measure bpb with stale retrieval (chunk u reads the neighbours of chunk u-1)")
     ] = False,
+    knn_lm: KnnStore = None,
+    lam: Annotated[str, typer.Option("--lambda", help="With --knn-lm: the weight of p_kNN, or auto (tuned with T on "
+                                     "half of the test documents, reported on the other half)")] = "auto",
+    knn_k: KnnK = DEFAULT_KNN_K,
+    knn_temperature: KnnTemperature = None,
+    lambda_buckets: Annotated[int, typer.Option(
+        help="With --lambda auto: also tune one lambda per this many buckets of nearest-key distance")
+    ] = DEFAULT_LAMBDA_BUCKETS,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
-    """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha)."""
+    """Bits per byte on held-out documents, with retrieval from the DB and without, and bpb(alpha); with
+    --knn-lm, the LM alone, RETRO, kNN-LM and RETRO + kNN-LM in one table."""
     from retrocli.eval import EXACT_WARNING, evaluate
 
     with progress_display(enabled=not json_output) as progress:
@@ -150,7 +175,8 @@ def eval_cmd(
                           batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
                           exclude_near_duplicates=exclude_near_duplicates, device=device,
-                          stale_retrieval=stale_retrieval)
+                          stale_retrieval=stale_retrieval, knn_lm=knn_lm, knn_lambda=lam, knn_k=knn_k,
+                          knn_temperature=knn_temperature, lambda_buckets=lambda_buckets)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
@@ -186,6 +212,74 @@ def eval_cmd(
             fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
             table.add_row(f"{p['alpha']:g}", f"{p['chunks']:,}", fmt(p["bpb"]), fmt(p["bpb_no_retrieval"]))
         console.print(table)
+    if "knn_lm" in result:
+        print_knn_comparison(result["knn_lm"])
+
+
+METHOD_NAMES = {"lm": "LM alone", "retro": "RETRO", "knn_lm": "kNN-LM", "retro_knn_lm": "RETRO + kNN-LM"}
+
+
+def print_knn_comparison(report: dict) -> None:
+    where = (f"on {report['reported_documents']} test documents ({report['reported_chunks']:,} chunks); λ and T "
+             f"tuned on the other {report['tuned_on_documents']}" if report["lambda"] == "auto"
+             else f"on every test document ({report['reported_chunks']:,} chunks)")
+    table = Table(title=f"Retrieval methods side by side, {where}", show_edge=False)
+    alpha = report["alpha"]
+    for col in ("method", "bpb", f"bpb(α={alpha:g})", "λ", "T", "disk", "build", "eval"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    for row in report["methods"]:
+        base = row["method"].removesuffix("_bucketed")
+        name = METHOD_NAMES[base] + (" (λ per distance bucket)" if row["method"].endswith("_bucketed") else "")
+        interp = row.get("interpolation", {})
+        lam = "per bucket" if "bucket_lambdas" in interp else (f"{interp['lam']:g}" if interp else "–")
+        table.add_row(name, fmt(row["bpb"]), fmt(row.get("bpb_alpha")), lam,
+                      f"{interp['temperature']:.3g}" if interp else "–", f"{row['disk_bytes'] / 1e6:,.0f} MB",
+                      f"{row['build_seconds']:,.0f} s", f"{row['eval_seconds']:,.1f} s")
+    console.print(table)
+    console.print(f"[dim]kNN-LM: {report['keys']:,} keys, k={report['k']}; the same near-duplicate documents "
+                  "are excluded from both kinds of retrieval[/]", soft_wrap=True)
+
+
+@handle_errors
+def knn_datastore(
+    db: Annotated[Path, typer.Argument(help="DB directory or URL whose tokens become the datastore")],
+    out: Annotated[Path, typer.Option(help="Datastore directory to write (resumed when it holds a partial one)")],
+    model: ModelDir = None,
+    block_size: Annotated[int, typer.Option(help="Keys per resumable block (one zarr chunk)")] = DEFAULT_KNN_BLOCK,
+    shard_size: Annotated[int, typer.Option(help="Keys per HNSW shard")] = DEFAULT_KNN_SHARD,
+    hnsw_m: Annotated[int, typer.Option("--M", help="HNSW graph degree")] = DEFAULT_KNN_M,
+    ef_construction: Annotated[int, typer.Option(help="HNSW build beam width")] = DEFAULT_KNN_EF_CONSTRUCTION,
+    seed: Annotated[int, typer.Option(help="HNSW seed")] = DEFAULT_KNN_SEED,
+    windows: Annotated[int, typer.Option(help="Windows of seq_len tokens per forward pass")] = DEFAULT_KNN_WINDOWS,
+    threads: LocalThreads = None,
+    dask: Dask = None,
+    device: Device = "auto",
+    overwrite: Annotated[bool, flag("--overwrite", "Replace a datastore built for another model, DB or options")]
+    = False,
+    cache_dir: CacheDir = None,
+    json_output: JsonOut = False,
+):
+    """Build a kNN-LM datastore: for every DB token, the model's hidden state before it (key) and the token
+    (value), fp16 keys in zarr and an HNSW index over them."""
+    from retrocli.cli.common import cluster
+    from retrocli.knn_lm import Datastore, DatastoreOptions, build_datastore
+
+    options = DatastoreOptions(block_size=block_size, shard_size=shard_size, M=hnsw_m, ef_construction=ef_construction,
+                               seed=seed, windows_per_batch=windows, threads=threads)
+    with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
+        path = build_datastore(fetch_db(db, cache_dir), model, out, options, progress=progress, dask=client,
+                               device=device, overwrite=overwrite)
+    store = Datastore(path)
+    summary = {"datastore": str(path), "keys": store.num_keys, "dim": store.dim, "disk_bytes": store.disk_bytes(),
+               "seconds": {s: store.manifest["stages"][s].get("seconds") for s in ("keys", "index")},
+               "temperature_scale": store.temperature_scale}
+    if json_output:
+        print_json(summary)
+        return
+    console.print(f"datastore {user(str(path))}: {summary['keys']:,} keys of {summary['dim']} dims, "
+                  f"{summary['disk_bytes'] / 1e6:,.0f} MB; keys {summary['seconds']['keys']:,.0f} s, "
+                  f"index {summary['seconds']['index']:,.0f} s", soft_wrap=True)
 
 
 @handle_errors
@@ -206,11 +300,17 @@ def generate(
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
     no_retrieval: Annotated[bool, flag("--no-retrieval", "Disable retrieval (plain decoder)")] = False,
     show_neighbors: Annotated[bool, flag("--show-neighbors", "Print each retrieval as it happens")] = False,
+    knn_lm: KnnStore = None,
+    lam: Annotated[float, typer.Option("--lambda", help="With --knn-lm: the weight of p_kNN")]
+    = DEFAULT_GENERATE_LAMBDA,
+    knn_k: KnnK = DEFAULT_KNN_K,
+    knn_temperature: KnnTemperature = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
-    """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes."""
+    """Continue a prompt with a RETRO model, retrieving from the DB each time a chunk completes; with
+    --knn-lm, sampling from the model's distribution mixed with the kNN-LM's."""
     from retrocli.generate import generate as run_generate
 
     def on_text(text: str) -> None:
@@ -247,6 +347,10 @@ def generate(
         on_retrieval=on_retrieval,
         retriever=retriever,
         stale_retrieval=stale_retrieval,
+        knn_lm=knn_lm,
+        knn_lambda=lam,
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
     )
     if json_output:
         print_json(

@@ -780,6 +780,7 @@ class RetroModel(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        mix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each new token as a LongTensor [B] as soon as it is sampled (for streaming).
 
@@ -792,6 +793,9 @@ class RetroModel(nn.Module):
         (a multiple of m, so chunks stay aligned with their neighbours) and the cache is rebuilt from
         the kept tokens; use_cache=False recomputes the full forward on the same window every token
         (slow; for checking and benchmarking the cache).
+
+        mix_fn(logits [B, vocab]) -> logits: replaces the next-token logits (or log-probabilities) before
+        sampling, right after the forward pass that made them (kNN-LM mixes its distribution in there).
         """
         cfg = self.config
         idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
@@ -847,6 +851,8 @@ class RetroModel(nn.Module):
             else:
                 logits = full_logits(start)
             for i in range(max_new_tokens):
+                if mix_fn is not None:
+                    logits = mix_fn(logits)
                 nxt = self._sample(logits, temperature, top_k, top_p, generator)
                 tokens[:, n] = nxt
                 n += 1

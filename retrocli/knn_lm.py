@@ -1,0 +1,576 @@
+"""kNN-LM (Khandelwal et al. 2019) over a retro DB: a datastore that holds, for every DB token, the model's
+hidden state just before it as key and the token as value; at evaluation or generation the next-token
+distribution becomes p = λ·p_kNN + (1−λ)·p_LM, where p_kNN is the softmax of −distance / T over the K
+nearest keys, spread onto their tokens.
+
+A key is the input of the output layer (after the final norm) of the decoder run without retrieval, over
+the DB's documents in windows of seq_len tokens aligned to the DB's chunks (the way eval reads test
+documents). Each window's first token has no key (nothing precedes it in the window).
+
+A datastore is a directory:
+
+    manifest.json       format, the model's and the DB's identity, counts, stages and finished blocks
+    store.zarr/keys     [N, d] float16, one zarr chunk per block of --block-size keys (resumable)
+    store.zarr/values   [N] int32: the token that followed the key's context
+    store.zarr/doc      [N] int64: the DB document of that token (for exclusions)
+    index/shard-*.hnsw  HNSW (squared L2) over --shard-size keys each, sha256 in the manifest
+
+Both stages record what they finished in the manifest, as the DB's stages do, so a killed build resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import torch
+import zarr
+
+from retrocli import __version__
+from retrocli.checksums import file_sha256
+from retrocli.cluster import dask_client, run_blocks
+from retrocli.db import MANIFEST, STORE, RetroDB, open_db, write_json_atomic
+from retrocli.device import resolve_device
+from retrocli.errors import RetroError
+from retrocli.index import check_saved_shard, merge_top_k
+from retrocli.lock import holds_writer_lock
+from retrocli.model.checkpoint import load_model, resolve_model
+from retrocli.options import (
+    DEFAULT_KNN_BLOCK,
+    DEFAULT_KNN_EF,
+    DEFAULT_KNN_EF_CONSTRUCTION,
+    DEFAULT_KNN_M,
+    DEFAULT_KNN_SEED,
+    DEFAULT_KNN_SHARD,
+    DEFAULT_KNN_WINDOWS,
+    DEFAULT_LAMBDA_BUCKETS,
+    check_at_least,
+)
+from retrocli.progress import NullProgress, Progress
+from retrocli.sequences import chunk_rows, pad_id
+
+DATASTORE_FORMAT = "retrocli-knn-datastore"
+DATASTORE_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+INDEX_DIR = "index"
+ADD_BLOCK = 65536  # keys handed to hnswlib at once while building a shard
+
+# --lambda auto: λ on this grid, T = scale × the median nearest-key distance on the dev documents
+LAMBDA_GRID = tuple(round(0.05 * i, 2) for i in range(20))  # 0 … 0.95
+TEMPERATURE_SCALES = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class DatastoreOptions:
+    block_size: int = DEFAULT_KNN_BLOCK
+    shard_size: int = DEFAULT_KNN_SHARD
+    M: int = DEFAULT_KNN_M
+    ef_construction: int = DEFAULT_KNN_EF_CONSTRUCTION
+    seed: int = DEFAULT_KNN_SEED
+    windows_per_batch: int = DEFAULT_KNN_WINDOWS
+    threads: int | None = None  # torch threads for keys, hnswlib threads per shard (default: 1 per shard)
+
+
+# -- which DB tokens get a key ----------------------------------------------------------------------------
+
+@dataclass
+class KeyPlan:
+    """The windows keys come from, in DB order: window w covers chunks [starts[w], stops[w]) of document
+    docs[w], and its keys are rows [offsets[w], offsets[w+1]) of the datastore."""
+
+    starts: np.ndarray
+    stops: np.ndarray
+    docs: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_keys(self) -> int:
+        return int(self.offsets[-1])
+
+
+def plan_keys(db: RetroDB, seq_len: int) -> KeyPlan:
+    """Every live document cut into windows of seq_len // m chunks; a window of n real tokens gives n − 1
+    keys (its tokens after the first)."""
+    per_window = max(1, seq_len // db.chunk_size)
+    first, last = db.doc_offsets[:-1], db.doc_offsets[1:]
+    windows = -(-(last - first) // per_window)
+    if db.removed_docs:
+        windows[np.fromiter(db.removed_docs, dtype=np.int64)] = 0
+    docs = np.repeat(np.arange(len(first)), windows)
+    index_in_doc = np.arange(len(docs)) - np.repeat(np.cumsum(windows) - windows, windows)
+    starts = first[docs] + index_in_doc * per_window
+    stops = np.minimum(starts + per_window, last[docs])
+    token_ends = np.concatenate([[0], np.cumsum(db.chunk_length)])
+    keys = np.maximum(token_ends[stops] - token_ends[starts] - 1, 0)
+    return KeyPlan(starts, stops, docs, np.concatenate([[0], np.cumsum(keys)]).astype(np.int64))
+
+
+# -- hidden states --------------------------------------------------------------------------------------
+
+class FinalHidden:
+    """Captures the output layer's input (the final norm's output) of every forward pass while open."""
+
+    def __init__(self, model):
+        self.value: torch.Tensor | None = None
+        self.handle = model.ln_f.register_forward_hook(self._keep)
+
+    def _keep(self, _module, _inputs, output):
+        self.value = output.detach()
+
+    def close(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+def model_identity(model_dir) -> dict:
+    path = resolve_model(model_dir)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise RetroError(f"{path}: no {WEIGHTS_FILE} (not a retro model directory)")
+    return {"path": str(path.absolute()), "sha256": file_sha256(weights)}
+
+
+# -- building -------------------------------------------------------------------------------------------
+
+def _read_manifest(out: Path) -> dict | None:
+    file = out / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RetroError(f"{file}: unreadable datastore manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATASTORE_FORMAT:
+        raise RetroError(f"{file}: not a kNN-LM datastore (field 'format' is not {DATASTORE_FORMAT!r})")
+    if manifest.get("format_version") != DATASTORE_VERSION:
+        raise RetroError(f"{file}: datastore format {manifest.get('format_version')!r}; this retrocli reads "
+                         f"{DATASTORE_VERSION}")
+    return manifest
+
+
+@holds_writer_lock("retro knn-datastore", "out")
+def build_datastore(
+    db_path: str | os.PathLike, model_dir, out: str | os.PathLike, options: DatastoreOptions | None = None,
+    progress: Progress | None = None, dask=None, device: str = "auto", overwrite: bool = False,
+    max_blocks: int | None = None,
+) -> Path:
+    """Build (or finish building) the kNN-LM datastore of the DB at `db_path` for the model `model_dir`
+    at `out`: keys in resumable blocks, then the HNSW shards. `dask` runs both as tasks (workers reach
+    the DB, the model and `out` at the same paths). max_blocks stops after that many new key blocks."""
+    options = options or DatastoreOptions()
+    progress = progress or NullProgress()
+    for name in ("block_size", "shard_size", "windows_per_batch", "ef_construction"):
+        check_at_least(f"--{name.replace('_', '-')}", getattr(options, name))
+    check_at_least("--M", options.M, 2)
+    check_at_least("--threads", options.threads, allow_none=True)
+    out = Path(out)
+    db = open_db(db_path)
+    if db.path.resolve() == out.resolve() or db.path.resolve() in out.resolve().parents:
+        raise RetroError(f"--out {out}: lies in the DB {db.path}; put the datastore beside it")
+    model, _ = load_model(model_dir, db)
+    identity = {**model_identity(model_dir), "d_model": model.config.d_model, "seq_len": model.config.seq_len}
+    db_identity = {"path": str(db.path.absolute()), "db_id": db.manifest["db_id"], "version": db.version}
+    plan = plan_keys(db, model.config.seq_len)
+    n, d = plan.num_keys, model.config.d_model
+    if n == 0:
+        raise RetroError(f"{db.path}: no document has two tokens in a row; nothing to store")
+    manifest = _read_manifest(out) if out.exists() else None
+    if out.exists() and manifest is None and any(out.iterdir()):
+        raise RetroError(f"{out}: exists and is not a kNN-LM datastore; refusing to write there")
+    same = manifest is not None and manifest["model"]["sha256"] == identity["sha256"] and \
+        manifest["db"]["db_id"] == db_identity["db_id"] and manifest["db"]["version"] == db_identity["version"] \
+        and manifest["options"] == asdict(options) | {"threads": manifest["options"].get("threads")}
+    if manifest is not None and not same and not overwrite:
+        raise RetroError(f"{out}: a datastore for another model, DB version or options is there; pass "
+                         "--overwrite to replace it")
+    if manifest is None or not same:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)  # from here the old datastore is gone: never half-read
+        root = zarr.open_group(str(out / STORE), mode="w")
+        root.create_array("keys", shape=(n, d), dtype=np.float16, chunks=(options.block_size, d), fill_value=0)
+        root.create_array("values", shape=(n,), dtype=np.int32, chunks=(options.block_size,), fill_value=0)
+        root.create_array("doc", shape=(n,), dtype=np.int64, chunks=(options.block_size,), fill_value=0)
+        for old in (out / INDEX_DIR).glob("*") if (out / INDEX_DIR).is_dir() else ():
+            old.unlink()
+        manifest = {
+            "format": DATASTORE_FORMAT, "format_version": DATASTORE_VERSION, "created_by": f"retrocli {__version__}",
+            "model": identity, "db": db_identity, "options": asdict(options),
+            "counts": {"keys": n, "windows": len(plan.docs), "dim": d},
+            "stages": {"keys": {"status": "running", "done_blocks": []}, "index": {"status": "missing"}},
+        }
+        write_json_atomic(out / MANIFEST, manifest)
+    where = resolve_device(device)
+    with dask_client(dask) as client:
+        if manifest["stages"]["keys"]["status"] != "complete":
+            if not _compute_keys(db, model_dir, out, manifest, options, progress, client, str(where), max_blocks):
+                return out
+        if manifest["stages"]["index"]["status"] != "complete":
+            _build_index(out, manifest, options, progress, client)
+    return out
+
+
+def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOptions, progress, client,
+                  device: str, max_blocks: int | None) -> bool:
+    state = manifest["stages"]["keys"]
+    n, block_size = manifest["counts"]["keys"], options.block_size
+    num_blocks = -(-n // block_size)
+    done = set(state["done_blocks"])
+    todo = [b for b in range(num_blocks) if b not in done]
+    task = progress.start("knn keys", total=n, unit="keys",
+                          completed=n - sum(min(block_size, n - b * block_size) for b in todo))
+    started = time.time()
+    args = (str(db.path), str(resolve_model(model_dir)), str(out), block_size, options.windows_per_batch,
+            options.threads if client is None else options.threads or 1, device if client is None else "auto")
+    for block, count in run_blocks(client, "knn-keys", key_block, args, todo, max_blocks):
+        done.add(block)
+        state["done_blocks"] = sorted(done)
+        write_json_atomic(out / MANIFEST, manifest)
+        task.advance(count)
+    if len(done) < num_blocks:
+        return False
+    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3))
+    del state["done_blocks"]
+    write_json_atomic(out / MANIFEST, manifest)
+    task.finish()
+    return True
+
+
+_TASK_STATE: dict[tuple, tuple] = {}  # in a worker: (DB, model) -> (db, model, plan), loaded once
+
+
+def key_block(db_path: str, model_dir: str, out: str, block_size: int, windows_per_batch: int,
+              threads: int | None, device: str, block: int) -> tuple[int, int]:
+    """Keys, values and documents of datastore rows [block·B, (block+1)·B): the windows that overlap
+    them run through the decoder (those cut by the block's edges in both of their blocks)."""
+    if threads:
+        torch.set_num_threads(threads)
+    state_key = (db_path, model_dir, device)
+    if state_key not in _TASK_STATE:
+        _TASK_STATE.clear()
+        db = open_db(db_path)
+        model, _ = load_model(model_dir, db)
+        model.to(resolve_device(device))
+        _TASK_STATE[state_key] = (db, model, plan_keys(db, model.config.seq_len))
+    db, model, plan = _TASK_STATE[state_key]
+    lo, hi = block * block_size, min(plan.num_keys, (block + 1) * block_size)
+    first = int(np.searchsorted(plan.offsets, lo, side="right")) - 1
+    last = int(np.searchsorted(plan.offsets, hi, side="left"))
+    d, pad, m = model.config.d_model, pad_id(db), db.chunk_size
+    keys = np.zeros((hi - lo, d), dtype=np.float16)
+    values = np.zeros(hi - lo, dtype=np.int32)
+    docs = np.zeros(hi - lo, dtype=np.int64)
+    target = model.wte.weight.device
+    with FinalHidden(model) as hidden, torch.no_grad():
+        for group_start in range(first, last, windows_per_batch):
+            group = range(group_start, min(last, group_start + windows_per_batch))
+            width = max(int(plan.stops[w] - plan.starts[w]) for w in group) * m
+            tokens = np.full((len(group), width), pad, dtype=np.int64)
+            real = np.zeros((len(group), width), dtype=bool)
+            for row, w in enumerate(group):
+                t, r = chunk_rows(db, int(plan.starts[w]), int(plan.stops[w]), pad)
+                tokens[row, : t.size], real[row, : r.size] = t.reshape(-1), r.reshape(-1)
+            model(torch.from_numpy(tokens).to(target), None, token_mask=torch.from_numpy(real).to(target),
+                  need_logits=False)
+            states = hidden.value.float().cpu().numpy()
+            for row, w in enumerate(group):
+                where = np.nonzero(real[row])[0]  # real tokens are contiguous from the window's start
+                a, b = int(plan.offsets[w]), int(plan.offsets[w + 1])
+                take = slice(max(a, lo) - a, min(b, hi) - a)  # this window's keys that fall in the block
+                rows = slice(max(a, lo) - lo, min(b, hi) - lo)
+                keys[rows] = states[row, where[:-1]][take]
+                values[rows] = tokens[row, where[1:]][take]
+                docs[rows] = plan.docs[w]
+    root = zarr.open_group(str(Path(out) / STORE), mode="r+")
+    root["keys"][lo:hi] = keys
+    root["values"][lo:hi] = values
+    root["doc"][lo:hi] = docs
+    return block, hi - lo
+
+
+def _build_index(out: Path, manifest: dict, options: DatastoreOptions, progress, client) -> None:
+    state = manifest["stages"]["index"]
+    if state["status"] != "running":
+        state.update(status="running", shards=[])
+        write_json_atomic(out / MANIFEST, manifest)
+    n, d = manifest["counts"]["keys"], manifest["counts"]["dim"]
+    num_shards = -(-n // options.shard_size)
+    done = {s["shard"] for s in state["shards"]}
+    (out / INDEX_DIR).mkdir(exist_ok=True)
+    for leftover in (out / INDEX_DIR).glob("*.partial"):
+        leftover.unlink()
+    task = progress.start("knn index", total=n, unit="keys", completed=sum(s["count"] for s in state["shards"]))
+    started = time.time()
+    args = (str(out), d, options.shard_size, options.M, options.ef_construction, options.seed, options.threads or 1)
+    for record in run_blocks(client, "knn-index", build_key_shard, args,
+                             [s for s in range(num_shards) if s not in done]):
+        state["shards"].append(record)
+        state["shards"].sort(key=lambda s: s["shard"])
+        write_json_atomic(out / MANIFEST, manifest)
+        task.advance(record["count"])
+    state["temperature_scale"] = _distance_scale(out, d, state["shards"])
+    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3))
+    write_json_atomic(out / MANIFEST, manifest)
+    task.finish()
+
+
+SCALE_SAMPLE = 2048
+
+
+def _distance_scale(out: Path, dim: int, shards: list[dict]) -> float:
+    """The median distance from a key to its nearest other key (over the first SCALE_SAMPLE keys): the
+    default temperature with a fixed --lambda, so that T is on the scale of the distances."""
+    sample = np.asarray(zarr.open_group(str(out / STORE), mode="r")["keys"][:SCALE_SAMPLE], dtype=np.float32)
+    results = []
+    for record in shards:
+        index = hnswlib.Index(space="l2", dim=dim)
+        index.load_index(str(out / record["file"]), max_elements=int(record["count"]))
+        index.set_ef(DEFAULT_KNN_EF)
+        kk = min(2, index.get_current_count())
+        labels, distances = index.knn_query(sample, k=kk)
+        results.append((record["shard"], labels.astype(np.int64), distances.astype(np.float32)))
+    _, dists = merge_top_k(results, len(sample), 2)
+    nearest_other = dists[:, 1][np.isfinite(dists[:, 1])]
+    positive = nearest_other[nearest_other > 0]
+    return float(np.median(positive)) if len(positive) else 1.0
+
+
+def build_key_shard(out: str, dim: int, shard_size: int, M: int, ef_construction: int, seed: int, threads: int,
+                    shard: int) -> dict:
+    """HNSW over keys [shard·S, (shard+1)·S), labelled with their rows; written via a temp name and checked
+    whole before the rename. One thread gives the same graph for the same keys and seed."""
+    keys = zarr.open_group(str(Path(out) / STORE), mode="r")["keys"]
+    start, stop = shard * shard_size, min(keys.shape[0], (shard + 1) * shard_size)
+    index = hnswlib.Index(space="l2", dim=dim)
+    index.init_index(max_elements=stop - start, M=M, ef_construction=ef_construction, random_seed=seed)
+    for block in range(start, stop, ADD_BLOCK):
+        block_stop = min(stop, block + ADD_BLOCK)
+        index.add_items(np.asarray(keys[block:block_stop], dtype=np.float32), np.arange(block, block_stop),
+                        num_threads=threads)
+    final = Path(out) / INDEX_DIR / f"shard-{shard:05d}.hnsw"
+    tmp = final.with_suffix(f".{os.getpid()}.partial")
+    index.save_index(str(tmp))
+    check_saved_shard(tmp, "l2", dim, stop - start)
+    os.replace(tmp, final)
+    return {"shard": shard, "file": f"{INDEX_DIR}/{final.name}", "start": start, "count": stop - start,
+            "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+
+
+# -- searching ------------------------------------------------------------------------------------------
+
+class Datastore:
+    """A built datastore, opened for search: every shard loaded after checking its sha256; values and
+    documents in memory (12 bytes a key)."""
+
+    def __init__(self, path: str | os.PathLike, ef: int = DEFAULT_KNN_EF):
+        check_at_least("--knn-ef", ef)
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            raise RetroError(f"{self.path}: no kNN-LM datastore there (build one with `retro knn-datastore`)")
+        self.manifest = _read_manifest(self.path)
+        stages = self.manifest.get("stages", {})
+        if any(stages.get(s, {}).get("status") != "complete" for s in ("keys", "index")):
+            raise RetroError(f"{self.path}: the datastore is not complete; rerun `retro knn-datastore` to finish it")
+        self.ef, self.dim = ef, int(self.manifest["counts"]["dim"])
+        root = zarr.open_group(str(self.path / STORE), mode="r")
+        try:
+            self.values = root["values"][:].astype(np.int64)
+            self.docs = root["doc"][:]
+        except (KeyError, ValueError, OSError) as err:
+            raise RetroError(f"{self.path / STORE}: cannot read the datastore's arrays ({err})") from None
+        if len(self.values) != int(self.manifest["counts"]["keys"]):
+            raise RetroError(f"{self.path}: holds {len(self.values):,} values, the manifest says "
+                             f"{self.manifest['counts']['keys']:,}")
+        self.shards = []
+        for record in self.manifest["stages"]["index"]["shards"]:
+            file = (self.path / str(record["file"])).resolve()
+            if self.path.resolve() not in file.parents or not file.is_file():
+                raise RetroError(f"{self.path}: index shard '{record['file']}' is missing or outside the datastore")
+            if file.stat().st_size != record["bytes"] or file_sha256(file) != record["sha256"]:
+                raise RetroError(f"{file}: index shard is corrupt (differs from the manifest); rerun "
+                                 f"`retro knn-datastore ... --overwrite`")
+            index = hnswlib.Index(space="l2", dim=self.dim)
+            index.load_index(str(file), max_elements=int(record["count"]))
+            self.shards.append((int(record["shard"]), int(record["start"]), index))
+
+    @property
+    def num_keys(self) -> int:
+        return len(self.values)
+
+    @property
+    def temperature_scale(self) -> float:
+        """The default T with a fixed λ: the median distance from a key to its nearest other key."""
+        return float(self.manifest["stages"]["index"].get("temperature_scale", 1.0))
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+    def check_model(self, model_dir) -> None:
+        """Refuse a datastore whose keys came from other weights."""
+        if model_identity(model_dir)["sha256"] != self.manifest["model"]["sha256"]:
+            raise RetroError(f"{self.path}: built for other model weights ({self.manifest['model']['path']}); "
+                             f"rebuild it with `retro knn-datastore DB --model {model_dir or 'bundled'}`")
+
+    def check_matches(self, model_dir, db: RetroDB) -> None:
+        """Refuse a datastore built for other weights or another version of the DB."""
+        self.check_model(model_dir)
+        built_db = self.manifest["db"]
+        if (built_db["db_id"], built_db["version"]) != (db.manifest["db_id"], db.version):
+            raise RetroError(f"{self.path}: built from another DB or an older version of {db.path}; rebuild it")
+
+    def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None,
+               threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest keys (rows, −1 where fewer) and squared L2 distances per query, never a key of a
+        document in exclude_docs: first over-fetched and filtered, then, for queries left short, searched
+        again skipping those documents inside hnswlib."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if exclude_docs is None or len(exclude_docs) == 0:
+            return self._search(queries, k, threads)
+        excluded = np.isin(self.docs, exclude_docs)
+        ids, dists = self._search(queries, min(self.num_keys, 2 * k + 8), threads)
+        allowed = (ids >= 0) & ~excluded[np.maximum(ids, 0)]
+        rank = np.where(allowed, np.cumsum(allowed, axis=1), k + 1)
+        out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+        out_dists = np.full((len(queries), k), np.inf, dtype=np.float32)
+        rows, cols = np.nonzero(rank <= k)
+        out_ids[rows, rank[rows, cols] - 1], out_dists[rows, rank[rows, cols] - 1] = ids[rows, cols], dists[rows, cols]
+        short = np.nonzero(allowed.sum(axis=1) < min(k, int((~excluded).sum())))[0]
+        if len(short):
+            out_ids[short], out_dists[short] = self._search(queries[short], k, 1, ~excluded)
+        return out_ids, out_dists
+
+    def _search(self, queries: np.ndarray, k: int, threads: int, allowed: np.ndarray | None = None):
+        """Top-k over every shard, merged; `allowed` (bool per key) restricts the search to those keys."""
+        results = []
+        for number, start, index in self.shards:
+            count = index.get_current_count()
+            live = count if allowed is None else int(allowed[start : start + count].sum())
+            kk = min(k, live)
+            if kk == 0:
+                continue
+            if allowed is None:
+                index.set_ef(max(self.ef, kk))
+                labels, distances = index.knn_query(queries, k=kk, num_threads=threads)
+            else:
+                labels, distances = self._filtered(index, queries, kk, allowed, start, count)
+            results.append((number, labels.astype(np.int64), distances.astype(np.float32)))
+        return merge_top_k(results, len(queries), k)
+
+    def _filtered(self, index, queries, k: int, allowed: np.ndarray, start: int, count: int):
+        """hnswlib's filtered walk, with a wider beam when it comes back short; when even that fails (the
+        allowed keys are few and far apart in the graph), an exact scan of the allowed keys."""
+        keep = lambda label: bool(allowed[label])  # noqa: E731
+        for ef in (max(self.ef, k), max(self.ef, k) * 8):
+            index.set_ef(ef)
+            try:
+                return index.knn_query(queries, k=k, num_threads=1, filter=keep)
+            except RuntimeError:
+                continue
+        labels = start + np.nonzero(allowed[start : start + count])[0]
+        vectors = np.asarray(index.get_items(labels), dtype=np.float32)
+        dists = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
+        order = np.argsort(dists, axis=1, kind="stable")[:, :k]
+        return labels[order], np.take_along_axis(dists, order, axis=1)
+
+
+# -- the interpolation ----------------------------------------------------------------------------------
+
+def knn_target_probs(dists: np.ndarray, values: np.ndarray, targets: np.ndarray, temperature: float) -> np.ndarray:
+    """p_kNN(target) per query: softmax(−d / T) over its neighbours (inf = none), summed over those whose
+    value is the target; 0 where a query has no neighbour."""
+    logits = np.where(np.isfinite(dists), -dists / temperature, -np.inf)
+    top = logits.max(axis=1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(top), top, 0))
+    total = weights.sum(axis=1)
+    hit = (weights * (values == targets[:, None])).sum(axis=1)
+    return np.where(total > 0, hit / np.maximum(total, 1e-300), 0.0)
+
+
+def mixed_bits(bits_lm: np.ndarray, p_knn: np.ndarray, lam) -> np.ndarray:
+    """−log₂(λ·p_kNN + (1−λ)·p_LM), with p_LM = 2^−bits_lm."""
+    return -np.log2(lam * p_knn + (1 - lam) * np.exp2(-bits_lm))
+
+
+def knn_distribution(dists: np.ndarray, values: np.ndarray, temperature: float, vocab_size: int) -> torch.Tensor:
+    """p_kNN over the vocabulary for one query (for sampling): the neighbours' softmax weights added onto
+    their tokens."""
+    p = torch.zeros(vocab_size, dtype=torch.float64)
+    finite = np.isfinite(dists)
+    if not finite.any():
+        return p
+    logits = -dists[finite].astype(np.float64) / temperature
+    weights = np.exp(logits - logits.max())
+    p.index_add_(0, torch.from_numpy(values[finite].astype(np.int64)), torch.from_numpy(weights / weights.sum()))
+    return p
+
+
+@dataclass
+class Interpolation:
+    """How p_kNN and p_LM are mixed: λ (or one λ per bucket of nearest-key distance) and T."""
+
+    temperature: float
+    lam: float
+    bucket_edges: list[float] | None = None  # upper edges of the distance buckets but the last
+    bucket_lambdas: list[float] | None = None
+
+    def lambdas(self, nearest: np.ndarray) -> np.ndarray:
+        """λ per query from its nearest-key distance (inf = no neighbour: λ = 0)."""
+        if self.bucket_edges is None:
+            lam = np.full(len(nearest), self.lam)
+        else:
+            lam = np.asarray(self.bucket_lambdas)[np.searchsorted(self.bucket_edges, nearest, side="left")]
+        return np.where(np.isfinite(nearest), lam, 0.0)
+
+    def bits(self, bits_lm: np.ndarray, dists: np.ndarray, values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        p = knn_target_probs(dists, values, targets, self.temperature)
+        return mixed_bits(bits_lm, p, self.lambdas(dists[:, 0] if dists.shape[1] else np.full(len(p), np.inf)))
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def tune_interpolation(
+    bits_lm: np.ndarray, dists: np.ndarray, values: np.ndarray, targets: np.ndarray,
+    buckets: int = DEFAULT_LAMBDA_BUCKETS, temperature: float | None = None,
+) -> tuple[Interpolation, Interpolation]:
+    """On dev tokens: T (unless given) and λ minimising the total bits, then one λ per bucket of
+    nearest-key distance (quantiles of the dev tokens', `buckets` of them) at that T. Returns (global,
+    bucketed)."""
+    nearest = dists[:, 0]
+    found = np.isfinite(nearest)
+    if not found.any():
+        return Interpolation(temperature or 1.0, 0.0), Interpolation(temperature or 1.0, 0.0, [], [0.0])
+    scale = float(np.median(nearest[found])) or 1.0
+    temperatures = [temperature] if temperature else [s * scale for s in TEMPERATURE_SCALES]
+    best = None
+    for t in temperatures:
+        p = knn_target_probs(dists, values, targets, t)
+        for lam in LAMBDA_GRID:
+            total = float(mixed_bits(bits_lm[found], p[found], lam).sum())
+            if best is None or total < best[0]:
+                best = (total, t, lam, p)
+    _, t, lam, p = best
+    edges = np.unique(np.quantile(nearest[found], [i / buckets for i in range(1, buckets)])).tolist()
+    which = np.searchsorted(edges, nearest, side="left")
+    per_bucket = []
+    for b in range(len(edges) + 1):
+        mask = found & (which == b)
+        totals = [float(mixed_bits(bits_lm[mask], p[mask], g).sum()) for g in LAMBDA_GRID]
+        per_bucket.append(LAMBDA_GRID[int(np.argmin(totals))] if mask.any() else lam)
+    return Interpolation(t, lam), Interpolation(t, lam, [float(e) for e in edges], per_bucket)
+
+
+def is_dev_document(text: str) -> bool:
+    """--lambda auto tunes on the held-out documents this says yes to (about half, by a hash of the text,
+    so the split never depends on order) and reports on the others."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2 == 0
