@@ -12,7 +12,7 @@ Install them with::
 
     apt-get install python3.11-doc postgresql-doc-15 python-django-doc
 
-Two modes, both deterministic (running twice gives byte-identical files):
+Three modes, all deterministic (running twice gives byte-identical files):
 
 1. Full corpus (git-ignored)::
 
@@ -33,6 +33,13 @@ Two modes, both deterministic (running twice gives byte-identical files):
    library reference, ~900 KB, train split only), ``heldout.jsonl`` (10-20
    held-out Python pages of 2-20 KB, ~100 KB), ``LICENSES/`` and ``SOURCES.md``
    into the ``--subset`` directory.
+
+3. Retrieval-only extension corpus (git-ignored), from further packages::
+
+       python3 scripts/gather_corpus.py --out examples/data --extension
+
+   writes ``extension.jsonl`` and ``SOURCES-extension.md`` from the packages in
+   ``EXTENSION_INSTALL_HINT`` (pandas, SciPy, SQLAlchemy, Node.js, scikit-learn, ...).
 
 Each JSONL line is ``{"id", "text", "source", "license"}``; ``id`` is the file
 path relative to the package's documentation root, prefixed with the package
@@ -109,8 +116,47 @@ SOURCES = {
     ),
 }
 
+
+def _sphinx(name: str, package: str, license: str, license_name: str, root: str | None = None) -> Source:
+    """A Sphinx HTML documentation package under /usr/share/doc/PACKAGE/html."""
+    base = Path(root or f"/usr/share/doc/{package}/html")
+    return Source(name=name, package=package, root=base, pattern="**/*.html", kind="html", license=license,
+                  license_files=(Path(f"/usr/share/doc/{package}/copyright"),), license_name=license_name)
+
+
+# Mode 3, --extension: a retrieval-only corpus several times the size of the training corpus, from other
+# documentation packages under permissive licences (pandas, SciPy, SQLAlchemy, Node.js, Flask, Werkzeug,
+# Jinja, Requests, scikit-learn, SymPy, Astropy, statsmodels, Sphinx, Rust). It extends a DB for the DB-size
+# trend; no model trains on it.
+EXTENSION_SOURCES = {
+    "pandas": _sphinx("pandas", "python-pandas-doc", "BSD-3-Clause", "BSD-3-Clause-pandas.txt"),
+    "scipy": _sphinx("scipy", "python-scipy-doc", "BSD-3-Clause", "BSD-3-Clause-SciPy.txt"),
+    "sqlalchemy": _sphinx("sqlalchemy", "python-sqlalchemy-doc", "MIT", "MIT-SQLAlchemy.txt"),
+    "nodejs": Source(name="nodejs", package="nodejs-doc", root=Path("/usr/share/doc/nodejs/api"),
+                     pattern="*.html", kind="html", license="MIT",
+                     license_files=(Path("/usr/share/doc/nodejs-doc/copyright"),), license_name="MIT-Node.js.txt"),
+    "flask": _sphinx("flask", "python-flask-doc", "BSD-3-Clause", "BSD-3-Clause-Flask.txt"),
+    "werkzeug": _sphinx("werkzeug", "python-werkzeug-doc", "BSD-3-Clause", "BSD-3-Clause-Werkzeug.txt"),
+    "jinja2": _sphinx("jinja2", "python-jinja2-doc", "BSD-3-Clause", "BSD-3-Clause-Jinja.txt"),
+    "requests": _sphinx("requests", "python-requests-doc", "Apache-2.0", "Apache-2.0-Requests.txt"),
+    "sklearn": _sphinx("sklearn", "python-sklearn-doc", "BSD-3-Clause", "BSD-3-Clause-scikit-learn.txt"),
+    "sympy": _sphinx("sympy", "python-sympy-doc", "BSD-3-Clause", "BSD-3-Clause-SymPy.txt"),
+    "astropy": _sphinx("astropy", "python-astropy-doc", "BSD-3-Clause", "BSD-3-Clause-Astropy.txt"),
+    "statsmodels": _sphinx("statsmodels", "python-statsmodels-doc", "BSD-3-Clause", "BSD-3-Clause-statsmodels.txt"),
+    "sphinx": _sphinx("sphinx", "sphinx-doc", "BSD-2-Clause", "BSD-2-Clause-Sphinx.txt"),
+    # the Rust books (mdBook) and the standard library's API pages (rustdoc)
+    **{f"rust-{part}": Source(name=f"rust-{part}", package="rust-doc", root=Path("/usr/share/doc/rust-doc/html"),
+                              pattern=f"{part}/**/*.html", kind="html", license="MIT OR Apache-2.0",
+                              license_files=(Path("/usr/share/doc/rust-doc/copyright"),),
+                              license_name="MIT-OR-Apache-2.0-Rust.txt")
+       for part in ("book", "reference", "rust-by-example", "nomicon", "edition-guide", "embedded-book",
+                    "rustc", "rustdoc", "std")},
+}
+EXTENSION_INSTALL_HINT = "apt-get install " + " ".join(dict.fromkeys(s.package for s in EXTENSION_SOURCES.values()))
+
 # Generated pages that are lists of links, not prose.
-SKIP_PAGES = {"genindex.html", "py-modindex.html", "search.html", "bookindex.html"}
+SKIP_PAGES = {"genindex.html", "py-modindex.html", "search.html", "bookindex.html",
+              "print.html", "toc.html", "404.html"}  # mdBook: the whole book on one page, its TOC
 # Sphinx build output that is not documentation text.
 SKIP_DIRS = {"_static", "_sources", "_modules", "_images"}
 
@@ -144,9 +190,11 @@ VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
 # with role="main" or class "body"; the Django theme wraps it in div#yui-main
 # (its class "document" also contains the header, so it comes last);
 # DocBook pages from PostgreSQL put everything in body#docContent and the
-# navigation bars are removed by DROP_CLASSES.
+# navigation bars are removed by DROP_CLASSES; Node.js pages use div#apicontent,
+# rustdoc section#main-content and mdBook div#content.
 CONTAINERS = [("role", "main"), ("id", "yui-main"), ("class", "body"),
-              ("id", "docContent"), ("class", "document")]
+              ("id", "docContent"), ("id", "apicontent"), ("id", "main-content"),
+              ("id", "content"), ("class", "document")]
 
 
 def _matches(attrs: dict[str, str], key: str, value: str) -> bool:
@@ -348,11 +396,11 @@ def html_to_text(html: str) -> str:
 # Corpus building
 # --------------------------------------------------------------------------
 
-def check_installed(sources: list[Source]) -> None:
+def check_installed(sources: list[Source], hint: str = INSTALL_HINT) -> None:
     """Exit with one clear line if a documentation package is missing."""
     for source in sources:
         if not source.root.is_dir():
-            sys.exit(f"error: {source.root} not found; install it with: {INSTALL_HINT}")
+            sys.exit(f"error: {source.root} not found; install it with: {hint}")
 
 
 def list_files(source: Source) -> list[Path]:
@@ -478,6 +526,28 @@ def build_full(sources: list[Source], out_dir: Path) -> None:
     print_summary(splits)
 
 
+def build_extension(out_dir: Path) -> None:
+    """Mode 3: the retrieval-only extension corpus, extension.jsonl (no held-out split: the held-out pages
+    of the main corpus stay out of every DB, and eval excludes their near-duplicates from retrieval)."""
+    sources = list(EXTENSION_SOURCES.values())
+    check_installed(sources, EXTENSION_INSTALL_HINT)
+    records = []
+    for source in sources:
+        records.extend(read_documents(source))
+    records.sort(key=lambda r: r["id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "extension.jsonl", records)
+    copy_licenses(sources, out_dir)
+    (out_dir / "SOURCES-extension.md").write_text(
+        "# Extension corpus sources\n\n"
+        "Built by `scripts/gather_corpus.py --extension` from Debian documentation packages "
+        f"(`{EXTENSION_INSTALL_HINT}`), HTML pages converted to plain text (main content only; "
+        f"documents under {MIN_CHARS} characters skipped). Retrieval only: added to a DB to measure how "
+        "the gain from retrieval grows with the DB; no model trains on it.\n\n"
+        + sources_table(sources, {"extension": records}), encoding="utf-8")
+    print_summary({"extension": records})
+
+
 # --------------------------------------------------------------------------
 # Committed subset
 # --------------------------------------------------------------------------
@@ -586,6 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset", type=Path, metavar="DIR2",
                         help="instead of gathering, write the small subset to DIR2 "
                              "from the full corpus in --out")
+    parser.add_argument("--extension", action="store_true",
+                        help="instead, write the retrieval-only extension corpus to --out/extension.jsonl")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.sources.split(",") if n.strip()]
     unknown = [n for n in names if n not in SOURCES]
@@ -599,7 +671,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = parse_args(argv)
-    if args.subset:
+    if args.extension:
+        build_extension(args.out)
+    elif args.subset:
         build_subset(args.out, args.subset)
     else:
         build_full(args.source_list, args.out)
