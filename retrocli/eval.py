@@ -169,7 +169,7 @@ def _search_knn(knn: Datastore, k: int, states: np.ndarray, group, placed, test:
         if not rows:
             continue
         queries = np.concatenate([states[row, placed[row][0]] for row in rows])
-        ids, dists = knn.search(queries, k, exclude_docs=docs)
+        ids, dists = knn.search(queries, k, exclude_docs=docs, threads=torch.get_num_threads())
         values = knn.values[np.maximum(ids, 0)]
         at = 0
         for row in rows:

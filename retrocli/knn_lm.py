@@ -35,7 +35,7 @@ import zarr
 from retrocli import __version__
 from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, STORE, RetroDB, open_db, write_json_atomic
+from retrocli.db import MANIFEST, STORE, RetroDB, check_outside, open_db, write_json_atomic
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.index import check_saved_shard, merge_top_k
@@ -176,8 +176,9 @@ def build_datastore(
     check_at_least("--threads", options.threads, allow_none=True)
     out = Path(out)
     db = open_db(db_path)
-    if db.path.resolve() == out.resolve() or db.path.resolve() in out.resolve().parents:
-        raise RetroError(f"--out {out}: lies in the DB {db.path}; put the datastore beside it")
+    check_outside(out, db.path, "--out", "the DB")
+    if out.exists() and not out.is_dir():
+        raise RetroError(f"--out {out}: is a file, not a directory")
     model, _ = load_model(model_dir, db)
     identity = {**model_identity(model_dir), "d_model": model.config.d_model, "seq_len": model.config.seq_len}
     db_identity = {"path": str(db.path.absolute()), "db_id": db.manifest["db_id"], "version": db.version}
@@ -186,7 +187,8 @@ def build_datastore(
     if n == 0:
         raise RetroError(f"{db.path}: no document has two tokens in a row; nothing to store")
     manifest = _read_manifest(out) if out.exists() else None
-    if out.exists() and manifest is None and any(out.iterdir()):
+    # a directory of ours without its manifest (a build killed while replacing one) may be written over
+    if out.exists() and manifest is None and {p.name for p in out.iterdir()} - {STORE, INDEX_DIR}:
         raise RetroError(f"{out}: exists and is not a kNN-LM datastore; refusing to write there")
     same = manifest is not None and manifest["model"]["sha256"] == identity["sha256"] and \
         manifest["db"]["db_id"] == db_identity["db_id"] and manifest["db"]["version"] == db_identity["version"] \

@@ -99,8 +99,10 @@ def test_a_datastore_for_other_options_or_a_stranger_directory_is_refused(store,
     with pytest.raises(RetroError, match="not a kNN-LM datastore"):
         build_datastore(tiny_db, trained[0], stranger, SMALL)
     assert (stranger / "notes.txt").read_text() == "mine"
-    with pytest.raises(RetroError, match="lies in the DB"):
+    with pytest.raises(RetroError, match="inside"):
         build_datastore(tiny_db, trained[0], tiny_db / "store", SMALL)
+    with pytest.raises(RetroError, match="is a file"):
+        build_datastore(tiny_db, trained[0], stranger / "notes.txt", SMALL)
 
 
 def test_a_damaged_shard_or_another_model_is_one_clear_error(store, trained, tiny_db, tmp_path, cli):
