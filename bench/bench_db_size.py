@@ -28,6 +28,27 @@ def keep_fraction(doc_key: str, denominator: int) -> bool:
     return int(hashlib.sha256(doc_key.encode("utf-8")).hexdigest(), 16) % 8 < 8 // denominator
 
 
+def evaluate_row(args, work: Path, name: str, path: Path) -> dict:
+    from retrocli.db import open_db
+    from retrocli.eval import evaluate
+
+    db = open_db(path)
+    started = time.perf_counter()
+    result = evaluate(args.model, path, [args.test], exclude_near_duplicates=True, work_dir=work / f"eval-{path.name}")
+    at = next(p for p in result["curve"] if p["alpha"] == 0.125)
+    row = {
+        "db": name, "documents": db.num_live_docs, "chunks": db.num_chunks,
+        "tokens": int(db.manifest["counts"]["tokens"]),
+        "bpb_retrieval": result["bpb_retrieval"], "bpb_no_retrieval": result["bpb_no_retrieval"],
+        "gain": result["retrieval_gain"],
+        "bpb_alpha": at["bpb"], "bpb_alpha_no_retrieval": at["bpb_no_retrieval"],
+        "gain_alpha": 1 - at["bpb"] / at["bpb_no_retrieval"], "alpha_chunks": at["chunks"],
+        "excluded": result["excluded_near_duplicates"], "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True, help="The training DB (built and indexed)")
@@ -42,7 +63,6 @@ def main() -> None:
     from retrocli.add import add_documents
     from retrocli.compact import compact_db
     from retrocli.db import open_db
-    from retrocli.eval import evaluate
     from retrocli.remove import remove_documents
 
     work = Path(args.work)
@@ -56,9 +76,9 @@ def main() -> None:
         if not (target / "manifest.json").exists():
             if not scratch.exists():
                 shutil.copytree(full.path, scratch)
+            gone = open_db(scratch).removed_docs
             drop = [d for d in range(full.num_docs)
-                    if not keep_fraction(full.external_id(d) or str(d), denominator)
-                    and d not in open_db(scratch).removed_docs]
+                    if not keep_fraction(full.external_id(d) or str(d), denominator) and d not in gone]
             if drop:
                 remove_documents(scratch, docs=drop)
             compact_db(scratch, target, overwrite=True)
@@ -66,35 +86,17 @@ def main() -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     dbs.sort(key=lambda item: open_db(item[1]).num_docs)
     dbs.append(("train", full.path))
-    if args.extension:
+    rows = [evaluate_row(args, work, name, path) for name, path in dbs]
+    if args.extension:  # last: the only step that embeds (only the added documents)
         extended = work / "train+extension"
-        if not (extended / "manifest.json").exists() or open_db(extended).version == 1:
-            if extended.exists() and not (extended / "manifest.json").exists():
-                shutil.rmtree(extended)
-            if not extended.exists():
-                shutil.copytree(full.path, extended)
+        if not (extended / "manifest.json").exists():
+            shutil.rmtree(extended, ignore_errors=True)
+            shutil.copytree(full.path, extended)
+        if open_db(extended).version == 1:
             started = time.perf_counter()
-            add_documents(extended, [args.extension])
-            print(f"extension added in {time.perf_counter() - started:.0f} s")
-        dbs.append(("train + extension", extended))
-
-    rows = []
-    for name, path in dbs:
-        db = open_db(path)
-        started = time.perf_counter()
-        result = evaluate(args.model, path, [args.test], exclude_near_duplicates=True,
-                          work_dir=work / f"eval-{path.name}")
-        at = next(p for p in result["curve"] if p["alpha"] == 0.125)
-        rows.append({
-            "db": name, "documents": db.num_live_docs, "chunks": db.num_chunks,
-            "tokens": int(db.manifest["counts"]["tokens"]),
-            "bpb_retrieval": result["bpb_retrieval"], "bpb_no_retrieval": result["bpb_no_retrieval"],
-            "gain": result["retrieval_gain"],
-            "bpb_alpha": at["bpb"], "bpb_alpha_no_retrieval": at["bpb_no_retrieval"],
-            "gain_alpha": 1 - at["bpb"] / at["bpb_no_retrieval"], "alpha_chunks": at["chunks"],
-            "excluded": result["excluded_near_duplicates"], "seconds": round(time.perf_counter() - started, 1),
-        })
-        print(json.dumps(rows[-1]), flush=True)
+            add_documents(extended, [args.extension])  # resumes an add that was interrupted
+            print(f"extension added in {time.perf_counter() - started:.0f} s", flush=True)
+        rows.append(evaluate_row(args, work, "train + extension", extended))
 
     print(f"\nheld-out: {args.test}; model: {args.model or 'bundled'}; anchor: the same model without retrieval")
     print(f"{'DB':<20} {'tokens':>12} {'bpb retr.':>10} {'bpb none':>9} {'gain':>7} "

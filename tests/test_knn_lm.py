@@ -192,7 +192,7 @@ def test_eval_puts_the_four_methods_side_by_side(store, trained, tiny_db, small_
     assert report["methods"][2]["disk_bytes"] == Datastore(store).disk_bytes() > 0
     result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", work, "--knn-lm", store,
                  "--lambda", "0.3")
-    assert result.exit_code == 0 and "RETRO + kNN-LM" in result.output and "kNN-LM" in result.output
+    assert result.exit_code == 0 and "RETRO+kNN-LM" in result.output and "LM alone" in result.output
     bad = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", work, "--knn-lm", store,
               "--lambda", "1.5")
     assert bad.exit_code != 0 and bad.error_lines == ["error: --lambda: must be in [0, 1], got 1.5"]

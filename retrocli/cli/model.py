@@ -216,29 +216,29 @@ def eval_cmd(
         print_knn_comparison(result["knn_lm"])
 
 
-METHOD_NAMES = {"lm": "LM alone", "retro": "RETRO", "knn_lm": "kNN-LM", "retro_knn_lm": "RETRO + kNN-LM"}
+METHOD_NAMES = {"lm": "LM alone", "retro": "RETRO", "knn_lm": "kNN-LM", "retro_knn_lm": "RETRO+kNN-LM"}
 
 
 def print_knn_comparison(report: dict) -> None:
-    where = (f"on {report['reported_documents']} test documents ({report['reported_chunks']:,} chunks); λ and T "
-             f"tuned on the other {report['tuned_on_documents']}" if report["lambda"] == "auto"
-             else f"on every test document ({report['reported_chunks']:,} chunks)")
-    table = Table(title=f"Retrieval methods side by side, {where}", show_edge=False)
-    alpha = report["alpha"]
-    for col in ("method", "bpb", f"bpb(α={alpha:g})", "λ", "T", "disk", "build", "eval"):
-        table.add_column(col, justify="left" if col == "method" else "right")
+    where = (f"{report['reported_documents']} test documents ({report['reported_chunks']:,} chunks); λ, T tuned "
+             f"on {report['tuned_on_documents']} others" if report["lambda"] == "auto"
+             else f"every test document ({report['reported_chunks']:,} chunks)")
+    table = Table(title=f"Retrieval methods on {where}", show_edge=False)
+    for col in ("method", "bpb", f"α≤{report['alpha']:g}", "λ", "T", "disk", "build", "eval"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     for row in report["methods"]:
         base = row["method"].removesuffix("_bucketed")
-        name = METHOD_NAMES[base] + (" (λ per distance bucket)" if row["method"].endswith("_bucketed") else "")
+        name = METHOD_NAMES[base] + (" λ(d)" if row["method"].endswith("_bucketed") else "")
         interp = row.get("interpolation", {})
-        lam = "per bucket" if "bucket_lambdas" in interp else (f"{interp['lam']:g}" if interp else "–")
+        lam = "λ(d)" if "bucket_lambdas" in interp else (f"{interp['lam']:g}" if interp else "–")
         table.add_row(name, fmt(row["bpb"]), fmt(row.get("bpb_alpha")), lam,
-                      f"{interp['temperature']:.3g}" if interp else "–", f"{row['disk_bytes'] / 1e6:,.0f} MB",
-                      f"{row['build_seconds']:,.0f} s", f"{row['eval_seconds']:,.1f} s")
+                      f"{interp['temperature']:.3g}" if interp else "–", f"{row['disk_bytes'] / 1e9:.2f} GB",
+                      f"{row['build_seconds']:,.0f} s", f"{row['eval_seconds']:,.0f} s")
     console.print(table)
-    console.print(f"[dim]kNN-LM: {report['keys']:,} keys, k={report['k']}; the same near-duplicate documents "
-                  "are excluded from both kinds of retrieval[/]", soft_wrap=True)
+    console.print(f"[dim]α≤{report['alpha']:g}: bpb of the chunks with r(C) ≤ α; λ(d): one λ per bucket of "
+                  f"nearest-key distance; kNN-LM: {report['keys']:,} keys, k={report['k']}; the same "
+                  "near-duplicate documents are excluded from both kinds of retrieval[/]", soft_wrap=True)
 
 
 @handle_errors
