@@ -162,9 +162,9 @@ def _search_knn(knn: Datastore, k: int, states: np.ndarray, group, placed, test:
                 exclude: dict[int, np.ndarray] | None, sink: TokenNeighbours, m: int) -> None:
     """The datastore neighbours of each scored position's hidden state in one batch of windows: rows of
     test documents with nothing to exclude in one search, the others each with their exclusions."""
-    free = [row for row, (a, _b) in enumerate(group) if not (exclude or {}).get(int(test.chunk_doc[a]))]
-    banned = [row for row in range(len(group)) if row not in set(free)]
-    batches = [(free, None)] + [([row], exclude[int(test.chunk_doc[group[row][0]])]) for row in banned]
+    excluded = [(exclude or {}).get(int(test.chunk_doc[a])) for a, _b in group]
+    free = [row for row, docs in enumerate(excluded) if docs is None]
+    batches = [(free, None)] + [([row], docs) for row, docs in enumerate(excluded) if docs is not None]
     for rows, docs in batches:
         if not rows:
             continue

@@ -190,10 +190,11 @@ def check_shard_coverage(db_path: Path, manifest: dict) -> None:
                          f"rerun `retro index {db_path} --overwrite`")
 
 
-def checked_shard_file(db_path: Path, shard: dict, cached: bool = True) -> Path:
-    """The shard's file, after checking it lies inside the DB and matches its recorded sha256: hnswlib
-    trusts its input (one changed header byte can crash the process), so nothing unchecked reaches it."""
-    rerun = f"rerun `retro index {db_path} --overwrite`"
+def checked_shard_file(db_path: Path, shard: dict, cached: bool = True, rerun: str | None = None) -> Path:
+    """The shard's file, after checking it lies inside the DB (or another directory of ours, such as a
+    kNN-LM datastore) and matches its recorded sha256: hnswlib trusts its input (one changed header byte
+    can crash the process), so nothing unchecked reaches it. `rerun`: what the errors tell the user to do."""
+    rerun = rerun or f"rerun `retro index {db_path} --overwrite`"
     root = db_path.resolve()
     file = (db_path / str(shard.get("file", ""))).resolve()
     if root not in file.parents:

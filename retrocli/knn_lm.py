@@ -38,7 +38,7 @@ from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import MANIFEST, STORE, RetroDB, check_outside, open_db, write_json_atomic
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
-from retrocli.index import check_saved_shard, merge_top_k
+from retrocli.index import check_saved_shard, checked_shard_file, merge_top_k
 from retrocli.lock import holds_writer_lock
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
@@ -395,12 +395,7 @@ class Datastore:
                              f"{self.manifest['counts']['keys']:,}")
         self.shards = []
         for record in self.manifest["stages"]["index"]["shards"]:
-            file = (self.path / str(record["file"])).resolve()
-            if self.path.resolve() not in file.parents or not file.is_file():
-                raise RetroError(f"{self.path}: index shard '{record['file']}' is missing or outside the datastore")
-            if file.stat().st_size != record["bytes"] or file_sha256(file) != record["sha256"]:
-                raise RetroError(f"{file}: index shard is corrupt (differs from the manifest); rerun "
-                                 f"`retro knn-datastore ... --overwrite`")
+            file = checked_shard_file(self.path, record, rerun="rerun `retro knn-datastore ... --overwrite`")
             index = hnswlib.Index(space="l2", dim=self.dim)
             index.load_index(str(file), max_elements=int(record["count"]))
             self.shards.append((int(record["shard"]), int(record["start"]), index))
