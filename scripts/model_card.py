@@ -25,6 +25,21 @@ PROMPTS = [
 NEW_TOKENS = 96
 
 
+def cpu_description() -> str:
+    """The CPU features that decide training speed, as torch sees them (the card is written where it trained)."""
+    from retrocli.device import cpu_features
+
+    f = cpu_features()
+    return ", ".join([f"torch capability {f['capability']}", "AMX" if f["amx_tile"] else "no AMX",
+                      "AVX512-BF16" if f["avx512_bf16"] else "no AVX512-BF16"])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def curve_table(log: list[dict], every: int = 150) -> str:
     rows = ["| steps | tokens seen | mean training loss (nats/token) |", "|---:|---:|---:|"]
     for end in range(every, log[-1]["step"] + 1, every):
@@ -75,7 +90,7 @@ def transcripts(db_path: Path, model: Path, heldout: Path) -> str:
     return "\n".join(parts)
 
 
-def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, batches: int = 4) -> str:
+def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, batches: int = 4) -> dict[str, float]:
     """Training loss on the same sequences with the retrieved neighbours, with none (masked), with another
     sequence's neighbours, and with an oracle (each chunk's own [C_u, C_u+1]: the answer is in them)."""
     import numpy as np
@@ -101,9 +116,45 @@ def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, bat
         with torch.no_grad():
             for name, value in variants.items():
                 losses[name].append(float(model(idx, neighbors=value, targets=targets, token_mask=real)[1]))
-    mean = {name: sum(v) / len(v) for name, v in losses.items()}
-    return "\n".join(["| neighbours given | training loss (nats/token) |", "|---|---:|"] + [
-        f"| {name} | {value:.4f} |" for name, value in mean.items()])
+    return {name: sum(v) / len(v) for name, v in losses.items()}
+
+
+def ablation_table(models: dict[str, dict[str, float]]) -> str:
+    """One column per model, one row per kind of neighbours, and how much the oracle lowers each loss."""
+    names = list(models)
+    rows = ["| neighbours given | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for kind in next(iter(models.values())):
+        rows.append(f"| {kind} | " + " | ".join(f"{models[n][kind]:.4f}" for n in names) + " |")
+    rows.append("| oracle vs none | " + " | ".join(
+        f"{100 * (1 - models[n]['oracle'] / models[n]['none']):+.1f} %" for n in names) + " |")
+    return "\n".join(rows)
+
+
+def run_description(number: int, title: str, state: dict, k: int, minutes: float, init: str = "") -> str:
+    """One training run as the checkpoint recorded it (the options of its last leg)."""
+    o = state["options"]
+    config = Path(o["config"]).name if o["config"].endswith(".json") else o["config"]
+    focus = f", `--retrieval-focus {o['retrieval_focus']:g}`" if o.get("retrieval_focus") else ""
+    return (f"{number}. **{title}** (`scripts/{config}`){init}: {state['step']:,} steps of {o['batch_size']} "
+            f"sequences × {o['seq_len']} tokens, k = {k} neighbours per chunk, AdamW (lr {o['lr']:g}, "
+            f"{o['warmup']} warmup steps, cosine to {100 * o['min_lr_ratio']:g} %, weight decay "
+            f"{o['weight_decay']:g} on matrices, clip {o['grad_clip']:g}), seed {o['seed']}{focus}: "
+            f"{state['tokens_seen']:,} tokens in {minutes:.0f} minutes.")
+
+
+def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k: int) -> str:
+    rows = ["| neighbours fed (`--k`) | bpb with retrieval | bpb without | gain | copy ceiling (max gain) | "
+            "share of the ceiling reached |", "|---:|---:|---:|---:|---:|---:|"]
+    for k, result in sorted(evaluations.items()):
+        gain = result["retrieval_gain"]
+        label = f"{k} (fine-tuned with, the default)" if k == trained_k else str(k)
+        ceiling = max_gain.get(k)
+        reached = f"{100 * gain / ceiling:.0f} %" if ceiling else "–"
+        rows.append(f"| {label} | **{result['bpb_retrieval']:.4f}** | {result['bpb_no_retrieval']:.4f} | "
+                    f"**{100 * gain:+.2f} %** | {100 * ceiling:.2f} % | {reached} |" if ceiling is not None else
+                    f"| {label} | **{result['bpb_retrieval']:.4f}** | {result['bpb_no_retrieval']:.4f} | "
+                    f"**{100 * gain:+.2f} %** | – | – |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -113,7 +164,7 @@ def main() -> None:
     parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
     args = parser.parse_args()
 
-    from retrocli.db import open_db
+    from retrocli.db import MANIFEST, open_db
 
     # Two legs: the base decoder (work/base), then the copy head fine-tuned from it (work/model). A resumed
     # run re-logs the steps after its checkpoint: keep the last record of each step.
@@ -132,23 +183,52 @@ def main() -> None:
     total_tokens = base_state["tokens_seen"] + meta["tokens_seen"]
     total_seconds = base_state["seconds"] + state["seconds"]
     result = json.loads((args.work / "eval.json").read_text())
+    trained_k = config["num_neighbors"]
+    evaluations = {result["num_neighbors"]: result}
+    for other in sorted(args.work.glob("eval-k*.json")):  # the same model fed another k
+        extra = json.loads(other.read_text())
+        evaluations.setdefault(extra["num_neighbors"], extra)
     ceiling = json.loads((args.work / "ceiling.json").read_text())  # bench/bench_retrieval_ceiling.py --json
     max_gain = {c["k"]: c["max_gain"] for c in ceiling["ceilings"]}
-    counts = open_db(args.work / "db").manifest["counts"]
+    manifest = open_db(args.work / "db").manifest
+    counts, embedder, index = manifest["counts"], manifest["embedder"], manifest["index"]
+    db_seconds = sum(manifest["stages"][stage]["seconds"] for stage in ("chunk", "embed", "index"))
     at_alpha = next(p for p in result["curve"] if p["alpha"] == 0.125)
     gain_alpha = 1 - at_alpha["bpb"] / at_alpha["bpb_no_retrieval"]
+    at_half = next(p for p in result["curve"] if p["alpha"] == 0.5)
     size_mb = sum(p.stat().st_size for p in args.model.iterdir() if p.is_file() and p.name != "README.md") / 1e6
+    base_k = json.loads((args.work / "base" / "config.json").read_text())["num_neighbors"]
+    runs = "\n".join([
+        run_description(1, "Base decoder, no copy head", base_state, base_k, base_state["seconds"] / 60),
+        run_description(2, "Copy head", state, trained_k, state["seconds"] / 60,
+                        init=", `--init-from` the base, every weight trained, the copy head's fresh"),
+    ])
+    ablation = {
+        "base decoder (run 1)": neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.work / "base"),
+        "shipped model (run 2)": neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.model),
+    }
     template = (Path(__file__).with_name("model_card_template.md")).read_text(encoding="utf-8")
     card = template.format(
         parameters=f"{meta['parameters']:,}",
-        parameters_m=f"{meta['parameters'] / 1e6:.1f}",
-        base_steps=f"{base_state['step']:,}",
-        base_tokens=f"{base_state['tokens_seen']:,}",
-        base_minutes=f"{base_state['seconds'] / 60:.0f}",
-        steps=f"{meta['steps']:,}",
-        tokens_seen=f"{meta['tokens_seen']:,}",
-        copy_minutes=f"{state['seconds'] / 60:.0f}",
-        total_steps=f"{base_state['step'] + meta['steps']:,}",
+        size_mb=f"{size_mb:.1f}",
+        config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
+                                                  "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
+                                                  "vocab_size", "copy_head", "copy_bigram")}),
+        neighbor_len=config["neighbor_len"],
+        vocab_size=f"{config['vocab_size']:,}",
+        embedder=embedder["name"],
+        pooling=embedder["pooling"],
+        embedding_dim=embedder["dim"],
+        embed_precision=embedder.get("precision", "fp32"),
+        index_m=index["M"],
+        index_ef=index["ef_construction"],
+        k=trained_k,
+        neighbors_k=json.loads((args.work / "db-neighbors" / MANIFEST).read_text())["settings"]["k"],
+        precision=meta["precision"],
+        cpu_capability=cpu_description(),
+        threads=state["options"].get("threads") or torch_threads(),
+        db_minutes=f"{db_seconds / 60:.0f}",
+        runs=runs,
         total_tokens=f"{total_tokens:,}",
         total_minutes=f"{total_seconds / 60:.0f}",
         epochs=f"{total_tokens / counts['tokens']:.2f}",
@@ -156,25 +236,20 @@ def main() -> None:
         db_chunks=f"{counts['chunks']:,}",
         db_tokens=f"{counts['tokens'] / 1e6:.2f}M",
         tokens_per_second=f"{total_tokens / total_seconds:.0f}",
-        size_mb=f"{size_mb:.1f}",
-        config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
-                                                  "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
-                                                  "vocab_size", "copy_head", "copy_bigram")}),
         final_loss=f"{sum(r['loss'] for r in log[-10:]) / len(log[-10:]):.3f}",
         curve=curve_table(log),
         test_documents=result["test_documents"],
         test_chunks=f"{result['test_chunks']:,}",
         test_bytes=f"{result['test_bytes']:,}",
-        bpb_retrieval=f"{result['bpb_retrieval']:.4f}",
-        bpb_none=f"{result['bpb_no_retrieval']:.4f}",
-        gain=f"{100 * result['retrieval_gain']:.1f}",
-        gain_alpha=f"{100 * gain_alpha:.1f}",
+        k_table=k_table(evaluations, max_gain, trained_k),
+        ceiling_k10=f"{100 * max_gain[10]:.1f}" if 10 in max_gain else "not measured",
+        gain_alpha=f"{100 * gain_alpha:+.1f}",
         alpha_chunks=f"{at_alpha['chunks']:,}",
+        leaky_share=f"{100 * (1 - at_half['chunks'] / result['test_chunks']):.1f}",
         bpb_table=bpb_table(result),
+        ablation=ablation_table(ablation),
+        new_tokens=NEW_TOKENS,
         transcripts=transcripts(args.work / "db", args.model, args.heldout),
-        ablation=neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.model),
-        ceiling=f"{100 * max_gain[2]:.1f}",
-        ceiling_k10=f"{100 * max_gain[10]:.1f}",
     )
     card = card.replace(str(Path.cwd()) + "/", "")  # sources relative to the repository
     (args.model / "README.md").write_text(card, encoding="utf-8")

@@ -44,13 +44,21 @@ def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl,
             "train_log_base.jsonl", "eval.json", "README.md"} <= {p.name for p in dest.iterdir()}
     model, meta = load_model(dest, open_db(work / "db"))
     assert model.config.copy_head and meta["steps"] == 2 and meta["init_from"]["steps"] == 3
+    # the base learns with k = 2, the copy-head fine-tune with k = 4: the shipped default
+    assert model.config.num_neighbors == 4
+    assert json.loads((work / "base" / "config.json").read_text())["num_neighbors"] == 2
     assert any(name.startswith("copy_head.") for name in meta["init_from"]["fresh_parameters"])
     card = (dest / "README.md").read_text(encoding="utf-8")
     evaluation = json.loads((work / "eval.json").read_text())
     assert f"**{evaluation['bpb_retrieval']:.4f}**" in card
     ceiling = json.loads((work / "ceiling.json").read_text())
-    assert [c["k"] for c in ceiling["ceilings"]] == [2, 10]
-    assert f"at most {100 * ceiling['ceilings'][0]['max_gain']:.1f} %" in card
+    assert [c["k"] for c in ceiling["ceilings"]] == [2, 4, 10]
+    other = json.loads((work / "eval-k2.json").read_text())
+    assert evaluation["num_neighbors"] == 4 and other["num_neighbors"] == 2
+    for k, result in ((2, other), (4, evaluation)):  # each k's gain beside its own copy ceiling, in one row
+        max_gain = next(c["max_gain"] for c in ceiling["ceilings"] if c["k"] == k)
+        assert f"**{100 * result['retrieval_gain']:+.2f} %** | {100 * max_gain:.2f} % |" in card
+    assert "base decoder (run 1)" in card and "| oracle vs none |" in card
     assert f"{open_db(work / 'db').num_docs:,} training documents" in card
     assert "{" not in card.split("## Generations")[0].replace("{\"", "")  # every placeholder filled
     assert (work / "leakage.html").exists()
