@@ -201,7 +201,7 @@ def main() -> None:
     runs = "\n".join([
         run_description(1, "Base decoder, no copy head", base_state, base_k, base_state["seconds"] / 60),
         run_description(2, "Copy head", state, trained_k, state["seconds"] / 60,
-                        init=", `--init-from` the base, every weight trained, the copy head's fresh"),
+                        init=", `--init-from` the base (the copy head starts fresh), every weight trained"),
     ])
     ablation = {
         "base decoder (run 1)": neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.work / "base"),
