@@ -33,9 +33,9 @@ step "2/7 build-db on the train split (~25-45 min on 2 cores: embedding dominate
 # shellcheck disable=SC2086  # EMBEDDER is empty or two words
 $RETRO build-db "$TRAIN" --out "$W/db" $EMBEDDER
 
-step "3/7 batch neighbours of every DB chunk, k=$COPY_K, excluding the chunk's own document"
-$RETRO neighbors "$W/db" --input "$W/db" --out "$W/db-neighbors" --k "$(( BASE_K > COPY_K ? BASE_K : COPY_K ))" \
-  --exclude-same-doc
+NEIGHBORS_K=$(( BASE_K > COPY_K ? BASE_K : COPY_K ))  # one neighbours file serves both runs
+step "3/7 batch neighbours of every DB chunk, k=$NEIGHBORS_K, excluding the chunk's own document"
+$RETRO neighbors "$W/db" --input "$W/db" --out "$W/db-neighbors" --k "$NEIGHBORS_K" --exclude-same-doc
 
 step "4/7 train the base decoder ($BASE_STEPS steps x 4 x $SEQ_LEN tokens, k=$BASE_K; 45-85 min on 2 cores; checkpoints every 100 steps)"
 RESUME=""

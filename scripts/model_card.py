@@ -34,12 +34,6 @@ def cpu_description() -> str:
                       "AVX512-BF16" if f["avx512_bf16"] else "no AVX512-BF16"])
 
 
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def curve_table(log: list[dict], every: int = 150) -> str:
     rows = ["| steps | tokens seen | mean training loss (nats/token) |", "|---:|---:|---:|"]
     for end in range(every, log[-1]["step"] + 1, every):
@@ -90,21 +84,18 @@ def transcripts(db_path: Path, model: Path, heldout: Path) -> str:
     return "\n".join(parts)
 
 
-def neighbour_ablation(db_path: Path, neighbors_path: Path, model_dir: Path, batches: int = 4) -> dict[str, float]:
+def neighbour_ablation(db, neighbor_ids, model_dir: Path, batches: int = 4) -> dict[str, float]:
     """Training loss on the same sequences with the retrieved neighbours, with none (masked), with another
     sequence's neighbours, and with an oracle (each chunk's own [C_u, C_u+1]: the answer is in them)."""
     import numpy as np
     import torch
 
-    from retrocli.db import open_db
     from retrocli.model import RetroModel
-    from retrocli.neighbors import open_neighbors
     from retrocli.sequences import neighbor_rows
     from retrocli.train import TrainingData
 
-    db, nb = open_db(db_path), open_neighbors(neighbors_path)
     model = RetroModel.from_pretrained(model_dir).eval()
-    data = TrainingData(db, nb.ids, model.config.seq_len, model.config.num_neighbors, set())
+    data = TrainingData(db, neighbor_ids, model.config.seq_len, model.config.num_neighbors, set())
     losses: dict[str, list[float]] = {"retrieved": [], "none": [], "shuffled": [], "oracle": []}
     for step in range(batches):
         idx, targets, neighbors, real = data.batch(seed=123, step=step, batch_size=4)
@@ -130,7 +121,7 @@ def ablation_table(models: dict[str, dict[str, float]]) -> str:
     return "\n".join(rows)
 
 
-def run_description(number: int, title: str, state: dict, k: int, minutes: float, init: str = "") -> str:
+def run_description(number: int, title: str, state: dict, k: int, init: str = "") -> str:
     """One training run as the checkpoint recorded it (the options of its last leg)."""
     o = state["options"]
     config = Path(o["config"]).name if o["config"].endswith(".json") else o["config"]
@@ -139,7 +130,7 @@ def run_description(number: int, title: str, state: dict, k: int, minutes: float
             f"sequences × {o['seq_len']} tokens, k = {k} neighbours per chunk, AdamW (lr {o['lr']:g}, "
             f"{o['warmup']} warmup steps, cosine to {100 * o['min_lr_ratio']:g} %, weight decay "
             f"{o['weight_decay']:g} on matrices, clip {o['grad_clip']:g}), seed {o['seed']}{focus}: "
-            f"{state['tokens_seen']:,} tokens in {minutes:.0f} minutes.")
+            f"{state['tokens_seen']:,} tokens in {state['seconds'] / 60:.0f} minutes.")
 
 
 def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k: int) -> str:
@@ -149,11 +140,9 @@ def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k:
         gain = result["retrieval_gain"]
         label = f"{k} (fine-tuned with, the default)" if k == trained_k else str(k)
         ceiling = max_gain.get(k)
-        reached = f"{100 * gain / ceiling:.0f} %" if ceiling else "–"
+        measured = f"{100 * ceiling:.2f} % | {100 * gain / ceiling:.0f} %" if ceiling else "– | –"
         rows.append(f"| {label} | **{result['bpb_retrieval']:.4f}** | {result['bpb_no_retrieval']:.4f} | "
-                    f"**{100 * gain:+.2f} %** | {100 * ceiling:.2f} % | {reached} |" if ceiling is not None else
-                    f"| {label} | **{result['bpb_retrieval']:.4f}** | {result['bpb_no_retrieval']:.4f} | "
-                    f"**{100 * gain:+.2f} %** | – | – |")
+                    f"**{100 * gain:+.2f} %** | {measured} |")
     return "\n".join(rows)
 
 
@@ -164,7 +153,8 @@ def main() -> None:
     parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
     args = parser.parse_args()
 
-    from retrocli.db import MANIFEST, open_db
+    from retrocli.db import open_db
+    from retrocli.neighbors import open_neighbors
 
     # Two legs: the base decoder (work/base), then the copy head fine-tuned from it (work/model). A resumed
     # run re-logs the steps after its checkpoint: keep the last record of each step.
@@ -190,7 +180,8 @@ def main() -> None:
         evaluations.setdefault(extra["num_neighbors"], extra)
     ceiling = json.loads((args.work / "ceiling.json").read_text())  # bench/bench_retrieval_ceiling.py --json
     max_gain = {c["k"]: c["max_gain"] for c in ceiling["ceilings"]}
-    manifest = open_db(args.work / "db").manifest
+    db, nb = open_db(args.work / "db"), open_neighbors(args.work / "db-neighbors")
+    manifest = db.manifest
     counts, embedder, index = manifest["counts"], manifest["embedder"], manifest["index"]
     db_seconds = sum(manifest["stages"][stage]["seconds"] for stage in ("chunk", "embed", "index"))
     at_alpha = next(p for p in result["curve"] if p["alpha"] == 0.125)
@@ -199,14 +190,12 @@ def main() -> None:
     size_mb = sum(p.stat().st_size for p in args.model.iterdir() if p.is_file() and p.name != "README.md") / 1e6
     base_k = json.loads((args.work / "base" / "config.json").read_text())["num_neighbors"]
     runs = "\n".join([
-        run_description(1, "Base decoder, no copy head", base_state, base_k, base_state["seconds"] / 60),
-        run_description(2, "Copy head", state, trained_k, state["seconds"] / 60,
+        run_description(1, "Base decoder, no copy head", base_state, base_k),
+        run_description(2, "Copy head", state, trained_k,
                         init=", `--init-from` the base (the copy head starts fresh), every weight trained"),
     ])
-    ablation = {
-        "base decoder (run 1)": neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.work / "base"),
-        "shipped model (run 2)": neighbour_ablation(args.work / "db", args.work / "db-neighbors", args.model),
-    }
+    ablation = {"base decoder (run 1)": neighbour_ablation(db, nb.ids, args.work / "base"),
+                "shipped model (run 2)": neighbour_ablation(db, nb.ids, args.model)}
     template = (Path(__file__).with_name("model_card_template.md")).read_text(encoding="utf-8")
     card = template.format(
         parameters=f"{meta['parameters']:,}",
@@ -223,10 +212,13 @@ def main() -> None:
         index_m=index["M"],
         index_ef=index["ef_construction"],
         k=trained_k,
-        neighbors_k=json.loads((args.work / "db-neighbors" / MANIFEST).read_text())["settings"]["k"],
+        neighbors_k=nb.manifest["settings"]["k"],
         precision=meta["precision"],
         cpu_capability=cpu_description(),
-        threads=state["options"].get("threads") or torch_threads(),
+        threads=state["options"]["threads"] or "torch's default number of",
+        requested_precision=state["options"]["precision"],
+        eval_ks=" and ".join(str(k) for k in sorted(evaluations)),
+        ceiling_ks=" ".join(str(k) for k in max_gain),
         db_minutes=f"{db_seconds / 60:.0f}",
         runs=runs,
         total_tokens=f"{total_tokens:,}",
