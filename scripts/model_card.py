@@ -140,7 +140,8 @@ def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k:
         gain = result["retrieval_gain"]
         label = f"{k} (fine-tuned with, the default)" if k == trained_k else str(k)
         ceiling = max_gain.get(k)
-        measured = f"{100 * ceiling:.2f} % | {100 * gain / ceiling:.0f} %" if ceiling else "– | –"
+        reached = f"{100 * gain / ceiling:.0f} %" if ceiling else "–"
+        measured = f"{100 * ceiling:.2f} % | {reached}" if ceiling is not None else "– | –"
         rows.append(f"| {label} | **{result['bpb_retrieval']:.4f}** | {result['bpb_no_retrieval']:.4f} | "
                     f"**{100 * gain:+.2f} %** | {measured} |")
     return "\n".join(rows)
