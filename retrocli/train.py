@@ -59,6 +59,15 @@ def next_chunk_overlap(db: RetroDB, neighbor_ids: np.ndarray) -> np.ndarray:
     return np.where(same_doc, score, 0.0)
 
 
+def last_logged_loss(log_path: Path) -> float | None:
+    """The loss of the last record in a run's train_log.jsonl, or None when there is none to read."""
+    try:
+        lines = log_path.read_text().splitlines()
+        return float(json.loads(lines[-1])["loss"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class TrainingData:
     """Sequences of L consecutive DB chunks, excluding held-out documents, with their neighbours.
 
@@ -417,6 +426,8 @@ def train(
             },
         )
     distributed.barrier(ranks)  # no rank returns before the model is on disk
+    if not math.isfinite(loss_value):  # nothing left to train (a --resume of a finished run): the last logged loss
+        loss_value = last_logged_loss(log_path)
     tokens_per_second = state["tokens_seen"] / max(state["seconds"], 1e-9)
     model_flops = (flops_per_token or 0) * tokens_per_second
     peak = peak_flops(where, precision)

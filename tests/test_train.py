@@ -95,6 +95,23 @@ def test_resume_continues_exactly(tiny_db, self_neighbors, tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_resuming_a_finished_run_trains_nothing_and_reports_its_last_logged_loss(tiny_db, self_neighbors, tmp_path,
+                                                                                 cli):
+    out = tmp_path / "m"
+    first = train(tiny_db, self_neighbors, out, TrainOptions(steps=4, **{**OPTS, "log_every": 2}))
+    weights = (out / "model.safetensors").read_bytes()
+    again = train(tiny_db, self_neighbors, out, TrainOptions(steps=4, **{**OPTS, "log_every": 2}), resume=True)
+    assert again["steps"] == 4 and (out / "model.safetensors").read_bytes() == weights
+    logged = json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])["loss"]
+    assert again["final_loss"] == logged == pytest.approx(first["final_loss"], abs=1e-4)
+    # through the CLI, --json stays JSON (a NaN would not be)
+    result = cli("train", str(tiny_db), "--neighbors", str(self_neighbors), "--out", str(out), "--steps", "4",
+                 "--resume", "--json", "--config", "tiny", "--seq-len", "128", "--batch-size", "2", "--warmup", "2",
+                 "--checkpoint-every", "3", "--lr", "3e-3")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["final_loss"] == logged
+
+
 def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, trained, cli):
     from retrocli.model import RetroConfig
     from retrocli.train import load_initial_weights

@@ -125,11 +125,12 @@ def train_cmd(
         print_json(summary)
         return
     mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+    final_loss = "unknown" if summary["final_loss"] is None else f"{summary['final_loss']:.3f}"
     ranks = f" on {summary['ranks']} ranks" if summary["ranks"] > 1 else ""
     console.print(
         f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps{ranks} "
         f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s{mfu}, "
-        f"{summary['precision']}); final loss {summary['final_loss']:.3f} → {user(summary['out'])}"
+        f"{summary['precision']}); final loss {final_loss} → {user(summary['out'])}"
     )
     if summary["neighbor_fill"] < 0.99:
         err_console.print(
