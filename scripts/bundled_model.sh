@@ -22,6 +22,11 @@ SEQ_LEN=${SEQ_LEN:-512}
 PRECISION=${PRECISION:-auto}  # auto: bf16 where the CPU has it natively, else fp32
 BASE_K=${BASE_K:-2}   # the base decoder learns little from its neighbours (see the card): k = 2 keeps it fast
 COPY_K=${COPY_K:-4}   # the copy-head fine-tune is where retrieval is learned: 4 neighbours beat 2 (docs/benchmarks.md)
+# --retrieval-focus of the two runs. The base decoder learns nothing from its neighbours either way, and half
+# of every batch drawn from the top 10 % of windows costs it language-model quality (docs/benchmarks.md);
+# the copy head is taught to read its neighbours on those windows.
+BASE_FOCUS=${BASE_FOCUS:-0}
+COPY_FOCUS=${COPY_FOCUS:-0.5}
 EMBEDDER=${EMBEDDER:+--embedder $EMBEDDER}
 mkdir -p "$W"
 step() { printf '\n==> %s\n' "$*"; }
@@ -41,14 +46,14 @@ step "4/7 train the base decoder ($BASE_STEPS steps x 4 x $SEQ_LEN tokens, k=$BA
 RESUME=""
 [ -f "$W/base/checkpoint/state.json" ] && RESUME="--resume"
 $RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/base" --config "$BASE_CONFIG" --seq-len "$SEQ_LEN" \
-  --steps "$BASE_STEPS" --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 --retrieval-focus 0.5 \
+  --steps "$BASE_STEPS" --warmup 100 --lr 1.5e-3 --threads 2 --checkpoint-every 100 --seed 0 --retrieval-focus "$BASE_FOCUS" \
   --k "$BASE_K" --precision "$PRECISION" $RESUME
 
 step "5/7 add the copy head and fine-tune everything from the base ($COPY_STEPS steps, k=$COPY_K, 30-60 min)"
 if [ -f "$W/model/checkpoint/state.json" ]; then START="--resume"; else START="--init-from $W/base"; fi
 # shellcheck disable=SC2086  # START is two words
 $RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config "$COPY_CONFIG" --seq-len "$SEQ_LEN" \
-  --steps "$COPY_STEPS" --warmup 50 --lr 1e-3 --threads 2 --checkpoint-every 100 --seed 1 --retrieval-focus 0.5 \
+  --steps "$COPY_STEPS" --warmup 50 --lr 1e-3 --threads 2 --checkpoint-every 100 --seed 1 --retrieval-focus "$COPY_FOCUS" \
   --k "$COPY_K" --precision "$PRECISION" $START
 
 step "6/7 evaluate on the held-out pages: bpb with / without retrieval, bpb(alpha), and the copy ceiling"
