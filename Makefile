@@ -32,6 +32,6 @@ bench: install
 	$(BIN)/python bench/bench_chunk.py
 	bash bench/run_full.sh bench-out
 
-# Retrain the bundled model from scratch (~2 h on 2 cores; needs the full example corpus, see README).
+# Retrain the bundled model from scratch (~50 min on 2 cores with AMX, ~2 h without; needs the full example corpus).
 bundled-model: install
 	bash scripts/bundled_model.sh
