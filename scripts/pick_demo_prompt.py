@@ -26,7 +26,7 @@ from retrocli.generate import generate, longest_copy
 from retrocli.index import ShardedIndex
 from retrocli.model.checkpoint import bundled_model_dir
 from retrocli.overlap import NEIGHBOR_PAD, QUERY_PAD, longest_runs
-from retrocli.sequences import neighbor_rows
+from retrocli.sequences import neighbor_rows, pad_id
 
 PROMPT_CHUNKS = 3
 
@@ -68,7 +68,7 @@ def main() -> None:
         with_r = generate(db, prompt, args.model, args.new_tokens, temperature=0.0, k=args.k)
         without = generate(db, prompt, args.model, args.new_tokens, temperature=0.0, k=args.k, retrieval=False)
         # the no-retrieval continuation scored against the neighbours the retrieval run saw
-        base = longest_copy(db, without.token_ids, with_r.retrievals)
+        base = longest_copy(db.tokenizer, pad_id(db), without.token_ids, with_r.retrievals)
         copied = with_r.copy.tokens if with_r.copy else 0
         rows.append((copied - (base.tokens if base else 0), copied, base.tokens if base else 0, int(runs[i]), d,
                      a, b, with_r.copy.text if with_r.copy else ""))

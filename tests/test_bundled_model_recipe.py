@@ -58,6 +58,13 @@ def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl,
     for k, result in ((2, other), (4, evaluation)):  # each k's gain beside its own copy ceiling, in one row
         max_gain = next(c["max_gain"] for c in ceiling["ceilings"] if c["k"] == k)
         assert f"**{100 * result['retrieval_gain']:+.2f} %** | {100 * max_gain:.2f} % |" in card
+    # the demo's prompt picker runs on the recipe's DB and model: one ranked candidate under its header
+    pick = subprocess.run([sys.executable, str(REPO / "scripts" / "pick_demo_prompt.py"), "--db", str(work / "db"),
+                           "--heldout", str(REPO / "examples" / "subset" / "heldout.jsonl"), "--model", str(dest),
+                           "--candidates", "1", "--new-tokens", "8"], capture_output=True, text=True, timeout=600)
+    assert pick.returncode == 0, pick.stderr[-2000:]
+    header, *ranked = pick.stdout.splitlines()
+    assert header.startswith("gain  copied  without") and len(ranked) == 1
     assert "base decoder (run 1)" in card and "| oracle vs none |" in card
     assert f"{open_db(work / 'db').num_docs:,} training documents" in card
     assert "{" not in card.split("## Generations")[0].replace("{\"", "")  # every placeholder filled
