@@ -352,7 +352,7 @@ def train(
     started, window_tokens, window_start = time.time(), 0, time.time()
     autocast = torch.autocast(where.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     on_gpu = where.type == "cuda"
-    loss_value = float("nan")
+    loss_value = None  # stays None when nothing is left to train (a --resume of a finished run)
     while state["step"] < opts.steps:
         step = state["step"]
         # Built on the CPU (a pure function of seed and step), then copied over; pinned for async copies.
@@ -426,7 +426,7 @@ def train(
             },
         )
     distributed.barrier(ranks)  # no rank returns before the model is on disk
-    if not math.isfinite(loss_value):  # nothing left to train (a --resume of a finished run): the last logged loss
+    if loss_value is None:
         loss_value = last_logged_loss(log_path)
     tokens_per_second = state["tokens_seen"] / max(state["seconds"], 1e-9)
     model_flops = (flops_per_token or 0) * tokens_per_second

@@ -22,11 +22,8 @@ SEQ_LEN=${SEQ_LEN:-512}
 PRECISION=${PRECISION:-auto}  # auto: bf16 where the CPU has it natively, else fp32
 BASE_K=${BASE_K:-2}   # the base decoder learns little from its neighbours (see the card): k = 2 keeps it fast
 COPY_K=${COPY_K:-4}   # the copy-head fine-tune is where retrieval is learned: 4 neighbours beat 2 (docs/benchmarks.md)
-# --retrieval-focus of the two runs. The base decoder learns nothing from its neighbours either way, and half
-# of every batch drawn from the top 10 % of windows costs it language-model quality (docs/benchmarks.md);
-# the copy head is taught to read its neighbours on those windows.
-BASE_FOCUS=${BASE_FOCUS:-0}
-COPY_FOCUS=${COPY_FOCUS:-0.5}
+BASE_FOCUS=${BASE_FOCUS:-0}     # --retrieval-focus costs the base decoder LM quality and teaches it nothing (docs/cli.md)
+COPY_FOCUS=${COPY_FOCUS:-0.5}  # the copy head learns to read its neighbours on those windows
 EMBEDDER=${EMBEDDER:+--embedder $EMBEDDER}
 mkdir -p "$W"
 step() { printf '\n==> %s\n' "$*"; }
