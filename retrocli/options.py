@@ -99,6 +99,14 @@ class IndexOptions:
     threads: int | None = None
 
 
+WINDOW_EXCLUSIONS = ("all", "later")  # --window-exclusion: see TrainingData.window_neighbors
+
+
+def check_window_exclusion(value: str) -> None:
+    if value not in WINDOW_EXCLUSIONS:
+        raise RetroError(f"--window-exclusion {value}: must be one of {', '.join(WINDOW_EXCLUSIONS)}")
+
+
 @dataclass
 class TrainOptions:
     config: str = "small"  # preset name, or a config.json path
@@ -124,6 +132,9 @@ class TrainOptions:
     compile: bool = False  # torch.compile the model for the run (a runtime choice, like threads)
     # Train as stale retrieval generates: chunk u reads the neighbours of chunk u-1 (see TrainingData).
     stale_retrieval: bool = False
+    # Which documents of its window a chunk may not retrieve from: "all" (Megatron-LM's rule) or "later"
+    # (its own and those after it: enough to keep the window's future text out; see TrainingData).
+    window_exclusion: str = "all"
 
     def check(self) -> None:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""
@@ -134,6 +145,7 @@ class TrainOptions:
         check_in_range("--grad-clip", self.grad_clip, 0, math.inf)
         for name in ("warmup", "weight_decay", "min_lr_ratio", "retrieval_focus", "copy_curriculum"):
             check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), low=0)
+        check_window_exclusion(self.window_exclusion)
 
 
 # retro serve

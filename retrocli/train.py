@@ -28,7 +28,7 @@ from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
 from retrocli.neighbors import open_neighbors
-from retrocli.options import DEFAULT_TRAIN_K, TrainOptions
+from retrocli.options import DEFAULT_TRAIN_K, TrainOptions, check_window_exclusion
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, neighbor_rows, pad_id, stale_neighbor_ids
@@ -85,14 +85,19 @@ class TrainingData:
     These chunks break the paper's same-document exclusion on purpose; 0 keeps to it.
 
     With stale_retrieval, chunk u reads the neighbours retrieved for chunk u−1 of its document (none for a
-    document's first chunk), as `retro generate --stale-retrieval` delivers them."""
+    document's first chunk), as `retro generate --stale-retrieval` delivers them.
+
+    window_exclusion picks which documents of its window a chunk may not retrieve from (see
+    window_neighbors): "all" of them, or "later": its own and those after it in the window."""
 
     def __init__(self, db: RetroDB, neighbor_ids: np.ndarray, seq_len: int, k: int, heldout_docs: set[int],
-                 retrieval_focus: float = 0.0, copy_curriculum: float = 0.0, stale_retrieval: bool = False):
+                 retrieval_focus: float = 0.0, copy_curriculum: float = 0.0, stale_retrieval: bool = False,
+                 window_exclusion: str = "all"):
         m = db.chunk_size
         if seq_len % m:
             raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
-        self.db, self.chunks, self.k = db, seq_len // m, k
+        check_window_exclusion(window_exclusion)
+        self.db, self.chunks, self.k, self.window_exclusion = db, seq_len // m, k, window_exclusion
         self.pad = pad_id(db)
         self.tokens, self.real = chunk_rows(db, 0, db.num_chunks, self.pad)
         self.lengths = db.chunk_length
@@ -124,14 +129,21 @@ class TrainingData:
 
     def window_neighbors(self, rows: np.ndarray) -> np.ndarray:
         """Neighbour ids [B, L, k] for windows of DB chunk ids `rows` [B, L]: for each chunk the first k
-        candidates from no document of its window (the paper excludes the sequence's own document; a
-        window spanning documents A and B must not retrieve B's chunks for A's, since B's text comes
-        later in the window) and no held-out document. −1 where the candidates run out."""
+        candidates from no held-out document and none of the window's documents it may not read. The paper
+        excludes the sequence's own document; a window spanning documents A and B must not retrieve B's
+        chunks for A's, since B's text comes later in the window. "all" bans every document of the window
+        (as Megatron-LM can); "later" bans the chunk's own document and those after it, which is enough to
+        keep the window's future out: B's chunks may read A, whose text the window has already shown.
+        −1 where the candidates run out."""
         doc = self.db.chunk_doc
         cand = self.candidates[rows]  # [B, L, C]
         cand_doc = np.where(cand >= 0, doc[np.maximum(cand, 0)], -1)
         banned = (cand < 0) | self.heldout_doc[cand_doc]
-        banned |= (cand_doc[..., None] == doc[rows][:, None, None, :]).any(-1)
+        same = cand_doc[..., None] == doc[rows][:, None, None, :]  # [B, L, C, L]: from the v-th chunk's document
+        if self.window_exclusion == "later":
+            length = rows.shape[1]
+            same &= np.triu(np.ones((length, length), dtype=bool))[None, :, None, :]  # only v >= u
+        banned |= same.any(-1)
         order = np.argsort(banned, axis=-1, kind="stable")[..., : self.k]
         picked = np.take_along_axis(cand, order, axis=-1)
         return np.where(np.take_along_axis(banned, order, axis=-1), -1, picked)
@@ -311,7 +323,7 @@ def train(
 
     heldout_docs = load_heldout(db, heldout) | set(db.removed_docs)  # removed documents are never trained on
     data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum,
-                        opts.stale_retrieval)
+                        opts.stale_retrieval, opts.window_exclusion)
     fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)
     if resume:
@@ -324,6 +336,9 @@ def train(
         if opts.stale_retrieval != data.stale:
             raise RetroError(f"{out}: the checkpoint was trained {'with' if opts.stale_retrieval else 'without'} "
                              "--stale-retrieval; resume it the same way")
+        if opts.window_exclusion != data.window_exclusion:
+            raise RetroError(f"{out}: the checkpoint was trained with --window-exclusion {opts.window_exclusion}; "
+                             "resume it the same way")
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
@@ -422,6 +437,7 @@ def train(
                 "neighbor_fill": round(fill, 4),
                 "parameters": model.num_parameters(),
                 "stale_retrieval": opts.stale_retrieval,
+                "window_exclusion": opts.window_exclusion,
                 **({"init_from": state["init_from"]} if "init_from" in state else {}),
             },
         )

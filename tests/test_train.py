@@ -63,6 +63,32 @@ def test_no_training_batch_holds_a_neighbour_from_its_windows_documents_or_a_hel
     assert any(leaked)
 
 
+def test_window_exclusion_later_keeps_the_windows_future_out_and_lets_later_chunks_read_earlier_documents(
+        tiny_db, self_neighbors):
+    from retrocli.neighbors import open_neighbors
+
+    db = open_db(tiny_db)
+    nb = open_neighbors(self_neighbors)
+    heldout = {1}
+    strict = TrainingData(db, nb.ids, 4 * db.chunk_size, 2, heldout_docs=heldout)
+    later = TrainingData(db, nb.ids, 4 * db.chunk_size, 2, heldout_docs=heldout, window_exclusion="later")
+    docs, earlier_reads = db.chunk_doc, 0
+    for step in range(40):
+        rows = later.batch_rows(0, step, 8)
+        assert np.array_equal(rows, strict.batch_rows(0, step, 8))  # the rule changes neighbours, not windows
+        ids, strict_ids = later.window_neighbors(rows), strict.window_neighbors(rows)
+        for b in range(len(rows)):
+            for u in range(rows.shape[1]):
+                got = set(docs[ids[b, u][ids[b, u] >= 0]])
+                assert not got & (set(docs[rows[b, u:]]) | heldout)  # its own, later and held-out documents
+                earlier_reads += bool(got & (set(docs[rows[b, :u]]) - set(docs[rows[b, u:]])))
+                if len(set(docs[rows[b]])) == 1:  # a window of one document: both rules agree
+                    assert np.array_equal(ids[b, u], strict_ids[b, u])
+    assert earlier_reads > 0  # what "all" forbids and "later" allows does happen
+    with pytest.raises(RetroError, match="--window-exclusion"):
+        TrainingData(db, nb.ids, 128, 2, set(), window_exclusion="none")
+
+
 def test_lr_schedule():
     opts = TrainOptions(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, opts) == pytest.approx(0.1) and lr_at(9, opts) == pytest.approx(1.0)

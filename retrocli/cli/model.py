@@ -97,6 +97,9 @@ def train_cmd(
     stale_retrieval: Annotated[bool, flag(
         "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` "
                              "delivers them")] = False,
+    window_exclusion: Annotated[str, typer.Option(
+        help="Documents of its window a chunk may not retrieve from: all, or later (its own and those after "
+             "it; earlier ones the window has already shown)")] = TrainOptions.window_exclusion,
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
@@ -110,7 +113,7 @@ def train_cmd(
         config=config, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
         weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
         checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
-        compile=compile_model, stale_retrieval=stale_retrieval,
+        compile=compile_model, stale_retrieval=stale_retrieval, window_exclusion=window_exclusion,
     )
     kwargs = dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts, heldout=heldout,
                   resume=resume, k=k, init_from=init_from, device=device)
