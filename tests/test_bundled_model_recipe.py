@@ -35,7 +35,8 @@ def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl,
     bin_dir = Path(sys.executable).parent
     env = {"WORK": str(work), "DEST": str(dest), "TRAIN": str(small_jsonl), "HELDOUT": str(heldout),
            "EMBEDDER": tiny_bert, "BASE_CONFIG": str(base), "COPY_CONFIG": str(copy), "BASE_STEPS": "3",
-           "COPY_STEPS": "2", "SEQ_LEN": "128", "RETRO": str(bin_dir / "retro"), "PYTHON": sys.executable}
+           "COPY_STEPS": "2", "COPY_EXCLUSION": "later", "SEQ_LEN": "128", "RETRO": str(bin_dir / "retro"),
+           "PYTHON": sys.executable}
 
     first = run_recipe(env)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -48,7 +49,10 @@ def test_bundled_model_recipe_runs_end_to_end_and_resumes(tmp_path, small_jsonl,
     assert model.config.num_neighbors == 4
     assert json.loads((work / "base" / "config.json").read_text())["num_neighbors"] == 2
     assert any(name.startswith("copy_head.") for name in meta["init_from"]["fresh_parameters"])
+    assert meta["window_exclusion"] == "later"  # COPY_EXCLUSION reaches the fine-tune only
+    assert json.loads((work / "base" / "retrocli_model.json").read_text())["window_exclusion"] == "all"
     card = (dest / "README.md").read_text(encoding="utf-8")
+    assert "`--window-exclusion later`" in card
     evaluation = json.loads((work / "eval.json").read_text())
     assert f"**{evaluation['bpb_retrieval']:.4f}**" in card
     ceiling = json.loads((work / "ceiling.json").read_text())

@@ -373,6 +373,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line_naming_the_field(tiny_db_copy
     (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--lr", "nan"], "--lr"),
     (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--batch-size", "0"], "--batch-size"),
     (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--checkpoint-every", "0"], "--checkpoint-every"),
+    (["train", "{db}", "--neighbors", "{nb}", "--out", "{tmp}/m", "--window-exclusion", "none"], "--window-exclusion"),
     (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--top-p", "2"], "--top-p"),
     (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--top-k", "0"], "--top-k"),
     (["generate", "--db", "{db}", "--model", "{model}", "--prompt", "x", "--k", "0"], "--k"),

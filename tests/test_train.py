@@ -89,6 +89,20 @@ def test_window_exclusion_later_keeps_the_windows_future_out_and_lets_later_chun
         TrainingData(db, nb.ids, 128, 2, set(), window_exclusion="none")
 
 
+def test_window_exclusion_is_recorded_and_a_checkpoint_resumes_only_under_its_own_rule(tiny_db, self_neighbors,
+                                                                                       tmp_path):
+    out = tmp_path / "m"
+    opts = {**OPTS, "checkpoint_every": 2}
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=4, window_exclusion="later", **opts), stop_after=2)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["options"]["window_exclusion"] == "later"
+    with pytest.raises(RetroError, match="--window-exclusion later; resume it the same way"):
+        train(tiny_db, self_neighbors, out, TrainOptions(steps=4, **opts), resume=True)
+    train(tiny_db, self_neighbors, out, TrainOptions(steps=4, window_exclusion="later", **opts), resume=True)
+    assert json.loads((out / "retrocli_model.json").read_text())["window_exclusion"] == "later"
+    with pytest.raises(RetroError, match="--window-exclusion none: must be one of all, later"):
+        TrainOptions(window_exclusion="none").check()
+
+
 def test_lr_schedule():
     opts = TrainOptions(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, opts) == pytest.approx(0.1) and lr_at(9, opts) == pytest.approx(1.0)
