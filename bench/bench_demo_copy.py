@@ -25,6 +25,7 @@ import numpy as np
 from retrocli.add import add_documents
 from retrocli.db import open_db
 from retrocli.generate import generate, longest_copy
+from retrocli.retriever import LocalRetriever
 from retrocli.sequences import pad_id
 
 PROMPT_CHUNKS = 7  # as examples/demo.sh
@@ -52,12 +53,14 @@ def main() -> None:
             ids = db.tokenizer.encode_batch([json.loads(line)["text"]])[0]
             if len(ids) >= (PROMPT_CHUNKS + 1) * m:
                 prompts.append(db.tokenizer.decode(ids[: PROMPT_CHUNKS * m]))
+        retriever = LocalRetriever(db)  # one index and embedder for every generation
         results = []
         for model in args.model:
             copied, without = [], []
             for prompt in prompts:
-                with_r = generate(db, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k)
-                plain = generate(db, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k, retrieval=False)
+                with_r = generate(None, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k, retriever=retriever)
+                plain = generate(None, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k, retriever=retriever,
+                                 retrieval=False)
                 base = longest_copy(db.tokenizer, pad_id(db), plain.token_ids, with_r.retrievals)
                 copied.append(with_r.copy.tokens if with_r.copy else 0)
                 without.append(base.tokens if base else 0)

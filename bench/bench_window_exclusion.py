@@ -39,11 +39,11 @@ def main() -> None:
     db = open_db(args.db)
     ids = open_neighbors(args.neighbors).ids
 
-    def data(rule: str) -> TrainingData:
-        return TrainingData(db, ids, args.seq_len, args.k, set(db.removed_docs), retrieval_focus=1.0,
+    def data(rule: str, focus: float) -> TrainingData:
+        return TrainingData(db, ids, args.seq_len, args.k, set(db.removed_docs), retrieval_focus=focus,
                             window_exclusion=rule)
 
-    windows = data("all")
+    windows = data("all", 1.0)  # the focus windows are scored once, here
     length = windows.chunks
     starts = []
     for s in np.sort(windows.focus_starts):
@@ -54,7 +54,7 @@ def main() -> None:
     picked = {
         # a window of one chunk bans only that chunk's own document
         "own document": windows.window_neighbors(rows.reshape(-1, 1)).reshape(*rows.shape, args.k),
-        "later documents": data("later").window_neighbors(rows),
+        "later documents": data("later", 0.0).window_neighbors(rows),
         "whole window": windows.window_neighbors(rows),
     }
     spans = (doc[rows] != doc[rows][:, :1]).any(1)

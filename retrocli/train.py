@@ -98,6 +98,10 @@ class TrainingData:
             raise RetroError(f"--seq-len {seq_len} must be a multiple of the DB chunk size {m}")
         check_window_exclusion(window_exclusion)
         self.db, self.chunks, self.k, self.window_exclusion = db, seq_len // m, k, window_exclusion
+        # reads_banned[u, v]: chunk u may not read the document of chunk v (any top-left block is the same
+        # rule for a shorter window)
+        full = np.ones((self.chunks, self.chunks), dtype=bool)
+        self.reads_banned = np.triu(full) if window_exclusion == "later" else full
         self.pad = pad_id(db)
         self.tokens, self.real = chunk_rows(db, 0, db.num_chunks, self.pad)
         self.lengths = db.chunk_length
@@ -140,10 +144,8 @@ class TrainingData:
         cand_doc = np.where(cand >= 0, doc[np.maximum(cand, 0)], -1)
         banned = (cand < 0) | self.heldout_doc[cand_doc]
         same = cand_doc[..., None] == doc[rows][:, None, None, :]  # [B, L, C, L]: from the v-th chunk's document
-        if self.window_exclusion == "later":
-            length = rows.shape[1]
-            same &= np.triu(np.ones((length, length), dtype=bool))[None, :, None, :]  # only v >= u
-        banned |= same.any(-1)
+        length = rows.shape[1]
+        banned |= (same & self.reads_banned[:length, None, :length]).any(-1)
         order = np.argsort(banned, axis=-1, kind="stable")[..., : self.k]
         picked = np.take_along_axis(cand, order, axis=-1)
         return np.where(np.take_along_axis(banned, order, axis=-1), -1, picked)

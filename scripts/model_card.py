@@ -125,12 +125,12 @@ def run_description(number: int, title: str, state: dict, k: int, init: str = ""
     """One training run as the checkpoint recorded it (the options of its last leg)."""
     o = state["options"]
     config = Path(o["config"]).name if o["config"].endswith(".json") else o["config"]
-    focus = f", `--retrieval-focus {o['retrieval_focus']:g}`" if o.get("retrieval_focus") else ""
-    focus += f", `--window-exclusion {o['window_exclusion']}`" if o.get("window_exclusion", "all") != "all" else ""
+    sampling = f", `--retrieval-focus {o['retrieval_focus']:g}`" if o.get("retrieval_focus") else ""
+    sampling += f", `--window-exclusion {o['window_exclusion']}`" if o.get("window_exclusion", "all") != "all" else ""
     return (f"{number}. **{title}** (`scripts/{config}`){init}: {state['step']:,} steps of {o['batch_size']} "
             f"sequences × {o['seq_len']} tokens, k = {k} neighbours per chunk, AdamW (lr {o['lr']:g}, "
             f"{o['warmup']} warmup steps, cosine to {100 * o['min_lr_ratio']:g} %, weight decay "
-            f"{o['weight_decay']:g} on matrices, clip {o['grad_clip']:g}), seed {o['seed']}{focus}: "
+            f"{o['weight_decay']:g} on matrices, clip {o['grad_clip']:g}), seed {o['seed']}{sampling}: "
             f"{state['tokens_seen']:,} tokens in {state['seconds'] / 60:.0f} minutes.")
 
 
