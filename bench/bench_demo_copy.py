@@ -8,6 +8,11 @@ of the DB with every held-out page of at least 8 chunks added, for each --model,
 run each continuation shares with a retrieved chunk (the demo's "copied"), with and without retrieval, as
 the mean over pages and the share of pages where the copy reaches 32 tokens. The first model is the anchor.
 
+The longest run hangs on single greedy choices, so each model is also scored teacher-forced on the same
+pages' 8th chunk (the text the added page holds next): mean p(next token) with and without retrieval, the
+share of the mass the copy head leaves to the LM (its sink), top-1 accuracy, and the tokens predicted right
+before the first miss.
+
     .venv/bin/python bench/bench_demo_copy.py --db demo-out/db --heldout examples/subset/heldout.jsonl \
         --model retrocli/assets/model --model bundled-work/model [--k 2]
 """
@@ -21,16 +26,58 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from retrocli.add import add_documents
 from retrocli.db import open_db
 from retrocli.generate import generate, longest_copy
+from retrocli.model.checkpoint import load_model
 from retrocli.retriever import LocalRetriever
 from retrocli.sequences import pad_id
 
 PROMPT_CHUNKS = 7  # as examples/demo.sh
 NEW_TOKENS = 48
 LONG_COPY = 32
+
+
+def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int | None) -> dict:
+    """Score each page's chunk PROMPT_CHUNKS (its neighbours: the page's own previous chunk and this one)."""
+    model, _ = load_model(Path(model_dir), db)
+    model.eval()
+    k = k or model.config.num_neighbors
+    m = db.chunk_size
+    sinks = []
+    head_weights = model.copy_head.weights if model.copy_head is not None else None
+
+    def recording_weights(*args, **kwargs):  # the copy head's split of the mass, kept for the sink figure
+        w = head_weights(*args, **kwargs)
+        sinks.append(w.sink)
+        return w
+
+    if head_weights is not None:
+        model.copy_head.weights = recording_weights
+    p_with, p_without, sink, top1, first_miss = [], [], [], [], []
+    at = torch.arange(PROMPT_CHUNKS * m - 1, (PROMPT_CHUNKS + 1) * m - 1)  # positions predicting the chunk
+    for ids in pages:
+        got = retriever.retrieve([ids[u * m: (u + 1) * m] for u in range(PROMPT_CHUNKS + 1)], k)
+        idx = torch.tensor([ids])
+        with torch.no_grad():
+            log_p, _ = model(idx, torch.from_numpy(np.stack([g.rows for g in got]))[None])
+            log_p_lm, _ = model(idx, None)
+        if model.copy_head is None:
+            log_p, log_p_lm = torch.log_softmax(log_p, -1), torch.log_softmax(log_p_lm, -1)
+        target = idx[0, at + 1]
+        p_with.append(log_p[0, at].gather(-1, target[:, None]).exp().mean().item())
+        p_without.append(log_p_lm[0, at].gather(-1, target[:, None]).exp().mean().item())
+        hits = (log_p[0, at].argmax(-1) == target).numpy()
+        top1.append(hits.mean())
+        first_miss.append(int(np.argmin(hits)) if not hits.all() else len(hits))
+        if sinks:  # copy positions start at m-1, one block of m per chunk
+            offset = at - (m - 1)
+            sink.append(sinks[-1][offset // m, offset % m].mean().item())
+    return {"p_next_with": float(np.mean(p_with)), "p_next_without": float(np.mean(p_without)),
+            "lm_share": float(np.mean(sink)) if sink else None, "top1": float(np.mean(top1)),
+            "right_before_first_miss": float(np.mean(first_miss))}
 
 
 def main() -> None:
@@ -48,11 +95,12 @@ def main() -> None:
         add_documents(db_path, [args.heldout])
         db = open_db(db_path)
         m = db.chunk_size
-        prompts = []
+        prompts, pages = [], []
         for line in open(args.heldout, encoding="utf-8"):
             ids = db.tokenizer.encode_batch([json.loads(line)["text"]])[0]
             if len(ids) >= (PROMPT_CHUNKS + 1) * m:
                 prompts.append(db.tokenizer.decode(ids[: PROMPT_CHUNKS * m]))
+                pages.append(ids[: (PROMPT_CHUNKS + 1) * m])
         retriever = LocalRetriever(db)  # one index and embedder for every generation
         results = []
         for model in args.model:
@@ -68,7 +116,7 @@ def main() -> None:
             results.append({"model": model, "pages": len(prompts), "mean_copied": float(copied.mean()),
                             "mean_without": float(without.mean()), "mean_gain": float((copied - without).mean()),
                             f"share_copied_{LONG_COPY}": float((copied >= LONG_COPY).mean()),
-                            "copied": copied.tolist()})
+                            "copied": copied.tolist(), **teacher_forced(db, retriever, model, pages, args.k)})
     anchor = results[0]["mean_gain"]
     for res in results:
         res["gain_vs_anchor"] = res["mean_gain"] / anchor if anchor else None
@@ -83,6 +131,12 @@ def main() -> None:
         print(f"{res['model'][-40:]:<40} {res['mean_copied']:7.1f} {res['mean_without']:8.1f} "
               f"{res['mean_gain']:6.1f} {100 * res[f'share_copied_{LONG_COPY}']:5.0f}% {ratio:>10}")
     print("copied per page:", {Path(r["model"]).name: r["copied"] for r in results})
+    print(f"teacher-forced on each page's chunk {PROMPT_CHUNKS + 1}:")
+    print(f"{'model':<40} {'p(next)':>8} {'no retr.':>9} {'LM share':>9} {'top-1':>6} {'to 1st miss':>12}")
+    for res in results:
+        share = f"{res['lm_share']:.3f}" if res["lm_share"] is not None else "-"
+        print(f"{res['model'][-40:]:<40} {res['p_next_with']:8.3f} {res['p_next_without']:9.3f} {share:>9} "
+              f"{res['top1']:6.3f} {res['right_before_first_miss']:12.1f}")
 
 
 if __name__ == "__main__":

@@ -57,17 +57,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["plain", "smeared", "copy"], ids=["plain-keys", "smeared-keys", "copy-head"])
+@pytest.fixture(scope="module", params=["plain", "smeared", "copy", "copy-trigram"],
+                ids=["plain-keys", "smeared-keys", "copy-head", "copy-head-trigram"])
 def model(request) -> RetroModel:
-    # every property below must hold with smeared CCA keys and with the copy head too
-    model = make_model(smeared_keys=request.param == "smeared", copy_head=request.param == "copy",
-                       copy_bigram=request.param == "copy")
+    # every property below must hold with smeared CCA keys and with the copy head (bigram, trigram) too
+    copy = request.param.startswith("copy")
+    model = make_model(smeared_keys=request.param == "smeared", copy_head=copy, copy_bigram=copy,
+                       copy_trigram=request.param == "copy-trigram")
     with torch.no_grad():
         if request.param == "smeared":  # away from the 0.5 init, one share per head, so a wrong mix would show
             for block in model.blocks:
                 if block.cca is not None:
                     block.cca.attn.key_smear.copy_(torch.linspace(-2.0, 2.0, model.config.n_head))
-        if request.param == "copy":  # the sink no longer dominates: copying moves outputs a lot
+        if copy:  # the sink no longer dominates: copying moves outputs a lot
             model.copy_head.sink.bias.fill_(0.0)
     return model
 
@@ -445,9 +447,9 @@ def test_smeared_keys_mix_only_within_each_neighbour():
 # -- copy head ------------------------------------------------------------------------------------------
 
 
-def copy_model(bigram: bool = False) -> RetroModel:
+def copy_model(bigram: bool = False, trigram: bool = False) -> RetroModel:
     """Copy head with its sink switched off and no learned state terms: a pure exact-token copy."""
-    model = make_model(copy_head=True, copy_bigram=bigram)
+    model = make_model(copy_head=True, copy_bigram=bigram or trigram, copy_trigram=trigram)
     with torch.no_grad():
         model.copy_head.sink.bias.fill_(-1e4)
         model.copy_head.q_state.weight.zero_()
@@ -522,6 +524,40 @@ def test_copy_head_bigram_picks_the_occurrence_after_the_same_previous_token():
     unigram = logits(copy_model(), idx, nb)[0, 5].exp()
     assert bigram[70] > 0.8 and bigram[60] < 0.1
     assert abs(unigram[70] - unigram[60]) < 0.2 and unigram[60] + unigram[70] > 0.8
+
+
+def test_copy_head_trigram_picks_the_occurrence_after_the_same_two_tokens():
+    """"8 50" occurs twice in the neighbours, after 6 (then 60) and after 9 (then 70). Having read 9, 8, 50
+    the trigram head copies 70; the bigram head splits its mass between 60 and 70."""
+    idx = torch.arange(10, 26)[None]
+    idx[0, 3], idx[0, 4], idx[0, 5] = 9, 8, 50  # position 5 attends to chunk 0's neighbours
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8) % 90 + 2
+    nb[0, 0, 0, 0:4] = torch.tensor([6, 8, 50, 60])
+    nb[0, 0, 1, 3:7] = torch.tensor([9, 8, 50, 70])
+    trigram = logits(copy_model(trigram=True), idx, nb)[0, 5].exp()
+    bigram = logits(copy_model(bigram=True), idx, nb)[0, 5].exp()
+    # the 32-d random embeddings of 6 and 9 overlap a little, so the margin is finite
+    assert trigram[70] > 0.6 and trigram[70] > 4 * trigram[60]
+    assert abs(bigram[70] - bigram[60]) < 0.2 and bigram[60] + bigram[70] > 0.8
+
+
+def test_copy_head_trigram_never_matches_across_neighbours():
+    """A neighbour's first two tokens have no token two back in it: the previous neighbour's tail must not
+    serve as one. Here neighbour 1 starts "8 50 70" right after neighbour 0 ended with 9: reading 9 8 50,
+    the trigram head must not rank it above neighbour 0's genuine "9 8 50 60"."""
+    idx = torch.arange(10, 26)[None]
+    idx[0, 3], idx[0, 4], idx[0, 5] = 9, 8, 50
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8) % 90 + 2
+    nb[0, 0, 0, 2:6] = torch.tensor([9, 8, 50, 60])
+    nb[0, 0, 0, 7] = 9
+    nb[0, 0, 1, 0:3] = torch.tensor([8, 50, 70])
+    p = logits(copy_model(trigram=True), idx, nb)[0, 5].exp()
+    assert p[60] > 0.8 and p[70] < 0.1
+
+
+def test_copy_trigram_needs_the_bigram():
+    with pytest.raises(ValueError, match="copy_trigram needs copy_bigram"):
+        tiny_config(copy_head=True, copy_trigram=True)
 
 
 def _padded_window(batch):

@@ -36,16 +36,18 @@ class CopyHead(nn.Module):
     to E_u with the CCA alignment, scores every neighbour token j:
         score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
     (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
-    copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), plus a
-    "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
+    copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), with
+    copy_trigram + Rq e(x_{t-2}) and + Rk e(n_{j-2}) as well, plus a "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
         p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
-    i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk) = I at init,
-    so it starts as an exact-token (-bigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
+    i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk = Rq = Rk) = I
+    at init, so it starts as an exact-token (-bigram, -trigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
     until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
     """
 
-    def __init__(self, d: int, norm_eps: float, bigram: bool):
+    def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False):
         super().__init__()
+        if trigram and not bigram:
+            raise ValueError("the copy head's trigram match needs its bigram match")
         self.norm = RMSNorm(d, eps=norm_eps)
         self.q_state = nn.Linear(d, d, bias=False)
         self.q_token = nn.Linear(d, d, bias=False)
@@ -54,13 +56,18 @@ class CopyHead(nn.Module):
         self.sink = nn.Linear(d, 1, bias=True)
         self.q_prev = nn.Linear(d, d, bias=False) if bigram else None
         self.k_prev = nn.Linear(d, d, bias=False) if bigram else None
+        # the token two back as well: an added page's own continuation then outscores the many neighbour
+        # spots that share only the last two tokens (see docs/benchmarks.md)
+        self.q_prev2 = nn.Linear(d, d, bias=False) if trigram else None
+        self.k_prev2 = nn.Linear(d, d, bias=False) if trigram else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d = self.q_state.weight.shape[0]
         for lin in (self.q_state, self.k_state):
             nn.init.normal_(lin.weight, std=0.02)
-        matched = [self.q_token, self.k_token] + ([self.q_prev, self.k_prev] if self.q_prev is not None else [])
+        matched = [lin for lin in (self.q_token, self.k_token, self.q_prev, self.k_prev, self.q_prev2, self.k_prev2)
+                   if lin is not None]
         for lin in matched:
             nn.init.eye_(lin.weight)
         nn.init.zeros_(self.sink.weight)
@@ -68,10 +75,12 @@ class CopyHead(nn.Module):
         # the mass
         self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + 2.0)
 
-    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None) -> CopyWeights:
-        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb: of the
-        tokens before them, for copy_bigram); enc_e and key_emb (embeddings of the neighbour tokens)
-        [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside its own neighbour)."""
+    def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None,
+                prev2_emb=None) -> CopyWeights:
+        """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb, prev2_emb:
+        of the tokens one and two before them, for copy_bigram and copy_trigram); enc_e and key_emb
+        (embeddings of the neighbour tokens) [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside
+        its own neighbour)."""
         d = h.shape[-1]
         # token j can be copied only if token j+1 of the same neighbour exists
         next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
@@ -87,6 +96,14 @@ class CopyHead(nn.Module):
             key_prev = F.pad(key_emb[:, :-1], (0, 0, 1, 0)) * has_prev[..., None].to(key_emb.dtype)
             q = q + self.q_prev(F.rms_norm(prev_emb, (d,)))
             k = k + self.k_prev(F.rms_norm(key_prev, (d,)))
+        if self.q_prev2 is not None:
+            # token j-2 of the same neighbour, where both it and j-1 are real tokens ([:S]: S may be 1)
+            S = key_pos.shape[0]
+            has_prev2 = F.pad(key_pos[2:] == key_pos[:-2] + 2, (2, 0), value=False)[None, :S] & F.pad(
+                enc_mask[:, :-2], (2, 0), value=False)[:, :S] & has_prev
+            key_prev2 = F.pad(key_emb[:, :-2], (0, 0, 2, 0))[:, :S] * has_prev2[..., None].to(key_emb.dtype)
+            q = q + self.q_prev2(F.rms_norm(prev2_emb, (d,)))
+            k = k + self.k_prev2(F.rms_norm(key_prev2, (d,)))
         scores = wide(q @ k.transpose(1, 2)) / math.sqrt(d)
         scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
         a = F.softmax(torch.cat([wide(self.sink(hn)), scores], dim=-1), dim=-1)

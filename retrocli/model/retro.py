@@ -105,6 +105,8 @@ class RetroConfig:
     # The copy head also matches the token before: "the token after the neighbour's X Y, where I just read
     # X Y". One-token matches jump between the many occurrences of common tokens mid-copy.
     copy_bigram: bool = False
+    # ... and the token before that: "after the neighbour's W X Y, where I just read W X Y". Needs copy_bigram.
+    copy_trigram: bool = False
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -145,6 +147,8 @@ class RetroConfig:
             problems.append(
                 f"cca_layers {self.cca_layers} must be increasing 1-based layer numbers in 1..{self.n_layer}"
             )
+        if self.copy_trigram and not self.copy_bigram:
+            problems.append("copy_trigram needs copy_bigram")
         if not 0 <= self.pad_token_id < self.vocab_size:
             problems.append(f"pad_token_id {self.pad_token_id} is outside the vocabulary")
         if problems:
@@ -490,7 +494,7 @@ class RetroCache:
     neighbors: chunk index -> neighbour tokens [B, k, r] supplied with `encode_neighbors`.
     encoded: chunk index -> Encoded (L = 1), filled as soon as both neighbours and H_u are known.
     pos: number of tokens processed so far (chunk indices and positions count from the cache start).
-    last_token: the token fed last (the previous token of the next one, for the copy head).
+    last_token, token_before_last: the last two tokens fed (what the copy head matches before the next one).
     """
 
     k: list[torch.Tensor]
@@ -501,6 +505,7 @@ class RetroCache:
     neighbors: dict[int, torch.Tensor] = field(default_factory=dict)
     encoded: dict[int, Encoded] = field(default_factory=dict)
     last_token: torch.Tensor | None = None  # [B] the last token fed: the copy head's bigram needs it
+    token_before_last: torch.Tensor | None = None  # [B] ... and the one before it, for its trigram
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -527,7 +532,7 @@ class RetroModel(nn.Module):
         self.encoder = RetroEncoder(cfg) if cfg.cca_layers else None
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.cca_layers else None  # 0-based block index
         use_copy = cfg.copy_head and cfg.cca_layers
-        self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram) if use_copy else None
+        self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram, cfg.copy_trigram) if use_copy else None
 
         # nanoGPT init: N(0, 0.02), and the projections that write into a residual stream scaled down
         # by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
@@ -560,13 +565,14 @@ class RetroModel(nn.Module):
         enc.ids = ids.reshape(enc.mask.shape)
         return enc
 
-    def _copy_weights(self, x, idx, prev_idx, enc: Encoded) -> CopyWeights:
-        """CopyHead: row n of x/idx/prev_idx [N, P, ..] attends to chunk n of enc flattened to [N = B*L, S].
-        prev_idx: the token before each of idx (every copy position t >= m-1 has one)."""
+    def _copy_weights(self, x, idx, prev_idx, prev2_idx, enc: Encoded) -> CopyWeights:
+        """CopyHead: row n of x/idx/prev_idx/prev2_idx [N, P, ..] attends to chunk n of enc flattened to
+        [N = B*L, S]. prev_idx, prev2_idx: the tokens one and two before each of idx (token 0 before the start of
+        the sequence)."""
         d = x.shape[-1]
         e, ids, mask = (t.reshape(-1, *t.shape[2:]) for t in (enc.e, enc.ids, enc.mask))
         return self.copy_head.weights(x, self.wte(idx), e, self.wte(ids).reshape(e.shape[0], -1, d),
-                                      ids, mask, enc.pos, self.wte(prev_idx))
+                                      ids, mask, enc.pos, self.wte(prev_idx), self.wte(prev2_idx))
 
     def _check_neighbors(self, neighbors: torch.Tensor, B: int, T: int) -> torch.Tensor:
         L = T // self.config.chunk_size
@@ -650,8 +656,9 @@ class RetroModel(nn.Module):
         def unblock(t):
             return t.reshape(B, L * m, *t.shape[2:])[:, : T - (m - 1)]
 
-        prev = F.pad(idx[:, :-1], (1, 0))  # position 0 never copies (t >= m-1 >= 1)
-        w = self._copy_weights(blocks(x), blocks(idx), blocks(prev), enc)
+        prev = F.pad(idx[:, :-1], (1, 0))  # positions 0 and 1 never copy (t >= m-1)
+        prev2 = F.pad(idx[:, :-2], (2, 0))
+        w = self._copy_weights(blocks(x), blocks(idx), blocks(prev), blocks(prev2), enc)
         if need_logits:
             mixed = unblock(CopyHead.mix(blocks(logits), w))
             log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
@@ -739,12 +746,14 @@ class RetroModel(nn.Module):
         if self.copy_head is None:
             return logits
         out = F.log_softmax(wide(logits), dim=-1)
-        first_prev = cache.last_token if cache.last_token is not None else torch.zeros_like(idx[:, 0])
-        prev = torch.cat([first_prev[:, None], idx[:, :-1]], dim=1)
-        cache.last_token = idx[:, -1]
+        none = torch.zeros_like(idx[:, :1])
+        before = torch.cat([none if cache.token_before_last is None else cache.token_before_last[:, None],
+                            none if cache.last_token is None else cache.last_token[:, None], idx], dim=1)
+        prev, prev2 = before[:, 1:-1], before[:, :-2]
+        cache.token_before_last, cache.last_token = before[:, -2], before[:, -1]
         for i, j, u in attending_runs(pos, m):
             if u in cache.encoded:
-                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], cache.encoded[u])
+                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], prev2[:, i:j], cache.encoded[u])
                 out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
         return out
 
