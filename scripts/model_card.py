@@ -204,7 +204,8 @@ def main() -> None:
         size_mb=f"{size_mb:.1f}",
         config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
                                                   "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
-                                                  "vocab_size", "copy_head", "copy_bigram", "copy_trigram")
+                                                  "vocab_size", "copy_head", "copy_bigram", "copy_trigram",
+                                                  "copy_sink_margin")
                            if k in config}),
         neighbor_len=config["neighbor_len"],
         vocab_size=f"{config['vocab_size']:,}",

@@ -555,6 +555,25 @@ def test_copy_head_trigram_never_matches_across_neighbours():
     assert p[60] > 0.8 and p[70] < 0.1
 
 
+def test_copy_sink_margin_sets_the_share_a_full_match_takes_at_init():
+    """Each unit of margin divides a match's weight against the sink by e, and the trained config's margin
+    is what a fresh head starts from."""
+    ids = torch.arange(20, 36)[None]
+    mask = torch.ones(1, 16, dtype=torch.bool)
+    pos = torch.arange(8).repeat(2)
+    odds = {}
+    for margin in (2.0, 1.0, 0.0):
+        model = make_model(copy_head=True, copy_bigram=True, copy_sink_margin=margin)
+        head, emb = model.copy_head, model.wte(ids)
+        h = torch.randn(1, 1, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        w = head.weights(h, model.wte(ids[:, [5]]), emb, emb, ids, mask, pos, model.wte(ids[:, [4]]))
+        odds[margin] = (w.copy[0, 0, 5] / w.sink[0, 0]).item()  # the exact match "20+4, 20+5"
+    assert odds[1.0] / odds[2.0] == pytest.approx(math.e, rel=1e-6)
+    assert odds[0.0] / odds[1.0] == pytest.approx(math.e, rel=1e-6)
+    with pytest.raises(ValueError, match="copy_sink_margin must be a finite number"):
+        tiny_config(copy_head=True, copy_sink_margin=float("nan"))
+
+
 def test_copy_trigram_needs_the_bigram():
     with pytest.raises(ValueError, match="copy_trigram needs copy_bigram"):
         tiny_config(copy_head=True, copy_trigram=True)

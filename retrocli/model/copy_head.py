@@ -44,8 +44,9 @@ class CopyHead(nn.Module):
     until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
     """
 
-    def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False):
+    def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False, sink_margin: float = 2.0):
         super().__init__()
+        self.sink_margin = sink_margin
         if trigram and not bigram:
             raise ValueError("the copy head's trigram match needs its bigram match")
         self.norm = RMSNorm(d, eps=norm_eps)
@@ -72,8 +73,9 @@ class CopyHead(nn.Module):
             nn.init.eye_(lin.weight)
         nn.init.zeros_(self.sink.weight)
         # each exactly matched token scores ~sqrt(d); a sink 2 above a full match leaves the LM ~88 % of
-        # the mass
-        self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + 2.0)
+        # the mass. AdamW moves this bias by about lr per step, so it stays within ~1 of its init through a
+        # fine-tune: the margin sets how readily the trained head copies (copy_sink_margin, RetroConfig)
+        self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + self.sink_margin)
 
     def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None,
                 prev2_emb=None) -> CopyWeights:

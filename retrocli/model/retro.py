@@ -107,6 +107,10 @@ class RetroConfig:
     copy_bigram: bool = False
     # ... and the token before that: "after the neighbour's W X Y, where I just read W X Y". Needs copy_bigram.
     copy_trigram: bool = False
+    # Where the copy head's "do not copy" sink starts: this many logits above a full match. The sink's bias
+    # barely moves in training, so this sets how much mass a full match takes from the LM in the trained
+    # model (2: ~12 % at init; 1: ~27 %). Lower copies retrieved text more readily (docs/benchmarks.md).
+    copy_sink_margin: float = 2.0
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -147,6 +151,9 @@ class RetroConfig:
             problems.append(
                 f"cca_layers {self.cca_layers} must be increasing 1-based layer numbers in 1..{self.n_layer}"
             )
+        if not (isinstance(self.copy_sink_margin, (int, float)) and not isinstance(self.copy_sink_margin, bool)
+                and math.isfinite(self.copy_sink_margin)):
+            problems.append(f"copy_sink_margin must be a finite number, not {self.copy_sink_margin!r}")
         if self.copy_trigram and not self.copy_bigram:
             problems.append("copy_trigram needs copy_bigram")
         if not 0 <= self.pad_token_id < self.vocab_size:
@@ -532,7 +539,8 @@ class RetroModel(nn.Module):
         self.encoder = RetroEncoder(cfg) if cfg.cca_layers else None
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.cca_layers else None  # 0-based block index
         use_copy = cfg.copy_head and cfg.cca_layers
-        self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram, cfg.copy_trigram) if use_copy else None
+        self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram, cfg.copy_trigram,
+                                  cfg.copy_sink_margin) if use_copy else None
 
         # nanoGPT init: N(0, 0.02), and the projections that write into a residual stream scaled down
         # by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
