@@ -10,8 +10,9 @@ the mean over pages and the share of pages where the copy reaches 32 tokens. The
 
 The longest run hangs on single greedy choices, so each model is also scored teacher-forced on the same
 pages' 8th chunk (the text the added page holds next): mean p(next token) with and without retrieval, the
-share of the mass the copy head leaves to the LM (its sink), top-1 accuracy, and the tokens predicted right
-before the first miss.
+share of the mass the copy head leaves to the LM (its sink), top-1 accuracy, the tokens predicted right
+before the first miss, and why each miss happened: the LM's choice outweighed the copy of the right token,
+or the copy head itself favoured another token.
 
     .venv/bin/python bench/bench_demo_copy.py --db demo-out/db --heldout examples/subset/heldout.jsonl \
         --model retrocli/assets/model --model bundled-work/model [--k 2]
@@ -46,17 +47,18 @@ def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int
     model.eval()
     k = k or model.config.num_neighbors
     m = db.chunk_size
-    sinks = []
+    sinks = []  # the copy head's CopyWeights of the last forward with retrieval
     head_weights = model.copy_head.weights if model.copy_head is not None else None
 
     def recording_weights(*args, **kwargs):  # the copy head's split of the mass, kept for the sink figure
         w = head_weights(*args, **kwargs)
-        sinks.append(w.sink)
+        sinks.append(w)
         return w
 
     if head_weights is not None:
         model.copy_head.weights = recording_weights
     p_with, p_without, sink, top1, first_miss = [], [], [], [], []
+    misses = {"lm_overrules": 0, "copies_another_token": 0}
     at = torch.arange(PROMPT_CHUNKS * m - 1, (PROMPT_CHUNKS + 1) * m - 1)  # positions predicting the chunk
     for ids in pages:
         got = retriever.retrieve([ids[u * m: (u + 1) * m] for u in range(PROMPT_CHUNKS + 1)], k)
@@ -74,10 +76,19 @@ def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int
         first_miss.append(int(np.argmin(hits)) if not hits.all() else len(hits))
         if sinks:  # copy positions start at m-1, one block of m per chunk
             offset = at - (m - 1)
-            sink.append(sinks[-1][offset // m, offset % m].mean().item())
+            w = sinks[-1]
+            sink.append(w.sink[offset // m, offset % m].mean().item())
+            for i in np.flatnonzero(~hits):
+                # a miss: either the copy head's favourite token (its weights pooled by the token they give)
+                # is not the page's, or the LM's own choice outweighed the copy of the right one
+                block, row = int(offset[i]) // m, int(offset[i]) % m
+                pooled = torch.zeros(log_p.shape[-1], dtype=w.copy.dtype).index_add_(
+                    0, w.next_ids[block], w.copy[block, row])
+                wrong = pooled.argmax().item() != target[i].item() and pooled.max() > pooled[target[i]]
+                misses["copies_another_token" if wrong else "lm_overrules"] += 1
     return {"p_next_with": float(np.mean(p_with)), "p_next_without": float(np.mean(p_without)),
             "lm_share": float(np.mean(sink)) if sink else None, "top1": float(np.mean(top1)),
-            "right_before_first_miss": float(np.mean(first_miss))}
+            "right_before_first_miss": float(np.mean(first_miss)), "misses": misses if sinks else None}
 
 
 def main() -> None:
@@ -132,11 +143,13 @@ def main() -> None:
               f"{res['mean_gain']:6.1f} {100 * res[f'share_copied_{LONG_COPY}']:5.0f}% {ratio:>10}")
     print("copied per page:", {Path(r["model"]).name: r["copied"] for r in results})
     print(f"teacher-forced on each page's chunk {PROMPT_CHUNKS + 1}:")
-    print(f"{'model':<40} {'p(next)':>8} {'no retr.':>9} {'LM share':>9} {'top-1':>6} {'to 1st miss':>12}")
+    print(f"{'model':<40} {'p(next)':>8} {'no retr.':>9} {'LM share':>9} {'top-1':>6} {'to 1st miss':>12} "
+          f"{'misses: LM overrules / copies another token':>44}")
     for res in results:
         share = f"{res['lm_share']:.3f}" if res["lm_share"] is not None else "-"
+        misses = f"{res['misses']['lm_overrules']} / {res['misses']['copies_another_token']}" if res["misses"] else "-"
         print(f"{res['model'][-40:]:<40} {res['p_next_with']:8.3f} {res['p_next_without']:9.3f} {share:>9} "
-              f"{res['top1']:6.3f} {res['right_before_first_miss']:12.1f}")
+              f"{res['top1']:6.3f} {res['right_before_first_miss']:12.1f} {misses:>44}")
 
 
 if __name__ == "__main__":

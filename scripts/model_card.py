@@ -208,6 +208,7 @@ def main() -> None:
                                                   "copy_sink_margin")
                            if k in config}),
         neighbor_len=config["neighbor_len"],
+        sink_margin=config.get("copy_sink_margin", 2.0),
         vocab_size=f"{config['vocab_size']:,}",
         embedder=embedder["name"],
         pooling=embedder["pooling"],

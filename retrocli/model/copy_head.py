@@ -73,8 +73,8 @@ class CopyHead(nn.Module):
             nn.init.eye_(lin.weight)
         nn.init.zeros_(self.sink.weight)
         # each exactly matched token scores ~sqrt(d); a sink 2 above a full match leaves the LM ~88 % of
-        # the mass. AdamW moves this bias by about lr per step, so it stays within ~1 of its init through a
-        # fine-tune: the margin sets how readily the trained head copies (copy_sink_margin, RetroConfig)
+        # the mass (copy_sink_margin, RetroConfig). AdamW moves this bias by at most ~lr per step, so it
+        # stays near its init; the sink's weights do the learning
         self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + self.sink_margin)
 
     def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None,

@@ -107,9 +107,9 @@ class RetroConfig:
     copy_bigram: bool = False
     # ... and the token before that: "after the neighbour's W X Y, where I just read W X Y". Needs copy_bigram.
     copy_trigram: bool = False
-    # Where the copy head's "do not copy" sink starts: this many logits above a full match. The sink's bias
-    # barely moves in training, so this sets how much mass a full match takes from the LM in the trained
-    # model (2: ~12 % at init; 1: ~27 %). Lower copies retrieved text more readily (docs/benchmarks.md).
+    # Where the copy head's "do not copy" sink starts: this many logits above a full match (2: a full match
+    # takes ~12 % of the mass at init; 1: ~27 %). The sink's bias barely moves in training; its weights
+    # make up most of the difference (docs/benchmarks.md).
     copy_sink_margin: float = 2.0
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
