@@ -47,13 +47,12 @@ def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int
     model.eval()
     k = k or model.config.num_neighbors
     m = db.chunk_size
-    sinks = []  # the copy head's CopyWeights of the last forward with retrieval
+    last = {}  # the copy head's CopyWeights in the last forward with retrieval: its split of the mass
     head_weights = model.copy_head.weights if model.copy_head is not None else None
 
-    def recording_weights(*args, **kwargs):  # the copy head's split of the mass, kept for the sink figure
-        w = head_weights(*args, **kwargs)
-        sinks.append(w)
-        return w
+    def recording_weights(*args, **kwargs):
+        last["weights"] = head_weights(*args, **kwargs)
+        return last["weights"]
 
     if head_weights is not None:
         model.copy_head.weights = recording_weights
@@ -74,9 +73,9 @@ def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int
         hits = (log_p[0, at].argmax(-1) == target).numpy()
         top1.append(hits.mean())
         first_miss.append(int(np.argmin(hits)) if not hits.all() else len(hits))
-        if sinks:  # copy positions start at m-1, one block of m per chunk
+        if last:  # copy positions start at m-1, one block of m per chunk
             offset = at - (m - 1)
-            w = sinks[-1]
+            w = last["weights"]
             sink.append(w.sink[offset // m, offset % m].mean().item())
             for i in np.flatnonzero(~hits):
                 # a miss: either the copy head's favourite token (its weights pooled by the token they give)
@@ -88,7 +87,7 @@ def teacher_forced(db, retriever, model_dir: str, pages: list[list[int]], k: int
                 misses["copies_another_token" if wrong else "lm_overrules"] += 1
     return {"p_next_with": float(np.mean(p_with)), "p_next_without": float(np.mean(p_without)),
             "lm_share": float(np.mean(sink)) if sink else None, "top1": float(np.mean(top1)),
-            "right_before_first_miss": float(np.mean(first_miss)), "misses": misses if sinks else None}
+            "right_before_first_miss": float(np.mean(first_miss)), "misses": misses if last else None}
 
 
 def main() -> None:

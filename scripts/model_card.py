@@ -156,6 +156,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from retrocli.db import open_db
+    from retrocli.model import RetroConfig
     from retrocli.neighbors import open_neighbors
 
     # Two legs: the base decoder (work/base), then the copy head fine-tuned from it (work/model). A resumed
@@ -208,7 +209,7 @@ def main() -> None:
                                                   "copy_sink_margin")
                            if k in config}),
         neighbor_len=config["neighbor_len"],
-        sink_margin=config.get("copy_sink_margin", 2.0),
+        sink_margin=config.get("copy_sink_margin", RetroConfig.copy_sink_margin),  # older configs lack it
         vocab_size=f"{config['vocab_size']:,}",
         embedder=embedder["name"],
         pooling=embedder["pooling"],

@@ -37,18 +37,18 @@ class CopyHead(nn.Module):
         score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
     (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
     copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), with
-    copy_trigram + Rq e(x_{t-2}) and + Rk e(n_{j-2}) as well, plus a "do not copy" sink scored from h_t. A softmax over [sink, scores] splits the probability mass:
+    copy_trigram + Rq e(x_{t-2}) and + Rk e(n_{j-2}) as well, plus a "do not copy" sink scored from h_t.
+    A softmax over [sink, scores] splits the probability mass:
         p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
     i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk = Rq = Rk) = I
-    at init, so it starts as an exact-token (-bigram, -trigram) induction copy; the sink's bias starts high so the LM keeps nearly all mass
-    until training says otherwise. With no usable neighbour token, a_sink = 1: exactly the LM.
+    at init, so it starts as an exact-token (-bigram, -trigram) induction copy; the sink's bias starts high
+    so the LM keeps nearly all mass until training says otherwise. With no usable neighbour token,
+    a_sink = 1: exactly the LM.
     """
 
     def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False, sink_margin: float = 2.0):
         super().__init__()
-        self.sink_margin = sink_margin
-        if trigram and not bigram:
-            raise ValueError("the copy head's trigram match needs its bigram match")
+        self.sink_margin = sink_margin  # RetroConfig checks that a trigram comes with a bigram
         self.norm = RMSNorm(d, eps=norm_eps)
         self.q_state = nn.Linear(d, d, bias=False)
         self.q_token = nn.Linear(d, d, bias=False)
@@ -91,21 +91,20 @@ class CopyHead(nn.Module):
         hn = self.norm(h)
         q = self.q_state(hn) + self.q_token(F.rms_norm(tok_emb, (d,)))
         k = self.k_state(enc_e) + self.k_token(F.rms_norm(key_emb, (d,)))
-        if self.q_prev is not None:
-            # a neighbour's first token (or one after padding) has no previous token: a zero vector
-            has_prev = F.pad(key_pos[1:] == key_pos[:-1] + 1, (1, 0), value=False)[None] & F.pad(
-                enc_mask[:, :-1], (1, 0), value=False)
-            key_prev = F.pad(key_emb[:, :-1], (0, 0, 1, 0)) * has_prev[..., None].to(key_emb.dtype)
-            q = q + self.q_prev(F.rms_norm(prev_emb, (d,)))
-            k = k + self.k_prev(F.rms_norm(key_prev, (d,)))
-        if self.q_prev2 is not None:
-            # token j-2 of the same neighbour, where both it and j-1 are real tokens ([:S]: S may be 1)
-            S = key_pos.shape[0]
-            has_prev2 = F.pad(key_pos[2:] == key_pos[:-2] + 2, (2, 0), value=False)[None, :S] & F.pad(
-                enc_mask[:, :-2], (2, 0), value=False)[:, :S] & has_prev
-            key_prev2 = F.pad(key_emb[:, :-2], (0, 0, 2, 0))[:, :S] * has_prev2[..., None].to(key_emb.dtype)
-            q = q + self.q_prev2(F.rms_norm(prev2_emb, (d,)))
-            k = k + self.k_prev2(F.rms_norm(key_prev2, (d,)))
+        # the bigram, then the trigram: token j-back of the same neighbour, a zero vector where j has fewer
+        # than `back` real tokens before it in its neighbour (a neighbour's first tokens, or after padding)
+        S = key_pos.shape[0]
+        has_before = torch.ones_like(enc_mask)
+        for back, (q_before, k_before, query_before) in enumerate(
+                ((self.q_prev, self.k_prev, prev_emb), (self.q_prev2, self.k_prev2, prev2_emb)), start=1):
+            if q_before is None:
+                break
+            # [:S]: the padding overshoots when S < back
+            has_before = has_before & F.pad(key_pos[back:] == key_pos[:-back] + back, (back, 0), value=False)[
+                None, :S] & F.pad(enc_mask[:, :-back], (back, 0), value=False)[:, :S]
+            key_before = F.pad(key_emb[:, :-back], (0, 0, back, 0))[:, :S] * has_before[..., None].to(key_emb.dtype)
+            q = q + q_before(F.rms_norm(query_before, (d,)))
+            k = k + k_before(F.rms_norm(key_before, (d,)))
         scores = wide(q @ k.transpose(1, 2)) / math.sqrt(d)
         scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
         a = F.softmax(torch.cat([wide(self.sink(hn)), scores], dim=-1), dim=-1)
