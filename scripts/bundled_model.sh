@@ -25,6 +25,7 @@ COPY_K=${COPY_K:-4}   # the copy-head fine-tune is where retrieval is learned: 4
 BASE_FOCUS=${BASE_FOCUS:-0}     # --retrieval-focus costs the base decoder LM quality and teaches it nothing (docs/cli.md)
 COPY_FOCUS=${COPY_FOCUS:-0.5}  # the copy head learns to read its neighbours on those windows
 COPY_EXCLUSION=${COPY_EXCLUSION:-all}  # --window-exclusion of the fine-tune (docs/data-rules.md)
+COPY_CURRICULUM=${COPY_CURRICULUM:-0}  # share of chunks whose first neighbour is a damaged copy of their own text
 EMBEDDER=${EMBEDDER:+--embedder $EMBEDDER}
 mkdir -p "$W"
 step() { printf '\n==> %s\n' "$*"; }
@@ -52,7 +53,8 @@ if [ -f "$W/model/checkpoint/state.json" ]; then START="--resume"; else START="-
 # shellcheck disable=SC2086  # START is two words
 $RETRO train "$W/db" --neighbors "$W/db-neighbors" --out "$W/model" --config "$COPY_CONFIG" --seq-len "$SEQ_LEN" \
   --steps "$COPY_STEPS" --warmup 50 --lr 1e-3 --threads 2 --checkpoint-every 100 --seed 1 --retrieval-focus "$COPY_FOCUS" \
-  --k "$COPY_K" --window-exclusion "$COPY_EXCLUSION" --precision "$PRECISION" $START
+  --k "$COPY_K" --window-exclusion "$COPY_EXCLUSION" --copy-curriculum "$COPY_CURRICULUM" \
+  --precision "$PRECISION" $START
 
 step "6/7 evaluate on the held-out pages: bpb with / without retrieval, bpb(alpha), and the copy ceiling"
 $RETRO eval "$W/db" --test "$HELDOUT" --model "$W/model" --work-dir "$W/heldout" --json > "$W/eval.json.tmp"

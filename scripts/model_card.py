@@ -127,11 +127,23 @@ def run_description(number: int, title: str, state: dict, k: int, init: str = ""
     config = Path(o["config"]).name if o["config"].endswith(".json") else o["config"]
     sampling = f", `--retrieval-focus {o['retrieval_focus']:g}`" if o.get("retrieval_focus") else ""
     sampling += f", `--window-exclusion {o['window_exclusion']}`" if o.get("window_exclusion", "all") != "all" else ""
+    sampling += f", `--copy-curriculum {o['copy_curriculum']:g}`" if o.get("copy_curriculum") else ""
     return (f"{number}. **{title}** (`scripts/{config}`){init}: {state['step']:,} steps of {o['batch_size']} "
             f"sequences × {o['seq_len']} tokens, k = {k} neighbours per chunk, AdamW (lr {o['lr']:g}, "
             f"{o['warmup']} warmup steps, cosine to {100 * o['min_lr_ratio']:g} %, weight decay "
             f"{o['weight_decay']:g} on matrices, clip {o['grad_clip']:g}), seed {o['seed']}{sampling}: "
             f"{state['tokens_seen']:,} tokens in {state['seconds'] / 60:.0f} minutes.")
+
+
+def curriculum_note(share: float) -> str:
+    """What `--copy-curriculum` changed in the copy head's run (nothing when it was off)."""
+    if not share:
+        return ""
+    return (f" The one exception is run 2's copy curriculum (`--copy-curriculum {share:g}`): for "
+            f"{100 * share:g} % of its chunks, drawn at random, the first neighbour is replaced by a damaged copy "
+            "of the chunk's own `[C_u, C_u+1]` (shifted by up to 32 tokens, 10 % of its tokens replaced at "
+            "random), so that the copy head also sees neighbours that hold the text to predict, as a page just "
+            "added to the DB does. The other neighbours stay real, and evaluation never uses such copies.")
 
 
 def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k: int) -> str:
@@ -206,10 +218,16 @@ def main() -> None:
         config=json.dumps({k: config[k] for k in ("n_layer", "n_head", "d_model", "d_ff", "cca_layers", "enc_layers",
                                                   "enc_d_model", "num_neighbors", "chunk_size", "seq_len",
                                                   "vocab_size", "copy_head", "copy_bigram", "copy_trigram",
-                                                  "copy_sink_margin")
+                                                  "copy_sink_margin", "copy_match_run")
                            if k in config}),
         neighbor_len=config["neighbor_len"],
         sink_margin=config.get("copy_sink_margin", RetroConfig.copy_sink_margin),  # older configs lack it
+        match_run_note=(f" It also scores how many tokens, up to {config['copy_match_run']}, each neighbour spot "
+                        "shares with the text just read (`copy_match_run`; a learned score per length, starting "
+                        "at one logit per token beyond the bigram), so the spot that continues the copy so far "
+                        "wins over others sharing only the last two tokens." if config.get("copy_match_run") else ""),
+        curriculum=curriculum_note(state["options"].get("copy_curriculum", 0)),
+        curriculum_ref=" (but for its copy curriculum, above)" if state["options"].get("copy_curriculum") else "",
         vocab_size=f"{config['vocab_size']:,}",
         embedder=embedder["name"],
         pooling=embedder["pooling"],

@@ -57,13 +57,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["plain", "smeared", "copy", "copy-trigram"],
-                ids=["plain-keys", "smeared-keys", "copy-head", "copy-head-trigram"])
+@pytest.fixture(scope="module", params=["plain", "smeared", "copy", "copy-trigram", "copy-run"],
+                ids=["plain-keys", "smeared-keys", "copy-head", "copy-head-trigram", "copy-head-match-run"])
 def model(request) -> RetroModel:
-    # every property below must hold with smeared CCA keys and with the copy head (bigram, trigram) too
+    # every property below must hold with smeared CCA keys and with the copy head (bigram, trigram, run) too
     copy = request.param.startswith("copy")
     model = make_model(smeared_keys=request.param == "smeared", copy_head=copy, copy_bigram=copy,
-                       copy_trigram=request.param == "copy-trigram")
+                       copy_trigram=request.param == "copy-trigram",
+                       copy_match_run=6 if request.param == "copy-run" else 0)
     with torch.no_grad():
         if request.param == "smeared":  # away from the 0.5 init, one share per head, so a wrong mix would show
             for block in model.blocks:
@@ -447,9 +448,10 @@ def test_smeared_keys_mix_only_within_each_neighbour():
 # -- copy head ------------------------------------------------------------------------------------------
 
 
-def copy_model(bigram: bool = False, trigram: bool = False) -> RetroModel:
+def copy_model(bigram: bool = False, trigram: bool = False, match_run: int = 0) -> RetroModel:
     """Copy head with its sink switched off and no learned state terms: a pure exact-token copy."""
-    model = make_model(copy_head=True, copy_bigram=bigram or trigram, copy_trigram=trigram)
+    model = make_model(copy_head=True, copy_bigram=bigram or trigram or bool(match_run), copy_trigram=trigram,
+                       copy_match_run=match_run)
     with torch.no_grad():
         model.copy_head.sink.bias.fill_(-1e4)
         model.copy_head.q_state.weight.zero_()
@@ -572,6 +574,57 @@ def test_copy_sink_margin_sets_the_share_a_full_match_takes_at_init():
     assert odds[0.0] / odds[1.0] == pytest.approx(math.e, rel=1e-6)
     with pytest.raises(ValueError, match="copy_sink_margin must be a finite number"):
         tiny_config(copy_head=True, copy_sink_margin=float("nan"))
+
+
+def test_copy_match_run_prefers_the_spot_that_continues_the_copy():
+    """"8 50" occurs in both neighbours; neighbour 1 has the two tokens before it that were just read as well
+    (13 9 8 50). The bigram head splits its mass; with copy_match_run the longer shared run wins."""
+    idx = torch.arange(10, 26)[None]
+    idx[0, 1:6] = torch.tensor([12, 13, 9, 8, 50])  # position 5 attends to chunk 0's neighbours
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8) % 90 + 2
+    nb[0, 0, 0, 0:4] = torch.tensor([6, 8, 50, 60])
+    nb[0, 0, 1, 1:7] = torch.tensor([13, 9, 8, 50, 70, 71])
+    run = logits(copy_model(match_run=6), idx, nb)[0, 5].exp()
+    bigram = logits(copy_model(bigram=True), idx, nb)[0, 5].exp()
+    assert abs(bigram[70] - bigram[60]) < 0.2 and bigram[60] + bigram[70] > 0.8
+    # a run of 4 against one of 2: two more logits at init, e^2 ~ 7.4 times the weight
+    assert run[70] > 0.8 and run[70] > 6 * run[60]
+
+
+def test_copy_match_run_counts_only_tokens_of_the_same_neighbour():
+    """Neighbour 1 starts "8 50 70" right after neighbour 0 ended with 13 9. Read across the boundary that
+    would be a run of 4 (13 9 8 50); it is a run of 2, so neighbour 0's genuine run of 3 (9 8 50 60) wins."""
+    idx = torch.arange(10, 26)[None]
+    idx[0, 2:6] = torch.tensor([13, 9, 8, 50])
+    nb = torch.arange(30, 30 + 4 * 2 * 8).view(1, 4, 2, 8) % 90 + 2
+    nb[0, 0, 0, 1:5] = torch.tensor([9, 8, 50, 60])
+    nb[0, 0, 0, 6:8] = torch.tensor([13, 9])
+    nb[0, 0, 1, 0:3] = torch.tensor([8, 50, 70])
+    p = logits(copy_model(match_run=6), idx, nb)[0, 5].exp()
+    assert p[60] > 0.6 and p[70] < 0.4  # e : 1 at init; read across neighbours it would be 1 : e
+
+
+def test_copy_match_run_shared_run_lengths():
+    """shared_run against a hand count: runs stop at a mismatch, at a neighbour's start, at padding and
+    at the cap, and the query's start of sequence (-1) matches nothing."""
+    from retrocli.model.copy_head import shared_run
+    ids = torch.tensor([[5, 6, 7, 8, 6, 7, 8, 9]])  # two neighbours of 4 tokens: [5 6 7 8], [6 7 8 9]
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[0, 7] = False  # the second neighbour's last token is padding
+    pos = torch.arange(4).repeat(2)
+    recent = torch.tensor([[[8, 7, 6, 5], [8, 7, 6, -1], [9, 8, 7, 6]]])  # newest first
+    run = shared_run(recent, ids, valid, pos)
+    assert run[0, 0].tolist() == [0, 0, 0, 4, 0, 0, 3, 0]  # cap 4 in neighbour 0; 3 in neighbour 1
+    assert run[0, 1].tolist() == [0, 0, 0, 3, 0, 0, 3, 0]  # the -1 stops both
+    assert run[0, 2].tolist() == [0, 0, 0, 0, 0, 0, 0, 0]  # 9 is padding in neighbour 1
+
+
+def test_copy_match_run_config_checks():
+    with pytest.raises(ValueError, match="copy_match_run needs copy_bigram"):
+        tiny_config(copy_head=True, copy_match_run=4)
+    for bad in (2, -1, 65, 4.0, True):
+        with pytest.raises(ValueError, match="copy_match_run must be 0"):
+            tiny_config(copy_head=True, copy_bigram=True, copy_match_run=bad)
 
 
 def test_copy_trigram_needs_the_bigram():

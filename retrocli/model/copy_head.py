@@ -16,6 +16,27 @@ from torch.nn import functional as F
 
 from retrocli.model.layers import RMSNorm, wide
 
+MAX_MATCH_RUN = 64  # copy_match_run's cap: a chunk's length, the longest run one neighbour spot can extend
+
+
+def shared_run(recent: torch.Tensor, enc_ids: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor
+               ) -> torch.Tensor:
+    """[N, P, S] how many tokens, up to R, end both at query p and at neighbour token s: recent [N, P, R]
+    (recent[..., d] the token d before p, negative before the sequence start) against the tokens before s
+    in its own neighbour (enc_ids/valid [N, S], key_pos [S] the index inside its neighbour)."""
+    R, S = recent.shape[-1], enc_ids.shape[-1]
+    run = torch.zeros(recent.shape[:2] + (S,), dtype=torch.long, device=recent.device)
+    alive = torch.ones_like(run, dtype=torch.bool)
+    for back in range(R):
+        if back >= S:
+            break
+        ok = valid if back == 0 else (F.pad(valid[:, :-back], (back, 0), value=False)
+                                      & F.pad(key_pos[back:] == key_pos[:-back] + back, (back, 0), value=False)[None])
+        key = torch.where(ok, F.pad(enc_ids, (back, 0))[:, :S], -2)  # -2 never equals a query token
+        alive = alive & (recent[..., back, None] == key[:, None, :])
+        run += alive
+    return run
+
 
 @dataclass
 class CopyWeights:
@@ -37,7 +58,8 @@ class CopyHead(nn.Module):
         score_j = q_t . k_j / sqrt(d),  q_t = Wq h_t + Uq e(x_t),  k_j = Wk E_u[j] + Uk e(n_j)
     (h_t the final decoder state, e() the RMS-normalised token embedding, n_j neighbour token j); with
     copy_bigram also + Pq e(x_{t-1}) and + Pk e(n_{j-1}) (0 for a neighbour's first token), with
-    copy_trigram + Rq e(x_{t-2}) and + Rk e(n_{j-2}) as well, plus a "do not copy" sink scored from h_t.
+    copy_trigram + Rq e(x_{t-2}) and + Rk e(n_{j-2}) as well, with copy_match_run + b[run_tj] (run_tj the
+    number of tokens ending at t and at j that agree, up to R), plus a "do not copy" sink scored from h_t.
     A softmax over [sink, scores] splits the probability mass:
         p(w) = a_sink * softmax(logits)(w) + sum_j a_j [n_{j+1} = w]
     i.e. "the token after the neighbour token that matches where I am". Uq = Uk (= Pq = Pk = Rq = Rk) = I
@@ -46,7 +68,8 @@ class CopyHead(nn.Module):
     a_sink = 1: exactly the LM.
     """
 
-    def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False, sink_margin: float = 2.0):
+    def __init__(self, d: int, norm_eps: float, bigram: bool, trigram: bool = False, sink_margin: float = 2.0,
+                 match_run: int = 0):
         super().__init__()
         self.sink_margin = sink_margin  # RetroConfig checks that a trigram comes with a bigram
         self.norm = RMSNorm(d, eps=norm_eps)
@@ -61,6 +84,9 @@ class CopyHead(nn.Module):
         # spots that share only the last two tokens (see docs/benchmarks.md)
         self.q_prev2 = nn.Linear(d, d, bias=False) if trigram else None
         self.k_prev2 = nn.Linear(d, d, bias=False) if trigram else None
+        # a learned score per shared run length 0..match_run (copy_match_run): the spot that continues the
+        # copy so far beats others sharing only the last two tokens, as an added page's own text does
+        self.run_bonus = nn.Parameter(torch.zeros(match_run + 1)) if match_run else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -76,13 +102,17 @@ class CopyHead(nn.Module):
         # the mass (copy_sink_margin, RetroConfig). AdamW moves this bias by at most ~lr per step, so it
         # stays near its init; the sink's weights do the learning
         self.sink.bias.fill_(len(matched) // 2 * math.sqrt(d) + self.sink_margin)
+        if self.run_bonus is not None:
+            # one logit per shared token beyond the bigram: a run of 4 ties the sink at margin 2
+            self.run_bonus.copy_((torch.arange(len(self.run_bonus)) - 2).clamp_min(0).to(self.run_bonus))
 
     def weights(self, h, tok_emb, enc_e, key_emb, enc_ids, enc_mask, key_pos, prev_emb=None,
-                prev2_emb=None) -> CopyWeights:
+                prev2_emb=None, recent=None) -> CopyWeights:
         """h [N, P, d] final states, tok_emb [N, P, d] embeddings of the query tokens (prev_emb, prev2_emb:
         of the tokens one and two before them, for copy_bigram and copy_trigram); enc_e and key_emb
         (embeddings of the neighbour tokens) [N, S, d], enc_ids/enc_mask [N, S], key_pos [S] (index inside
-        its own neighbour)."""
+        its own neighbour); recent [N, P, copy_match_run] the query tokens and those before them (see
+        shared_run), for copy_match_run."""
         d = h.shape[-1]
         # token j can be copied only if token j+1 of the same neighbour exists
         next_ids = F.pad(enc_ids[:, 1:], (0, 1), value=0)
@@ -106,6 +136,8 @@ class CopyHead(nn.Module):
             q = q + q_before(F.rms_norm(query_before, (d,)))
             k = k + k_before(F.rms_norm(key_before, (d,)))
         scores = wide(q @ k.transpose(1, 2)) / math.sqrt(d)
+        if self.run_bonus is not None:
+            scores = scores + wide(self.run_bonus)[shared_run(recent, enc_ids, enc_mask, key_pos)]
         scores = scores.masked_fill(~usable[:, None, :], float("-inf"))
         a = F.softmax(torch.cat([wide(self.sink(hn)), scores], dim=-1), dim=-1)
         return CopyWeights(a[..., 0], a[..., 1:], next_ids, usable.any(dim=-1))

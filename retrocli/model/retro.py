@@ -64,7 +64,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from retrocli.errors import RetroError
-from retrocli.model.copy_head import CopyHead, CopyWeights
+from retrocli.model.copy_head import MAX_MATCH_RUN, CopyHead, CopyWeights
 from retrocli.model.layers import RMSNorm, wide
 
 CONFIG_NAME = "config.json"
@@ -111,6 +111,10 @@ class RetroConfig:
     # takes ~12 % of the mass at init; 1: ~27 %). The sink's bias barely moves in training; its weights
     # make up most of the difference (docs/benchmarks.md).
     copy_sink_margin: float = 2.0
+    # The copy head also scores how long a run (up to this many tokens, exact ids) each neighbour spot
+    # shares with the text just read: of the spots sharing the last two tokens, the one continuing the
+    # copy so far wins, and a long shared run outweighs the sink. 0 = off; needs copy_bigram.
+    copy_match_run: int = 0
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
     pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
@@ -156,6 +160,12 @@ class RetroConfig:
             problems.append(f"copy_sink_margin must be a finite number, not {self.copy_sink_margin!r}")
         if self.copy_trigram and not self.copy_bigram:
             problems.append("copy_trigram needs copy_bigram")
+        if isinstance(self.copy_match_run, bool) or not isinstance(self.copy_match_run, int) or not (
+                self.copy_match_run == 0 or 3 <= self.copy_match_run <= MAX_MATCH_RUN):
+            problems.append(f"copy_match_run must be 0 (off) or a whole number from 3 to {MAX_MATCH_RUN}, "
+                            f"not {self.copy_match_run!r}")
+        elif self.copy_match_run and not self.copy_bigram:
+            problems.append("copy_match_run needs copy_bigram")
         if not 0 <= self.pad_token_id < self.vocab_size:
             problems.append(f"pad_token_id {self.pad_token_id} is outside the vocabulary")
         if problems:
@@ -513,6 +523,7 @@ class RetroCache:
     encoded: dict[int, Encoded] = field(default_factory=dict)
     last_token: torch.Tensor | None = None  # [B] the last token fed: the copy head's bigram needs it
     token_before_last: torch.Tensor | None = None  # [B] ... and the one before it, for its trigram
+    recent_tokens: torch.Tensor | None = None  # [B, copy_match_run - 1] the last tokens fed, oldest first
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -540,7 +551,7 @@ class RetroModel(nn.Module):
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.cca_layers else None  # 0-based block index
         use_copy = cfg.copy_head and cfg.cca_layers
         self.copy_head = CopyHead(cfg.d_model, cfg.norm_eps, cfg.copy_bigram, cfg.copy_trigram,
-                                  cfg.copy_sink_margin) if use_copy else None
+                                  cfg.copy_sink_margin, cfg.copy_match_run) if use_copy else None
 
         # nanoGPT init: N(0, 0.02), and the projections that write into a residual stream scaled down
         # by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
@@ -573,14 +584,26 @@ class RetroModel(nn.Module):
         enc.ids = ids.reshape(enc.mask.shape)
         return enc
 
-    def _copy_weights(self, x, idx, prev_idx, prev2_idx, enc: Encoded) -> CopyWeights:
+    def _copy_weights(self, x, idx, prev_idx, prev2_idx, enc: Encoded, recent=None) -> CopyWeights:
         """CopyHead: row n of x/idx/prev_idx/prev2_idx [N, P, ..] attends to chunk n of enc flattened to
         [N = B*L, S]. prev_idx, prev2_idx: the tokens one and two before each of idx (token 0 before the start of
-        the sequence)."""
+        the sequence); recent [N, P, copy_match_run]: each query token and those before it (-1 before the start)."""
         d = x.shape[-1]
         e, ids, mask = (t.reshape(-1, *t.shape[2:]) for t in (enc.e, enc.ids, enc.mask))
         return self.copy_head.weights(x, self.wte(idx), e, self.wte(ids).reshape(e.shape[0], -1, d),
-                                      ids, mask, enc.pos, self.wte(prev_idx), self.wte(prev2_idx))
+                                      ids, mask, enc.pos, self.wte(prev_idx), self.wte(prev2_idx), recent)
+
+    def _recent_tokens(self, idx: torch.Tensor, before: torch.Tensor | None = None) -> torch.Tensor | None:
+        """[B, T, copy_match_run]: token t of idx and the ones before it, newest first; `before` [B, R-1]
+        holds the tokens fed ahead of idx (-1 where none), as RetroCache keeps them."""
+        R = self.config.copy_match_run
+        if not R:
+            return None
+        B, T = idx.shape
+        if before is None:
+            before = torch.full((B, R - 1), -1, dtype=idx.dtype, device=idx.device)
+        stream = torch.cat([before, idx], dim=1)
+        return torch.stack([stream[:, R - 1 - back : R - 1 - back + T] for back in range(R)], dim=-1)
 
     def _check_neighbors(self, neighbors: torch.Tensor, B: int, T: int) -> torch.Tensor:
         L = T // self.config.chunk_size
@@ -666,7 +689,9 @@ class RetroModel(nn.Module):
 
         prev = F.pad(idx[:, :-1], (1, 0))  # positions 0 and 1 never copy (t >= m-1)
         prev2 = F.pad(idx[:, :-2], (2, 0))
-        w = self._copy_weights(blocks(x), blocks(idx), blocks(prev), blocks(prev2), enc)
+        recent = self._recent_tokens(idx)
+        w = self._copy_weights(blocks(x), blocks(idx), blocks(prev), blocks(prev2), enc,
+                               None if recent is None else blocks(recent, value=-1))
         if need_logits:
             mixed = unblock(CopyHead.mix(blocks(logits), w))
             log_probs = torch.cat([log_probs[:, : m - 1], mixed], dim=1)
@@ -759,9 +784,13 @@ class RetroModel(nn.Module):
                             none if cache.last_token is None else cache.last_token[:, None], idx], dim=1)
         prev, prev2 = before[:, 1:-1], before[:, :-2]
         cache.token_before_last, cache.last_token = before[:, -2], before[:, -1]
+        recent = self._recent_tokens(idx, cache.recent_tokens)
+        if recent is not None:
+            cache.recent_tokens = recent[:, -1, : self.config.copy_match_run - 1].flip(-1)
         for i, j, u in attending_runs(pos, m):
             if u in cache.encoded:
-                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], prev2[:, i:j], cache.encoded[u])
+                w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], prev2[:, i:j], cache.encoded[u],
+                                       None if recent is None else recent[:, i:j])
                 out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
         return out
 
