@@ -19,6 +19,14 @@ from retrocli.model.layers import RMSNorm, wide
 MAX_MATCH_RUN = 64  # copy_match_run's cap: a chunk's length, the longest run one neighbour spot can extend
 
 
+def real_before(enc_mask: torch.Tensor, key_pos: torch.Tensor, back: int) -> torch.Tensor:
+    """[N, S] whether neighbour token j has a real token `back` places before it in its own neighbour
+    (not for a neighbour's first tokens, nor across padding); enc_mask [N, S], key_pos [S]."""
+    S = key_pos.shape[0]
+    same = F.pad(key_pos[back:] == key_pos[:-back] + back, (back, 0), value=False)[:S]  # [:S]: S may be < back
+    return same[None] & F.pad(enc_mask[:, :-back], (back, 0), value=False)[:, :S]
+
+
 def shared_run(recent: torch.Tensor, enc_ids: torch.Tensor, valid: torch.Tensor, key_pos: torch.Tensor
                ) -> torch.Tensor:
     """[N, P, S] how many tokens, up to R, end both at query p and at neighbour token s: recent [N, P, R]
@@ -27,11 +35,8 @@ def shared_run(recent: torch.Tensor, enc_ids: torch.Tensor, valid: torch.Tensor,
     R, S = recent.shape[-1], enc_ids.shape[-1]
     run = torch.zeros(recent.shape[:2] + (S,), dtype=torch.long, device=recent.device)
     alive = torch.ones_like(run, dtype=torch.bool)
-    for back in range(R):
-        if back >= S:
-            break
-        ok = valid if back == 0 else (F.pad(valid[:, :-back], (back, 0), value=False)
-                                      & F.pad(key_pos[back:] == key_pos[:-back] + back, (back, 0), value=False)[None])
+    for back in range(min(R, S)):
+        ok = valid if back == 0 else real_before(valid, key_pos, back)
         key = torch.where(ok, F.pad(enc_ids, (back, 0))[:, :S], -2)  # -2 never equals a query token
         alive = alive & (recent[..., back, None] == key[:, None, :])
         run += alive
@@ -129,9 +134,7 @@ class CopyHead(nn.Module):
                 ((self.q_prev, self.k_prev, prev_emb), (self.q_prev2, self.k_prev2, prev2_emb)), start=1):
             if q_before is None:
                 break
-            # [:S]: the padding overshoots when S < back
-            has_before = has_before & F.pad(key_pos[back:] == key_pos[:-back] + back, (back, 0), value=False)[
-                None, :S] & F.pad(enc_mask[:, :-back], (back, 0), value=False)[:, :S]
+            has_before = has_before & real_before(enc_mask, key_pos, back)
             key_before = F.pad(key_emb[:, :-back], (0, 0, back, 0))[:, :S] * has_before[..., None].to(key_emb.dtype)
             q = q + q_before(F.rms_norm(query_before, (d,)))
             k = k + k_before(F.rms_norm(key_before, (d,)))

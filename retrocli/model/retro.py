@@ -511,7 +511,7 @@ class RetroCache:
     neighbors: chunk index -> neighbour tokens [B, k, r] supplied with `encode_neighbors`.
     encoded: chunk index -> Encoded (L = 1), filled as soon as both neighbours and H_u are known.
     pos: number of tokens processed so far (chunk indices and positions count from the cache start).
-    last_token, token_before_last: the last two tokens fed (what the copy head matches before the next one).
+    history: the last tokens fed, oldest first (-1 where none yet): what the copy head matches before the next.
     """
 
     k: list[torch.Tensor]
@@ -521,9 +521,7 @@ class RetroCache:
     pos: int = 0
     neighbors: dict[int, torch.Tensor] = field(default_factory=dict)
     encoded: dict[int, Encoded] = field(default_factory=dict)
-    last_token: torch.Tensor | None = None  # [B] the last token fed: the copy head's bigram needs it
-    token_before_last: torch.Tensor | None = None  # [B] ... and the one before it, for its trigram
-    recent_tokens: torch.Tensor | None = None  # [B, copy_match_run - 1] the last tokens fed, oldest first
+    history: torch.Tensor | None = None  # [B, max(2, copy_match_run - 1)]: bigram, trigram and match run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -599,11 +597,9 @@ class RetroModel(nn.Module):
         R = self.config.copy_match_run
         if not R:
             return None
-        B, T = idx.shape
         if before is None:
-            before = torch.full((B, R - 1), -1, dtype=idx.dtype, device=idx.device)
-        stream = torch.cat([before, idx], dim=1)
-        return torch.stack([stream[:, R - 1 - back : R - 1 - back + T] for back in range(R)], dim=-1)
+            before = torch.full((idx.shape[0], R - 1), -1, dtype=idx.dtype, device=idx.device)
+        return torch.cat([before, idx], dim=1).unfold(1, R, 1).flip(-1)
 
     def _check_neighbors(self, neighbors: torch.Tensor, B: int, T: int) -> torch.Tensor:
         L = T // self.config.chunk_size
@@ -779,14 +775,14 @@ class RetroModel(nn.Module):
         if self.copy_head is None:
             return logits
         out = F.log_softmax(wide(logits), dim=-1)
-        none = torch.zeros_like(idx[:, :1])
-        before = torch.cat([none if cache.token_before_last is None else cache.token_before_last[:, None],
-                            none if cache.last_token is None else cache.last_token[:, None], idx], dim=1)
-        prev, prev2 = before[:, 1:-1], before[:, :-2]
-        cache.token_before_last, cache.last_token = before[:, -2], before[:, -1]
-        recent = self._recent_tokens(idx, cache.recent_tokens)
-        if recent is not None:
-            cache.recent_tokens = recent[:, -1, : self.config.copy_match_run - 1].flip(-1)
+        R = self.config.copy_match_run
+        H = max(2, R - 1)
+        past = cache.history if cache.history is not None else torch.full((B, H), -1, dtype=idx.dtype,
+                                                                               device=idx.device)
+        stream = torch.cat([past, idx], dim=1)
+        cache.history = stream[:, -H:]
+        prev, prev2 = stream[:, H - 1 : -1].clamp_min(0), stream[:, H - 2 : -2].clamp_min(0)  # token 0: none
+        recent = self._recent_tokens(idx, past[:, H - (R - 1) :]) if R else None
         for i, j, u in attending_runs(pos, m):
             if u in cache.encoded:
                 w = self._copy_weights(x[:, i:j], idx[:, i:j], prev[:, i:j], prev2[:, i:j], cache.encoded[u],
