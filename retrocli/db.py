@@ -28,6 +28,7 @@ version never change.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -237,6 +238,21 @@ def recorded_files(manifest: dict) -> dict[str, dict[str, list]]:
     return records
 
 
+def content_id(manifest: dict) -> str:
+    """sha256 of what a DB version holds, independent of when or where it was built: the checksums every
+    complete stage recorded for its files, the index shards, the added segments (each pinned by its
+    manifest's sha256), the removed documents, the tokenizer and the chunk size. Timings and paths are
+    left out, so a `cp -r` copy has the same content id and a copy that took another change has not."""
+    stages = {name: record.get("files") for name, record in sorted(manifest.get("stages", {}).items())
+              if record.get("status") == "complete"}
+    held = {"db_id": manifest.get("db_id"), "tokenizer": manifest.get("tokenizer", {}).get("sha256"),
+            "chunk_size": manifest.get("chunk_size"), "counts": manifest.get("counts"), "stages": stages,
+            "embedder": manifest.get("embedder"), "index": manifest.get("index"),
+            "segments": manifest.get("segments", []),
+            "removed": sorted(manifest.get("removed", {}).get("documents", []))}
+    return hashlib.sha256(json.dumps(held, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def stage_status(manifest: dict, stage: str) -> str:
     return manifest.get("stages", {}).get(stage, {}).get("status", "missing")
 
@@ -361,6 +377,14 @@ class RetroDB:
     def version(self) -> int:
         """Committed changes so far: 1 when built, one more for every add or remove."""
         return int(self.manifest.get("version", 1))
+
+    @cached_property
+    def content_id(self) -> str:
+        """What this committed version holds, as one sha256: see content_id(). Artefacts computed from
+        a DB (neighbours, datastores, leakage reports, a served DB) record and check it, so two copies
+        of one DB that each took a different change, both "version 2" of one db_id, never pass for each
+        other."""
+        return content_id(self.manifest)
 
     @cached_property
     def removed_docs(self) -> frozenset[int]:
