@@ -67,6 +67,7 @@ class LeakageReport:
     bpb: dict | None = None
     db_id: str = ""
     db_version: int = 1  # the DB version the report was computed on (`retro add`/`remove` make new ones)
+    db_content: str = ""  # the content id of that version (retrocli.db.content_id)
     overlap: ChunkOverlap | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
@@ -179,7 +180,7 @@ def _assemble(db, test, ov, pairs, dup_stats, test_inputs, k, alpha, examples, n
     order = np.lexsort((np.arange(n), -ov.r, -ov.shared))
     chosen = [int(c) for c in order if ov.r[c] > alpha][:examples]
     return LeakageReport(
-        db=str(db.path), db_id=db.manifest["db_id"], db_version=db.version,
+        db=str(db.path), db_id=db.manifest["db_id"], db_version=db.version, db_content=db.content_id,
         test_inputs=[str(p) for p in test_inputs], k=k, alpha=alpha, ngram=ngram,
         num_perm=num_perm, jaccard_threshold=threshold, num_test_docs=test.num_docs, num_test_chunks=n,
         leaking_chunks=int(leaking.sum()), leaking_fraction=float(leaking.mean()) if n else 0.0,

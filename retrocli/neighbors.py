@@ -40,6 +40,7 @@ from retrocli.db import (
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
+from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.overlap import longest_shared_run
 from retrocli.progress import NullProgress, Progress
@@ -231,6 +232,7 @@ def _is_db(path: Path) -> bool:
         return False
 
 
+@holds_writer_lock("retro neighbors", "out")
 def batch_neighbors(
     db_path: str | os.PathLike,
     inputs: list[str | os.PathLike],
@@ -284,7 +286,8 @@ def batch_neighbors(
         raise RetroError("--exclude-same-doc needs --input to be the DB itself (its documents are the DB's)")
     if _is_db(out):
         raise RetroError(f"{out}: --out must be a new directory, not a DB")
-    settings = {"db_id": db.manifest["db_id"], "db_version": db.version, "db": str(db.path.absolute()),
+    settings = {"db_id": db.manifest["db_id"], "db_version": db.version, "db_content": db.content_id,
+                "db": str(db.path.absolute()),
                 "input": [str(p.absolute()) for p in inputs], "k": k, "candidates": candidates, "ef": ef,
                 "exclude_same_doc": exclude_same_doc, "block_size": block_size}
     manifest_file = out / MANIFEST
@@ -298,15 +301,13 @@ def batch_neighbors(
         if manifest["status"] == "complete" and manifest["settings"] == settings:
             return out
         if manifest["settings"] != settings:
-            had = manifest["settings"].get("db_version", 1)
-            only_version = {**manifest["settings"], "db_version": db.version} == settings
-            if only_version and update and manifest["status"] == "complete":
+            _check_updatable(out, manifest, db, settings)
+            if update and manifest["status"] == "complete":
                 return update_neighbors(out, manifest, db, settings, progress)
-            if only_version:
-                raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at "
-                                 f"version {db.version} (documents were added or removed); pass --update to "
-                                 "recompute the rows that can have changed, or --overwrite")
-            raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
+            had = manifest["settings"].get("db_version", 1)
+            raise RetroError(f"{out}: holds neighbours of version {had} of {db.path}, which is now at "
+                             f"version {db.version} (documents were added or removed); pass --update to "
+                             "recompute the rows that can have changed, or --overwrite")
     elif out.exists() and any(out.iterdir()):
         raise RetroError(f"{out}: exists and is not a neighbours directory")
     else:
@@ -349,7 +350,9 @@ def batch_neighbors(
         inside = queries.path.absolute().parent == out.absolute()
         manifest["query_db"] = queries.path.name if inside else str(queries.path.absolute())
         manifest["query_db_id"] = queries.manifest["db_id"]
+        manifest["query_db_content"] = queries.content_id
         manifest["db_chunks"] = db.num_chunks
+        manifest["db_lineage"] = _lineage(db)
         write_json_atomic(manifest_file, manifest)
     if dask is None:
         _cached_index(str(db.path), ef)  # load and check the shards before the first block
@@ -391,7 +394,7 @@ def _cached_index(db_path: str, ef: int) -> tuple[RetroDB, ShardedIndex]:
     """The DB and its loaded shards, kept for the next block: loading every shard costs far more than a
     block's search. One entry, so a long-lived process holds at most one index."""
     db = open_db(db_path)
-    key = (db_path, db.manifest["db_id"], json.dumps(db.manifest.get("index"), sort_keys=True), ef)
+    key = (db_path, db.content_id, ef)  # the content, not the id: a remove must not reuse the old index
     if key not in _SEARCH_CACHE:
         _SEARCH_CACHE.clear()
         _SEARCH_CACHE[key] = (db, ShardedIndex(db, ef=ef))
@@ -436,6 +439,39 @@ def _search_block_with(index, db: RetroDB, queries: RetroDB, store: str, k: int,
     return block, stop - start
 
 
+def _lineage(db: RetroDB) -> dict:
+    """What an update relies on staying as it was: the DB's segments and index shards so far (a later
+    version only appends to both) and its removed documents (a later version only adds to them)."""
+    return {"segments": [s["manifest_sha256"] for s in db.manifest.get("segments", [])],
+            "shards": [s.get("sha256") for s in db.manifest.get("index", {}).get("shards", [])],
+            "removed": sorted(int(d) for d in db.removed_docs)}
+
+
+def _check_updatable(out: Path, manifest: dict, db: RetroDB, settings: dict) -> None:
+    """Refuse, in one line, neighbours that --update cannot bring to `db`: other settings, another copy of
+    the DB (same version, other content), a DB that went back to an older version, or one whose history
+    does not extend the one the neighbours were computed on."""
+    had = manifest["settings"]
+    versions = ("db_version", "db_content")
+    if {k: v for k, v in had.items() if k not in versions} != {k: v for k, v in settings.items() if k not in versions}:
+        raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
+    had_version = had.get("db_version", 1)
+    if had_version == db.version:
+        raise RetroError(f"{out}: holds neighbours of another copy of {db.path} (version {db.version}, but other "
+                         "content); pass --overwrite")
+    if had_version > db.version:
+        raise RetroError(f"{out}: holds neighbours of version {had_version} of {db.path}, which is at the older "
+                         f"version {db.version} (an older copy took its place); pass --overwrite")
+    old, new = manifest.get("db_lineage"), _lineage(db)
+    if not isinstance(old, dict) or not isinstance(manifest.get("db_chunks"), int):
+        return  # neighbours of an older retrocli: update_neighbors refuses them
+    extends = all(isinstance(old.get(key), list) and new[key][:len(old[key])] == old[key]
+                  for key in ("segments", "shards")) and set(old.get("removed", [])) <= set(new["removed"])
+    if not extends or manifest["db_chunks"] > db.num_chunks:
+        raise RetroError(f"{out}: holds neighbours of a version of {db.path} that is not an earlier version of "
+                         "this DB (another copy took other changes); pass --overwrite")
+
+
 def _store_name(manifest: dict) -> str:
     """The zarr store the manifest names: store.zarr, or store-vN.zarr after an update to version N."""
     name = manifest.get("store", STORE)
@@ -454,8 +490,8 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     search a full recomputation may differ in rows that held no removed chunk; with exact search it
     cannot.) The new arrays go to a new store, committed by the manifest."""
     old_chunks = manifest.get("db_chunks")
-    if not isinstance(old_chunks, int):
-        raise RetroError(f"{out}: records no DB size (an older retrocli); pass --overwrite instead of --update")
+    if not isinstance(old_chunks, int) or not isinstance(manifest.get("db_lineage"), dict):
+        raise RetroError(f"{out}: records no DB history (an older retrocli); pass --overwrite instead of --update")
     started = time.time()
     old = open_neighbors(out)
     queries = db if manifest.get("query_db_id") == db.manifest["db_id"] else query_db_of(out, old)
@@ -490,7 +526,8 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     root.create_array("ids", shape=(n, width), dtype=np.int64, chunks=chunks, fill_value=-1)[:] = ids
     root.create_array("distances", shape=(n, width), dtype=np.float32, chunks=chunks, fill_value=np.inf)[:] = dists
     previous = out / _store_name(manifest)
-    manifest.update(settings=settings, num_queries=n, db_chunks=db.num_chunks, store=name,
+    manifest.update(settings=settings, num_queries=n, db_chunks=db.num_chunks, store=name, db_lineage=_lineage(db),
+                    query_db_content=queries.content_id,
                     files=record_arrays(store, list(NEIGHBOR_ARRAYS)),
                     update={"from_version": manifest["settings"].get("db_version", 1), "to_version": db.version,
                             "rows_recomputed": int(len(rows)), "rows": int(n),
@@ -561,8 +598,10 @@ def query_db_of(path: str | os.PathLike, neighbors: NeighborArrays) -> RetroDB:
     if not Path(recorded).is_absolute() and path.resolve() not in query_path.resolve().parents:
         raise RetroError(f"{path / MANIFEST}: query_db '{recorded}' lies outside {path}; refusing to read it")
     queries = open_db(query_path)
-    if queries.manifest["db_id"] != neighbors.manifest.get("query_db_id"):
-        raise RetroError(f"{query_path}: is not the DB these neighbours were computed for (db_id differs); "
+    recorded_content = neighbors.manifest.get("query_db_content")
+    if queries.manifest["db_id"] != neighbors.manifest.get("query_db_id") or \
+            (recorded_content is not None and recorded_content != queries.content_id):
+        raise RetroError(f"{query_path}: is not the DB these neighbours were computed for (its content differs); "
                          f"rerun `retro neighbors` with --overwrite")
     return queries
 

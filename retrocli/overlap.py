@@ -100,7 +100,7 @@ def overlap_block(db_path: str, queries_path: str, normalize: str, item: tuple[i
     worker process (one DB at a time)."""
     start, ids = item
     db, queries = open_db(db_path), open_db(queries_path)
-    key = (db_path, db.manifest["db_id"])
+    key = (db_path, db.content_id)
     if key not in _TOKENS_CACHE:
         _TOKENS_CACHE.clear()
         _TOKENS_CACHE[key] = db.tokens_block(0, db.num_chunks)

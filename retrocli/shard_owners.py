@@ -18,7 +18,6 @@ their new owners. A worker only ever loads the shards placed on it.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any
 
@@ -32,30 +31,30 @@ from retrocli.storage import fetch_for_search, origin_of
 
 POLL_SECONDS = 1.0  # how often a waiting search checks that the owners it waits on are alive
 
-# On a worker: (DB path, db_id, index record, ef) -> the index of the shards this worker owns.
+# On a worker: (DB path, content id, ef) -> the index of the shards this worker owns.
 _OWNED: dict[tuple, ShardedIndex] = {}
-# On a worker: (URL, cache dir, DB version) -> its local copy for search, and the shards fetched into it.
+# On a worker: (URL, cache dir, content id) -> its local copy for search, and the shards fetched into it.
 _FETCHED: dict[tuple, tuple[str, set[int]]] = {}
 
 
 def _local_copy(location: str | tuple, shards: tuple[int, ...]) -> tuple[str, bool]:
     """The local DB path to search at, and whether it is a partial copy. A DB on object storage arrives as
-    (URL, cache dir, version): the worker fetches the manifest, the small arrays and its own shards into
+    (URL, cache dir, content id): the worker fetches the manifest, the small arrays and its own shards into
     its cache (never another shard, nor embeddings or tokens), again only when it is given new shards."""
     if isinstance(location, str):
         return location, False
-    url, cache_dir, version = location
-    have = _FETCHED.get((url, cache_dir, version))
+    url, cache_dir, content = location
+    have = _FETCHED.get((url, cache_dir, content))
     if have is None or not set(shards) <= have[1]:
         wanted = set(shards) | (have[1] if have else set())
         _FETCHED.clear()
-        _FETCHED[(url, cache_dir, version)] = (str(fetch_for_search(url, cache_dir, wanted)), wanted)
-    return _FETCHED[(url, cache_dir, version)][0], True
+        _FETCHED[(url, cache_dir, content)] = (str(fetch_for_search(url, cache_dir, wanted)), wanted)
+    return _FETCHED[(url, cache_dir, content)][0], True
 
 
 def _owned_index(db_path: str, ef: int, partial: bool = False) -> tuple[tuple, ShardedIndex | None]:
     db = open_db(db_path, check_files=not partial)  # a partial copy lacks the arrays search never reads
-    key = (db_path, db.manifest["db_id"], json.dumps(db.manifest.get("index"), sort_keys=True), ef)
+    key = (db_path, db.content_id, ef)  # the content: after a remove, never the old index
     if key not in _OWNED:
         _OWNED.clear()  # one DB's shards at a time: a long-lived worker never piles up old indexes
         _OWNED[key] = ShardedIndex(db, ef=ef, shards=())
@@ -64,7 +63,7 @@ def _owned_index(db_path: str, ef: int, partial: bool = False) -> tuple[tuple, S
 
 def search_owned(location: str | tuple, ef: int, shards: tuple[int, ...], vectors: np.ndarray, k: int):
     """On the owner: the per-shard top-k of `shards` (loaded on first use and kept). `location`: the DB's
-    path, or (URL, cache dir, version) for a DB on object storage."""
+    path, or (URL, cache dir, content id) for a DB on object storage."""
     db_path, partial = _local_copy(location, shards)
     _, index = _owned_index(db_path, ef, partial)
     index.load(shards)
@@ -87,7 +86,7 @@ class OwnedShards:
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         self.client, self.ef = client, ef
         origin = origin_of(db.path)  # a DB on object storage: each owner fetches its shards itself
-        self.location = str(db.path) if origin is None else (*origin, f"{db.manifest['db_id']}:{db.version}")
+        self.location = str(db.path) if origin is None else (*origin, db.content_id)
         self.size = db.num_chunks
         self.distributed = import_distributed()
         self.shards = [int(s["shard"]) for s in db.manifest["index"]["shards"]]

@@ -306,6 +306,10 @@ def train(
         raise RetroError(f"{neighbors_path}: computed on version {settings.get('db_version', 1)} of {db.path}, which "
                          f"is now at version {db.version} (documents were added or removed); recompute them: "
                          f"`retro neighbors {db.path} --input {db.path} --out NEW --exclude-same-doc`")
+    if settings.get("db_content", db.content_id) != db.content_id:
+        raise RetroError(f"{neighbors_path}: computed on another copy of {db.path} (version {db.version}, other "
+                         f"content); recompute them: `retro neighbors {db.path} --input {db.path} --out NEW "
+                         "--exclude-same-doc`")
     if not settings.get("exclude_same_doc"):
         raise RetroError(f"{neighbors_path}: computed without --exclude-same-doc; training would see its own text")
     if nb.ids.shape[1] < k:

@@ -139,3 +139,79 @@ def test_batch_corpus_input(tiny_db, tmp_path, small_jsonl, cli):
     result = cli("neighbors", tiny_db, "--input", corpus, "--out", tmp_path / "nb2", "--exclude-same-doc")
     assert result.exit_code != 0 and "needs --input to be the DB itself" in result.output
     shutil.rmtree(tmp_path / "nb")
+
+
+# -- which DB the neighbours belong to: content, not (db_id, version) ------------------------------------------
+
+
+@pytest.fixture
+def two_copies(tiny_db, tmp_path):
+    """Two `cp -r` copies of one DB that each took a different remove: both version 2 of one db_id."""
+    from retrocli.remove import remove_documents
+
+    x, y = tmp_path / "x", tmp_path / "y"
+    shutil.copytree(tiny_db, x)
+    shutil.copytree(tiny_db, y)
+    remove_documents(x, docs=[0])
+    remove_documents(y, docs=[1])
+    return x, y
+
+
+def test_copies_that_took_other_changes_have_other_content_ids(two_copies, tiny_db, tmp_path):
+    x, y = (open_db(p) for p in two_copies)
+    same = (open_db(tiny_db).manifest["db_id"], 2)
+    assert (x.manifest["db_id"], x.version) == (y.manifest["db_id"], y.version) == same
+    assert x.content_id != y.content_id
+    shutil.copytree(two_copies[0], tmp_path / "x-again")
+    assert open_db(tmp_path / "x-again").content_id == x.content_id  # a plain copy holds the same content
+
+
+def test_neighbours_of_one_copy_are_refused_for_another(two_copies, tmp_path):
+    from retrocli.train import TrainOptions, train
+
+    x, y = two_copies
+    nb = batch_neighbors(x, [x], tmp_path / "nb", k=2, exclude_same_doc=True)
+    with pytest.raises(RetroError, match="computed on another copy"):
+        train(y, nb, tmp_path / "m", TrainOptions(config="tiny", seq_len=128, steps=1), device="cpu")
+    # the same path now holding the other copy: the finished neighbours are not taken as up to date
+    shutil.rmtree(x)
+    shutil.copytree(y, x)
+    with pytest.raises(RetroError, match="another copy of"):
+        batch_neighbors(x, [x], nb, k=2, exclude_same_doc=True)
+    with pytest.raises(RetroError, match="another copy of"):
+        batch_neighbors(x, [x], nb, k=2, exclude_same_doc=True, update=True)
+
+
+def test_update_refuses_a_db_that_went_back_to_an_older_version(tiny_db, tmp_path, cli):
+    from retrocli.add import add_documents
+
+    db, old = tmp_path / "db", tmp_path / "old"
+    shutil.copytree(tiny_db, db)
+    shutil.copytree(tiny_db, old)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": f"Added page {i}: " + "grows the DB past its old size. " * 40}) + "\n"
+                             for i in range(3)))
+    add_documents(db, [extra])
+    nb = batch_neighbors(db, [db], tmp_path / "nb", k=2, exclude_same_doc=True)
+    shutil.rmtree(db)
+    shutil.copytree(old, db)  # version 1 back in place: fewer chunks than the neighbours hold
+    result = cli("neighbors", db, "--input", db, "--out", nb, "--k", "2", "--exclude-same-doc", "--update")
+    assert result.exit_code != 0 and "older version 1" in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_update_takes_the_writer_lock_of_its_output(tiny_db_copy, tmp_path, retro_proc):
+    from retrocli.lock import writer_lock
+    from retrocli.remove import remove_documents
+
+    nb = batch_neighbors(tiny_db_copy, [tiny_db_copy], tmp_path / "nb", k=2, exclude_same_doc=True)
+    remove_documents(tiny_db_copy, docs=[3])
+    with writer_lock(nb, "a concurrent retro neighbors --update"):
+        result = retro_proc("neighbors", tiny_db_copy, "--input", tiny_db_copy, "--out", nb, "--k", "2",
+                            "--exclude-same-doc", "--update")
+    assert result.exit_code != 0 and "another writer holds" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert json.loads((nb / "manifest.json").read_text())["settings"]["db_version"] == 1  # untouched
+    done = retro_proc("neighbors", tiny_db_copy, "--input", tiny_db_copy, "--out", nb, "--k", "2",
+                      "--exclude-same-doc", "--update")
+    assert done.exit_code == 0, done.stderr
