@@ -16,6 +16,8 @@ A datastore is a directory:
     index/shard-*.hnsw  HNSW (squared L2) over --shard-size keys each, sha256 in the manifest
 
 Both stages record what they finished in the manifest, as the DB's stages do, so a killed build resumes.
+The keys stage, when complete, records the size and sha256 of every file of its arrays, and readers go
+through the checked store, as for a DB; the manifest names the DB by its content id.
 """
 
 from __future__ import annotations
@@ -33,9 +35,19 @@ import torch
 import zarr
 
 from retrocli import __version__
-from retrocli.checksums import file_sha256
+from retrocli.checksums import CheckedStore, check_files, file_sha256, record_arrays
 from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, STORE, RetroDB, check_outside, open_db, write_json_atomic
+from retrocli.db import (
+    MANIFEST,
+    SHARD_SCHEMA,
+    STORE,
+    RetroDB,
+    check_fields,
+    check_files_record,
+    check_outside,
+    open_db,
+    write_json_atomic,
+)
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.index import check_saved_shard, checked_shard_file, merge_top_k
@@ -59,6 +71,7 @@ DATASTORE_FORMAT = "retrocli-knn-datastore"
 DATASTORE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INDEX_DIR = "index"
+DATASTORE_ARRAYS = ("keys", "values", "doc")
 ADD_BLOCK = 65536  # keys handed to hnswlib at once while building a shard
 
 # --lambda auto: λ on this grid, T = scale × the median nearest-key distance on the dev documents
@@ -143,7 +156,9 @@ def model_identity(model_dir) -> dict:
 
 # -- building -------------------------------------------------------------------------------------------
 
-def _read_manifest(out: Path) -> dict | None:
+def read_datastore_manifest(out: Path, check_shape: bool = True) -> dict | None:
+    """The datastore's manifest, None when there is none; check_shape: also its fields' types and ranges
+    (see check_datastore_manifest)."""
     file = out / MANIFEST
     if not file.exists():
         return None
@@ -156,7 +171,62 @@ def _read_manifest(out: Path) -> dict | None:
     if manifest.get("format_version") != DATASTORE_VERSION:
         raise RetroError(f"{file}: datastore format {manifest.get('format_version')!r}; this retrocli reads "
                          f"{DATASTORE_VERSION}")
+    if check_shape:
+        check_datastore_manifest(file, manifest)
     return manifest
+
+
+# The manifest's shape, checked on every read so that no edit reaches a search: field -> (type, required)
+_COUNT = (int, True)
+DATASTORE_SCHEMA = {
+    "model": ({"path": (str, True), "sha256": (str, True), "d_model": _COUNT, "seq_len": _COUNT}, True),
+    "db": ({"path": (str, True), "db_id": (str, True), "version": _COUNT, "content_id": (str, True)}, True),
+    "options": (dict, True),
+    "counts": ({"keys": _COUNT, "windows": _COUNT, "dim": _COUNT}, True),
+    "stages": ({"keys": (dict, True), "index": (dict, True)}, True),
+}
+OLDER_BUILD = "built by an older retrocli (no checksums, no DB content id); rebuild it with " \
+    "`retro knn-datastore DB --model MODEL --out {out} --overwrite`"
+
+
+def check_datastore_manifest(file: Path, manifest: dict) -> None:
+    """One line naming the first field of a datastore manifest with the wrong type or an impossible
+    value; a complete stage must also hold what readers rely on (checksums, shards, the temperature)."""
+    if isinstance(manifest.get("db"), dict) and "content_id" not in manifest["db"]:
+        raise RetroError(f"{file}: {OLDER_BUILD.format(out=file.parent)}")
+    check_fields(file, manifest, DATASTORE_SCHEMA)
+    counts, model = manifest["counts"], manifest["model"]
+    if counts["keys"] < 1:
+        raise RetroError(f"{file}: field 'counts.keys' must be ≥ 1, not {counts['keys']}")
+    if counts["dim"] != model["d_model"]:
+        raise RetroError(f"{file}: field 'counts.dim' ({counts['dim']}) differs from the model's d_model "
+                         f"({model['d_model']})")
+    for stage in ("keys", "index"):
+        if manifest["stages"][stage].get("status") not in ("missing", "running", "complete"):
+            raise RetroError(f"{file}: field 'stages.{stage}.status' must be missing, running or complete")
+    keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
+    if keys["status"] == "complete":
+        if "files" not in keys:
+            raise RetroError(f"{file}: {OLDER_BUILD.format(out=file.parent)}")
+        check_files_record(file, keys["files"], "stages.keys.files")
+        if set(keys["files"]) != set(DATASTORE_ARRAYS):
+            raise RetroError(f"{file}: field 'stages.keys.files' must record the arrays {', '.join(DATASTORE_ARRAYS)}")
+    if index["status"] == "complete":
+        scale = index.get("temperature_scale")
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+            raise RetroError(f"{file}: field 'stages.index.temperature_scale' must be a number > 0, not {scale!r}")
+        shards = index.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise RetroError(f"{file}: field 'stages.index.shards' must be a list of shards")
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise RetroError(f"{file}: field 'stages.index.shards[{i}]' must be an object, not {shard!r}")
+            check_fields(file, shard, SHARD_SCHEMA | {"sha256": (str, True)}, f"stages.index.shards[{i}].")
+        covered = sorted((s["start"], s["count"]) for s in shards)
+        if [start for start, _ in covered] != [sum(c for _, c in covered[:i]) for i in range(len(covered))] \
+                or sum(c for _, c in covered) != counts["keys"]:
+            raise RetroError(f"{file}: field 'stages.index.shards' does not cover the {counts['keys']:,} keys "
+                             "exactly, in order")
 
 
 @holds_writer_lock("retro knn-datastore", "out")
@@ -181,21 +251,21 @@ def build_datastore(
         raise RetroError(f"--out {out}: is a file, not a directory")
     model, _ = load_model(model_dir, db)
     identity = {**model_identity(model_dir), "d_model": model.config.d_model, "seq_len": model.config.seq_len}
-    db_identity = {"path": str(db.path.absolute()), "db_id": db.manifest["db_id"], "version": db.version}
+    db_identity = {"path": str(db.path.absolute()), "db_id": db.manifest["db_id"], "version": db.version,
+                   "content_id": db.content_id}
     plan = plan_keys(db, model.config.seq_len)
     n, d = plan.num_keys, model.config.d_model
     if n == 0:
         raise RetroError(f"{db.path}: no document has two tokens in a row; nothing to store")
-    manifest = _read_manifest(out) if out.exists() else None
+    # an older or damaged manifest of ours is not the same datastore: replaced with --overwrite
+    manifest = read_datastore_manifest(out, check_shape=False) if out.exists() else None
     # a directory of ours without its manifest (a build killed while replacing one) may be written over
     if out.exists() and manifest is None and {p.name for p in out.iterdir()} - {STORE, INDEX_DIR}:
         raise RetroError(f"{out}: exists and is not a kNN-LM datastore; refusing to write there")
-    same = manifest is not None and manifest["model"]["sha256"] == identity["sha256"] and \
-        manifest["db"]["db_id"] == db_identity["db_id"] and manifest["db"]["version"] == db_identity["version"] \
-        and manifest["options"] == asdict(options) | {"threads": manifest["options"].get("threads")}
+    same = manifest is not None and _describes(out, manifest, identity, db_identity, options)
     if manifest is not None and not same and not overwrite:
-        raise RetroError(f"{out}: a datastore for another model, DB version or options is there; pass "
-                         "--overwrite to replace it")
+        raise RetroError(f"{out}: a datastore for another model, DB content or options (or an older or "
+                         "damaged one) is there; pass --overwrite to replace it")
     if manifest is None or not same:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)  # from here the old datastore is gone: never half-read
@@ -222,6 +292,17 @@ def build_datastore(
     return out
 
 
+def _describes(out: Path, manifest: dict, identity: dict, db_identity: dict, options: DatastoreOptions) -> bool:
+    """Whether the manifest found at `out` is a sound one of the datastore being built (to resume it)."""
+    try:
+        check_datastore_manifest(out / MANIFEST, manifest)
+    except RetroError:
+        return False
+    return manifest["model"]["sha256"] == identity["sha256"] and \
+        manifest["db"]["content_id"] == db_identity["content_id"] and \
+        manifest["options"] == asdict(options) | {"threads": manifest["options"].get("threads")}
+
+
 def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOptions, progress, client,
                   device: str, max_blocks: int | None) -> bool:
     state = manifest["stages"]["keys"]
@@ -241,7 +322,8 @@ def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOp
         task.advance(count)
     if len(done) < num_blocks:
         return False
-    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3))
+    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3),
+                 files=record_arrays(out / STORE, list(DATASTORE_ARRAYS)))
     del state["done_blocks"]
     write_json_atomic(out / MANIFEST, manifest)
     task.finish()
@@ -371,28 +453,37 @@ def build_key_shard(out: str, dim: int, shard_size: int, M: int, ef_construction
 # -- searching ------------------------------------------------------------------------------------------
 
 class Datastore:
-    """A built datastore, opened for search: every shard loaded after checking its sha256; values and
-    documents in memory (12 bytes a key)."""
+    """A built datastore, opened for search: its manifest's fields checked, its arrays' files against
+    their record (a stat each, then each file's sha256 as it is read), every shard loaded after checking
+    its sha256; values and documents in memory (12 bytes a key)."""
 
     def __init__(self, path: str | os.PathLike, ef: int = DEFAULT_KNN_EF):
         check_at_least("--knn-ef", ef)
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
             raise RetroError(f"{self.path}: no kNN-LM datastore there (build one with `retro knn-datastore`)")
-        self.manifest = _read_manifest(self.path)
+        self.manifest = read_datastore_manifest(self.path)
         stages = self.manifest.get("stages", {})
         if any(stages.get(s, {}).get("status") != "complete" for s in ("keys", "index")):
             raise RetroError(f"{self.path}: the datastore is not complete; rerun `retro knn-datastore` to finish it")
         self.ef, self.dim = ef, int(self.manifest["counts"]["dim"])
-        root = zarr.open_group(str(self.path / STORE), mode="r")
+        records = self.manifest["stages"]["keys"]["files"]
+        damaged = f"the datastore is damaged; `retro verify {self.path}` lists every problem"
+        problems = check_files(self.path / STORE, records, hash_files=False)
+        if problems:
+            raise RetroError(f"{problems[0]}; {damaged}")
         try:
+            root = zarr.open_group(store=CheckedStore(self.path / STORE, records, damaged), mode="r")
+            shapes = {name: root[name].shape for name in DATASTORE_ARRAYS}
             self.values = root["values"][:].astype(np.int64)
             self.docs = root["doc"][:]
-        except (KeyError, ValueError, OSError) as err:
-            raise RetroError(f"{self.path / STORE}: cannot read the datastore's arrays ({err})") from None
-        if len(self.values) != int(self.manifest["counts"]["keys"]):
-            raise RetroError(f"{self.path}: holds {len(self.values):,} values, the manifest says "
-                             f"{self.manifest['counts']['keys']:,}")
+        except RetroError:
+            raise
+        except Exception as err:  # zarr raises several types for missing/corrupt metadata
+            raise RetroError(f"{self.path / STORE}: cannot read the datastore's arrays ({err}); {damaged}") from None
+        problem = array_shape_problem(self.manifest, shapes)
+        if problem:
+            raise RetroError(f"{self.path / MANIFEST}: {problem}; {damaged}")
         self.shards = []
         for record in self.manifest["stages"]["index"]["shards"]:
             file = checked_shard_file(self.path, record, rerun="rerun `retro knn-datastore ... --overwrite`")
@@ -419,11 +510,13 @@ class Datastore:
                              f"rebuild it with `retro knn-datastore DB --model {model_dir or 'bundled'}`")
 
     def check_matches(self, model_dir, db: RetroDB) -> None:
-        """Refuse a datastore built for other weights or another version of the DB."""
+        """Refuse a datastore built for other weights or from other DB content (another DB, another
+        version, or a copy of the DB that took other changes)."""
         self.check_model(model_dir)
-        built_db = self.manifest["db"]
-        if (built_db["db_id"], built_db["version"]) != (db.manifest["db_id"], db.version):
-            raise RetroError(f"{self.path}: built from another DB or an older version of {db.path}; rebuild it")
+        if self.manifest["db"]["content_id"] != db.content_id:
+            raise RetroError(f"{self.path}: built from other DB content than {db.path} holds now (another DB, "
+                             f"version or copy); rebuild it with `retro knn-datastore {db.path} --model "
+                             f"{model_dir or 'bundled'} --out {self.path} --overwrite`")
 
     def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None,
                threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -478,6 +571,16 @@ class Datastore:
         dists = ((queries[:, None, :] - vectors[None, :, :]) ** 2).sum(axis=2)
         order = np.argsort(dists, axis=1, kind="stable")[:, :k]
         return labels[order], np.take_along_axis(dists, order, axis=1)
+
+
+def array_shape_problem(manifest: dict, shapes: dict[str, tuple]) -> str | None:
+    """What is wrong with the arrays' shapes against the manifest's counts, or None."""
+    n, d = manifest["counts"]["keys"], manifest["counts"]["dim"]
+    expected = {"keys": (n, d), "values": (n,), "doc": (n,)}
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
+            return f"array {name} has shape {list(shape)}, the manifest's counts say {list(expected[name])}"
+    return None
 
 
 # -- the interpolation ----------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from retrocli.db import (
     MANIFEST,
     STORE,
     RetroDB,
+    check_fields,
     check_files_record,
     check_outside,
     check_same_chunking,
@@ -297,7 +298,7 @@ def batch_neighbors(
         else:
             raise RetroError(f"{out}: exists and is not a neighbours directory; refusing to overwrite it")
     if manifest_file.exists():
-        manifest = _read_neighbors_manifest(out)
+        manifest = read_neighbors_manifest(out)
         if manifest["status"] == "complete" and manifest["settings"] == settings:
             return out
         if manifest["settings"] != settings:
@@ -456,6 +457,8 @@ def _check_updatable(out: Path, manifest: dict, db: RetroDB, settings: dict) -> 
     if {k: v for k, v in had.items() if k not in versions} != {k: v for k, v in settings.items() if k not in versions}:
         raise RetroError(f"{out}: holds neighbours computed with other settings; pass --overwrite")
     had_version = had.get("db_version", 1)
+    if "db_content" not in had:
+        raise RetroError(f"{out}: records no DB content id (an older retrocli); pass --overwrite")
     if had_version == db.version:
         raise RetroError(f"{out}: holds neighbours of another copy of {db.path} (version {db.version}, but other "
                          "content); pass --overwrite")
@@ -472,7 +475,7 @@ def _check_updatable(out: Path, manifest: dict, db: RetroDB, settings: dict) -> 
                          "this DB (another copy took other changes); pass --overwrite")
 
 
-def _store_name(manifest: dict) -> str:
+def store_name(manifest: dict) -> str:
     """The zarr store the manifest names: store.zarr, or store-vN.zarr after an update to version N."""
     name = manifest.get("store", STORE)
     if not re.fullmatch(r"store(-v[0-9]+)?\.zarr", str(name)):
@@ -525,7 +528,7 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     chunks = (min(block, max(n, 1)), width)
     root.create_array("ids", shape=(n, width), dtype=np.int64, chunks=chunks, fill_value=-1)[:] = ids
     root.create_array("distances", shape=(n, width), dtype=np.float32, chunks=chunks, fill_value=np.inf)[:] = dists
-    previous = out / _store_name(manifest)
+    previous = out / store_name(manifest)
     manifest.update(settings=settings, num_queries=n, db_chunks=db.num_chunks, store=name, db_lineage=_lineage(db),
                     query_db_content=queries.content_id,
                     files=record_arrays(store, list(NEIGHBOR_ARRAYS)),
@@ -545,16 +548,19 @@ def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
         raise RetroError(f"{other.path}: embedded with '{b.get('name')}', not the DB's embedder '{a.get('name')}'")
 
 
-def _read_neighbors_manifest(path: Path) -> dict:
+def read_neighbors_manifest(path: Path) -> dict:
     file = path / MANIFEST
     try:
-        manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise RetroError(f"{file}: unreadable neighbours manifest ({err})") from None
-    if manifest.get("format") != NEIGHBORS_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != NEIGHBORS_FORMAT:
         raise RetroError(f"{file}: not a neighbours directory (format is not '{NEIGHBORS_FORMAT}')")
     if manifest.get("format_version", 0) > NEIGHBORS_VERSION:
         raise RetroError(f"{file}: written by a newer retrocli; upgrade")
+    check_fields(file, manifest, {"status": (str, True), "settings": (dict, True), "files": (dict, False)})
+    if manifest["status"] not in ("running", "complete"):
+        raise RetroError(f"{file}: field 'status' must be running or complete, not {manifest['status']!r}")
     return manifest
 
 
@@ -570,7 +576,7 @@ def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
     path = Path(path)
     if not (path / MANIFEST).exists():
         raise RetroError(f"{path}: not a neighbours directory (no {MANIFEST})")
-    manifest = _read_neighbors_manifest(path)
+    manifest = read_neighbors_manifest(path)
     if manifest["status"] != "complete":
         raise RetroError(f"{path}: batch neighbours are incomplete; rerun the same `retro neighbors` command")
     rerun = "rerun the same `retro neighbors` command with --overwrite"
@@ -579,7 +585,7 @@ def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
         raise RetroError(f"{path / MANIFEST}: records no checksums for its arrays (an older retrocli); {rerun}")
     check_files_record(path / MANIFEST, files, "files")
     try:
-        store = path / _store_name(manifest)
+        store = path / store_name(manifest)
         root = zarr.open_group(store=CheckedStore(store, files, f"the neighbours are damaged; {rerun}"), mode="r")
         return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
     except RetroError:

@@ -1,10 +1,13 @@
-"""`retro verify`: check a whole DB against what its stages recorded, and `stage_health` for `retro info`.
+"""`retro verify`: check a whole DB (or a kNN-LM datastore) against what its stages recorded, and
+`stage_health` for `retro info`.
 
-verify reads every recorded file once: the tokenizer and each complete stage's zarr files against their
-sha256, the index shards against theirs (and that they cover the DB), and the array shapes against the
-manifest's counts. Nothing is written. stage_health is the cheap version `retro info` runs on every call:
-which files exist and their sizes (one stat each), so a deleted or truncated chunk shows without reading
-the data; a changed byte of the same size needs verify (or the read that meets it).
+verify reads every file a command opens once: the tokenizer and each complete stage's zarr files against their
+sha256, the metadata of the zarr groups that hold them, the index shards against theirs (and that they cover
+the DB), the array shapes against the manifest's counts, and every added segment the same way. A file that is
+there but cannot be read is reported as such, never as missing. Nothing is written. stage_health is the cheap
+version `retro info` runs on every call: which files exist and their sizes (one stat each), so a deleted or
+truncated chunk shows without reading the data; a changed byte of the same size needs verify (or the read that
+meets it).
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from retrocli.checksums import check_files, file_sha256
-from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, read_manifest
+from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
+from retrocli.db import FORMAT_NAME, MANIFEST, STORE, TOKENIZER_FILE, read_manifest
 from retrocli.errors import RetroError
 from retrocli.index import check_shard_coverage, checked_shard_file
 from retrocli.progress import NullProgress, Progress
@@ -72,6 +75,29 @@ def _check_counts(db_path: Path, manifest: dict, files: dict) -> list[str]:
     return problems
 
 
+def verify_path(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
+    """`retro verify PATH`: a DB, a kNN-LM datastore or batch neighbours, told apart by their manifest's format."""
+    format_name = _format_of(Path(path))
+    if format_name is not None and format_name != FORMAT_NAME:
+        from retrocli.knn_lm import DATASTORE_FORMAT  # lazily: it imports torch
+
+        if format_name == DATASTORE_FORMAT:
+            return verify_datastore(path, progress)
+        from retrocli.neighbors import NEIGHBORS_FORMAT
+
+        if format_name == NEIGHBORS_FORMAT:
+            return verify_neighbors(path, progress)
+    return verify_db(path, progress)  # says what is wrong with anything else
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return manifest.get("format") if isinstance(manifest, dict) else None
+
+
 def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
     """Check every recorded file of the DB at `path` without opening its arrays through zarr. A DB whose
     manifest cannot be read at all raises RetroError; everything else is reported in the result."""
@@ -96,6 +122,7 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
         tokenizer.problems.append(f"{file}: cannot read the DB's tokenizer ({err.strerror})")
     checks = [tokenizer]
 
+    groups_checked: set[str] = set()  # the root group is checked once, with the first stage
     for stage, rec in stages.items():
         if stage not in complete:
             checks.append(StageCheck(stage, rec["status"]))
@@ -107,8 +134,8 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
                 f"rebuild the DB to verify it"]))
         else:
             files = rec["files"]
-            problems = check_files(db_path / STORE, files, on_file=task.advance) or \
-                _check_counts(db_path, manifest, files)
+            problems = _check_groups_once(db_path / STORE, files, groups_checked) + \
+                (check_files(db_path / STORE, files, on_file=task.advance) or _check_counts(db_path, manifest, files))
             checks.append(StageCheck(stage, "damaged" if problems else "complete",
                                      files=sum(len(a) for a in files.values()),
                                      bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
@@ -116,6 +143,13 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
         checks.append(_verify_segment(db_path, record))
     task.finish()
     return VerifyResult(str(db_path), not any(c.problems for c in checks), checks, time.time() - started)
+
+
+def _check_groups_once(store: Path, files: dict, checked: set[str]) -> list[str]:
+    """check_groups for the groups holding `files` that no earlier stage checked."""
+    groups = [group for group in groups_of(files) if group not in checked]
+    checked.update(groups)
+    return check_groups(store, groups)
 
 
 def _verify_segment(db_path: Path, record: dict) -> StageCheck:
@@ -155,10 +189,90 @@ def _verify_index(db_path: Path, manifest: dict, shards: list[dict], task) -> St
             checked_shard_file(db_path, shard, cached=False)
         except RetroError as err:
             check.problems.append(str(err))
+        except OSError as err:
+            check.problems.append(f"{err.filename or db_path / shard['file']}: index shard {unreadable(err)}")
         check.bytes += int(shard["bytes"])
         task.advance(int(shard["bytes"]))
     check.status = "damaged" if check.problems else "complete"
     return check
+
+
+def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
+    """Check every file of a kNN-LM datastore: its manifest's fields, the keys stage's zarr files against
+    their sha256 (and their groups' metadata, and the arrays' shapes against the counts), and the index
+    shards against theirs. A manifest that cannot be read or has a wrong field raises RetroError."""
+    from retrocli.knn_lm import array_shape_problem, read_datastore_manifest
+
+    progress = progress or NullProgress()
+    started = time.time()
+    where = Path(path)
+    manifest = read_datastore_manifest(where)
+    keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
+    shards = index.get("shards", []) if index["status"] == "complete" else []
+    files = keys.get("files", {}) if keys["status"] == "complete" else {}
+    total = sum(size for array in files.values() for size, _ in array.values()) + sum(s["bytes"] for s in shards)
+    task = progress.start("verify", total=max(total, 1), unit="bytes")
+    checks = []
+    if keys["status"] != "complete":
+        checks.append(StageCheck("keys", keys["status"]))
+    else:
+        problems = check_groups(where / STORE, groups_of(files)) + check_files(where / STORE, files,
+                                                                               on_file=task.advance)
+        if not problems:
+            shapes = {}
+            for name in files:
+                meta = where / STORE / name / "zarr.json"
+                shapes[name] = json.loads(meta.read_text(encoding="utf-8"))["shape"]  # matched its sha256
+            problem = array_shape_problem(manifest, shapes)
+            problems += [f"{where / MANIFEST}: {problem}"] if problem else []
+        checks.append(StageCheck("keys", "damaged" if problems else "complete",
+                                 files=sum(len(a) for a in files.values()),
+                                 bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+    if index["status"] != "complete":
+        checks.append(StageCheck("index", index["status"]))
+    else:
+        check = StageCheck("index", "complete", files=len(shards))
+        rerun = f"rerun `retro knn-datastore ... --out {where} --overwrite`"
+        for shard in shards:
+            try:
+                checked_shard_file(where, shard, cached=False, rerun=rerun)
+            except RetroError as err:
+                check.problems.append(str(err))
+            except OSError as err:
+                check.problems.append(f"{err.filename or where / shard['file']}: index shard {unreadable(err)}")
+            check.bytes += int(shard["bytes"])
+            task.advance(int(shard["bytes"]))
+        check.status = "damaged" if check.problems else "complete"
+        checks.append(check)
+    task.finish()
+    return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)
+
+
+def verify_neighbors(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
+    """Check every file of a batch-neighbours directory: its manifest, the zarr files of `ids` and
+    `distances` against their sha256 and their group's metadata. A manifest that cannot be read raises
+    RetroError."""
+    from retrocli.neighbors import NEIGHBOR_ARRAYS, read_neighbors_manifest, store_name
+
+    progress = progress or NullProgress()
+    started = time.time()
+    where = Path(path)
+    manifest = read_neighbors_manifest(where)
+    if manifest["status"] != "complete":
+        return VerifyResult(str(where), False, [StageCheck("neighbors", str(manifest["status"]), problems=[
+            f"{where}: batch neighbours are incomplete; rerun the same `retro neighbors` command"])],
+            time.time() - started)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(NEIGHBOR_ARRAYS):
+        raise RetroError(f"{where / MANIFEST}: records no checksums for its arrays (an older retrocli); rerun "
+                         "the same `retro neighbors` command with --overwrite")
+    store = where / store_name(manifest)
+    task = progress.start("verify", total=max(sum(s for a in files.values() for s, _ in a.values()), 1), unit="bytes")
+    problems = check_groups(store, groups_of(files)) + check_files(store, files, on_file=task.advance)
+    check = StageCheck("neighbors", "damaged" if problems else "complete", files=sum(len(a) for a in files.values()),
+                       bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems)
+    task.finish()
+    return VerifyResult(str(where), not problems, [check], time.time() - started)
 
 
 def stage_health(db_path: Path, manifest: dict) -> dict[str, str]:

@@ -586,7 +586,7 @@ def test_damaged_or_moved_batch_neighbours_are_refused(tiny_db, planted, tmp_pat
     with pytest.raises(RetroError, match="lies outside"):
         query_db_of(moved, open_neighbors(moved))
     edit_manifest(moved, lambda m: m.update(query_db=str(tiny_db)))
-    with pytest.raises(RetroError, match="db_id differs"):
+    with pytest.raises(RetroError, match="content differs"):
         query_db_of(moved, open_neighbors(moved))
     zarr_file(moved, "ids").unlink()
     with pytest.raises(RetroError, match="chunk 0,0 of array ids is missing"):

@@ -4,6 +4,7 @@ exclusions, the interpolation, and `retro eval/generate --knn-lm`."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_an_interrupted_build_resumes_to_the_same_datastore(store, trained, tiny
 def test_a_datastore_for_other_options_or_a_stranger_directory_is_refused(store, trained, tiny_db, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
-    with pytest.raises(RetroError, match="another model, DB version or options"):
+    with pytest.raises(RetroError, match="another model, DB content or options"):
         build_datastore(tiny_db, trained[0], copy, DatastoreOptions(block_size=500, shard_size=2500))
     stranger = tmp_path / "stranger"
     stranger.mkdir()
@@ -229,3 +230,87 @@ def test_knn_datastore_cli_and_dask_build_the_same_store(store, trained, tiny_db
     np.testing.assert_array_equal(a["values"], b["values"])
     np.testing.assert_array_equal(a["doc"], b["doc"])
     np.testing.assert_allclose(a["keys"].astype(np.float32), b["keys"].astype(np.float32), atol=2e-3)
+
+
+# -- the datastore is checked as a DB is: recorded checksums, a manifest schema, the DB's content id ------
+
+def _edit(path, change):
+    file = path / "manifest.json"
+    manifest = json.loads(file.read_text())
+    change(manifest)
+    file.write_text(json.dumps(manifest))
+
+
+def _flip_byte(file):
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: (s / "store.zarr/values/c/0").unlink(), "chunk 0 of array values is missing"),
+    (lambda s: (s / "store.zarr/doc/c/1").unlink(), "chunk 1 of array doc is missing"),
+    (lambda s: _flip_byte(s / "store.zarr/values/c/0"), "chunk 0 of array values does not match its recorded sha256"),
+    (lambda s: (s / "store.zarr/doc/c/1").write_bytes((s / "store.zarr/doc/c/1").read_bytes()[:20]),
+     "chunk 1 of array doc is 20 bytes"),
+    (lambda s: (s / "store.zarr/zarr.json").unlink(), "metadata of the store's root group is missing"),
+    (lambda s: (s / "store.zarr/values/c/99").write_bytes(b"x"), "chunk 99 of array values was not written"),
+], ids=["deleted-values", "deleted-doc", "flipped-byte", "truncated", "root-group", "stray-chunk"])
+def test_a_damaged_datastore_is_one_line_and_verify_names_the_file(store, trained, tiny_db, tmp_path, cli, damage,
+                                                                    message):
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    damage(copy)
+    with pytest.raises(RetroError, match=re.escape(message)):
+        Datastore(copy)
+    result = cli("eval", tiny_db, "--test", tiny_db, "--model", trained[0], "--knn-lm", copy, "--lambda", "0.5")
+    assert result.exit_code == 2 and result.exception is None, result.output
+    assert len(result.error_lines) == 1 and message in result.error_lines[0], result.output
+    report = cli("verify", copy, "--json")
+    assert report.exit_code == 1 and any(message in p for p in json.loads(report.stdout)["problems"]), report.output
+
+
+def test_verify_takes_an_intact_datastore_and_reads_nothing_else(store, cli):
+    from helpers import tree_snapshot
+
+    before = tree_snapshot(store)
+    report = cli("verify", store, "--json")
+    data = json.loads(report.stdout)
+    assert report.exit_code == 0 and data["ok"], report.output
+    assert [(s["stage"], s["status"]) for s in data["stages"]] == [("keys", "complete"), ("index", "complete")]
+    assert data["files"] > 6 and data["bytes"] > 0
+    assert tree_snapshot(store) == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["counts"].update(dim=128), "'counts.dim' (128) differs from the model's d_model"),
+    (lambda m: m["counts"].update(keys="many"), "'counts.keys' must be an integer"),
+    (lambda m: m["stages"]["index"].update(temperature_scale=-1), "temperature_scale' must be a number > 0"),
+    (lambda m: m["stages"]["index"]["shards"][1].update(start=7), "'stages.index.shards' does not cover"),
+    (lambda m: m["stages"]["keys"]["files"].pop("doc"), "'stages.keys.files' must record the arrays"),
+    (lambda m: (m["model"].update(d_model=128), m["counts"].update(dim=128)), "array keys has shape"),
+    (lambda m: m["db"].pop("content_id"), "older retrocli (no checksums, no DB content id); rebuild it"),
+])
+def test_an_edited_datastore_manifest_is_one_line_naming_the_field(store, tmp_path, cli, change, message):
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    _edit(copy, change)
+    with pytest.raises(RetroError, match=re.escape(message)):
+        Datastore(copy)
+
+
+def test_a_datastore_of_a_copy_that_took_another_change_is_refused(trained, tiny_db, tmp_path, cli):
+    """Two copies of one DB, each with another document removed, are both version 2 of the same db_id."""
+    x, y = tmp_path / "x", tmp_path / "y"
+    shutil.copytree(tiny_db, x)
+    shutil.copytree(tiny_db, y)
+    assert cli("remove", x, "--doc", "0").exit_code == 0 and cli("remove", y, "--doc", "1").exit_code == 0
+    assert open_db(x).version == open_db(y).version == 2
+    out = build_datastore(x, trained[0], tmp_path / "store-of-x", SMALL)
+    Datastore(out).check_matches(trained[0], open_db(x))
+    with pytest.raises(RetroError, match="other DB content"):
+        Datastore(out).check_matches(trained[0], open_db(y))
+    result = cli("eval", y, "--test", tiny_db, "--model", trained[0], "--knn-lm", out, "--lambda", "0.5")
+    assert result.exit_code == 2 and len(result.error_lines) == 1 and "rebuild it" in result.error_lines[0]
+    with pytest.raises(RetroError, match="another model, DB content or options"):  # and not resumed as if same
+        build_datastore(y, trained[0], out, SMALL)

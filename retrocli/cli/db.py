@@ -145,13 +145,14 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory or URL")], cache_
     console.print(table)
 
 @handle_errors
-def verify(db: Annotated[Path, typer.Argument(help="DB directory or URL")], cache_dir: CacheDir = None,
-           json_output: JsonOut = False):
-    """Check every file of a DB against the checksums its stages recorded. Exit 1 if any is damaged."""
-    from retrocli.verify import verify_db
+def verify(db: Annotated[Path, typer.Argument(help="DB directory or URL, a kNN-LM datastore or batch neighbours")],
+           cache_dir: CacheDir = None, json_output: JsonOut = False):
+    """Check every file of a DB (or a kNN-LM datastore, or batch neighbours) against the checksums its stages
+    recorded. Exit 1 if any is damaged."""
+    from retrocli.verify import verify_path
 
     with local_db(db, cache_dir) as path, progress_display(enabled=not json_output) as progress:
-        result = verify_db(path, progress=progress)
+        result = verify_path(path, progress=progress)
     if json_output:
         print_json(result.to_dict())
     else:
