@@ -160,6 +160,8 @@ def generate(
     model, meta = load_model(model_dir, db if db is not None else retriever)
     model.to(where)
     tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir), meta)
+    if isinstance(retriever, HttpRetriever):
+        retriever.check_vocab(tokenizer.vocab_size)
     if not prompt.strip():
         raise RetroError("--prompt is empty")
     if max_new_tokens < 1:

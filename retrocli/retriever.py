@@ -9,7 +9,9 @@ chunks, search the index, gather [N, F]) against the batch size.
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import threading
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrocli.db import RetroDB
+from retrocli.db import RetroDB, check_fields
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -115,10 +117,30 @@ class LocalRetriever:
         return out
 
 
+# What a `retro serve` answer must hold (retrocli.db.check_fields tables; ints are ≥ 0, chunk_size ≥ 1).
+SERVED_DB_SCHEMA = {"db_id": (str, True), "version": (int, True), "content_id": (str, True)}
+INFO_SCHEMA = {**SERVED_DB_SCHEMA, "chunks": (int, True), "chunk_size": (int, True), "vocab_size": (int, True),
+               "pad_id": (int, True), "tokenizer_sha256": (str, True)}
+CHUNK_SCHEMA = {"chunk": (int, True), "text": (str, True), "neighbors": (list, True)}
+NEIGHBOR_SCHEMA = {"id": (int, True), "doc": (int, True), "source": (str, True), "text": (str, True),
+                   "tokens": (list, True), "continuation_tokens": (list, True)}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
 @dataclass
 class HttpRetriever:
     """Retrieval from a `retro serve` server: one POST /neighbors per call (the server batches calls from
-    all its clients). Checks on connecting that the server's DB is chunked the way the model expects."""
+    all its clients). Checks on connecting that the server's DB is chunked the way the model expects, and
+    pins the DB version it serves (db_id, version, content_id): an answer from any other version, or one
+    that is not what the server's schema promises, is one line naming the server."""
 
     url: str
     timeout: float = 60.0
@@ -129,16 +151,28 @@ class HttpRetriever:
         if not self.url.startswith(("http://", "https://")):
             raise RetroError(f"--retriever {self.url}: expected http://host:port")
         self.info = self._call("GET", "/info")
-        try:
-            self.chunk_size = int(self.info["chunk_size"])
-            self.pad = int(self.info["pad_id"])
-            self.tokenizer_sha256 = str(self.info["tokenizer_sha256"])
-            self.num_chunks = int(self.info["chunks"])
-        except (KeyError, TypeError, ValueError):
-            raise RetroError(f"{self.url}/info: not a retro server's answer") from None
+        where = f"{self.url}/info"
+        if not isinstance(self.info, dict):
+            raise RetroError(f"{where}: not a retro server's answer (not a JSON object)")
+        check_fields(where, self.info, INFO_SCHEMA)
+        if self.info["version"] < 1 or self.info["vocab_size"] < 1:
+            raise RetroError(f"{where}: field 'version' and 'vocab_size' must be ≥ 1")
+        self.chunk_size = self.info["chunk_size"]
+        self.pad = self.info["pad_id"]
+        self.tokenizer_sha256 = self.info["tokenizer_sha256"]
+        self.num_chunks = self.info["chunks"]
+        self.vocab_size = self.info["vocab_size"]
+        self.served_db = {key: self.info[key] for key in SERVED_DB_SCHEMA}
         self.path = self.url
 
-    def _call(self, method: str, route: str, body: dict | None = None) -> dict:
+    def check_vocab(self, vocab_size: int) -> None:
+        """The model's tokenizer (same sha256 as the server's) has this many ids: no neighbour token may be
+        outside them, whatever the server says."""
+        if self.vocab_size != vocab_size:
+            raise RetroError(f"{self.url}/info: field 'vocab_size' is {self.vocab_size}; the tokenizer it names "
+                             f"has {vocab_size}")
+
+    def _call(self, method: str, route: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + route, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
@@ -147,14 +181,15 @@ class HttpRetriever:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             try:
-                message = json.loads(err.read()).get("error", err.reason)
-            except ValueError:
+                answer = json.loads(err.read())
+                message = answer["error"] if isinstance(answer, dict) and "error" in answer else err.reason
+            except (ValueError, RecursionError, OSError, http.client.HTTPException):
                 message = err.reason
-            raise RetroError(f"{self.url}{route}: {err.code} {message}") from None
-        except (urllib.error.URLError, OSError) as err:
+            raise RetroError(f"{self.url}{route}: {err.code} {' '.join(str(message).split())}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             raise RetroError(f"{self.url}: cannot reach the retrieval server ({getattr(err, 'reason', err)})") \
                 from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RetroError(f"{self.url}{route}: the answer is not JSON") from None
 
     def retrieve(self, chunks: list[list[int]], k: int, exclude_docs: list[set[int]] | None = None
@@ -166,10 +201,73 @@ class HttpRetriever:
             body["exclude_docs_per_query"] = [sorted(s) for s in exclude_docs]
         answer = self._call("POST", "/neighbors", body)
         out = []
-        for result in answer["results"]:
-            for chunk in result["chunks"]:
-                neighbors = [Neighbor(**{key: nb[key] for key in Neighbor.__dataclass_fields__})
-                             for nb in chunk["neighbors"]]
-                pairs = [(nb["tokens"], nb["continuation_tokens"]) for nb in chunk["neighbors"]]
-                out.append(Retrieved(chunk["text"], neighbors, pack_rows(pairs, k, self.chunk_size, self.pad), pairs))
+        for chunk in self.checked_chunks(answer, len(chunks), k):
+            neighbors = [Neighbor(**{key: nb[key] for key in Neighbor.__dataclass_fields__})
+                         for nb in chunk["neighbors"]]
+            pairs = [(nb["tokens"], nb["continuation_tokens"]) for nb in chunk["neighbors"]]
+            out.append(Retrieved(chunk["text"], neighbors, pack_rows(pairs, k, self.chunk_size, self.pad), pairs))
         return out
+
+    def checked_chunks(self, answer, queries: int, k: int) -> list[dict]:
+        """The one chunk of each of `queries` results, every field checked (types, ranges, counts) and the
+        DB version the same as when we connected; RetroError naming the server otherwise."""
+        where = f"{self.url}/neighbors"
+        if not isinstance(answer, dict):
+            raise RetroError(f"{where}: not a retro server's answer (not a JSON object)")
+        check_fields(where, answer, {**SERVED_DB_SCHEMA, "results": (list, True)})
+        served = {key: answer[key] for key in SERVED_DB_SCHEMA}
+        if served != self.served_db:
+            raise RetroError(f"{where}: the server now serves another DB version ({served['db_id']} version "
+                             f"{served['version']}, content {served['content_id'][:12]}…) than when generation "
+                             f"started ({self.served_db['db_id']} version {self.served_db['version']}, content "
+                             f"{self.served_db['content_id'][:12]}…); rerun to use it")
+        if len(answer["results"]) != queries:
+            raise RetroError(f"{where}: {len(answer['results'])} results for {queries} queries")
+        chunks = []
+        for q, result in enumerate(answer["results"]):
+            name = f"results[{q}]"
+            if not isinstance(result, dict):
+                raise RetroError(f"{where}: field '{name}' must be an object, not {result!r}")
+            check_fields(where, result, {"chunks": (list, True)}, f"{name}.")
+            if len(result["chunks"]) != 1 or not isinstance(result["chunks"][0], dict):
+                raise RetroError(f"{where}: field '{name}.chunks' must hold one chunk object (one query chunk "
+                                 f"was sent), not {len(result['chunks'])} items")
+            chunk = result["chunks"][0]
+            check_fields(where, chunk, CHUNK_SCHEMA, f"{name}.chunks[0].")
+            if len(chunk["neighbors"]) > k:
+                raise RetroError(f"{where}: field '{name}.chunks[0].neighbors' holds {len(chunk['neighbors'])} "
+                                 f"neighbours; {k} were asked for")
+            for n, neighbor in enumerate(chunk["neighbors"]):
+                self.check_neighbor(where, neighbor, f"{name}.chunks[0].neighbors[{n}]")
+            chunks.append(chunk)
+        return chunks
+
+    def check_neighbor(self, where: str, neighbor, name: str) -> None:
+        if not isinstance(neighbor, dict):
+            raise RetroError(f"{where}: field '{name}' must be an object, not {neighbor!r}")
+        check_fields(where, neighbor, NEIGHBOR_SCHEMA, f"{name}.")
+
+        def refuse(key: str, what: str):
+            if key not in neighbor:
+                raise RetroError(f"{where}: field '{name}.{key}' is missing")
+            raise RetroError(f"{where}: field '{name}.{key}' must be {what}, not {_short(neighbor[key])}")
+
+        if neighbor["id"] >= self.num_chunks:
+            refuse("id", f"a chunk id below {self.num_chunks}")
+        distance = neighbor.get("distance")
+        if not isinstance(distance, (int, float)) or isinstance(distance, bool) or not math.isfinite(distance):
+            refuse("distance", "a finite number")
+        cont = neighbor.get("continuation_id", ...)
+        if not (cont is None or _is_int(cont) and 0 <= cont < self.num_chunks):
+            refuse("continuation_id", f"null or a chunk id below {self.num_chunks}")
+        if not (neighbor.get("continuation", ...) is None or isinstance(neighbor.get("continuation"), str)):
+            refuse("continuation", "null or a string")
+        for key in ("tokens", "continuation_tokens"):
+            tokens = neighbor[key]
+            if len(tokens) > self.chunk_size:
+                raise RetroError(f"{where}: field '{name}.{key}' holds {len(tokens)} tokens; a chunk has at most "
+                                 f"{self.chunk_size}")
+            for t, token in enumerate(tokens):
+                if not (_is_int(token) and 0 <= token < self.vocab_size):
+                    raise RetroError(f"{where}: field '{name}.{key}[{t}]' must be a token id in "
+                                     f"[0, {self.vocab_size}), not {_short(token)}")

@@ -1,21 +1,26 @@
 """`retro serve`: a DB's retrieval as an HTTP service that many clients share.
 
-The DB is opened once (read-only). Requests that arrive within a short batching window are answered by
-one embed + search call, so under load each BERT forward and each index search serves many queries and
-throughput grows with the number of clients. One call runs at a time, in a worker thread; requests that
-arrive while it runs form the next batch.
+The DB is opened read-only and followed: every request stats its manifest (one os.stat) and, when another
+version has been committed (`retro add`, `remove`, a rebuild), opens it before answering. A request is
+answered from one opened version whole, and every JSON answer names it: "db_id", "version" and
+"content_id" (retrocli.db.content_id). A DB that is gone, unreadable or found damaged gets 503 with one
+line (no server path) until a new version is committed there. Requests that arrive within a short batching
+window are answered by one embed + search call, so under load each BERT forward and each index search
+serves many queries and throughput grows with the number of clients. One call runs at a time, in a worker
+thread; requests that arrive while it runs form the next batch.
 
-    GET  /health     {"status": "ok"}
-    GET  /info       the DB: id, version, chunks, chunk size, tokenizer, embedder, pad id, limits
+    GET  /health     {"status": "ok", db_id, version, content_id}, or 503 {"status": "unavailable", "error"}
+    GET  /info       the DB: id, version, content id, chunks, chunk size, tokenizer, embedder, pad id, limits
     POST /neighbors  {"texts": [...]} or {"token_ids": [[...], ...]}, "k": 2,
                      optional "exclude_docs": [doc ids] (for every query) or
                      "exclude_docs_per_query": [[doc ids], ...], "exclude_same_doc": true
                      → {"results": [{"chunks": [{"chunk", "text", "neighbors": [{"id", "distance", "doc",
                         "source", "text", "continuation_id", "continuation", "tokens",
-                        "continuation_tokens"}]}]}]}
+                        "continuation_tokens"}]}]}], "db_id", "version", "content_id"}
 
 Each text (or token list) is cut into chunks of the DB's chunk size, as `retro neighbors` does. A request
-names no path: it can only read the DB's chunks and never changes anything. Bad requests get a 4xx with
+names no path: it can only read the DB's chunks and never changes anything. Bad requests (invalid UTF-8,
+lone surrogates, NaN, duplicate keys, nesting beyond JSON's depth limit, wrong fields) get a 4xx with
 {"error": one line}.
 """
 
@@ -25,10 +30,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
+import sys
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
-from retrocli.db import RetroDB, open_db
+from retrocli.db import MANIFEST, RetroDB, open_db
 from retrocli.errors import RetroError
 from retrocli.neighbors import QueryChunk, split_query
 from retrocli.options import DEFAULT_BATCH_WINDOW_MS, DEFAULT_EF_SEARCH, DEFAULT_MAX_BATCH, DEFAULT_QUERY_K
@@ -50,6 +59,7 @@ class Query:
     k: int
     exclude: list[set[int]] | None  # per chunk, flattened in input order
     exclude_same_doc: bool = False
+    served: Served | None = None  # the DB version it was checked against and is answered from
     future: asyncio.Future | None = None
 
     @property
@@ -66,12 +76,55 @@ def _int_list(value, name: str, low: int, high: int) -> list[int]:
     return value
 
 
+def _unique_fields(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise BadRequest("the body repeats a field name")
+    return dict(pairs)
+
+
+def _not_a_number(name: str):
+    raise BadRequest(f"the body is not JSON ({name} is not a JSON number)")
+
+
+def _holds_lone_surrogate(data) -> bool:
+    """Whether any string (key or value) holds a lone surrogate such as "\\ud800", which is no text:
+    the tokenizer and the JSON encoder both refuse it. Walked without recursion: nesting is the input's."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def strict_json(body: bytes):
+    """The body parsed as strict JSON (UTF-8, no NaN/Infinity, no repeated field, text without lone
+    surrogates), or BadRequest."""
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_not_a_number, object_pairs_hook=_unique_fields)
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8 text") from None
+    except RecursionError:
+        raise BadRequest("the body nests arrays or objects too deeply") from None
+    except ValueError as err:
+        raise BadRequest(f"the body is not JSON ({err})") from None
+    if _holds_lone_surrogate(data):
+        raise BadRequest("the body holds a lone surrogate (a \\uD800-\\uDFFF escape that is not part of a pair)")
+    return data
+
+
 def parse_request(body: bytes, db: RetroDB) -> Query:
     """The request body as a Query, or BadRequest naming the field at fault."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BadRequest(f"the body is not JSON ({err})") from None
+    data = strict_json(body)
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(data) - REQUEST_FIELDS)
@@ -120,7 +173,104 @@ def parse_request(body: bytes, db: RetroDB) -> Query:
     return Query(per_input, k, exclude, same)
 
 
-def answer_batch(retriever: LocalRetriever, queries: list[Query]) -> list[dict]:
+@dataclass(frozen=True, eq=False)
+class Served:
+    """One committed version of the DB, opened: a request is checked against one and answered from it whole."""
+
+    retriever: LocalRetriever
+    stamp: tuple[int, int, int] | None  # the manifest's (inode, mtime, size) when it was opened
+    info: dict
+
+    @property
+    def db(self) -> RetroDB:
+        return self.retriever.db
+
+    @property
+    def identity(self) -> dict:
+        return {key: self.info[key] for key in ("db_id", "version", "content_id")}
+
+
+class Unavailable(Exception):
+    """The DB cannot be served (gone, unreadable, damaged): 503 with this one-line message."""
+
+
+def manifest_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes whenever a version is committed (the manifest is replaced by a rename): one stat.
+    None when the manifest cannot be stat'ed (the DB is gone)."""
+    try:
+        st = os.stat(path / MANIFEST)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"]+/)*(?=[^\s/'\"])")
+
+
+class ServedDB:
+    """The DB at `path`, followed from version to version. `current()` stats the manifest per request and
+    opens a newly committed version before answering from it; a DB that cannot be opened, or that a read
+    finds damaged, is unavailable until its manifest changes again (a new commit, a rebuild, a restore)."""
+
+    def __init__(self, path: str | os.PathLike, ef: int, device: str, limits: dict):
+        self.path = Path(path).absolute()
+        self.name = self.path.resolve().name or "db"
+        self.ef, self.device, self.limits = ef, device, limits
+        self.problem: str | None = None  # why it is unavailable, while the manifest keeps problem_stamp
+        self.problem_stamp: tuple[int, int, int] | None = None
+        self._lock = asyncio.Lock()
+        self.served: Served | None = self._open(manifest_stamp(self.path))  # at startup a bad DB is one line
+
+    def _open(self, stamp: tuple[int, int, int] | None) -> Served:
+        db = open_db(self.path)
+        retriever = LocalRetriever(db, ef=self.ef, device=self.device)
+        info = {
+            "db": self.name, "db_id": db.manifest["db_id"], "version": db.version, "content_id": db.content_id,
+            "chunks": db.num_chunks, "documents": db.num_docs, "chunk_size": db.chunk_size,
+            "tokenizer_sha256": db.tokenizer_sha256, "vocab_size": db.tokenizer.vocab_size,
+            "embedder": db.manifest["embedder"]["name"], "pad_id": retriever.pad, **self.limits,
+            "max_k": min(MAX_K, db.num_chunks),
+        }
+        return Served(retriever, stamp, info)
+
+    async def current(self) -> Served:
+        """The version to answer from now, opened when it is new; Unavailable when there is none."""
+        served = self.served
+        if served is not None and manifest_stamp(self.path) == served.stamp:
+            return served
+        async with self._lock:  # one open at a time: requests that queued behind it reuse what it opened
+            stamp = manifest_stamp(self.path)
+            if self.served is not None and stamp == self.served.stamp:
+                return self.served
+            if self.served is None and stamp == self.problem_stamp:
+                raise Unavailable(self.problem)
+            try:
+                served = await asyncio.to_thread(self._open, stamp)
+            except Exception as err:  # noqa: BLE001 - whatever stops the open, the server answers 503
+                raise Unavailable(self._fail(stamp, err)) from None
+            self.served, self.problem, self.problem_stamp = served, None, None
+            return served
+
+    def damaged(self, served: Served, err: Exception) -> str:
+        """A read from `served` failed: nothing more is answered from it until its manifest changes."""
+        if self.served is served:
+            return self._fail(served.stamp, err)
+        return self._message(err)
+
+    def _fail(self, stamp, err: Exception) -> str:
+        self.served, self.problem_stamp, self.problem = None, stamp, self._message(err)
+        return self.problem
+
+    def _message(self, err: Exception) -> str:
+        """One line without the server's paths: the DB's own path becomes its name, any other path its
+        last part."""
+        message = " ".join(str(err).split())
+        for prefix in sorted({str(self.path), str(self.path.resolve())}, key=len, reverse=True):
+            message = message.replace(prefix, self.name)
+        return f"the served DB cannot be read: {_ABSOLUTE_PATH.sub('…/', message)}"
+
+
+def answer_batch(served: Served, queries: list[Query]) -> list[dict]:
     """One embed + search call for every chunk of every query; each query's answer as JSON."""
     flat = [chunk for query in queries for chunk in query.chunks]
     k = max(query.k for query in queries)
@@ -129,7 +279,7 @@ def answer_batch(retriever: LocalRetriever, queries: list[Query]) -> list[dict]:
         exclude = [row for query in queries for row in (query.exclude or [set()] * len(query.chunks))]
     if any(query.exclude_same_doc for query in queries):
         own = [chunk.tokens if query.exclude_same_doc else None for query in queries for chunk in query.chunks]
-    found = retriever.retrieve_texts([chunk.text for chunk in flat], k, exclude, own)
+    found = served.retriever.retrieve_texts([chunk.text for chunk in flat], k, exclude, own)
     answers, at = [], 0
     for query in queries:
         results = []
@@ -142,15 +292,16 @@ def answer_batch(retriever: LocalRetriever, queries: list[Query]) -> list[dict]:
                 out.append({"chunk": chunk.index, "text": chunk.text, "neighbors": neighbors})
                 at += 1
             results.append({"chunks": out})
-        answers.append({"results": results})
+        answers.append({**served.identity, "results": results})
     return answers
 
 
 class Batcher:
-    """Collects queries for `window` seconds (or until `max_batch` chunks) and answers them in one call."""
+    """Collects queries for `window` seconds (or until `max_batch` chunks) and answers them in one call per
+    DB version they were checked against (one, unless a new version was committed meanwhile)."""
 
-    def __init__(self, retriever: LocalRetriever, window: float, max_batch: int):
-        self.retriever, self.window, self.max_batch = retriever, window, max_batch
+    def __init__(self, window: float, max_batch: int):
+        self.window, self.max_batch = window, max_batch
         self.queue: asyncio.Queue[Query] = asyncio.Queue()
         self.batches = 0
         self.batched_queries = 0
@@ -185,28 +336,36 @@ class Batcher:
                     break
                 batch.append(query)
                 size += len(query.chunks)
-            try:
-                answers = await asyncio.to_thread(answer_batch, self.retriever, batch)
-            except Exception as err:  # noqa: BLE001 - every waiting client gets the error, the server lives on
-                for query in batch:
-                    if not query.future.done():
-                        query.future.set_exception(err)
-                continue
-            self.batches += 1
-            self.batched_queries += len(batch)
-            for query, answer in zip(batch, answers):
+            by_version: dict[int, list[Query]] = {}
+            for query in batch:
+                by_version.setdefault(id(query.served), []).append(query)
+            for group in by_version.values():
+                await self._answer(group)
+
+    async def _answer(self, group: list[Query]) -> None:
+        try:
+            answers = await asyncio.to_thread(answer_batch, group[0].served, group)
+        except Exception as err:  # noqa: BLE001 - every waiting client gets the error, the server lives on
+            for query in group:
                 if not query.future.done():
-                    query.future.set_result(answer)
+                    query.future.set_exception(err)
+            return
+        self.batches += 1
+        self.batched_queries += len(group)
+        for query, answer in zip(group, answers):
+            if not query.future.done():
+                query.future.set_result(answer)
 
 
 def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu",
                batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
-    """The Starlette app serving db_path. The DB, its index and its embedder are loaded here, once."""
+    """The Starlette app serving db_path. The DB, its index and its embedder are loaded here, and again
+    whenever a new version of the DB is committed."""
     try:
         import uvicorn  # noqa: F401 - checked here, before the DB is loaded
         from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse
+        from starlette.requests import ClientDisconnect, Request
+        from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
         raise RetroError("retro serve needs starlette and uvicorn: pip install 'retrocli[serve]'") from None
@@ -214,45 +373,61 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
         raise RetroError("--batch-window-ms: must be ≥ 0")
     if max_batch < 1:
         raise RetroError("--max-batch: must be at least 1")
-    db = open_db(db_path)
-    retriever = LocalRetriever(db, ef=ef, device=device)
-    batcher = Batcher(retriever, batch_window_ms / 1000, max_batch)
-    info = {
-        "db": db.path.name, "db_id": db.manifest["db_id"], "version": db.version, "chunks": db.num_chunks,
-        "documents": db.num_docs, "chunk_size": db.chunk_size, "tokenizer_sha256": db.tokenizer_sha256,
-        "vocab_size": db.tokenizer.vocab_size, "embedder": db.manifest["embedder"]["name"],
-        "pad_id": retriever.pad, "batch_window_ms": batch_window_ms, "max_batch": max_batch,
-        "max_query_chunks": MAX_QUERY_CHUNKS, "max_k": min(MAX_K, db.num_chunks),
-    }
+    limits = {"batch_window_ms": batch_window_ms, "max_batch": max_batch, "max_query_chunks": MAX_QUERY_CHUNKS}
+    served_db = ServedDB(db_path, ef, device, limits)
+    batcher = Batcher(batch_window_ms / 1000, max_batch)
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def reply(data: dict, served: Served | None = None, status: int = 200) -> JSONResponse:
+        """Every answer computed from the DB names the version it came from."""
+        return JSONResponse({**data, **(served.identity if served else {})}, status_code=status)
+
+    def error(status: int, message: str, served: Served | None = None) -> JSONResponse:
+        return reply({"error": message}, served, status)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        try:
+            served = await served_db.current()
+        except Unavailable as err:
+            return JSONResponse({"status": "unavailable", "error": str(err)}, status_code=503)
+        return reply({"status": "ok"}, served)
 
     async def get_info(request: Request) -> JSONResponse:
-        return JSONResponse({**info, "batches": batcher.batches, "requests": batcher.batched_queries})
+        try:
+            served = await served_db.current()
+        except Unavailable as err:
+            return error(503, str(err))
+        return reply({**served.info, "batches": batcher.batches, "requests": batcher.batched_queries}, served)
 
-    async def neighbors(request: Request) -> JSONResponse:
+    async def neighbors(request: Request) -> Response:
         if "json" not in request.headers.get("content-type", "application/json"):
             return error(415, "send the request as application/json")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         body = b""
-        async for part in request.stream():
-            body += part
-            if len(body) > MAX_BODY_BYTES:
-                return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            query = parse_request(body, db)
+            async for part in request.stream():
+                body += part
+                if len(body) > MAX_BODY_BYTES:
+                    return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
+        except ClientDisconnect:
+            return Response(status_code=400)  # the client left mid-body: nobody reads this, nothing to log
+        try:
+            served = await served_db.current()
+        except Unavailable as err:
+            return error(503, str(err))
+        try:
+            query = parse_request(body, served.db)
         except BadRequest as err:
-            return error(400, str(err))
+            return error(400, str(err), served)
+        query.served = served
         try:
-            return JSONResponse(await batcher.submit(query))
-        except RetroError as err:
-            return error(500, str(err))
+            return reply(await batcher.submit(query))
+        except (RetroError, OSError) as err:
+            return error(503, served_db.damaged(served, err))
+        except Exception as err:  # noqa: BLE001 - a bug: its traceback goes to the log, not to the client
+            traceback.print_exception(err, file=sys.stderr)
+            return error(500, f"internal error ({type(err).__name__}); the server's log has the details")
 
     async def not_found(request: Request, exc) -> JSONResponse:
         return error(404, f"no such route: {request.method} {request.url.path} (try GET /health, GET /info, "
@@ -273,7 +448,7 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
         exception_handlers={404: not_found, 405: not_allowed},
         lifespan=lifespan,
     )
-    app.state.batcher, app.state.retriever, app.state.info = batcher, retriever, info
+    app.state.batcher, app.state.served_db, app.state.info = batcher, served_db, served_db.served.info
     return app
 
 

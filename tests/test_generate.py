@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from helpers import tree_snapshot
 
 from retrocli.db import open_db
@@ -91,3 +92,147 @@ def test_generate_with_stale_retrieval_is_deterministic_and_retrieves_every_chun
     assert len(a.retrievals) == len(fresh.retrievals)
     # the prompt's first chunk is the same text either way, so its neighbours are too
     assert [n.id for n in a.retrievals[0].neighbors] == [n.id for n in fresh.retrievals[0].neighbors]
+
+
+# -- generate --retriever against a misbehaving server ---------------------------------------------------
+
+class FakeServer:
+    """A real HTTP server on 127.0.0.1 answering each route with the JSON it is given: a retro server
+    that misbehaves."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.answers: dict[str, object] = {}
+        answers = self.answers
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                if self.headers.get("Content-Length"):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps(answers[self.path]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def fake_server(tiny_db):
+    """Serving tiny_db's /info (so a model trained on it connects) and one well-formed neighbour."""
+    from retrocli.sequences import pad_id
+
+    db = open_db(tiny_db)
+    served = {"db_id": db.manifest["db_id"], "version": db.version, "content_id": db.content_id}
+    server = FakeServer()
+    server.answers["/info"] = {"db": "db", **served, "chunks": db.num_chunks, "documents": db.num_docs,
+                               "chunk_size": db.chunk_size, "tokenizer_sha256": db.tokenizer_sha256,
+                               "vocab_size": db.tokenizer.vocab_size, "pad_id": pad_id(db)}
+    neighbor = {"id": 1, "distance": 0.5, "doc": 0, "source": "a.txt", "text": "N", "continuation_id": 2,
+                "continuation": "F", "tokens": [101, 102], "continuation_tokens": [103]}
+    server.answers["/neighbors"] = {**served, "results": [{"chunks": [{"chunk": 0, "text": "q",
+                                                                       "neighbors": [neighbor]}]}]}
+    yield server
+    server.close()
+
+
+def _neighbor(answer: dict) -> dict:
+    return answer["results"][0]["chunks"][0]["neighbors"][0]
+
+
+def test_a_well_formed_server_answer_is_read(fake_server):
+    from retrocli.retriever import HttpRetriever
+
+    [got] = HttpRetriever(fake_server.url).retrieve([[5, 6, 7]], 2)
+    assert [n.id for n in got.neighbors] == [1] and got.rows[0, :3].tolist() == [101, 102, 103]
+
+
+def _set(path: str, value):
+    """A change to the good answer: `path` like "results.0.chunks" (numbers index lists)."""
+    def change(answer):
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        for key in parents:
+            answer = answer[key]
+        answer[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda a: a.clear() or a.update(results=[]), "'db_id' is missing"),
+    (lambda a: a["results"].clear(), "0 results for 1 queries"),
+    (lambda a: a.clear() or a.update(foo=1), "is missing"),
+    (lambda a: a["results"].append(a["results"][0]), "2 results for 1 queries"),
+    (_set("results.0.chunks", []), "one chunk"),
+    (_set("results.0.chunks.0.neighbors.0", {}), "'results[0].chunks[0].neighbors[0].id' is missing"),
+    (lambda a: _neighbor(a).pop("distance"), "'results[0].chunks[0].neighbors[0].distance' is missing"),
+    (_set("results.0.chunks.0.neighbors.0.tokens", [99999]), "tokens[0]' must be a token id"),
+    (_set("results.0.chunks.0.neighbors.0.tokens", ["a"]), "must be a token id"),
+    (_set("results.0.chunks.0.neighbors.0.tokens", [-5]), "must be a token id"),
+    (_set("results.0.chunks.0.neighbors.0.continuation_tokens", [5.7]), "must be a token id"),
+    (_set("results.0.chunks.0.neighbors.0.tokens", [True]), "must be a token id"),
+    (_set("results.0.chunks.0.neighbors.0.tokens", list(range(200))), "a chunk has at most 64"),
+    (_set("results.0.chunks.0.neighbors.0.id", 10 ** 6), "must be a chunk id below"),
+    (_set("results.0.chunks.0.neighbors.0.continuation_id", -1), "null or a chunk id"),
+    (_set("results.0.chunks.0.neighbors.0.distance", float("nan")), "finite number"),
+    (_set("results.0.chunks.0.neighbors.0.source", None), "must be a string"),
+    (lambda a: a["results"][0]["chunks"][0]["neighbors"].extend([_neighbor(a)] * 2), "2 were asked for"),
+    (_set("version", 2), "another DB version"),
+    (_set("content_id", "0" * 64), "another DB version"),
+])
+def test_a_misbehaving_server_is_one_line_naming_it(fake_server, change, words):
+    import copy
+
+    from retrocli.errors import RetroError
+    from retrocli.retriever import HttpRetriever
+
+    answer = copy.deepcopy(fake_server.answers["/neighbors"])
+    change(answer)
+    fake_server.answers["/neighbors"] = answer
+    retriever = HttpRetriever(fake_server.url)
+    with pytest.raises(RetroError) as err:
+        retriever.retrieve([[5, 6, 7]], 2)
+    message = str(err.value)
+    assert message.startswith(f"{fake_server.url}/neighbors: ") and words in message and "\n" not in message
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("content_id", None, "'content_id' must be a string"),
+    ("chunk_size", 0, "'chunk_size' must be ≥ 1"),
+    ("pad_id", "0", "'pad_id' must be an integer"),
+])
+def test_a_misbehaving_server_info_is_one_line(fake_server, field, value, words):
+    from retrocli.errors import RetroError
+    from retrocli.retriever import HttpRetriever
+
+    fake_server.answers["/info"][field] = value
+    with pytest.raises(RetroError, match=f"^{fake_server.url}/info: .*{words}"):
+        HttpRetriever(fake_server.url)
+
+
+def test_generate_cli_refuses_a_misbehaving_server_in_one_line(trained, fake_server, cli):
+    out, _ = trained
+    _neighbor(fake_server.answers["/neighbors"])["tokens"] = [99999]
+    result = cli("generate", "--retriever", fake_server.url, "--model", out, "--prompt", "Python classes " * 40,
+                 "--max-new-tokens", "4", "--temperature", "0", "--json")
+    assert result.exit_code == 2 and result.exception is None
+    assert len(result.error_lines) == 1 and fake_server.url in result.error_lines[0]
+    assert "must be a token id" in result.stderr and "Traceback" not in result.output
+    fake_server.answers["/info"]["vocab_size"] += 1  # the model's tokenizer (same sha256) says otherwise
+    result = cli("generate", "--retriever", fake_server.url, "--model", out, "--prompt", "x", "--json")
+    assert result.exit_code == 2 and "'vocab_size'" in result.stderr

@@ -1,10 +1,13 @@
 """`retro serve`, a real server on a free 127.0.0.1 port: the same neighbours as query mode, requests from
-many clients batched into one call, bad requests refused in one line, the DB never touched, and
-`retro generate --retriever` giving the same text as a local DB."""
+many clients batched into one call, bad requests refused in one line, the DB never touched but followed
+from version to version (503 when it is gone or damaged), and `retro generate --retriever` giving the same
+text as a local DB."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,38 +46,48 @@ def _call(url: str, route: str, body=None, method: str | None = None, raw: bytes
         return err.code, json.loads(err.read())
 
 
-@pytest.fixture(scope="module")
-def server(tiny_db):
+@contextlib.contextmanager
+def serving(db: Path, log: Path, *options):
+    """`retro serve db` as a real process on a free 127.0.0.1 port, its stderr in `log`: (url, port)."""
     port = _free_port()
-    before = tree_snapshot(tiny_db)
-    proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(tiny_db), "--port", str(port),
-                             "--threads", "1", "--batch-window-ms", "20"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(db), "--port", str(port),
+                                 "--threads", "1", "--batch-window-ms", "20", *options],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while True:
-        try:
-            if _call(url, "/health")[0] == 200:
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"retro serve exited: {proc.stderr.read().decode()}") from None
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("retro serve did not start") from None
-            time.sleep(0.2)
-    yield url, port
-    proc.terminate()
-    proc.wait(20)
+    try:
+        while True:
+            try:
+                if _call(url, "/health")[0] == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"retro serve exited: {log.read_text()}") from None
+                if time.time() > deadline:
+                    raise RuntimeError("retro serve did not start") from None
+                time.sleep(0.2)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_db, tmp_path_factory):
+    before = tree_snapshot(tiny_db)
+    with serving(tiny_db, tmp_path_factory.mktemp("serve") / "stderr.log") as (url, port):
+        yield url, port
     assert tree_snapshot(tiny_db) == before  # serving never changed the DB
 
 
 def test_health_and_info_describe_the_db(server, tiny_db):
     url, _ = server
     db = open_db(tiny_db)
-    assert _call(url, "/health") == (200, {"status": "ok"})
+    served = {"db_id": db.manifest["db_id"], "version": db.version, "content_id": db.content_id}
+    assert _call(url, "/health") == (200, {"status": "ok", **served})
     status, info = _call(url, "/info")
-    assert status == 200
+    assert status == 200 and served.items() <= info.items()
     assert info["chunks"] == db.num_chunks and info["chunk_size"] == db.chunk_size
     assert info["tokenizer_sha256"] == db.tokenizer_sha256 and info["pad_id"] == pad_id(db)
 
@@ -126,6 +140,13 @@ def test_token_ids_and_exclusions(server, tiny_db):
     (json.dumps({"texts": ["a"], "path": "../../etc/passwd"}).encode(), "unknown field 'path'"),
     (json.dumps({"texts": ["a"], "exclude_docs": [10 ** 6]}).encode(), "out of range"),
     (json.dumps({"texts": ["a"] * 2000}).encode(), "at most"),
+    # hostile JSON: each was a 500 with a traceback, or text the tokenizer cannot take
+    (b'{"texts": ["\\ud800 abc"]}', "lone surrogate"),
+    (b'{"\\udfff": 1}', "lone surrogate"),
+    (b"[" * 100_000, "too deeply"),
+    (b'{"texts": ["a"], "k": NaN}', "NaN"),
+    (b'{"texts": ["a"], "texts": ["b"]}', "repeats"),
+    (b'{"texts": ["\xff"]}', "UTF-8"),
 ])
 def test_bad_requests_get_a_400_with_one_line(server, body, words):
     url, _ = server
@@ -197,3 +218,82 @@ def test_serving_on_a_port_in_use_is_one_line(server, tiny_db, cli):
     result = cli("serve", tiny_db, "--port", str(port))
     assert result.exit_code != 0 and f"cannot serve on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _first_chunk(db_path: Path, doc: int) -> list[int]:
+    db = open_db(db_path)
+    return db.chunk_tokens(int(db.doc_chunks(doc).start)).tolist()
+
+
+def test_the_server_follows_each_committed_version_and_a_vanished_db(tiny_db, tiny_db_copy, tmp_path, retro_proc):
+    db = tiny_db_copy
+    chunk = _first_chunk(db, 5)
+    docs = lambda answer: {n["doc"] for n in answer["results"][0]["chunks"][0]["neighbors"]}  # noqa: E731
+    new_doc = "Quantum chromodynamics describes quarks and gluons; the strong force confines colour charge. " * 6
+    (tmp_path / "new.jsonl").write_text(json.dumps({"text": new_doc}) + "\n")
+    log = tmp_path / "stderr.log"
+    with serving(db, log) as (url, _):
+        status, before = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        assert status == 200 and before["version"] == 1 and 5 in docs(before)
+        assert before["content_id"] == open_db(db).content_id
+
+        removed = retro_proc("remove", db, "--doc", "5")
+        assert removed.exit_code == 0, removed.output
+        status, after = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        assert status == 200 and 5 not in docs(after)  # the next request already sees the removal
+        assert after["version"] == 2 and after["content_id"] == open_db(db).content_id != before["content_id"]
+        assert _call(url, "/info")[1]["version"] == 2 and _call(url, "/health")[1]["version"] == 2
+
+        added = retro_proc("add", db, tmp_path / "new.jsonl")
+        assert added.exit_code == 0, added.output
+        grown = open_db(db)
+        status, found = _call(url, "/neighbors", {"token_ids": [_first_chunk(db, grown.num_docs - 1)], "k": 1})
+        assert status == 200 and found["version"] == 3 and docs(found) == {grown.num_docs - 1}
+        assert _call(url, "/info")[1]["documents"] == grown.num_docs
+
+        shutil.rmtree(db)
+        for route, body in (("/neighbors", {"token_ids": [chunk]}), ("/health", None), ("/info", None)):
+            status, gone = _call(url, route, body)
+            assert status == 503 and "cannot be read" in gone["error"], (route, gone)
+            assert "\n" not in gone["error"] and str(tmp_path) not in gone["error"]
+        assert _call(url, "/health")[1]["status"] == "unavailable"
+
+        shutil.copytree(tiny_db, db)  # a DB there again: served again
+        status, back = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        assert status == 200 and back["version"] == 1 and 5 in docs(back)
+    assert "Traceback" not in log.read_text()
+
+
+def test_a_damaged_db_is_a_503_without_paths_and_disconnects_log_nothing(tiny_db_copy, tmp_path):
+    import http.client
+
+    db = tiny_db_copy
+    log = tmp_path / "stderr.log"
+    with serving(db, log) as (url, port):
+        for _ in range(3):  # clients that leave mid-body
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.putrequest("POST", "/neighbors")
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", "1000")
+            conn.endheaders(b'{"texts": ["half a bo')
+            conn.close()
+        # one byte of the token store flipped, its size unchanged: the checksum catches it on the first read
+        tokens = db / "store.zarr" / "chunks" / "tokens" / "c" / "0" / "0"
+        data = bytearray(tokens.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        tokens.write_bytes(bytes(data))
+        status, answer = _call(url, "/neighbors", {"texts": ["how do I open a file"], "k": 2})
+        assert status == 503 and "damaged" in answer["error"] and "\n" not in answer["error"]
+        assert "/tmp" not in answer["error"] and str(tmp_path) not in answer["error"]
+        for route in ("/health", "/info"):
+            status, body = _call(url, route)
+            assert status == 503 and body["error"] == answer["error"]
+    text = log.read_text()
+    assert "Traceback" not in text and "ClientDisconnect" not in text
+
+
+def test_serve_refuses_a_bad_thread_count_in_one_line(tiny_db, cli):
+    result = cli("serve", tiny_db, "--threads", "-1")
+    assert result.exit_code == 2 and result.exception is None
+    assert result.error_lines == [line for line in result.output.splitlines() if line.strip()]
+    assert "--threads" in result.stderr

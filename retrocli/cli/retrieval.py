@@ -19,6 +19,7 @@ from retrocli.options import (
     DEFAULT_QUERY_K,
     DEFAULT_SERVE_HOST,
     DEFAULT_SERVE_PORT,
+    check_at_least,
 )
 from retrocli.storage import fetch_db, local_inputs
 
@@ -158,6 +159,7 @@ def serve(
 
     if not 1 <= port <= 65535:
         raise RetroError(f"--port: {port} is not a TCP port (1-65535)")
+    check_at_least("--threads", threads, allow_none=True)
     if threads:
         torch.set_num_threads(threads)
     path = fetch_db(db, cache_dir)
