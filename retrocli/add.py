@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from retrocli.checksums import file_sha256
-from retrocli.chunk import chunk_corpus
+from retrocli.chunk import chunk_corpus, source_identity
 from retrocli.corpus import expand_inputs, source_name
 from retrocli.db import (
     LIVING_FORMAT_VERSION,
@@ -90,10 +90,7 @@ def add_documents(
     )
     files = expand_inputs(inputs, allow_duplicates)  # every path checked before any work
     if not allow_duplicates:
-        known = {str(p) for part in db.parts for p in part.files}
-        again = [str(f) for f in files if source_name(f) in known or str(f) in known]
-        if again:
-            raise RetroError(f"{again[0]}: is already in {db.path}; pass --allow-duplicates to add it again")
+        _refuse_known_files(db, files)
 
     version = db.version + 1
     relative = f"{SEGMENTS_DIR}/{version:05d}"
@@ -151,6 +148,33 @@ def add_documents(
                                                           "inputs": wanted_inputs, **summary}]
     write_json_atomic(db.path / MANIFEST, manifest)  # the commit
     return summary
+
+
+def _known_files(db: RetroDB) -> dict[str, str]:
+    """Every file the DB's documents came from, under each key that identifies it: the name recorded,
+    its resolved path and `sha256:<content>` (files/sha256, where the part recorded it); each maps to
+    the recorded name."""
+    known: dict[str, str] = {}
+    for part in db.parts:
+        names = [str(name) for name in part.files]
+        digests = part.root["files/sha256"][:] if "files/sha256" in part.root else [""] * len(names)
+        for name, digest in zip(names, digests, strict=True):
+            known.setdefault(name, name)
+            if "://" not in name:  # a local file: also under its resolved path
+                known.setdefault(os.path.realpath(name), name)
+            if digest:
+                known.setdefault(f"sha256:{digest}", name)
+    return known
+
+
+def _refuse_known_files(db: RetroDB, files: list[Path]) -> None:
+    """One line for the first file the DB holds already, by name, resolved path or content."""
+    known = _known_files(db)
+    for file in files:
+        for key in (source_name(file), source_identity(file), f"sha256:{file_sha256(file)}"):
+            if key in known:
+                same = "" if known[key] == source_name(file) else f" (as {known[key]})"
+                raise RetroError(f"{file}: is already in {db.path}{same}; pass --allow-duplicates to add it again")
 
 
 def _committed(db: RetroDB) -> set[str]:

@@ -1,7 +1,7 @@
 """`retro chunk`: tokenize a corpus with the LM tokenizer and cut it into fixed-size chunks.
 
-Chunks never cross a document boundary; a document's last chunk may be short. The DB is written in a
-sibling `<out>.partial` directory and renamed into place at the very end, so a DB that exists at `out`
+Chunks never cross a document boundary; a document's last chunk may be short. The DB is written in its
+staging directory (retrocli.staging) and renamed into place at the very end, so a DB that exists at `out`
 is always complete. Memory stays bounded: documents are tokenized in batches and flushed in blocks.
 """
 
@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from retrocli import __version__
+from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.corpus import (
     SUPPORTED,
@@ -49,13 +50,13 @@ from retrocli.db import (
     RetroDB,
     check_outside,
     record_stage_arrays,
-    remove_db_dir,
     write_json_atomic,
 )
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import AUTO_ID_FIELD, ChunkOptions
 from retrocli.progress import NullProgress, Progress
+from retrocli.staging import check_target, staged
 from retrocli.storage import CACHE_ENV, fetch_input, fetched_origin
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer, tokenizer_from_json
 
@@ -68,6 +69,7 @@ LONG_DOC_WINDOW = 1_000_000
 # uncompressed JSONL file, or a Parquet row group), so one large file is still spread over the workers.
 PIECE_BYTES = 64 << 20
 PIECES_DIR = "pieces"
+SOURCE_ARRAYS = ("files/sha256",)  # recorded with the chunk stage's arrays; absent from DBs built before it
 
 
 _CUT = re.compile(r"\s(?=\S)")  # the last whitespace character of a run, followed by a word
@@ -168,34 +170,27 @@ def chunk_corpus(
     options = options or ChunkOptions()
     progress = progress or NullProgress()
     out = Path(out)
-    if out.name in ("", ".", ".."):  # `--out .`: the sibling .partial needs a real directory name
+    if out.name in ("", ".", ".."):  # `--out .`: the staging directory beside it needs a real name
         out = Path(os.path.abspath(out))
     if options.chunk_size < 1 or options.chunk_size > 4096:
         raise RetroError("--chunk-size: must be between 1 and 4096")
     for path in inputs:
         check_outside(out, path, "--out", "the input", may_be_inside=True)
-    if out.is_symlink():
-        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
-    if out.exists() and not overwrite:
-        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
-    if out.exists() and not _is_replaceable(out):
-        # Checked before any work, so a refusal costs nothing and leaves no <out>.partial behind.
-        raise RetroError(f"{out}: exists and is not a retro DB; refusing to overwrite it")
+    # Checked before any work, so a refusal costs nothing and leaves no staging directory behind.
+    check_target(out, overwrite)
     tokenizer = load_tokenizer(options.tokenizer)
     corpus_opts = CorpusOptions(options.text_field, options.id_field, options.strict, options.allow_duplicates)
 
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)  # an earlier run died; chunking restarts (it is the cheap stage)
-    partial.mkdir(parents=True)
     started = time.time()
-    try:
+    # An earlier run that died left at most its own staging directory: chunking restarts (the cheap stage).
+    with staged(out, "retro chunk", inputs) as partial:
         if dask is None:
             stats, counts = _write_chunks(inputs, partial, tokenizer, options, corpus_opts, progress)
         else:
             with dask_client(dask) as client:
                 stats, counts = _write_chunks_on_dask(inputs, partial, tokenizer, options, corpus_opts, progress,
                                                       client, piece_bytes)
+        write_source_digests(partial / STORE, expand_inputs(inputs, options.allow_duplicates))
         manifest = {
             "format": FORMAT_NAME,
             "format_version": BUILT_FORMAT_VERSION,
@@ -215,28 +210,31 @@ def chunk_corpus(
                     "inputs": [str(Path(p).absolute()) for p in inputs],
                     "options": asdict(options),
                     "corpus": stats.to_dict(),
-                    "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS),
+                    "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS + SOURCE_ARRAYS),
                 }
             },
         }
         (partial / TOKENIZER_FILE).write_text(tokenizer.json, encoding="utf-8")
         write_json_atomic(partial / MANIFEST, manifest)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    try:
-        if out.exists():
-            remove_db_dir(out)
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return RetroDB(out)
 
 
-def _is_replaceable(path: Path) -> bool:
-    """What remove_db_dir() will delete: a directory holding a DB manifest, or an empty directory."""
-    return path.is_dir() and ((path / MANIFEST).exists() or not any(path.iterdir()))
+def source_identity(path: str | os.PathLike) -> str:
+    """What names a corpus file whatever path it was given by: the URL it was fetched from, or its path
+    resolved (symbolic links, `..`)."""
+    return source_name(path) if fetched_origin(path) else os.path.realpath(path)
+
+
+def write_source_digests(store: Path, files: Sequence[Path]) -> None:
+    """files/sha256, beside files/path: the content of each file a DB's documents came from, so that
+    `retro add` knows a file again under any other name."""
+    root = zarr.open_group(str(store), mode="a")
+    local = {source_name(f): f for f in files}
+    names = [str(name) for name in root["files/path"][:]]
+    digests = [file_sha256(local[name]) if name in local else "" for name in names]
+    array = root.create_array("files/sha256", shape=(len(names),), dtype=str,
+                              chunks=(max(1, min(len(names), 65536)),))
+    array[:] = np.array(digests, dtype=object).astype(str)
 
 
 class _ChunkArrays:

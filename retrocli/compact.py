@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import copy as copy_module
 import os
-import shutil
 import uuid
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from retrocli.chunk import SOURCE_ARRAYS
 from retrocli.db import (
     BUILT_FORMAT_VERSION,
     CHUNK_ARRAYS,
@@ -26,13 +26,13 @@ from retrocli.db import (
     check_outside,
     open_db,
     record_stage_arrays,
-    remove_db_dir,
     write_json_atomic,
 )
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, index_db
 from retrocli.lock import holds_writer_lock
 from retrocli.progress import Progress
+from retrocli.staging import check_target, staged
 
 _PER_DOC = ("docs/file", "docs/position", "docs/external_id")
 
@@ -47,10 +47,7 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
     if len(keep_docs) == 0:
         raise RetroError("every DB document would be removed; nothing left to write")
     keep_chunk = np.isin(db.chunk_doc, keep_docs)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with staged(out, "retro compact", [db.path]) as partial:
         dst = zarr.open_group(str(partial / STORE), mode="w")
 
         def copy(name, data, rows_per_chunk):
@@ -75,6 +72,10 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
             if name != "docs/external_id" or has_ids:
                 copy(name, table[name][keep_docs], DOCS_PER_ZARR_CHUNK)
         copy("files/path", table["files/path"], 65536)
+        digests = [part.root["files/sha256"][:] if "files/sha256" in part.root else np.full(len(part.files), "")
+                   for part in db.parts]  # in the order doc_table() merges files/path
+        if any((d != "").any() for d in digests):
+            copy("files/sha256", np.concatenate(digests).astype(object), 65536)
         manifest = copy_module.deepcopy({k: v for k, v in db.manifest.items()
                                          if k not in ("index", "segments", "removed", "version", "history")})
         manifest["db_id"] = uuid.uuid4().hex
@@ -85,7 +86,8 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
         manifest["derived_from"] = {"db": str(db.path.absolute()), "db_id": db.manifest["db_id"],
                                     "db_version": db.version, "removed_documents": sorted(int(d) for d in drop)}
         manifest["stages"] = {"chunk": {**db.manifest["stages"]["chunk"],
-                                        "files": record_stage_arrays(partial / STORE, CHUNK_ARRAYS)}}
+                                        "files": record_stage_arrays(partial / STORE,
+                                                                     CHUNK_ARRAYS + SOURCE_ARRAYS)}}
         if db.stage("embed") == "complete":
             copy("embeddings", db.array("embeddings")[:][keep_chunk], db.parts[0].root["embeddings"].chunks[0])
             manifest["stages"]["embed"] = {**db.manifest["stages"]["embed"], "copied_from": db.manifest["db_id"],
@@ -98,12 +100,6 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
             idx = db.manifest["index"]
             index_db(partial, IndexOptions(idx["space"], idx["M"], idx["ef_construction"], idx["shard_size"],
                                            idx.get("seed", 100)), progress=progress)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if out.exists():
-        remove_db_dir(out)
-    os.replace(partial, out)
     return open_db(out)
 
 
@@ -113,8 +109,5 @@ def compact_db(db_path: str | os.PathLike, out: str | os.PathLike, overwrite: bo
     out = Path(out)
     db = open_db(db_path)
     check_outside(out, db.path, "--out")
-    if out.is_symlink():
-        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
-    if out.exists() and not overwrite:
-        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    check_target(out, overwrite)  # before any work: a refusal after it would leave nothing but lost time
     return write_filtered_db(db, out, set(), progress)

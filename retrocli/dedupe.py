@@ -9,8 +9,8 @@ from pathlib import Path
 
 from retrocli.compact import write_filtered_db
 from retrocli.db import RetroDB, check_outside, open_db
-from retrocli.errors import RetroError
 from retrocli.leakage import LeakageReport, leakage_report
+from retrocli.staging import check_target
 
 
 def flagged_documents(report: LeakageReport, drop_leaking_chunks: bool) -> set[int]:
@@ -32,10 +32,7 @@ def dedupe(
     check_outside(out, db.path, "--out")
     if report_options.get("work_dir") is not None:
         check_outside(report_options["work_dir"], out, "--work-dir", "the output DB")
-    if out.is_symlink():
-        raise RetroError(f"--out {out}: is a symbolic link; pass the directory it points to")
-    if out.exists() and not overwrite:
-        raise RetroError(f"{out}: already exists; pass --overwrite to replace it")
+    check_target(out, overwrite)  # before the leakage report: a refusal after it would waste the work
     report = leakage_report(db_path, test_inputs, **report_options)
     drop = flagged_documents(report, drop_leaking_chunks)
     new_db = write_filtered_db(db, out, drop, report_options.get("progress"))

@@ -237,3 +237,39 @@ def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_
     fresh = batch_neighbors(db_a, [parts[1]], tmp_path / "test-full", k=3, ef=512)
     assert np.array_equal(open_neighbors(test_nb).ids, open_neighbors(fresh).ids)
     assert len(list(nb.glob("store*.zarr"))) == 1  # the old store is gone once the update is committed
+
+
+def test_a_file_already_added_is_refused_under_any_other_name(db_a, parts, tmp_path, cli):
+    # issue 35.3: `ln -s ../few.jsonl alias.jsonl; retro add DB alias.jsonl` added the documents twice
+    assert cli("add", db_a, parts[1]).exit_code == 0
+    manifest = (db_a / "manifest.json").read_bytes()
+    (tmp_path / "names").mkdir()
+    link = tmp_path / "names" / "alias.jsonl"
+    link.symlink_to(parts[1])
+    copy = shutil.copy(parts[1], tmp_path / "names" / "copy.jsonl")
+    base_link = tmp_path / "names" / "base.jsonl"
+    base_link.symlink_to(parts[0])  # a file of the built DB, not of the added segment
+    for given, recorded in ((link, parts[1]), (copy, parts[1]), (base_link, parts[0])):
+        result = cli("add", db_a, given)
+        assert result.exit_code == 2 and len(result.error_lines) == 1, result.output
+        assert f"{given}: is already in {db_a} (as {recorded})" in result.error_lines[0]
+        assert "--allow-duplicates" in result.error_lines[0]
+    assert (db_a / "manifest.json").read_bytes() == manifest
+    # asked for, it is added again
+    assert cli("add", db_a, copy, "--allow-duplicates").exit_code == 0
+    assert open_db(db_a).version == 3
+
+
+def test_a_writer_through_a_symlink_meets_the_lock_of_the_add(db_a, parts, tmp_path, cli):
+    # issue 35.2: `retro add A new.jsonl & retro remove B --doc 0` (B -> A) both committed "version 2"
+    alias = tmp_path / "alias"
+    alias.symlink_to(db_a)
+    proc = _paused_add(db_a, [parts[1]], "index", tmp_path / "marker")
+    try:
+        for name in (alias, db_a.parent / "." / ".." / db_a.parent.name / db_a.name):
+            result = cli("remove", name, "--doc", "0")
+            assert result.exit_code == 2 and "another writer holds the DB (retro add" in result.error_lines[0]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert open_db(db_a).removed_docs == frozenset() and open_db(db_a).version == 1

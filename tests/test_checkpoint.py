@@ -19,6 +19,7 @@ from retrocli.model.checkpoint import (
     save_checkpoint,
 )
 from retrocli.options import ChunkOptions
+from retrocli.staging import staging_path
 from retrocli.tokenizer import train_tokenizer
 
 
@@ -65,8 +66,11 @@ def test_checkpoint_round_trip_keeps_weights_optimizer_and_state(tmp_path):
     _, loss = model(idx, targets=idx)
     loss.backward()
     optimizer.step()
+    (tmp_path / "ckpt.partial").mkdir()  # a user's folder, named like the old staging directory
+    (tmp_path / "ckpt.partial" / "keep.txt").write_text("mine")
     save_checkpoint(tmp_path / "ckpt", model, optimizer, {"step": 1})
-    assert not (tmp_path / "ckpt.partial").exists()
+    assert (tmp_path / "ckpt.partial" / "keep.txt").read_text() == "mine"
+    assert not staging_path(tmp_path / "ckpt").exists() and not (tmp_path / "ckpt" / "keep.txt").exists()
     again = RetroModel.from_pretrained(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name

@@ -14,6 +14,7 @@ import retrocli
 from retrocli import RetroError, open_db
 from retrocli.chunk import ChunkOptions, _token_dtype, chunk_corpus
 from retrocli.db import BUILT_FORMAT_VERSION, FORMAT_NAME, FORMAT_VERSION, ROWS_PER_ZARR_CHUNK
+from retrocli.staging import begin_staging, staging_path
 from retrocli.tokenizer import default_tokenizer_path, load_tokenizer
 
 # -- round trip -----------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ def test_existing_db_refused_without_overwrite_and_replaced_with_it(tmp_path, ma
     db2 = chunk_corpus([second], out, overwrite=True)
     assert db2.manifest["db_id"] != old_id
     assert [db2.document_text(d) for d in range(db2.num_docs)] == ["the second corpus", "more"]
-    assert not (tmp_path / "db.partial").exists()
+    assert not staging_path(tmp_path / "db").exists()
 
 
 def test_overwrite_refuses_a_directory_that_is_not_a_db(tmp_path, make_corpus):
@@ -264,7 +265,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_db(tmp_path, make_corpus):
     with pytest.raises(RetroError, match="not a retro DB; refusing"):
         chunk_corpus([corpus], out, overwrite=True)
     assert (out / "thesis.tex").read_text() == "do not delete"
-    assert not (tmp_path / "precious.partial").exists()
+    assert not staging_path(tmp_path / "precious").exists()
     plain_file = tmp_path / "file.txt"
     plain_file.write_text("x")
     with pytest.raises(RetroError, match="not a retro DB"):
@@ -291,23 +292,64 @@ def test_failed_run_leaves_nothing_and_keeps_the_old_db(tmp_path, make_corpus):
     with pytest.raises(RetroError, match=r"z\.jsonl:2"):
         chunk_corpus([bad], out, overwrite=True)
     assert open_db(out).manifest["db_id"] == old_id
-    assert not (tmp_path / "db.partial").exists()
+    assert not staging_path(tmp_path / "db").exists()
 
     fresh = tmp_path / "fresh"
     with pytest.raises(RetroError, match=r"z\.jsonl:2"):
         chunk_corpus([bad], fresh)
     assert not fresh.exists()
-    assert not (tmp_path / "fresh.partial").exists()
+    assert not staging_path(tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["db", "corpus1", "corpus2"])
 
 
-def test_stale_partial_from_a_killed_run_is_replaced(tmp_path, make_corpus):
-    partial = tmp_path / "db.partial"
-    (partial / "store.zarr").mkdir(parents=True)
+def test_stale_staging_directory_from_a_killed_run_is_replaced(tmp_path, make_corpus):
+    partial = begin_staging(tmp_path / "db", "retro chunk")  # what a run killed mid-write leaves
+    (partial / "store.zarr").mkdir()
     (partial / "junk").write_text("left by kill -9")
     db = chunk_corpus([make_corpus({"a.txt": "text"})], tmp_path / "db")
     assert db.document_text(0) == "text"
-    assert not partial.exists()
+    assert not partial.exists() and not (tmp_path / "db" / ".retro-staging").exists()
+
+
+def test_a_users_folder_named_like_the_old_staging_directory_is_never_touched(tmp_path, make_corpus, cli):
+    # issue 35.1: `mkdir mydata.partial; ... chunk few.jsonl --out mydata` deleted keep.txt
+    mine = tmp_path / "mydata.partial"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    assert cli("chunk", make_corpus({"few.jsonl": [{"text": "a few words"}]}), "--out", tmp_path / "mydata"
+               ).exit_code == 0
+    assert (mine / "keep.txt").read_text() == "x"
+    # and `retro chunk docs.partial --out docs` reads its corpus, never deletes it
+    docs = make_corpus({"n.txt": "text"}, name="docs.partial")
+    result = cli("chunk", docs, "--out", tmp_path / "docs")
+    assert result.exit_code == 0, result.output
+    assert (docs / "n.txt").read_text() == "text" and open_db(tmp_path / "docs").document_text(0) == "text"
+
+
+def test_a_foreign_directory_at_the_staging_path_is_one_line_and_untouched(tmp_path, make_corpus, cli):
+    corpus = make_corpus({"a.txt": "text"})
+    foreign = staging_path(tmp_path / "db")
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    result = cli("chunk", corpus, "--out", tmp_path / "db")
+    assert result.exit_code == 2 and len(result.error_lines) == 1, result.output
+    assert "was not made by retro" in result.error_lines[0] and str(foreign) in result.error_lines[0]
+    assert (foreign / "keep.txt").read_text() == "mine" and not (tmp_path / "db").exists()
+    # a corpus that is (or holds) the staging directory is refused too, and kept
+    (foreign / "more.txt").write_text("more")
+    for given in (foreign, foreign / "more.txt"):
+        result = cli("chunk", given, "--out", tmp_path / "db")
+        assert result.exit_code == 2 and f"where retro stages {tmp_path / 'db'}" in result.error_lines[0]
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt", "more.txt"]
+
+
+def test_chunk_records_the_content_of_each_source_file(tmp_path, make_corpus):
+    corpus = make_corpus({"a.txt": "alpha", "b.txt": "beta"})
+    db = chunk_corpus([corpus], tmp_path / "db")
+    digests = dict(zip(db.root["files/path"][:].tolist(), db.root["files/sha256"][:].tolist(), strict=True))
+    assert digests == {str(corpus / name): hashlib.sha256(text.encode()).hexdigest()
+                       for name, text in (("a.txt", "alpha"), ("b.txt", "beta"))}
+    assert "files/sha256" in db.manifest["stages"]["chunk"]["files"]  # checksummed like every array
 
 
 def test_out_dot_with_overwrite(tmp_path, make_corpus, monkeypatch):
@@ -318,7 +360,7 @@ def test_out_dot_with_overwrite(tmp_path, make_corpus, monkeypatch):
     chunk_corpus([make_corpus({"b.txt": "second"})], ".", overwrite=True)
     monkeypatch.chdir(tmp_path)
     assert open_db(out).document_text(0) == "second"
-    assert not (tmp_path / "db.partial").exists()
+    assert not staging_path(tmp_path / "db").exists()
 
 
 # -- opening DBs that are not usable ----------------------------------------------------------------------

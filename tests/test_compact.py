@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import tree_snapshot
 
 from retrocli.add import add_documents
 from retrocli.build_db import build_db
@@ -12,6 +13,7 @@ from retrocli.compact import compact_db
 from retrocli.db import open_db
 from retrocli.embed import load_embeddings
 from retrocli.remove import remove_documents
+from retrocli.staging import staging_path
 from retrocli.verify import verify_db
 
 
@@ -53,3 +55,37 @@ def test_compact_refuses_its_own_input_and_an_existing_out(tiny_db, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(RetroError, match="already exists"):
         compact_db(tmp_path / "db", tmp_path / "taken")
+
+
+def test_compact_never_deletes_an_input_named_like_a_staging_directory(tiny_db, tmp_path, retro_proc):
+    # issue 35.1: `cp -r DB A.partial; retro compact A.partial --out A` deleted the input
+    source = tmp_path / "A.partial"
+    shutil.copytree(tiny_db, source)
+    before = tree_snapshot(source)
+    result = retro_proc("compact", source, "--out", tmp_path / "A")
+    assert result.exit_code == 0, result.output
+    assert tree_snapshot(source) == before
+    assert open_db(tmp_path / "A").num_docs == open_db(source).num_docs
+    assert not staging_path(tmp_path / "A").exists() and not (tmp_path / "A" / ".retro-staging").exists()
+    # the DB at the staging path itself is its input: refused, kept
+    staged_copy = staging_path(tmp_path / "B")
+    shutil.copytree(tiny_db, staged_copy)
+    result = retro_proc("compact", staged_copy, "--out", tmp_path / "B")
+    assert result.exit_code == 2 and "where retro stages" in result.stderr and "Traceback" not in result.stderr
+    assert open_db(staged_copy).num_docs == open_db(tiny_db).num_docs and not (tmp_path / "B").exists()
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_compact_overwrite_onto_what_is_not_a_db_is_refused_before_any_work(tiny_db, tmp_path, cli, kind):
+    # issue 35.13: the whole compaction ran first, then the refusal left a full OUT.partial behind
+    out = tmp_path / "notes"
+    if kind == "directory":
+        out.mkdir()
+        (out / "thesis.tex").write_text("keep")
+    else:
+        out.write_text("keep")
+    before = tree_snapshot(tmp_path)
+    result = cli("compact", tiny_db, "--out", out, "--overwrite")
+    assert result.exit_code == 2 and "is not a retro DB; refusing to overwrite it" in result.error_lines[0]
+    assert tree_snapshot(tmp_path) == before  # no staging directory, no lock, nothing touched
+    assert not (tmp_path / "notes.partial").exists() and not staging_path(out).exists()

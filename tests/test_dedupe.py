@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from retrocli.db import open_db
 from retrocli.dedupe import dedupe, write_filtered_db
 from retrocli.errors import RetroError
 from retrocli.leakage import leakage_report
+from retrocli.staging import staging_path
 
 
 def test_dedupe_removes_duplicates_and_keeps_the_rest(tmp_path, tiny_db, planted, cli):
@@ -50,4 +52,27 @@ def test_write_filtered_db_keeps_order_and_refuses_an_empty_result(tmp_path, tin
                                                                       for d in range(1, db.num_docs, 2))
     with pytest.raises(RetroError, match="every DB document"):
         write_filtered_db(db, tmp_path / "none", set(range(db.num_docs)))
-    assert not (tmp_path / "none").exists() and not (tmp_path / "none.partial").exists()
+    assert not (tmp_path / "none").exists() and not staging_path(tmp_path / "none").exists()
+
+
+def test_dedupe_never_deletes_an_input_named_like_a_staging_directory(tmp_path, tiny_db, planted, cli):
+    # issue 35.1: `cp -r DB A.partial; retro dedupe A.partial ... --out A` deleted the input
+    source = tmp_path / "A.partial"
+    shutil.copytree(tiny_db, source)
+    before = tree_snapshot(source)
+    result = cli("dedupe", source, "--test", planted, "--out", tmp_path / "A")
+    assert result.exit_code == 0, result.output
+    assert tree_snapshot(source) == before and open_db(tmp_path / "A").num_docs == open_db(source).num_docs - 1
+    assert not staging_path(tmp_path / "A").exists()
+
+
+def test_dedupe_overwrite_onto_what_is_not_a_db_is_refused_before_any_work(tmp_path, tiny_db, planted, cli):
+    # issue 35.13: the leakage report and the copy ran first, then the refusal left a full OUT.partial
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("keep")
+    before = tree_snapshot(tmp_path)
+    result = cli("dedupe", tiny_db, "--test", planted, "--out", out, "--overwrite")
+    assert result.exit_code == 2 and "is not a retro DB; refusing to overwrite it" in result.error_lines[0]
+    assert tree_snapshot(tmp_path) == before
+    assert not (tmp_path / "notes.partial").exists() and not staging_path(out).exists()

@@ -6,6 +6,8 @@ import shutil
 import pytest
 from helpers import RETRO_BIN, tree_snapshot
 
+from retrocli.staging import staging_path
+
 
 def refused(result, *fragments):
     """One clear line, exit 2, no traceback."""
@@ -23,7 +25,7 @@ def test_dedupe_never_deletes_its_input_db(tiny_db_copy, planted, cli, spelling)
     result = cli("dedupe", db, "--test", planted, "--out", out, "--overwrite")
     assert refused(result, "--out", "is the input DB"), result.output
     assert tree_snapshot(db) == before
-    assert not db.with_name(db.name + ".partial").exists()
+    assert not staging_path(db).exists()
 
 
 def test_dedupe_refuses_an_out_inside_or_around_the_db(tiny_db_copy, planted, cli):
@@ -280,7 +282,7 @@ def test_the_same_input_twice_is_refused_unless_allowed(tmp_path, small_jsonl, c
     assert refused(cli("chunk", small_jsonl, small_jsonl, "--out", tmp_path / "a"), "given twice",
                    "--allow-duplicates")
     assert refused(cli("chunk", small_jsonl.parent, small_jsonl, "--out", tmp_path / "b"), "given twice")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "a.partial").exists()
+    assert not (tmp_path / "a").exists() and not staging_path(tmp_path / "a").exists()
     once = cli("chunk", small_jsonl, "--out", tmp_path / "once", "--json")
     twice = cli("chunk", small_jsonl, small_jsonl, "--out", tmp_path / "twice", "--allow-duplicates", "--json")
     assert twice.exit_code == 0

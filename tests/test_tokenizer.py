@@ -12,6 +12,7 @@ from conftest import SUBSET_TRAIN
 
 from retrocli import RetroError, open_db
 from retrocli.chunk import ChunkOptions, chunk_corpus
+from retrocli.staging import staging_path
 from retrocli.tokenizer import (
     DEFAULT_TOKENIZER_NAME,
     END_OF_TEXT,
@@ -255,4 +256,4 @@ def test_bad_tokenizer_path_is_a_clean_error(tmp_path, cli, setup, fragment):
     assert result.exit_code == 2, result.output
     assert result.exception is None
     assert len(result.error_lines) == 1 and fragment in result.error_lines[0]
-    assert not (tmp_path / "db").exists() and not (tmp_path / "db.partial").exists()
+    assert not (tmp_path / "db").exists() and not staging_path(tmp_path / "db").exists()

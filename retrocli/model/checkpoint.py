@@ -24,6 +24,7 @@ from retrocli.assets import asset_path
 from retrocli.db import RetroDB, check_fields, check_same_chunking, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.model.retro import RetroModel
+from retrocli.staging import staged
 
 MODEL_META = "retrocli_model.json"
 BUNDLED_MODEL = "bundled"  # the name that stands for the model shipped in the package
@@ -80,10 +81,10 @@ def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:
 
 
 def save_checkpoint(dir: Path, model: RetroModel, optimizer, state: dict) -> None:
-    """Model + optimizer tensors as safetensors, the rest as JSON; written beside, then renamed in."""
-    tmp = dir.with_name(dir.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
+    """Model + optimizer tensors as safetensors, the rest as JSON; written in a staging directory beside
+    (retrocli.staging), then renamed in. A failure (a full disk) leaves the previous checkpoint, which
+    --resume reads."""
+    with staged(dir, "retro train (checkpoint)", remove_old=_remove_checkpoint) as tmp:
         model.save_pretrained(tmp)
         tensors, meta = {}, {}
         for param_id, pstate in optimizer.state_dict()["state"].items():
@@ -95,12 +96,13 @@ def save_checkpoint(dir: Path, model: RetroModel, optimizer, state: dict) -> Non
         meta["param_groups"] = optimizer.state_dict()["param_groups"]
         write_json_atomic(tmp / "optimizer.json", meta)
         write_json_atomic(tmp / "state.json", state)
-    except BaseException:  # a full disk: the previous checkpoint stays the one --resume reads
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dir.exists():
-        shutil.rmtree(dir)
-    os.replace(tmp, dir)
+
+
+def _remove_checkpoint(dir: Path) -> None:
+    """The checkpoint being replaced: only a directory that holds one (or nothing)."""
+    if dir.is_symlink() or not dir.is_dir() or (any(dir.iterdir()) and not (dir / "state.json").is_file()):
+        raise RetroError(f"{dir}: is not a checkpoint; refusing to replace it")
+    shutil.rmtree(dir)
 
 
 def load_optimizer(dir: Path, optimizer) -> None:
