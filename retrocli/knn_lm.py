@@ -35,9 +35,18 @@ import torch
 import zarr
 
 from retrocli import __version__
-from retrocli.checksums import CheckedStore, check_files, file_sha256, record_arrays
+from retrocli.checksums import (
+    CheckedStore,
+    check_files,
+    check_groups,
+    file_sha256,
+    groups_of,
+    record_arrays,
+    unreadable,
+)
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import (
+    DATASTORE_FORMAT,
     MANIFEST,
     SHARD_SCHEMA,
     STORE,
@@ -66,8 +75,8 @@ from retrocli.options import (
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, pad_id
+from retrocli.verify import StageCheck, VerifyResult
 
-DATASTORE_FORMAT = "retrocli-knn-datastore"
 DATASTORE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 INDEX_DIR = "index"
@@ -674,3 +683,52 @@ def is_dev_document(text: str) -> bool:
     """--lambda auto tunes on the held-out documents this says yes to (about half, by a hash of the text,
     so the split never depends on order) and reports on the others."""
     return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 2 == 0
+
+
+def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
+    """Check every file of a kNN-LM datastore: its manifest's fields, the keys stage's zarr files against
+    their sha256 (and their groups' metadata, and the arrays' shapes against the counts), and the index
+    shards against theirs. A manifest that cannot be read or has a wrong field raises RetroError."""
+    progress = progress or NullProgress()
+    started = time.time()
+    where = Path(path)
+    manifest = read_datastore_manifest(where)
+    keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
+    shards = index.get("shards", []) if index["status"] == "complete" else []
+    files = keys.get("files", {}) if keys["status"] == "complete" else {}
+    total = sum(size for array in files.values() for size, _ in array.values()) + sum(s["bytes"] for s in shards)
+    task = progress.start("verify", total=max(total, 1), unit="bytes")
+    checks = []
+    if keys["status"] != "complete":
+        checks.append(StageCheck("keys", keys["status"]))
+    else:
+        problems = check_groups(where / STORE, groups_of(files)) + check_files(where / STORE, files,
+                                                                               on_file=task.advance)
+        if not problems:
+            shapes = {}
+            for name in files:
+                meta = where / STORE / name / "zarr.json"
+                shapes[name] = json.loads(meta.read_text(encoding="utf-8"))["shape"]  # matched its sha256
+            problem = array_shape_problem(manifest, shapes)
+            problems += [f"{where / MANIFEST}: {problem}"] if problem else []
+        checks.append(StageCheck("keys", "damaged" if problems else "complete",
+                                 files=sum(len(a) for a in files.values()),
+                                 bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+    if index["status"] != "complete":
+        checks.append(StageCheck("index", index["status"]))
+    else:
+        check = StageCheck("index", "complete", files=len(shards))
+        rerun = f"rerun `retro knn-datastore ... --out {where} --overwrite`"
+        for shard in shards:
+            try:
+                checked_shard_file(where, shard, cached=False, rerun=rerun)
+            except RetroError as err:
+                check.problems.append(str(err))
+            except OSError as err:
+                check.problems.append(f"{err.filename or where / shard['file']}: index shard {unreadable(err)}")
+            check.bytes += int(shard["bytes"])
+            task.advance(int(shard["bytes"]))
+        check.status = "damaged" if check.problems else "complete"
+        checks.append(check)
+    task.finish()
+    return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)

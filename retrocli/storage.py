@@ -1,10 +1,18 @@
 """DBs on object storage (`s3://bucket/db`, `gs://…`, any fsspec URL): worked on through a local mirror.
 
 A command given a DB URL works on a copy of the DB in the cache directory the user names (`--cache-dir`
-or RETRO_CACHE_DIR; never a hidden default): `<cache>/<protocol>/<bucket>/<key…>`. Opening fetches the
-files that are not in the cache or differ from the store (by size; index shards also by the sha256 the
-manifest records, so a damaged cached shard is fetched again before hnswlib sees it). Readers then check
-every file as they do locally.
+or RETRO_CACHE_DIR; never a hidden default): `<cache>/<protocol>/<bucket>/<key…>`, the URL made canonical
+first (`s3://b//db/` is `s3://b/db`; `.` and `..` are refused). Beside the copy, `.<name>.retro-fetched.json`
+records for each cached file the version tag the store listed when it was fetched or uploaded (its ETag)
+and the local file's size, mtime and inode then. Opening fetches every file whose store tag or local
+stamp differs from that record (index shards also when their sha256 differs from the manifest's, so
+hnswlib never sees a damaged shard). Readers then check every file as they do locally.
+
+Readers and a writer may share a cache. A writer holds an flock on `.<name>.retro-writer.lock` beside its
+copy for as long as it works on it; a reader brings the copy up to date only while it can take that lock
+itself (serialised with other readers by `.<name>.retro-pull.lock`), else it reads the writer's copy as
+it is: every manifest the writer writes there is committed to the store at once, and the reader leaves
+the writer's uncommitted files alone.
 
 Object stores have no rename, so a change is committed the way one object store PUT allows: every new
 or changed file is uploaded first, the manifest last. A PUT replaces an object whole, so a reader sees
@@ -28,12 +36,14 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, …).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,14 +98,36 @@ def cache_dir_for(url: str, cache_dir: str | os.PathLike | None) -> Path:
     return Path(chosen)
 
 
-def mirror_path(url: str, cache_dir: str | os.PathLike, partial: bool = False) -> Path:
-    """Where the URL's DB lives in the cache: <cache>/<protocol>/<bucket>/<key…>, no `..` anywhere; a
-    worker's partial copy under <cache>/partial/…"""
+def canonical_url(url: str) -> str:
+    """One name per location, for the cache, the lock and every key: `s3://b//db/` is `s3://b/db`. A `.` or
+    `..` is refused rather than resolved (a store has no directories for it to walk through)."""
     protocol, rest = _URL.match(url).groups()
     parts = [p for p in rest.split("/") if p]
     if not parts or any(p in (".", "..") for p in parts):
         raise RetroError(f"{url}: not a DB location (empty, or with . or .. in its path)")
-    return Path(cache_dir, *((PARTIAL_DIR,) if partial else ())) / protocol / Path(*parts)
+    return f"{protocol}://{'/'.join(parts)}"
+
+
+def mirror_path(url: str, cache_dir: str | os.PathLike, partial: bool = False) -> Path:
+    """Where the URL's DB lives in the cache: <cache>/<protocol>/<bucket>/<key…> of its canonical URL; a
+    worker's partial copy under <cache>/partial/…"""
+    protocol, rest = _URL.match(canonical_url(url)).groups()
+    return Path(cache_dir, *((PARTIAL_DIR,) if partial else ())) / protocol / Path(*rest.split("/"))
+
+
+# Local copies -> the URL they mirror (both the path as given and absolute), so that what the user is
+# shown about a DB on object storage names its URL, not this machine's cache.
+_SHOWN: dict[str, str] = {}
+
+
+def shown(text) -> str:
+    """Text for the user with each local copy's path replaced by its URL; a URL that pathlib collapsed
+    (`s3:/b/db`) restored."""
+    text = as_location(text) if isinstance(text, os.PathLike) else str(text)
+    for local in sorted(_SHOWN, key=len, reverse=True):
+        if local in text:
+            text = re.sub(rf"(?<![\w.-]){re.escape(local)}(?![\w.-])", lambda _m, u=_SHOWN[local]: u, text)
+    return text
 
 
 def _is_synced_file(relative: str) -> bool:
@@ -115,7 +147,7 @@ def _sha256(path: Path) -> str:
 def _download_file(fs, remote: str, target: Path, name: str) -> None:
     """One object to a local file, through a temporary name: an interrupted fetch leaves no half file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
         fs.get_file(remote, str(tmp))
         os.replace(tmp, target)
@@ -124,17 +156,70 @@ def _download_file(fs, remote: str, target: Path, name: str) -> None:
         raise RetroError(f"{name}: cannot fetch ({err})") from None
 
 
+def _stamp(path: Path) -> list[int]:
+    """What tells a local file changed since it was recorded: size, mtime and inode (a fetch or a rewrite
+    replaces the inode)."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """A file of the cache appears whole or not at all (db.write_json_atomic sits a layer above this one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RetroError(f"{path}: cannot write the local copy ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def _flock(file: Path, mode: int) -> Iterator[bool]:
+    """An flock on `file` (created if missing) for the body; yields False when LOCK_NB found it taken.
+    The kernel drops it when the process dies, so a killed command leaves no stale lock."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(file, "a+b")  # held for the body
+    except OSError as err:
+        raise RetroError(f"{file}: cannot lock the cache copy ({err.strerror or err})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, mode)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Mirror:
     """One DB URL and its local copy; `pull` fetches, `push` commits local changes (manifest last).
-    A partial mirror (a Dask worker's) holds only what its tasks read: see pull_partial."""
+    A partial mirror (a Dask worker's) holds only what its tasks read: see pull_partial.
+
+    `record` ({relative file: {"tag": store version tag, "stamp": local stamp}}) says which cached files
+    equal the store's: a file is trusted only while both the store's tag and its own stamp are unchanged.
+    It is saved beside the copy; a lost update (two processes saving at once) only costs a fetch."""
 
     def __init__(self, url: str, cache_dir: str | os.PathLike | None, partial: bool = False):
-        self.url = url.rstrip("/")
+        self.url = canonical_url(url)
         self.fs, self.root = _filesystem(self.url)
         self.local = mirror_path(self.url, cache_dir_for(self.url, cache_dir), partial)
-        self.pushed: dict[str, tuple[int, int]] = {}  # relative file -> (size, mtime_ns) as last uploaded
+        self.record: dict[str, dict] = {}
+        if not partial:
+            _SHOWN[str(self.local)] = _SHOWN[os.path.abspath(self.local)] = self.url
 
-    def _remote_files(self) -> dict[str, int]:
+    def _beside(self, suffix: str) -> Path:
+        return self.local.with_name(f".{self.local.name}.{suffix}")
+
+    # -- what the store holds ---------------------------------------------------------------------------
+    def _remote_files(self) -> dict[str, str]:
+        """{relative file: version tag} of the DB's objects in the store."""
         self.fs.invalidate_cache()  # another writer may have committed since this process last listed
         try:
             found = self.fs.find(self.root, detail=True)
@@ -143,85 +228,170 @@ class Mirror:
         except OSError as err:
             raise RetroError(f"{self.url}: cannot list the store ({err})") from None
         prefix = self.root + "/"
-        return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
+        return {path[len(prefix):]: _version_tag(info) for path, info in found.items()
                 if path.startswith(prefix) and _is_synced_file(path[len(prefix):])}
 
-    def _local_files(self) -> dict[str, Path]:
-        if not self.local.is_dir():
-            return {}
-        return {f.relative_to(self.local).as_posix(): f for f in sorted(self.local.rglob("*"))
-                if f.is_file() and not f.is_symlink() and _is_synced_file(f.relative_to(self.local).as_posix())}
-
-    def _remote_manifest(self, remote: dict[str, int]) -> dict | None:
-        if MANIFEST not in remote:
-            return None
+    def _stored_tag(self, relative: str) -> str:
+        key = f"{self.root}/{relative}"
+        self.fs.invalidate_cache(key)
         try:
-            return json.loads(self.fs.cat_file(f"{self.root}/{MANIFEST}"))
-        except (OSError, ValueError) as err:
+            return _version_tag(self.fs.info(key))
+        except OSError as err:
+            raise RetroError(f"{self.url}/{relative}: cannot read from the store ({err})") from None
+
+    def _remote_manifest(self) -> tuple[bytes, dict] | None:
+        """The store's manifest, read before anything else is fetched: None when there is none."""
+        try:
+            data = self.fs.cat_file(f"{self.root}/{MANIFEST}")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise RetroError(f"{self.url}/{MANIFEST}: cannot read from the store ({err})") from None
+        try:
+            manifest = json.loads(data)
+        except ValueError as err:
             raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest ({err})") from None
+        if not isinstance(manifest, dict):
+            raise RetroError(f"{self.url}/{MANIFEST}: unreadable manifest (not a JSON object)")
+        return data, manifest
+
+    def _not_a_db(self) -> RetroError:
+        return RetroError(f"{self.url}: not a retro DB (no {MANIFEST} in the store); build one with `retro chunk`")
 
     @staticmethod
     def _shard_checksums(manifest: dict | None) -> dict[str, str]:
         shards = (manifest or {}).get("index", {}).get("shards", [])
         return {s.get("file"): s.get("sha256") for s in shards if isinstance(s, dict)}
 
-    def _fetch_stale(self, remote: dict[str, int], shard_sha: dict[str, str]) -> None:
-        """Download each file (not the manifest) that is missing here or differs by size, or for a shard
-        by sha256."""
-        local = self._local_files()
-        for relative, size in remote.items():
-            if relative == MANIFEST:
-                continue
-            have = local.get(relative)
-            if have is None or have.stat().st_size != size or \
-                    (relative in shard_sha and _sha256(have) != shard_sha[relative]):
-                self._download(relative)
+    # -- the local copy and its record --------------------------------------------------------------------
+    def _local_files(self) -> dict[str, Path]:
+        if not self.local.is_dir():
+            return {}
+        return {f.relative_to(self.local).as_posix(): f for f in sorted(self.local.rglob("*"))
+                if f.is_file() and not f.is_symlink() and _is_synced_file(f.relative_to(self.local).as_posix())}
 
+    def _load_record(self) -> None:
+        try:
+            record = json.loads(self._beside("retro-fetched.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        self.record = {rel: entry for rel, entry in record.items() if isinstance(entry, dict)} \
+            if isinstance(record, dict) else {}
+
+    def _save_record(self) -> None:
+        self.local.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self._beside("retro-fetched.json"), json.dumps(dict(sorted(self.record.items()))).encode())
+
+    def _unchanged(self, relative: str) -> bool:
+        """The local file is as it was when recorded (fetched or uploaded)."""
+        try:
+            stamp = _stamp(self.local / relative)
+        except OSError:
+            return False
+        return self.record.get(relative, {}).get("stamp") == stamp
+
+    def _current(self, relative: str, tag: str, shard_sha: dict[str, str]) -> bool:
+        """The cached file equals the store's object that carries `tag`."""
+        if self.record.get(relative, {}).get("tag") != tag or not self._unchanged(relative):
+            return False
+        return relative not in shard_sha or _sha256(self.local / relative) == shard_sha[relative]
+
+    def _fetch(self, relative: str, tag: str) -> None:
+        """Download one file; `tag` is the store's tag read before the download, so a change racing it
+        only makes the record name an older tag and the file is fetched again next time."""
+        self._download(relative)
+        self.record[relative] = {"tag": tag, "stamp": _stamp(self.local / relative)}
+
+    def _fetch_stale(self, remote: dict[str, str], shard_sha: dict[str, str]) -> None:
+        """Download each file (not the manifest) that is not current: see `_current`."""
+        try:
+            for relative, tag in remote.items():
+                if relative != MANIFEST and not self._current(relative, tag, shard_sha):
+                    self._fetch(relative, tag)
+        finally:
+            self._save_record()  # what was fetched stays recorded, also after an error
+
+    def _write_manifest(self, data: bytes, tag: str | None) -> None:
+        """The manifest the store gave, byte for byte (segments pin manifests by sha256), written last."""
+        target = self.local / MANIFEST
+        _write_atomic(target, data)
+        if tag is not None:
+            self.record[MANIFEST] = {"tag": tag, "stamp": _stamp(target)}
+
+    # -- bringing the copy up to date ---------------------------------------------------------------------
     def pull(self) -> Path:
-        """Bring the local copy to the store's state; files only the copy has are removed (an interrupted
-        run's leftovers, or a version the store no longer has)."""
+        """For a reader: the store's current version in the local copy. Nothing is copied from a location
+        that holds no manifest. While a writer in this cache works on the copy, the copy is read as the
+        writer keeps it (its manifests are the store's), and nothing in it is changed."""
+        with _flock(self._beside("retro-pull.lock"), fcntl.LOCK_EX), \
+                _flock(self._beside("retro-writer.lock"), fcntl.LOCK_EX | fcntl.LOCK_NB) as no_writer:
+            if not no_writer:
+                if not (self.local / MANIFEST).is_file():
+                    raise self._not_a_db()
+                return self.local
+            stored = self._remote_manifest()
+            if stored is None:
+                raise self._not_a_db()
+            self._sync(stored)
+        return self.local
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Path]:
+        """For the writer, under the store's writer lock: hold the copy against readers sharing this cache,
+        and bring it to the store's state, files only the copy has removed (an interrupted run's leftovers,
+        or a version the store no longer has)."""
+        with _flock(self._beside("retro-writer.lock"), fcntl.LOCK_EX):
+            self._sync(self._remote_manifest())
+            yield self.local
+
+    def _sync(self, stored: tuple[bytes, dict] | None) -> None:
+        self._load_record()
         remote = self._remote_files()
-        manifest = self._remote_manifest(remote)
         if not remote:  # no DB there (yet): nor here, so a new DB can be written
             if self.local.is_dir() and not self.local.is_symlink():
                 shutil.rmtree(self.local)
-            self.pushed = {}
-            return self.local
-        self._fetch_stale(remote, self._shard_checksums(manifest))
+            self.record = {}
+            self._save_record()
+            return
+        self._fetch_stale(remote, self._shard_checksums(stored[1] if stored else None))
         for relative, path in self._local_files().items():
             if relative not in remote:
                 path.unlink()
-        if manifest is not None:  # last: a local reader sees it only with every file it names
-            self._download(MANIFEST)
-        self.pushed = {rel: self._stamp(path) for rel, path in self._local_files().items()}
-        return self.local
+                self.record.pop(relative, None)
+        if stored is not None:  # last: a local reader sees it only with every file it names
+            self._write_manifest(stored[0], remote.get(MANIFEST))
+        self.record = {rel: entry for rel, entry in self.record.items() if rel in remote}
+        self._save_record()
 
     def pull_partial(self, shards: set[int] = frozenset(), rows: dict[str, tuple[int, int]] | None = None) -> Path:
         """What one worker's tasks read, and nothing more: the manifest, the DB's small arrays and metadata,
         the index shards numbered in `shards`, and of the bulk arrays (embeddings, chunk tokens) only the
         zarr chunks holding rows [start, stop) of `rows` ({array path in the DB: (start, stop)}). Nothing
         local is removed (other tasks of this worker may be reading it)."""
+        stored = self._remote_manifest()
+        if stored is None:
+            raise self._not_a_db()
+        self._load_record()
         remote = self._remote_files()
-        manifest = self._remote_manifest(remote)
-        if manifest is None:
-            raise RetroError(f"{self.url}: no DB there (no {MANIFEST})")
+        manifest = stored[1]
         shard_sha = self._shard_checksums(manifest)
         owned = {s.get("file") for s in manifest.get("index", {}).get("shards", [])
                  if isinstance(s, dict) and s.get("shard") in shards}
-        small = {rel: size for rel, size in remote.items()
+        small = {rel: tag for rel, tag in remote.items()
                  if (rel in owned if rel in shard_sha else not _BULK_DATA.search(rel))}
         self._fetch_stale(small, shard_sha)  # first: the arrays' zarr.json say how many rows a chunk holds
         bulk = {}
-        for relative, size in remote.items():
+        for relative, tag in remote.items():
             found = _BULK_DATA.search(relative)
             if found and found.group("array") in (rows or {}):
                 start, stop = rows[found.group("array")]
                 per_chunk = self._rows_per_chunk(found.group("array"))
                 first = int(found.group("row")) * per_chunk
                 if first < stop and first + per_chunk > start:
-                    bulk[relative] = size
+                    bulk[relative] = tag
         self._fetch_stale(bulk, shard_sha)
-        self._download(MANIFEST)
+        self._write_manifest(stored[0], remote.get(MANIFEST))
+        self._save_record()
         return self.local
 
     def _rows_per_chunk(self, array: str) -> int:
@@ -231,40 +401,47 @@ class Mirror:
         except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
             raise RetroError(f"{self.url}/{array}/zarr.json: unreadable array metadata ({err})") from None
 
+    # -- sending changes to the store --------------------------------------------------------------------
+    def _put(self, relative: str) -> None:
+        """Upload one file of the copy and record the tag the store gave it, with the file's stamp from
+        before the upload (a change during it shows as changed next time)."""
+        stamp = _stamp(self.local / relative)
+        try:
+            self.fs.put_file(str(self.local / relative), f"{self.root}/{relative}")
+        except OSError as err:
+            raise RetroError(f"{self.url}/{relative}: cannot upload ({err})") from None
+        self.record[relative] = {"tag": self._stored_tag(relative), "stamp": stamp}
+
     def upload(self, relatives: list[str]) -> None:
         """Put these files of the local copy into the store (a worker's finished block or shard). The
         manifest never goes this way: only the writer commits it."""
         for relative in relatives:
             if relative == MANIFEST:
                 raise ValueError("the manifest is committed by the writer, not uploaded by a worker")
-            try:
-                self.fs.put_file(str(self.local / relative), f"{self.root}/{relative}")
-            except OSError as err:
-                raise RetroError(f"{self.url}/{relative}: cannot upload ({err})") from None
+            self._put(relative)
+        self._save_record()
 
     def _download(self, relative: str) -> None:
         _download_file(self.fs, f"{self.root}/{relative}", self.local / relative, f"{self.url}/{relative}")
 
-    @staticmethod
-    def _stamp(path: Path) -> tuple[int, int]:
-        stat = path.stat()
-        return stat.st_size, stat.st_mtime_ns
+    def adopt(self, relative: str) -> None:
+        """Fetch a file a worker put into the store, recorded as equal to the store's."""
+        self._fetch(relative, self._stored_tag(relative))
 
     def push(self) -> None:
-        """Upload what changed since the last pull or push, the manifest last; then delete from the store
-        what the copy no longer has."""
+        """Upload what changed since it was fetched or last uploaded, the manifest last; then delete from the
+        store what the copy no longer has."""
         local = self._local_files()
-        changed = [rel for rel, path in local.items() if self.pushed.get(rel) != self._stamp(path)]
-        for relative in sorted(changed, key=lambda r: r == MANIFEST):
-            try:
-                self.fs.put_file(str(local[relative]), f"{self.root}/{relative}")
-            except OSError as err:
-                raise RetroError(f"{self.url}/{relative}: cannot upload ({err})") from None
-            self.pushed[relative] = self._stamp(local[relative])
-        for relative in sorted(set(self.pushed) - local.keys()):
-            with contextlib.suppress(FileNotFoundError):
-                self.fs.rm_file(f"{self.root}/{relative}")
-            del self.pushed[relative]
+        changed = [rel for rel in local if not self._unchanged(rel)]
+        try:
+            for relative in sorted(changed, key=lambda r: r == MANIFEST):
+                self._put(relative)
+            for relative in sorted(set(self.record) - local.keys()):
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(f"{self.root}/{relative}")
+                del self.record[relative]
+        finally:
+            self._save_record()
 
     # -- the writer lock, beside the DB in the store ----------------------------------------------------
     @property
@@ -274,6 +451,10 @@ class Mirror:
 
     @contextlib.contextmanager
     def writer_lock(self, command: str) -> Iterator[None]:
+        if "/" not in self.root:  # the bucket itself: no place beside it for the lock
+            protocol = _URL.match(self.url).group(1)
+            raise RetroError(f"{self.url}: a DB on object storage is written under a name inside the bucket "
+                             f"({protocol}://{self.root.strip('/')}/NAME), not as the bucket itself")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": round(time.time(), 3)}
         body = json.dumps(me).encode()
         for _attempt in range(3):
@@ -378,8 +559,8 @@ def adopt_uploaded(path: str | os.PathLike, relatives: list[str]) -> None:
     if mirror is None:
         raise RetroError(f"{path}: not a DB copy being written here; cannot take the workers' uploads")
     for relative in relatives:
-        mirror._download(relative)
-        mirror.pushed[relative] = mirror._stamp(mirror.local / relative)
+        mirror.adopt(relative)
+    mirror._save_record()
 
 
 @contextlib.contextmanager
@@ -396,8 +577,7 @@ def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         yield fetch_db(text, cache_dir)
         return
     mirror = Mirror(text, cache_dir)
-    with mirror.writer_lock(write):
-        path = mirror.pull()
+    with mirror.writer_lock(write), mirror.writing() as path:
         key = Path(os.path.abspath(path))
         _SYNCED[key] = mirror
         _ORIGINS[str(key)] = (mirror.url, str(cache_dir_for(text, cache_dir)))
@@ -451,6 +631,7 @@ def fetch_input(url: str, cache_dir: str | os.PathLike | None) -> Path:
     """A corpus or test-set URL (one object, or a prefix holding many) copied into the cache at the same
     place a DB would go. An object already fetched is kept while its ETag is unchanged; each download lands
     under a temporary name first, so an interrupted fetch never leaves a half file under a real name."""
+    url = canonical_url(url)
     fs, root = _filesystem(url)
     target = mirror_path(url, cache_dir_for(url, cache_dir))
     fs.invalidate_cache()
@@ -487,7 +668,8 @@ def fetch_input(url: str, cache_dir: str | os.PathLike | None) -> Path:
         tmp_record = record_file.with_name(f".{INPUTS_RECORD}.{os.getpid()}.partial")
         tmp_record.write_text(json.dumps(record, sort_keys=True))
         os.replace(tmp_record, record_file)
-    FETCHED_ROOTS[os.path.abspath(target)] = url.rsplit("/", 1)[0] if single else url.rstrip("/")
+    FETCHED_ROOTS[os.path.abspath(target)] = url.rsplit("/", 1)[0] if single else url
+    _SHOWN[str(target)] = _SHOWN[os.path.abspath(target)] = FETCHED_ROOTS[os.path.abspath(target)]
     _FETCHED_CACHES[os.path.abspath(target)] = str(cache_dir_for(url, cache_dir))
     return target / next(iter(files)) if single else target
 

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
-from retrocli.db import FORMAT_NAME, MANIFEST, STORE, TOKENIZER_FILE, read_manifest
+from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, read_manifest
 from retrocli.errors import RetroError
 from retrocli.index import check_shard_coverage, checked_shard_file
+from retrocli.neighbors import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.progress import NullProgress, Progress
 
 
@@ -76,23 +77,17 @@ def _check_counts(db_path: Path, manifest: dict, files: dict) -> list[str]:
 
 
 def verify_path(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
-    """`retro verify PATH`: a DB, a kNN-LM datastore or batch neighbours, told apart by their manifest's format."""
-    format_name = _format_of(Path(path))
-    if format_name is not None and format_name != FORMAT_NAME:
-        from retrocli.knn_lm import DATASTORE_FORMAT  # lazily: it imports torch
-
-        if format_name == DATASTORE_FORMAT:
-            return verify_datastore(path, progress)
-        from retrocli.neighbors import NEIGHBORS_FORMAT
-
-        if format_name == NEIGHBORS_FORMAT:
-            return verify_neighbors(path, progress)
+    """`retro verify PATH` for a DB or batch neighbours, told apart by their manifest's format (a kNN-LM
+    datastore: retrocli.knn_lm.verify_datastore; `artefact_format` tells which)."""
+    if artefact_format(path) == NEIGHBORS_FORMAT:
+        return verify_neighbors(path, progress)
     return verify_db(path, progress)  # says what is wrong with anything else
 
 
-def _format_of(path: Path) -> str | None:
+def artefact_format(path: str | os.PathLike) -> str | None:
+    """The `format` a directory's manifest.json names, or None when there is no readable one."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
     return manifest.get("format") if isinstance(manifest, dict) else None
@@ -197,63 +192,10 @@ def _verify_index(db_path: Path, manifest: dict, shards: list[dict], task) -> St
     return check
 
 
-def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
-    """Check every file of a kNN-LM datastore: its manifest's fields, the keys stage's zarr files against
-    their sha256 (and their groups' metadata, and the arrays' shapes against the counts), and the index
-    shards against theirs. A manifest that cannot be read or has a wrong field raises RetroError."""
-    from retrocli.knn_lm import array_shape_problem, read_datastore_manifest
-
-    progress = progress or NullProgress()
-    started = time.time()
-    where = Path(path)
-    manifest = read_datastore_manifest(where)
-    keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
-    shards = index.get("shards", []) if index["status"] == "complete" else []
-    files = keys.get("files", {}) if keys["status"] == "complete" else {}
-    total = sum(size for array in files.values() for size, _ in array.values()) + sum(s["bytes"] for s in shards)
-    task = progress.start("verify", total=max(total, 1), unit="bytes")
-    checks = []
-    if keys["status"] != "complete":
-        checks.append(StageCheck("keys", keys["status"]))
-    else:
-        problems = check_groups(where / STORE, groups_of(files)) + check_files(where / STORE, files,
-                                                                               on_file=task.advance)
-        if not problems:
-            shapes = {}
-            for name in files:
-                meta = where / STORE / name / "zarr.json"
-                shapes[name] = json.loads(meta.read_text(encoding="utf-8"))["shape"]  # matched its sha256
-            problem = array_shape_problem(manifest, shapes)
-            problems += [f"{where / MANIFEST}: {problem}"] if problem else []
-        checks.append(StageCheck("keys", "damaged" if problems else "complete",
-                                 files=sum(len(a) for a in files.values()),
-                                 bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
-    if index["status"] != "complete":
-        checks.append(StageCheck("index", index["status"]))
-    else:
-        check = StageCheck("index", "complete", files=len(shards))
-        rerun = f"rerun `retro knn-datastore ... --out {where} --overwrite`"
-        for shard in shards:
-            try:
-                checked_shard_file(where, shard, cached=False, rerun=rerun)
-            except RetroError as err:
-                check.problems.append(str(err))
-            except OSError as err:
-                check.problems.append(f"{err.filename or where / shard['file']}: index shard {unreadable(err)}")
-            check.bytes += int(shard["bytes"])
-            task.advance(int(shard["bytes"]))
-        check.status = "damaged" if check.problems else "complete"
-        checks.append(check)
-    task.finish()
-    return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)
-
-
 def verify_neighbors(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
     """Check every file of a batch-neighbours directory: its manifest, the zarr files of `ids` and
     `distances` against their sha256 and their group's metadata. A manifest that cannot be read raises
     RetroError."""
-    from retrocli.neighbors import NEIGHBOR_ARRAYS, read_neighbors_manifest, store_name
-
     progress = progress or NullProgress()
     started = time.time()
     where = Path(path)

@@ -336,3 +336,109 @@ def test_build_db_on_dask_with_no_shared_filesystem_equals_a_local_build(s3_serv
         fetched_corpus.append(mirror_path(corpus_url, cache).is_file())
     assert held_shards == shards and held_blocks == blocks and len(blocks) > 2
     assert any(fetched_corpus)  # the worker that chunked the (one-piece) corpus fetched it itself
+
+
+# -- issue 35: the cache is checked against the store, readers and a writer share one cache ---------------
+
+
+def _copy_in_store(name: str) -> str:
+    _fs().copy(f"{BUCKET}/dbs/small", f"{BUCKET}/dbs/{name}", recursive=True)
+    return f"s3://{BUCKET}/dbs/{name}"
+
+
+def _flip_a_byte(key: str) -> None:
+    data = bytearray(_fs().cat_file(key))
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    _fs().pipe_file(key, bytes(data))
+
+
+def test_a_store_object_changed_at_the_same_size_is_fetched_again_and_so_is_its_repair(s3_db, tmp_path, cli):
+    url = _copy_in_store("flipped")
+    warm, cold = str(tmp_path / "warm"), str(tmp_path / "cold")
+    assert cli("verify", url, "--cache-dir", warm).exit_code == 0
+    key = sorted(_fs().find(f"{BUCKET}/dbs/flipped/store.zarr/chunks/tokens/c"))[0]
+    original = _fs().cat_file(key)
+    _flip_a_byte(key)
+    for cache in (warm, cold):  # the warm cache holds the old bytes at the same size: it must not trust them
+        damaged = cli("verify", url, "--cache-dir", cache)
+        assert damaged.exit_code == 1, damaged.output
+        assert f"damaged: {url}/store.zarr/chunks/tokens/c/" in damaged.stderr  # the URL, not the cache path
+        assert cache not in damaged.output
+    _fs().pipe_file(key, original)  # repaired: the cache that fetched the damaged copy fetches it again
+    for cache in (warm, cold):
+        assert cli("verify", url, "--cache-dir", cache).exit_code == 0
+    # a cached file changed here (same size) is not trusted either
+    cached = mirror_path(url, warm) / key.split("/dbs/flipped/", 1)[1]
+    data = bytearray(cached.read_bytes())
+    data[0] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    assert cli("verify", url, "--cache-dir", warm).exit_code == 0
+    assert cached.read_bytes() == original
+
+
+def test_a_location_without_a_manifest_is_refused_before_anything_is_copied(s3_db, tmp_path, retro_proc):
+    cache = tmp_path / "cache"
+    for url in (f"s3://{BUCKET}", f"s3://{BUCKET}/dbs"):  # a bucket full of objects, a prefix of DBs
+        result = retro_proc("info", url, "--cache-dir", cache)
+        assert result.exit_code == 2 and result.error_lines == [
+            f"error: {url}: not a retro DB (no manifest.json in the store); build one with `retro chunk`"]
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+def test_compact_out_to_a_bare_bucket_is_one_line_and_writes_nothing(s3_db, tmp_path, retro_proc):
+    before = _fs().find(BUCKET)
+    result = retro_proc("compact", s3_db, "--out", f"s3://{BUCKET}", "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.error_lines == [f"error: s3://{BUCKET}: a DB on object storage is written under a name inside "
+                                  f"the bucket (s3://{BUCKET}/NAME), not as the bucket itself"]
+    _fs().invalidate_cache()
+    assert _fs().find(BUCKET) == before
+
+
+def test_every_spelling_of_a_db_url_takes_one_writer_lock(s3_db, tmp_path, retro_proc):
+    url = _copy_in_store("spelled")
+    with local_db(f"s3://{BUCKET}//dbs/spelled/", tmp_path / "a", write="first") as path:
+        assert path == mirror_path(url, tmp_path / "a") and (path / "manifest.json").is_file()
+        assert _fs().exists(f"{BUCKET}/dbs/.spelled.lock")
+        second = retro_proc("remove", url, "--doc", "0", "--cache-dir", tmp_path / "b")
+        assert second.exit_code == 2 and len(second.error_lines) == 1, second.output
+        assert "another writer holds the DB (first" in second.output
+    dotted = retro_proc("remove", f"s3://{BUCKET}/dbs/x/../spelled", "--doc", "0", "--cache-dir", tmp_path / "b")
+    assert dotted.exit_code == 2 and dotted.error_lines == [
+        f"error: s3://{BUCKET}/dbs/x/../spelled: not a DB location (empty, or with . or .. in its path)"]
+    assert open_db(fetch_db(url, tmp_path / "c")).manifest.get("version", 1) == 1  # nothing was removed
+
+
+def test_a_reader_sharing_the_cache_leaves_a_writers_uncommitted_segment_alone(s3_db, make_corpus, tmp_path,
+                                                                               retro_proc):
+    from retrocli.add import PAUSE_ENV
+
+    url = _copy_in_store("shared")
+    cache = tmp_path / "cache"
+    new = make_corpus({"new.txt": "a document added while readers share the cache " * 40}) / "new.txt"
+    marker = tmp_path / "paused"
+    args = ["add", url, str(new), "--cache-dir", str(cache)]
+    writer = subprocess.Popen([sys.executable, "-m", "retrocli", *args],
+                              env={**os.environ, PAUSE_ENV: f"embed:{marker}"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():  # paused with the new segment chunked here, not yet in the store
+            assert writer.poll() is None, writer.stderr.read().decode()
+            assert time.time() < deadline, "the add never reached its pause point"
+            time.sleep(0.05)
+        segment = mirror_path(url, cache) / "segments" / "00002"
+        staged = sorted(p for p in segment.rglob("*") if p.is_file())
+        assert staged and not _fs().exists(f"{BUCKET}/dbs/shared/segments")
+        info = retro_proc("info", url, "--cache-dir", cache, "--json")
+        assert info.exit_code == 0, info.output
+        assert json.loads(info.stdout)["version"] == 1  # the committed version
+        assert retro_proc("verify", url, "--cache-dir", cache).exit_code == 0
+        assert sorted(p for p in segment.rglob("*") if p.is_file()) == staged  # nothing of the writer's deleted
+    finally:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+    resumed = retro_proc(*args)  # resumes the segment it staged; the dead writer's lock is taken over
+    assert resumed.exit_code == 0, resumed.output
+    assert f"→ {url} version 2" in resumed.stdout and str(cache) not in resumed.stdout  # never `s3:/…`
+    assert open_db(fetch_db(url, tmp_path / "fresh")).manifest["version"] == 2

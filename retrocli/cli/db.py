@@ -149,10 +149,16 @@ def verify(db: Annotated[Path, typer.Argument(help="DB directory or URL, a kNN-L
            cache_dir: CacheDir = None, json_output: JsonOut = False):
     """Check every file of a DB (or a kNN-LM datastore, or batch neighbours) against the checksums its stages
     recorded. Exit 1 if any is damaged."""
-    from retrocli.verify import verify_path
+    from retrocli.db import DATASTORE_FORMAT
+    from retrocli.verify import artefact_format, verify_path
 
     with local_db(db, cache_dir) as path, progress_display(enabled=not json_output) as progress:
-        result = verify_path(path, progress=progress)
+        if artefact_format(path) == DATASTORE_FORMAT:
+            from retrocli.knn_lm import verify_datastore  # only then: it imports torch
+
+            result = verify_datastore(path, progress=progress)
+        else:
+            result = verify_path(path, progress=progress)
     if json_output:
         print_json(result.to_dict())
     else:
