@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retrocli.checksums import file_sha256
 from retrocli.chunk import chunk_corpus, source_identity
-from retrocli.corpus import expand_inputs, source_name
+from retrocli.corpus import expand_inputs, record_name
 from retrocli.db import (
     LIVING_FORMAT_VERSION,
     MANIFEST,
@@ -171,9 +171,9 @@ def _refuse_known_files(db: RetroDB, files: list[Path]) -> None:
     """One line for the first file the DB holds already, by name, resolved path or content."""
     known = _known_files(db)
     for file in files:
-        for key in (source_name(file), source_identity(file), f"sha256:{file_sha256(file)}"):
+        for key in (record_name(file), source_identity(file), f"sha256:{file_sha256(file)}"):
             if key in known:
-                same = "" if known[key] == source_name(file) else f" (as {known[key]})"
+                same = "" if known[key] == record_name(file) else f" (as {known[key]})"
                 raise RetroError(f"{file}: is already in {db.path}{same}; pass --allow-duplicates to add it again")
 
 

@@ -36,6 +36,7 @@ from retrocli.corpus import (
     iter_documents,
     iter_piece_documents,
     plan_pieces,
+    record_name,
     source_name,
 )
 from retrocli.db import (
@@ -229,7 +230,7 @@ def write_source_digests(store: Path, files: Sequence[Path]) -> None:
     """files/sha256, beside files/path: the content of each file a DB's documents came from, so that
     `retro add` knows a file again under any other name."""
     root = zarr.open_group(str(store), mode="a")
-    local = {source_name(f): f for f in files}
+    local = {record_name(f): f for f in files}
     names = [str(name) for name in root["files/path"][:]]
     digests = [file_sha256(local[name]) if name in local else "" for name in names]
     array = root.create_array("files/sha256", shape=(len(names),), dtype=str,

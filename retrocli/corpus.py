@@ -27,12 +27,33 @@ SUPPORTED = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 PARQUET_BATCH_ROWS = 1024
 # JSON "\ud800"-style escapes decode to lone surrogates: not encodable text, and the tokenizer rejects them.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# in a file name: a backslash, or a byte that is not UTF-8 (os.fsdecode's surrogate escape for it)
+_NAME_BYTE = re.compile("[\\\\\udc80-\udcff]")
+_NAME_ESCAPE = re.compile(r"\\(\\|x[89a-f][0-9a-f])")
+
+
+def escape_name(name: str) -> str:
+    """A file name as valid text: each byte that is not UTF-8 written \\xHH (lowercase hex), a backslash
+    written \\\\. Undone exactly by file_name."""
+    return _NAME_BYTE.sub(lambda m: "\\\\" if m[0] == "\\" else f"\\x{ord(m[0]) - 0xDC00:02x}", name)
+
+
+def file_name(recorded: str) -> str:
+    """The path a recorded name stands for, undecodable bytes as os.fsdecode gives them (os.fsencode of it
+    is the name's bytes). A backslash followed by neither \\ nor x80-xff is itself (as older DBs wrote it)."""
+    return _NAME_ESCAPE.sub(lambda m: "\\" if m[1] == "\\" else chr(0xDC00 + int(m[1][1:], 16)), recorded)
+
+
+def record_name(path: str | os.PathLike) -> str:
+    """The name a corpus file is recorded (files/path) and shown under: its absolute path or the URL it
+    was fetched from (source_name), escaped so that any file name is a valid zarr string."""
+    return escape_name(source_name(path))
 
 
 @dataclass
 class Document:
     text: str
-    path: str  # the file it came from, as given (made absolute)
+    path: str  # the file it came from, made absolute: its record_name
     position: int  # JSONL: 1-based line; Parquet: 0-based row; plain text: 0
     external_id: str = ""  # the --id-field value, if any
 
@@ -150,9 +171,9 @@ def _read_text_file(path: Path, opts: CorpusOptions, stats: CorpusStats) -> Iter
         raise RetroError(f"{path}: cannot read file ({err.strerror})") from None
     stats.bytes_read += len(raw)
     if b"\x00" in raw:
-        stats.binary_skipped.append(str(path))
+        stats.binary_skipped.append(escape_name(str(path)))
         return
-    yield Document(_decode(raw, str(path), opts, stats), source_name(path), 0)
+    yield Document(_decode(raw, str(path), opts, stats), record_name(path), 0)
 
 
 def _record_text(record, where: str, opts: CorpusOptions) -> tuple[str | None, str]:
@@ -202,7 +223,7 @@ def _read_jsonl(path: Path, opts: CorpusOptions, stats: CorpusStats, start: int 
                 text = _fix_surrogates(text, where, opts.text_field, opts, stats)
                 if ext:
                     ext = _fix_surrogates(ext, where, opts.id_field or AUTO_ID_FIELD, opts, None)
-                yield Document(text, source_name(path), lineno, ext)
+                yield Document(text, record_name(path), lineno, ext)
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise RetroError(f"{path}: cannot read file ({getattr(err, 'strerror', None) or err})") from None
 
@@ -234,7 +255,7 @@ def _read_parquet(path: Path, opts: CorpusOptions, stats: CorpusStats,
             if not isinstance(text, str):
                 kind = "null" if text is None else type(text).__name__
                 raise RetroError(f"{path}: row {row}: field '{opts.text_field}' is {kind}, expected a string")
-            yield Document(text, source_name(path), row, "" if ext is None else str(ext))
+            yield Document(text, record_name(path), row, "" if ext is None else str(ext))
             row += 1
 
 

@@ -9,15 +9,23 @@ Resumability: block b covers chunks [b*B, (b+1)*B) and is exactly one zarr chunk
 zarr writes atomically (temp file + rename). The manifest lists completed blocks and is itself written
 atomically after each block, so after a kill -9 a rerun recomputes only unfinished blocks; since a
 block's computation depends only on its chunks and settings, the final array is byte-identical.
+
+Layout independence: each BERT batch runs on exactly KERNEL_THREADS torch thread, because how a matmul
+splits its sums over threads changes fp32 rounding (MiniLM: 1 vs 2 threads moved 1 vector in 800 by an
+fp16 ulp). Several threads embed several batches at once instead, so a vector is the same whatever
+--threads, --dask or --devices say.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +57,19 @@ from retrocli.options import (
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.storage import adopt_uploaded, task_location
+
+KERNEL_THREADS = 1  # torch threads per BERT batch: fixed, so that rounding never depends on the layout
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch intra-op threads set to `count` in this thread, restored on exit (the setting is per thread)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def resolve_embedder_path(name: str) -> str:
@@ -199,8 +220,9 @@ class Embedder:
 
     def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """Embed texts into float32 [len(texts), dim], returned in input order. Each batch holds texts of
-        one BERT length (see length_batches), so nothing is padded and a text's vector depends only on the
-        text. on_batch(n) is called after each batch of n texts (progress bars)."""
+        one BERT length (see length_batches), so nothing is padded, and runs on KERNEL_THREADS thread, so a
+        text's vector depends only on the text. On the CPU, as many batches run at once as this thread has
+        torch threads (--threads). on_batch(n) is called after each batch of n texts (progress bars)."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         encoded = self.tokenizer(
@@ -208,30 +230,40 @@ class Embedder:
             return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
-        pad_id = self.tokenizer.pad_token_id or 0
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
-        with torch.inference_mode(), autocast:
-            for batch_idx in length_batches(encoded, self.batch_size, self.batching):
-                width = max(len(encoded[i]) for i in batch_idx)
-                input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
-                for row, i in enumerate(batch_idx):
-                    ids = encoded[i]
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    mask[row, : len(ids)] = 1
-                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-                hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-                if self.info.pooling == "cls":
-                    pooled = hidden[:, 0]
-                else:
-                    weights = mask.unsqueeze(-1).to(hidden.dtype)
-                    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-                if self.info.normalize:
-                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[batch_idx] = pooled.cpu().numpy()
+        batches = length_batches(encoded, self.batch_size, self.batching)
+        at_once = min(torch.get_num_threads(), len(batches)) if self.device.type == "cpu" else 1
+        embed_batch = functools.partial(self._embed_batch, encoded)
+        # the pool's threads set their own torch threads: the setting is per thread
+        with torch_threads(KERNEL_THREADS), ThreadPoolExecutor(
+                at_once, initializer=torch.set_num_threads, initargs=(KERNEL_THREADS,)) as pool:
+            for batch_idx, pooled in (pool.map if at_once > 1 else map)(embed_batch, batches):
+                out[batch_idx] = pooled
                 if on_batch is not None:
                     on_batch(len(batch_idx))
         return out
+
+    def _embed_batch(self, encoded: list[list[int]], batch_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One BERT forward over the texts batch_idx of `encoded`: (batch_idx, their pooled vectors)."""
+        pad_id = self.tokenizer.pad_token_id or 0
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.info.precision == "bf16")
+        width = max(len(encoded[i]) for i in batch_idx)
+        input_ids = torch.full((len(batch_idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch_idx), width), dtype=torch.long)
+        for row, i in enumerate(batch_idx):
+            ids = encoded[i]
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        with torch.inference_mode(), autocast:  # both are per thread: entered in the thread that runs
+            hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+            if self.info.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            if self.info.normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return batch_idx, pooled.cpu().numpy()
 
 
 def length_batches(encoded: list[list[int]], batch_size: int, batching: str = "by-length") -> list[np.ndarray]:

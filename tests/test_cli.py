@@ -10,6 +10,7 @@ from conftest import SUBSET_TRAIN
 
 from retrocli import open_db
 from retrocli.db import BUILT_FORMAT_VERSION, FORMAT_VERSION
+from retrocli.staging import staging_path
 
 
 def test_chunk_then_info_then_info_json(cli, tmp_path, subset_texts):
@@ -164,7 +165,7 @@ def test_chunk_bad_input(cli, tmp_path, make_corpus, case):
         assert fragment in result.error_lines[0], (fragment, result.error_lines[0])
     assert len(result.error_lines[0]) < 500
     assert result.stdout == ""  # errors go to stderr
-    assert not out.exists() and not (tmp_path / "db.partial").exists()
+    assert not out.exists() and not staging_path(tmp_path / "db").exists()
 
 
 @pytest.mark.parametrize(
@@ -212,3 +213,61 @@ def test_help_lists_the_commands(cli):
     assert result.exit_code == 0
     for command in ("chunk", "info", "train-tokenizer"):
         assert command in result.stdout
+
+
+# -- usage errors, generate's output, a full disk ------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["neighbors", "{db}", "--query", "a query", "--k", "abc"], "'--k'"),
+    (["remove", "{db}", "--doc", "abc"], "'--doc'"),
+    (["remove", "{db}", "--doc", "1.5"], "'--doc'"),
+    (["info"], "Missing argument 'db'"),
+    (["info", "{db}", "--bogus"], "No such option: --bogus"),
+    (["nope"], "No such command 'nope'"),
+])
+def test_usage_errors_are_one_line(retro_proc, tmp_path, args, fragment):
+    result = retro_proc(*[a.replace("{db}", str(tmp_path / "db")) for a in args])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == result.error_lines, result.stderr  # no usage box around it
+    assert len(result.error_lines) == 1 and fragment in result.error_lines[0], result.stderr
+    assert f"see `retro{' ' + args[0] if args[0] != 'nope' else ''} --help`" in result.error_lines[0]
+
+
+def test_usage_errors_leave_help_alone(cli):
+    for args in (["--help"], ["info", "--help"]):
+        result = cli(*args)
+        assert result.exit_code == 0 and "Usage: retro" in result.stdout and not result.error_lines
+
+
+def test_generate_prints_nothing_before_an_error(cli, tmp_path):
+    result = cli("generate", "--db", tmp_path / "nope", "--prompt", "hello there")
+    assert result.exit_code == 2 and result.exception is None
+    assert result.stdout == ""  # the prompt used to come first
+    assert len(result.error_lines) == 1 and "nope" in result.error_lines[0]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs, mounted for the test (needs root and mount permission; skipped otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("filler_kb", [300, 700, 900])
+def test_a_full_disk_is_one_line_naming_the_file(retro_proc, full_disk, filler_kb):
+    # the subset's DB takes ~850 KB: the disk fills in the tokenizer, the store metadata or a zarr chunk
+    (full_disk / "filler").write_bytes(b"\0" * filler_kb * 1024)
+    result = retro_proc("chunk", SUBSET_TRAIN, "--out", full_disk / "db")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(result.error_lines) == 1, result.output
+    line = result.error_lines[0]
+    assert line.startswith(f"error: no space left on device writing {full_disk}/"), line
+    assert "rerun the same command" in line

@@ -16,6 +16,7 @@ from helpers import SUBSET_TRAIN
 from retrocli import RetroError, open_db
 from retrocli.chunk import ChunkOptions, chunk_corpus
 from retrocli.corpus import CorpusOptions, CorpusStats, iter_documents
+from retrocli.staging import staging_path
 
 
 def read_all(inputs, **opts):
@@ -323,7 +324,7 @@ def test_bad_input_leaves_no_db(make_corpus, tmp_path):
     with pytest.raises(RetroError, match=r"b\.jsonl:2"):
         chunk_corpus([root], out)
     assert not out.exists()
-    assert not (tmp_path / "db.partial").exists()
+    assert not staging_path(tmp_path / "db").exists()
 
 
 def test_no_inputs_is_an_error():
@@ -357,7 +358,7 @@ def test_unreadable_file_is_a_clean_error(tmp_path):
         assert result.exit_code == 2, result.output
         assert "Traceback" not in result.output
         assert f"error: {path}: cannot read file (permission denied)" in result.stderr
-        assert not (work / "db").exists() and not (work / "db.partial").exists()
+        assert not (work / "db").exists() and not staging_path(work / "db").exists()
         # Named directly: the same one line.
         result = run_retro("chunk", path, "--out", work / "db", user=65534, cwd=work)
         assert result.exit_code == 2, result.output
@@ -366,3 +367,39 @@ def test_unreadable_file_is_a_clean_error(tmp_path):
         assert not (work / "db").exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# -- file names that are not UTF-8 ------------------------------------------------------------------------
+
+def test_recorded_file_names_are_text_and_give_the_bytes_back():
+    from retrocli.corpus import file_name, record_name
+
+    for raw in (b"/d/caf\xff.txt", b"/d/\xc3\xa9t\xc3\xa9.txt", b"/d/a\\b.txt", b"/d/x\\xff\xfe.txt", b"/d/\\\\x.txt"):
+        recorded = record_name(os.fsdecode(raw))
+        recorded.encode("utf-8")  # valid text: a zarr string
+        assert os.fsencode(file_name(recorded)) == raw
+    assert record_name(os.fsdecode(b"/d/caf\xff.txt")) == "/d/caf\\xff.txt"
+    assert file_name("/old/db\\name.txt") == "/old/db\\name.txt"  # a lone backslash, as older DBs wrote it
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_and_shown_escaped(tmp_path, tiny_bert):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    odd = os.fsdecode(bytes(corpus) + b"/caf\xff.txt")
+    Path(odd).write_text("Zebras graze on the open savanna near the river every morning.", encoding="utf-8")
+    (corpus / "plain.txt").write_text("Compilers translate source code into machine instructions.", encoding="utf-8")
+    db = tmp_path / "db"
+    result = run_retro("build-db", corpus, "--out", db, "--embedder", tiny_bert, "--precision", "fp32")
+    assert result.exit_code == 0, result.output  # was a TypeError traceback
+    opened = open_db(db)
+    recorded = [str(p) for p in opened.root["files/path"][:]]
+    assert f"{corpus}/caf\\xff.txt" in recorded
+    assert opened.source(0).endswith("caf\\xff.txt")
+    result = run_retro("neighbors", db, "--query", "Zebras graze on the savanna", "--k", "2")
+    assert result.exit_code == 0, result.output
+    assert "caf\\xff.txt" in result.stdout  # shown escaped, never as a raw byte or a lone surrogate
+    (corpus / "plain.txt").unlink()
+    Path(odd).write_bytes(b"bad \xe9 bytes")
+    result = run_retro("chunk", corpus, "--out", tmp_path / "strict", "--strict")
+    assert result.exit_code == 2 and result.error_lines == [f"error: {corpus}/caf\\xff.txt: invalid UTF-8 at byte 4 "
+                                                            "(--strict)"], result.output

@@ -234,3 +234,25 @@ def test_a_chunks_vector_does_not_depend_on_the_rest_of_its_block(tiny_bert, tin
     assert all(len({len(encoded[i]) for i in batch}) == 1 and len(batch) <= 8 for batch in batches)
     assert sorted(i for batch in batches for i in batch) == list(range(40))
     assert padding_share(encoded, 8) == 0 < padding_share(encoded, 8, "db-order")
+
+
+def _short_texts(count: int) -> list[str]:
+    """Texts of 1 to 37 words: many BERT lengths, so many batches hold one text (small matmuls, where the
+    thread count changed fp32 rounding)."""
+    from helpers import SUBSET_TRAIN
+
+    words = SUBSET_TRAIN.read_text(encoding="utf-8").split()
+    return [" ".join(words[i : i + 1 + i % 37]) for i in range(0, 20 * count, 20)]
+
+
+def test_a_vector_does_not_depend_on_the_torch_thread_count(tiny_bert):
+    from retrocli.embed import torch_threads
+
+    texts = _short_texts(120)
+    embedder = Embedder(tiny_bert, "fp32", 32, "cpu")
+    with torch_threads(1):
+        one = embedder.embed(texts)
+    with torch_threads(2):  # two batches at once, each on one thread (before: 4 rows differed)
+        two = embedder.embed(texts)
+        assert torch.get_num_threads() == 2  # restored after the embedding
+    assert one.tobytes() == two.tobytes()

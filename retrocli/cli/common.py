@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from retrocli.errors import RetroError, is_disk_full
+from retrocli.storage import shown
 
 # emoji=False: ":fire:" in a path, a query or corpus text stays ":fire:". Markup is ours alone: every
 # user-supplied value goes through user() below.
@@ -38,10 +42,33 @@ class RetroCommand(TyperCommand):
 
 
 class RetroGroup(TyperGroup):
-    """`retro --help` without the `<bool>` type, like its commands."""
+    """`retro --help` without the `<bool>` type, like its commands; a usage error (`--k abc`, a missing
+    argument, an unknown command or option) is one `error:` line, not click's usage box."""
 
     def get_help_option(self, ctx):
         return _untyped(super().get_help_option(ctx))
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():  # a command's own options are parsed here
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except typer.TyperException as err:  # typer's own click's ClickException and its usage errors
+        if type(err).__name__ == "NoArgsIsHelpError" or not hasattr(err, "format_message"):
+            raise  # `retro` or `retro info` alone: the help, as before
+        command = getattr(getattr(err, "ctx", None), "command_path", "retro")
+        message = err.format_message().rstrip(".")
+        err_console.print(f"[bold red]error:[/] {user(message)} (see `{user(command)} --help`)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code) from None
 
 
 def _untyped(option):
@@ -52,8 +79,12 @@ def _untyped(option):
 
 def user(text) -> str:
     """User-supplied text (paths, queries, corpus text, ids, names) made inert for rich: "[/]" or
-    "[bold]" in it prints as typed instead of being read as markup."""
-    return escape(str(text))
+    "[bold]" in it prints as typed instead of being read as markup. A DB's copy in --cache-dir is shown
+    as its URL, a path's byte that is not UTF-8 as \\xHH."""
+    return escape(_UNDECODABLE_BYTE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}", shown(text)))
+
+
+_UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")  # os.fsdecode's surrogate escapes
 
 
 def handle_errors(fn):
@@ -68,7 +99,8 @@ def handle_errors(fn):
             raise typer.Exit(2) from None
         except Exception as err:
             if is_disk_full(err):  # every write is atomic, so what finished is kept and a rerun resumes
-                where = f" writing {user(err.filename)}" if getattr(err, "filename", None) else ""
+                file = _file_being_written(err)
+                where = f" writing {user(file)}" if file else f" writing under {user(_output_of(kwargs))}"
                 err_console.print(f"[bold red]error:[/] no space left on device{where}; free some space and "
                                   "rerun the same command (finished work is kept)", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
@@ -78,6 +110,33 @@ def handle_errors(fn):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _file_being_written(err: BaseException) -> str | None:
+    """The file a write that failed was writing. A failed write() carries no file name, so without the
+    error's own, the innermost frame that knows one: a `path`/`filename` local (zarr's and our atomic
+    writers name the final file so), else an open file object there (pathlib's write_text)."""
+    if getattr(err, "filename", None):
+        return os.fsdecode(err.filename)
+    frames, tb = [], err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        names = frame.f_locals
+        for key in ("path", "filename"):
+            value = names.get(key)
+            if isinstance(value, os.PathLike) or (key == "filename" and isinstance(value, str)):
+                return os.fsdecode(value)
+        for value in names.values():
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                return value.name
+    return None
+
+
+def _output_of(kwargs: dict) -> str:
+    """What a command writes, for a message that has no file: its --out, else its DB."""
+    return str(kwargs.get("out") or kwargs.get("db") or "the output")
 
 
 def print_json(data) -> None:

@@ -317,13 +317,25 @@ def generate(
     --knn-lm, sampling from the model's distribution mixed with the kNN-LM's."""
     from retrocli.generate import generate as run_generate
 
+    prompt_shown = False
+
+    def show_prompt() -> None:
+        """The prompt goes out with the first output, once every check has passed: an error comes alone."""
+        nonlocal prompt_shown
+        if not json_output and not prompt_shown:
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            prompt_shown = True
+
     def on_text(text: str) -> None:
         if not json_output:
+            show_prompt()
             sys.stdout.write(text)
             sys.stdout.flush()
 
     def on_retrieval(rec) -> None:
         if show_neighbors and not json_output:
+            show_prompt()
             err_console.print(f"\n[dim]── chunk {rec.chunk_index} complete: retrieved[/]")
             for nb in rec.neighbors:
                 err_console.print(
@@ -333,8 +345,6 @@ def generate(
 
     if (db is None) == (retriever is None):
         raise RetroError("give exactly one of --db DB or --retriever http://host:port")
-    if not json_output:
-        sys.stdout.write(prompt)
     result = run_generate(
         fetch_db(db, cache_dir) if db is not None else None,
         prompt,
@@ -372,6 +382,7 @@ def generate(
             }
         )
         return
+    show_prompt()
     sys.stdout.write("\n")
     if show_neighbors and result.copy and result.copy.tokens >= 4:
         err_console.print(
