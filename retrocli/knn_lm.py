@@ -42,7 +42,6 @@ from retrocli.checksums import (
     file_sha256,
     groups_of,
     record_arrays,
-    unreadable,
 )
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.db import (
@@ -75,7 +74,7 @@ from retrocli.options import (
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, pad_id
-from retrocli.verify import StageCheck, VerifyResult
+from retrocli.verify import StageCheck, VerifyResult, check_shard_files
 
 DATASTORE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -719,16 +718,7 @@ def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) 
     else:
         check = StageCheck("index", "complete", files=len(shards))
         rerun = f"rerun `retro knn-datastore ... --out {where} --overwrite`"
-        for shard in shards:
-            try:
-                checked_shard_file(where, shard, cached=False, rerun=rerun)
-            except RetroError as err:
-                check.problems.append(str(err))
-            except OSError as err:
-                check.problems.append(f"{err.filename or where / shard['file']}: index shard {unreadable(err)}")
-            check.bytes += int(shard["bytes"])
-            task.advance(int(shard["bytes"]))
-        check.status = "damaged" if check.problems else "complete"
+        check_shard_files(where, shards, check, task, rerun)
         checks.append(check)
     task.finish()
     return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)

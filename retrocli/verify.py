@@ -179,17 +179,23 @@ def _verify_index(db_path: Path, manifest: dict, shards: list[dict], task) -> St
         check_shard_coverage(db_path, manifest)
     except RetroError as err:
         check.problems.append(str(err))
+    check_shard_files(db_path, shards, check, task)
+    return check
+
+
+def check_shard_files(where: Path, shards: list[dict], check: StageCheck, task, rerun: str | None = None) -> None:
+    """Hash every index shard of `where` against its record, adding each problem to `check` (and its
+    bytes); a shard that cannot be read is 'cannot be read', like any other file."""
     for shard in shards:
         try:
-            checked_shard_file(db_path, shard, cached=False)
+            checked_shard_file(where, shard, cached=False, rerun=rerun)
         except RetroError as err:
             check.problems.append(str(err))
         except OSError as err:
-            check.problems.append(f"{err.filename or db_path / shard['file']}: index shard {unreadable(err)}")
+            check.problems.append(f"{err.filename or where / shard['file']}: index shard {unreadable(err)}")
         check.bytes += int(shard["bytes"])
         task.advance(int(shard["bytes"]))
     check.status = "damaged" if check.problems else "complete"
-    return check
 
 
 def verify_neighbors(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
