@@ -85,6 +85,7 @@ def main() -> None:
     db = open_db(args.db)
     rng = np.random.default_rng(args.seed)
     texts = [db.chunk_text(int(c)) for c in rng.choice(db.num_chunks, size=min(1024, db.num_chunks), replace=False)]
+    texts = [t for t in texts if t.strip()]  # the server refuses a blank query (a chunk of only newlines)
 
     # the anchor: the Python API in a loop, one query chunk per call, in this process
     retriever = LocalRetriever(db)

@@ -218,11 +218,14 @@ class Embedder:
             param.requires_grad_(False)
         self.model.to(self.device)
 
-    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+    def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None,
+              layout_independent: bool = True) -> np.ndarray:
         """Embed texts into float32 [len(texts), dim], returned in input order. Each batch holds texts of
         one BERT length (see length_batches), so nothing is padded, and runs on KERNEL_THREADS thread, so a
         text's vector depends only on the text. On the CPU, as many batches run at once as this thread has
-        torch threads (--threads). on_batch(n) is called after each batch of n texts (progress bars)."""
+        torch threads (--threads). on_batch(n) is called after each batch of n texts (progress bars).
+        layout_independent=False: each batch on all of this thread's torch threads instead, for queries,
+        where one short batch is the whole job and its latency matters more than the last fp32 bit."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         encoded = self.tokenizer(
@@ -231,6 +234,10 @@ class Embedder:
         )["input_ids"]
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
         batches = length_batches(encoded, self.batch_size, self.batching)
+        if not layout_independent:
+            for batch_idx, pooled in map(functools.partial(self._embed_batch, encoded), batches):
+                out[batch_idx] = pooled
+            return out
         at_once = min(torch.get_num_threads(), len(batches)) if self.device.type == "cpu" else 1
         embed_batch = functools.partial(self._embed_batch, encoded)
         # the pool's threads set their own torch threads: the setting is per thread

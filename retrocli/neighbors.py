@@ -191,7 +191,7 @@ def query_neighbors(
     embedder = db_embedder(db, device=device)
     per_query = [split_query(db, text) for text in queries]
     flat = [chunk for chunks in per_query for chunk in chunks]
-    vectors = embedder.embed([chunk.text for chunk in flat])
+    vectors = embedder.embed([chunk.text for chunk in flat], layout_independent=False)  # a query: latency first
     exclude = None
     if exclude_same_doc:
         exclude = [own_documents(db, index, vec, chunk) for vec, chunk in zip(vectors, flat)]

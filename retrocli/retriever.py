@@ -94,7 +94,7 @@ class LocalRetriever:
         if not texts:
             return []
         with self._lock:
-            vectors = self.embedder.embed(texts)
+            vectors = self.embedder.embed(texts, layout_independent=False)  # a query: latency first
             if own_tokens is not None:
                 exclude_docs = [
                     (exclude_docs[q] if exclude_docs else set())
