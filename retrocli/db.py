@@ -94,12 +94,14 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """A report file appears whole or not at all."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # never a user's file
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -56,3 +56,13 @@ def test_read_manifest_refuses_a_directory_that_is_not_a_db(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(RetroError):
         read_manifest(tmp_path)
+
+
+def test_an_atomic_report_write_never_touches_a_users_file_beside_it(tmp_path):
+    from retrocli.db import write_text_atomic
+
+    users = tmp_path / ".report.html.partial"  # the temp name an older retrocli used
+    users.write_text("mine")
+    write_text_atomic(tmp_path / "report.html", "<p>report</p>")
+    assert users.read_text() == "mine" and (tmp_path / "report.html").read_text() == "<p>report</p>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".report.html.partial", "report.html"]
