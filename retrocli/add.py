@@ -21,7 +21,7 @@ from pathlib import Path
 
 from retrocli.checksums import file_sha256
 from retrocli.chunk import chunk_corpus, source_identity
-from retrocli.corpus import expand_inputs, record_name
+from retrocli.corpus import expand_inputs, file_name, record_name
 from retrocli.db import (
     LIVING_FORMAT_VERSION,
     MANIFEST,
@@ -37,7 +37,7 @@ from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock
-from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions
+from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions, check_threads
 from retrocli.progress import NullProgress, Progress
 
 # For tests of kill -9 at a given step: with RETRO_TEST_PAUSE_ADD_AT=STEP:FILE the process creates FILE
@@ -71,6 +71,7 @@ def add_documents(
     to the ones the DB was chunked with."""
     started = time.time()
     progress = progress or NullProgress()
+    check_threads(threads)
     db = open_db(path)
     if db.stage("index") != "complete":
         raise RetroError(f"{db.path}: is not fully built (index stage {db.stage('index')}); finish it with "
@@ -150,20 +151,21 @@ def add_documents(
     return summary
 
 
-def _known_files(db: RetroDB) -> dict[str, str]:
-    """Every file the DB's documents came from, under each key that identifies it: the name recorded,
-    its resolved path and `sha256:<content>` (files/sha256, where the part recorded it); each maps to
-    the recorded name."""
-    known: dict[str, str] = {}
+def _known_files(db: RetroDB) -> dict[tuple[str, str], str]:
+    """Every file the DB's documents came from, under each key that identifies it: ("name", the name
+    recorded), ("path", the real path it stands for, resolved) and ("sha256", its content, where the part
+    recorded it); each maps to the recorded name. Escaped names and real paths are kept apart: a real path
+    can read like another file's escaped name."""
+    known: dict[tuple[str, str], str] = {}
     for part in db.parts:
         names = [str(name) for name in part.files]
         digests = part.root["files/sha256"][:] if "files/sha256" in part.root else [""] * len(names)
         for name, digest in zip(names, digests, strict=True):
-            known.setdefault(name, name)
-            if "://" not in name:  # a local file: also under its resolved path
-                known.setdefault(os.path.realpath(name), name)
+            known.setdefault(("name", name), name)
+            path = file_name(name)
+            known.setdefault(("path", path if "://" in name else os.path.realpath(path)), name)
             if digest:
-                known.setdefault(f"sha256:{digest}", name)
+                known.setdefault(("sha256", str(digest)), name)
     return known
 
 
@@ -171,7 +173,7 @@ def _refuse_known_files(db: RetroDB, files: list[Path]) -> None:
     """One line for the first file the DB holds already, by name, resolved path or content."""
     known = _known_files(db)
     for file in files:
-        for key in (record_name(file), source_identity(file), f"sha256:{file_sha256(file)}"):
+        for key in (("name", record_name(file)), ("path", source_identity(file)), ("sha256", file_sha256(file))):
             if key in known:
                 same = "" if known[key] == record_name(file) else f" (as {known[key]})"
                 raise RetroError(f"{file}: is already in {db.path}{same}; pass --allow-duplicates to add it again")

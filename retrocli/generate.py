@@ -32,6 +32,8 @@ from retrocli.options import (
     DEFAULT_TOP_K,
     check_at_least,
     check_in_range,
+    check_knn_temperature,
+    check_seed,
 )
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.retriever import HttpRetriever, LocalRetriever
@@ -146,6 +148,17 @@ def generate(
     knn_lm: a datastore (`retro knn-datastore`) for this model: each token is sampled from
     λ·p_kNN + (1−λ)·p_model, p_kNN from the knn_k keys nearest to the state that made the logits, at
     temperature knn_temperature (default: the datastore's median nearest-key distance)."""
+    if not prompt.strip():
+        raise RetroError("--prompt is empty")
+    check_at_least("--max-new-tokens", max_new_tokens)
+    check_seed(seed)
+    if not temperature >= 0:  # NaN too
+        raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
+    check_at_least("--top-k", top_k, allow_none=True)
+    check_in_range("--top-p", top_p, 0, 1, allow_none=True)
+    check_at_least("--k", k, allow_none=True)
+    check_at_least("--ef", ef)
+    check_knn_temperature(knn_temperature)
     where = resolve_device(device)
     if isinstance(retriever, str):
         retriever = HttpRetriever(retriever)
@@ -161,17 +174,7 @@ def generate(
     model.to(where)
     tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir), meta)
     if isinstance(retriever, HttpRetriever):
-        retriever.check_vocab(tokenizer.vocab_size)
-    if not prompt.strip():
-        raise RetroError("--prompt is empty")
-    if max_new_tokens < 1:
-        raise RetroError("--max-new-tokens: must be at least 1")
-    if not temperature >= 0:  # NaN too
-        raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
-    check_at_least("--top-k", top_k, allow_none=True)
-    check_in_range("--top-p", top_p, 0, 1, allow_none=True)
-    check_at_least("--k", k, allow_none=True)
-    check_at_least("--ef", ef)
+        retriever.check_tokenizer(tokenizer)
     k = k or model.config.num_neighbors
     pad = pad_id(db) if db is not None else retriever.pad
     retrieve_fn = stale = None
@@ -214,8 +217,6 @@ def generate(
         if not 0 <= knn_lambda <= 1:  # NaN too
             raise RetroError(f"--lambda: must be in [0, 1], got {knn_lambda}")
         check_at_least("--knn-k", knn_k)
-        if knn_temperature is not None and not knn_temperature > 0:
-            raise RetroError("--knn-temperature: must be > 0")
         store = knn_lm if isinstance(knn_lm, Datastore) else Datastore(knn_lm)
         if db is not None:
             store.check_matches(model_dir, db)

@@ -70,7 +70,10 @@ from retrocli.options import (
     DEFAULT_KNN_SHARD,
     DEFAULT_KNN_WINDOWS,
     DEFAULT_LAMBDA_BUCKETS,
+    KNN_TEMPERATURE_RANGE,
     check_at_least,
+    check_seed,
+    knn_temperature_ok,
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, pad_id
@@ -221,8 +224,10 @@ def check_datastore_manifest(file: Path, manifest: dict) -> None:
             raise RetroError(f"{file}: field 'stages.keys.files' must record the arrays {', '.join(DATASTORE_ARRAYS)}")
     if index["status"] == "complete":
         scale = index.get("temperature_scale")
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
-            raise RetroError(f"{file}: field 'stages.index.temperature_scale' must be a number > 0, not {scale!r}")
+        if not knn_temperature_ok(scale):
+            low, high = KNN_TEMPERATURE_RANGE
+            raise RetroError(f"{file}: field 'stages.index.temperature_scale' must be a number in "
+                             f"[{low:g}, {high:g}], not {scale!r}")
         shards = index.get("shards")
         if not isinstance(shards, list) or not shards:
             raise RetroError(f"{file}: field 'stages.index.shards' must be a list of shards")
@@ -252,6 +257,7 @@ def build_datastore(
         check_at_least(f"--{name.replace('_', '-')}", getattr(options, name))
     check_at_least("--M", options.M, 2)
     check_at_least("--threads", options.threads, allow_none=True)
+    check_seed(options.seed)
     out = Path(out)
     db = open_db(db_path)
     check_outside(out, db.path, "--out", "the DB")
@@ -434,7 +440,8 @@ def _distance_scale(out: Path, dim: int, shards: list[dict]) -> float:
     _, dists = merge_top_k(results, len(sample), 2)
     nearest_other = dists[:, 1][np.isfinite(dists[:, 1])]
     positive = nearest_other[nearest_other > 0]
-    return float(np.median(positive)) if len(positive) else 1.0
+    low, high = KNN_TEMPERATURE_RANGE  # what the manifest may record (keys all but identical: the low end)
+    return float(np.clip(np.median(positive), low, high)) if len(positive) else 1.0
 
 
 def build_key_shard(out: str, dim: int, shard_size: int, M: int, ef_construction: int, seed: int, threads: int,

@@ -32,6 +32,7 @@ from retrocli.options import (
     DEFAULT_NORMALIZE,
     DEFAULT_NUM_PERM,
     DEFAULT_TEXT_FIELD,
+    check_threads,
 )
 from retrocli.overlap import ChunkOverlap, check_normalization, compute_overlap, shared_text
 from retrocli.progress import Progress
@@ -125,6 +126,7 @@ def leakage_report(
     if examples < 0:
         raise RetroError("--examples: must be ≥ 0")
     check_normalization(normalize)
+    check_threads(threads)
     db = open_db(db_path)
     check_k(db, k)
     started = time.time()

@@ -6,7 +6,8 @@ path (symbolic links, `..`), so every way of naming one directory meets the same
 writer's pid, the start time of that process, host and command as JSON, and appears whole or not at all.
 A lock whose process is gone (same host: no such pid, a zombie, or a pid since reused by a process that
 started at another time) is taken over, and the new writer says so; a live one, or one from another
-host, refuses the second writer in one line. Readers never take it.
+host, refuses the second writer in one line. Only a regular file there is a lock: a directory or a
+link at that path is the user's, refused in one line and left alone. Readers never take it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -25,6 +27,7 @@ from pathlib import Path
 import psutil
 
 from retrocli.errors import RetroError, is_disk_full
+from retrocli.storage import is_synced_copy
 
 # Two reads of one process's start time can differ by a clock tick, a pid reused after a kill by far more.
 START_TIME_TOLERANCE_S = 1.0
@@ -73,6 +76,20 @@ def _read_holder(file: Path) -> dict | None:
 
 def _say(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
+
+
+def _in_the_way(file: Path) -> str | None:
+    """What sits at the lock path when it is not a lock file: retro only ever makes a regular file there,
+    so a directory or a link is the user's, never a stale lock to move aside."""
+    try:
+        mode = os.lstat(file).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return f"a symbolic link to {os.readlink(file)}"
+    return "a directory" if stat.S_ISDIR(mode) else "not a regular file"
 
 
 def _cannot_lock(db_path, file: Path, err: OSError) -> RetroError:
@@ -129,6 +146,9 @@ def writer_lock(db_path: str | os.PathLike, command: str, notify: Callable[[str]
             if is_disk_full(err):  # the CLI's out-of-space line, naming the lock
                 raise OSError(err.errno, err.strerror, str(file)) from None
             raise _cannot_lock(db_path, file, err) from None
+        if (what := _in_the_way(file)) is not None:
+            raise RetroError(f"{db_path}: {file} is in the way of the writer lock ({what}); move it away, "
+                             "it is left untouched")
         holder = _read_holder(file)
         if holder is None:
             continue  # released between our two looks: try again
@@ -148,8 +168,9 @@ def writer_lock(db_path: str | os.PathLike, command: str, notify: Callable[[str]
         except OSError as err:
             raise _cannot_lock(db_path, file, err) from None
         stale.unlink(missing_ok=True)
-        notify(f"{db_path}: took over the lock of {holder.get('command', 'a writer')} (pid {pid}), "
-               "which is no longer running")
+        if not is_synced_copy(db_path):  # a copy of a DB on object storage: the store's lock said so, by URL
+            notify(f"{db_path}: took over the lock of {holder.get('command', 'a writer')} (pid {pid}), "
+                   "which is no longer running")
     else:
         raise RetroError(f"{db_path}: could not take the writer lock {file}; try again")
     try:

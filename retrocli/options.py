@@ -9,13 +9,44 @@ from dataclasses import dataclass
 
 from retrocli.errors import RetroError
 
+# Upper bounds of options whose huge values would only fail deep inside torch or hnswlib, as a traceback.
+MAX_THREADS = 4096
+MAX_SEED = 2**63 - 1  # torch and hnswlib take a signed 64-bit seed
+MAX_NEW_TOKENS = 1_000_000
+KNN_TEMPERATURE_RANGE = (1e-6, 1e9)  # -distance / T stays finite in float32 for any distance hnswlib returns
+UPPER_BOUNDS = {"--threads": MAX_THREADS, "--seed": MAX_SEED, "--max-new-tokens": MAX_NEW_TOKENS}
+
 
 def check_at_least(option: str, value, low: float = 1, allow_none: bool = False) -> None:
-    """One line for a numeric option out of range (NaN included), before any work."""
+    """One line for a numeric option out of range (NaN included, and above the option's UPPER_BOUNDS
+    entry), before any work."""
     if value is None and allow_none:
         return
     if value is None or isinstance(value, bool) or not math.isfinite(value) or value < low:
         raise RetroError(f"{option}: must be a number ≥ {low:g}, not {value}")
+    if option in UPPER_BOUNDS and value > UPPER_BOUNDS[option]:
+        raise RetroError(f"{option}: must be at most {UPPER_BOUNDS[option]}, not {value}")
+
+
+def check_threads(threads: int | None) -> None:
+    check_at_least("--threads", threads, allow_none=True)
+
+
+def check_seed(seed: int) -> None:
+    check_at_least("--seed", seed, low=0)
+
+
+def knn_temperature_ok(value) -> bool:
+    """A kNN-LM softmax temperature (--knn-temperature, or a datastore's recorded scale) that keeps
+    -distance / T finite: a number in KNN_TEMPERATURE_RANGE."""
+    low, high = KNN_TEMPERATURE_RANGE
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high  # NaN: False
+
+
+def check_knn_temperature(value: float | None) -> None:
+    if value is not None and not knn_temperature_ok(value):
+        low, high = KNN_TEMPERATURE_RANGE
+        raise RetroError(f"--knn-temperature: must be in [{low:g}, {high:g}], not {value}")
 
 
 def check_in_range(option: str, value, low: float, high: float, allow_none: bool = False) -> None:
@@ -140,7 +171,8 @@ class TrainOptions:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""
         for name in ("seq_len", "batch_size", "steps", "checkpoint_every", "log_every"):
             check_at_least(f"--{name.replace('_', '-')}", getattr(self, name))
-        check_at_least("--threads", self.threads, allow_none=True)
+        check_threads(self.threads)
+        check_seed(self.seed)
         check_in_range("--lr", self.lr, 0, 10)
         check_in_range("--grad-clip", self.grad_clip, 0, math.inf)
         for name in ("warmup", "weight_decay", "min_lr_ratio", "retrieval_focus", "copy_curriculum"):

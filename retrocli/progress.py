@@ -63,15 +63,22 @@ class RichProgress:
         )
 
     def __enter__(self):
-        self.bar.__enter__()
+        # the display starts with the first bar: started empty, it ends with a blank line, which would
+        # come before an error found before any work (`\nerror: …`)
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if not self.bar.live.is_started:
+            return None
         if exc_type is not None:  # on an error, clear the bars so the one error line stands alone
             self.bar.live.transient = True
+            self.bar.live.stop()  # not the bar's own stop, which ends a non-terminal's output with a blank line
+            return None
         return self.bar.__exit__(exc_type, exc, tb)
 
     def start(self, name: str, total: int | None, unit: str, completed: int = 0) -> Task:
+        if not self.bar.live.is_started:
+            self.bar.start()
         task_id = self.bar.add_task(name, total=total, completed=completed, unit=unit, rate="")
         return _RateTask(self.bar, task_id)
 

@@ -33,7 +33,8 @@ from retrocli.neighbors import (
     search_excluding,
 )
 from retrocli.options import DEFAULT_EF_SEARCH
-from retrocli.sequences import pad_id
+from retrocli.sequences import pad_id, tokenizer_pad_id
+from retrocli.tokenizer import LoadedTokenizer
 
 # What one request may ask for: bounded so that no request can hold the server for long or exhaust its memory.
 MAX_QUERY_CHUNKS = 1024
@@ -165,12 +166,15 @@ class HttpRetriever:
         self.served_db = {key: self.info[key] for key in SERVED_DB_SCHEMA}
         self.path = self.url
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """The model's tokenizer (same sha256 as the server's) has this many ids: no neighbour token may be
-        outside them, whatever the server says."""
-        if self.vocab_size != vocab_size:
+    def check_tokenizer(self, tokenizer: LoadedTokenizer) -> None:
+        """The model's tokenizer (same sha256 as the server's) decides, whatever the server says: no
+        neighbour token may be outside its ids, and missing neighbours are its pad id."""
+        if self.vocab_size != tokenizer.vocab_size:
             raise RetroError(f"{self.url}/info: field 'vocab_size' is {self.vocab_size}; the tokenizer it names "
-                             f"has {vocab_size}")
+                             f"has {tokenizer.vocab_size}")
+        pad = tokenizer_pad_id(tokenizer)
+        if self.pad != pad:
+            raise RetroError(f"{self.url}/info: field 'pad_id' is {self.pad}; the tokenizer it names pads with {pad}")
 
     def _call(self, method: str, route: str, body: dict | None = None):
         data = None if body is None else json.dumps(body).encode()

@@ -17,7 +17,12 @@ from retrocli.db import RetroDB
 
 
 def pad_id(db: RetroDB) -> int:
-    tok = db.tokenizer.tokenizer
+    return tokenizer_pad_id(db.tokenizer)
+
+
+def tokenizer_pad_id(tokenizer) -> int:
+    """The id a tokenizer (retrocli.tokenizer's wrapper) pads with: its pad token, else 0."""
+    tok = tokenizer.tokenizer
     for name in ("<|pad|>", "<pad>", "[PAD]"):
         found = tok.token_to_id(name)
         if found is not None:

@@ -178,7 +178,7 @@ class Served:
     """One committed version of the DB, opened: a request is checked against one and answered from it whole."""
 
     retriever: LocalRetriever
-    stamp: tuple[int, int, int] | None  # the manifest's (inode, mtime, size) when it was opened
+    stamp: tuple[int, int, int, int] | None  # the manifest's (inode, mtime, ctime, size) when it was opened
     info: dict
 
     @property
@@ -194,14 +194,16 @@ class Unavailable(Exception):
     """The DB cannot be served (gone, unreadable, damaged): 503 with this one-line message."""
 
 
-def manifest_stamp(path: Path) -> tuple[int, int, int] | None:
+def manifest_stamp(path: Path) -> tuple[int, int, int, int] | None:
     """What changes whenever a version is committed (the manifest is replaced by a rename): one stat.
-    None when the manifest cannot be stat'ed (the DB is gone)."""
+    With the ctime, which no one can set back, a manifest rewritten in place with its old mtime and size
+    (`cat other > manifest.json; touch -r old manifest.json`) is still seen as changed. None when the
+    manifest cannot be stat'ed (the DB is gone)."""
     try:
         st = os.stat(path / MANIFEST)
     except OSError:
         return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
 
 
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/-])/(?:[^\s/'\"]+/)*(?=[^\s/'\"])")
@@ -217,11 +219,11 @@ class ServedDB:
         self.name = self.path.resolve().name or "db"
         self.ef, self.device, self.limits = ef, device, limits
         self.problem: str | None = None  # why it is unavailable, while the manifest keeps problem_stamp
-        self.problem_stamp: tuple[int, int, int] | None = None
+        self.problem_stamp: tuple[int, int, int, int] | None = None
         self._lock = asyncio.Lock()
         self.served: Served | None = self._open(manifest_stamp(self.path))  # at startup a bad DB is one line
 
-    def _open(self, stamp: tuple[int, int, int] | None) -> Served:
+    def _open(self, stamp: tuple[int, int, int, int] | None) -> Served:
         db = open_db(self.path)
         retriever = LocalRetriever(db, ef=self.ef, device=self.device)
         info = {

@@ -41,19 +41,29 @@ def staging_path(target: str | os.PathLike) -> Path:
     return target.with_name(f".{target.name}{SUFFIX}")
 
 
-def is_ours(path: Path) -> bool:
-    """A directory a writer of retro staged: it carries our marker, or holds nothing but a marker that
-    was being written when the run was killed."""
+def _marker_target(path: Path) -> str | None:
+    """The target a staging directory's marker names (None without a readable marker of ours)."""
+    marker = path / MARKER
+    if not marker.is_file() or marker.is_symlink():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("format") == MARKER_FORMAT:
+        return str(record.get("target"))
+    return None
+
+
+def is_ours(path: Path, target: str | os.PathLike) -> bool:
+    """A directory a writer of `target` staged: its marker names `target`, or it holds nothing but a
+    marker that was being written when the run was killed. A marker naming another target is a directory
+    moved here from elsewhere, not ours to delete."""
     if path.is_symlink() or not path.is_dir():
         return False
-    marker = path / MARKER
-    if marker.is_file() and not marker.is_symlink():
-        try:
-            record = json.loads(marker.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            record = None
-        if isinstance(record, dict) and record.get("format") == MARKER_FORMAT:
-            return True
+    marked = _marker_target(path)
+    if marked is not None:
+        return marked == str(resolved_target(target))
     return all(entry.name.startswith(MARKER) for entry in path.iterdir())
 
 
@@ -88,9 +98,11 @@ def begin_staging(target: str | os.PathLike, command: str, inputs: Sequence[str 
             raise RetroError(f"{item}: lies in {staging}, where retro stages {target}; move it or choose "
                              "another output path")
     if staging.is_symlink() or staging.exists():
-        if not is_ours(staging):
-            raise RetroError(f"{staging}: is in the way of the staging directory for {target} and was not made "
-                             "by retro; move it away, it is left untouched")
+        if not is_ours(staging, target):
+            marked = _marker_target(staging)
+            why = "was not made by retro" if marked is None else f"was staged by retro for {marked}"
+            raise RetroError(f"{staging}: is in the way of the staging directory for {target} and {why}; "
+                             "move it away, it is left untouched")
         shutil.rmtree(staging)  # left by a run that was killed: nothing in it was ever visible as `target`
     try:
         staging.mkdir(parents=True)
@@ -102,9 +114,9 @@ def begin_staging(target: str | os.PathLike, command: str, inputs: Sequence[str 
     return staging
 
 
-def discard_staging(staging: Path) -> None:
+def discard_staging(staging: Path, target: str | os.PathLike) -> None:
     """Delete a staging directory after a failure: only if it is still ours."""
-    if is_ours(staging):
+    if is_ours(staging, target):
         shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -127,5 +139,5 @@ def staged(target: str | os.PathLike, command: str, inputs: Sequence[str | os.Pa
         yield staging
         commit_staging(staging, target, remove_old)
     except BaseException:
-        discard_staging(staging)
+        discard_staging(staging, target)
         raise

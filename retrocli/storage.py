@@ -23,7 +23,8 @@ killed on one machine resumes on another from what was uploaded.
 
 One writer at a time: beside the DB the store holds `.<name>.lock`, created with a conditional PUT
 (If-None-Match), which fails when the object exists; it holds the writer's pid, host and command like
-the local lock, and a dead holder on the same host is taken over.
+the local lock, and a dead holder on the same host is taken over with a warning naming the URL (the
+local lock of the cache copy then takes over silently: one warning, never a cache path).
 
 On Dask, a worker never touches that copy: it keeps a partial mirror in its own cache
 (`<cache>/partial/…`) with only what its tasks read (Mirror.pull_partial), uploads the block or shard it
@@ -43,6 +44,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -53,8 +55,10 @@ from retrocli.errors import RetroError
 CACHE_ENV = "RETRO_CACHE_DIR"
 MANIFEST = "manifest.json"
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$")
-# typer/pathlib turn `s3://b/k` into `s3:/b/k`: recognised and restored
-_COLLAPSED = re.compile(r"^([a-z][a-z0-9+.-]*):/([^/].*)$")
+# typer/pathlib turn `s3://b/k` into `s3:/b/k`: recognised and restored. Schemes are case-insensitive
+# (`S3://`), and written in lower case from there on.
+_ANY_CASE_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.+)$", re.IGNORECASE)
+_COLLAPSED = re.compile(r"^([a-z][a-z0-9+.-]*):/([^/].*)$", re.IGNORECASE)
 # The bulk of a DB, fetched by a worker's partial copy only for the rows it works on: embedding and token
 # chunks (zarr v3 keys `<array>/c/<row chunk>/<column chunk>`).
 _BULK_DATA = re.compile(r"^(?P<array>(?:.*/)?(?:embeddings|chunks/tokens))/c/(?P<row>\d+)(?:/|$)")
@@ -69,6 +73,8 @@ def as_location(value: str | os.PathLike) -> str:
     collapsed = _COLLAPSED.match(text)
     if collapsed and not Path(text).exists():
         text = f"{collapsed.group(1)}://{collapsed.group(2)}"
+    if url := _ANY_CASE_URL.match(text):
+        text = f"{url.group(1).lower()}://{url.group(2)}"
     if text.startswith("file://"):
         return text[len("file://"):]
     return text
@@ -472,6 +478,8 @@ class Mirror:
                 if host == me["host"] and isinstance(pid, int) and not _alive(pid):
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(self.lock_key)
+                    sys.stderr.write(f"warning: {self.url}: took over the lock of {holder.get('command', 'a writer')} "
+                                     f"(pid {pid}), which is no longer running\n")
                     continue
                 raise RetroError(
                     f"{self.url}: another writer holds the DB ({holder.get('command', '?')}, pid {pid} on {host}); "
@@ -503,6 +511,11 @@ def _alive(pid: int) -> bool:
 
 # Local copies being written: each manifest write under one of them is committed to its store at once.
 _SYNCED: dict[Path, Mirror] = {}
+
+
+def is_synced_copy(path: str | os.PathLike) -> bool:
+    """`path` is the local copy of a DB on object storage being written here (under the store's lock)."""
+    return Path(os.path.abspath(path)) in _SYNCED
 
 
 def committed(manifest_file: Path) -> None:

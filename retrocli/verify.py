@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
-from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, read_manifest
+from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, content_id, read_manifest
 from retrocli.errors import RetroError
 from retrocli.index import check_shard_coverage, checked_shard_file
 from retrocli.neighbors import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
@@ -220,7 +220,33 @@ def verify_neighbors(path: str | os.PathLike, progress: Progress | None = None) 
     check = StageCheck("neighbors", "damaged" if problems else "complete", files=sum(len(a) for a in files.values()),
                        bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems)
     task.finish()
-    return VerifyResult(str(where), not problems, [check], time.time() - started)
+    checks = [check, *_verify_query_db(where, manifest)]
+    return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)
+
+
+def _verify_query_db(where: Path, manifest: dict) -> list[StageCheck]:
+    """The test set chunked inside the neighbours directory (a relative `query_db`), which commands open
+    with them: verified as a DB, and still the content the neighbours were computed for. A query DB
+    elsewhere is a DB of its own, verified by its own path."""
+    recorded = manifest.get("query_db")
+    if not isinstance(recorded, str) or not recorded or Path(recorded).is_absolute():
+        return []
+    query_path = where / recorded
+    try:
+        if where.resolve() not in query_path.resolve().parents:
+            raise RetroError(f"{where / MANIFEST}: query_db '{recorded}' lies outside {where}")
+        result = verify_db(query_path)
+        queries = read_manifest(query_path)
+    except RetroError as err:
+        return [StageCheck("queries", "damaged", problems=[str(err)])]
+    checks = [StageCheck(f"queries {c.stage}", c.status, c.files, c.bytes, c.problems) for c in result.stages]
+    recorded_content = manifest.get("query_db_content")
+    if queries.get("db_id") != manifest.get("query_db_id") or \
+            (recorded_content is not None and recorded_content != content_id(queries)):
+        checks.append(StageCheck("queries", "damaged", problems=[
+            f"{query_path}: is not the DB these neighbours were computed for (its content differs); "
+            f"rerun `retro neighbors` with --overwrite"]))
+    return checks
 
 
 def stage_health(db_path: Path, manifest: dict) -> dict[str, str]:

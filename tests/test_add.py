@@ -273,3 +273,19 @@ def test_a_writer_through_a_symlink_meets_the_lock_of_the_add(db_a, parts, tmp_p
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert open_db(db_a).removed_docs == frozenset() and open_db(db_a).version == 1
+
+
+def test_a_file_whose_name_reads_like_an_escaped_byte_is_another_file(db_a, tmp_path, cli):
+    # probe item 2: b'nu2.\xfe.jsonl' is recorded as 'nu2.\\xfe.jsonl'; a file literally named so is another file
+    raw = tmp_path / os.fsdecode(b"nu2.\xfe.jsonl")
+    raw.write_text(json.dumps({"text": "A file whose name holds a byte that is not UTF-8. " * 4}) + "\n")
+    literal = tmp_path / "nu2.\\xfe.jsonl"
+    literal.write_text(json.dumps({"text": "A file whose name holds a backslash, an x and two letters. " * 4}) + "\n")
+    assert cli("add", db_a, raw).exit_code == 0
+    result = cli("add", db_a, literal)
+    assert result.exit_code == 0, result.output
+    assert open_db(db_a).version == 3
+    # each is still known again under its own name
+    for given in (raw, literal):
+        result = cli("add", db_a, given)
+        assert result.exit_code == 2 and "is already in" in result.error_lines[0], result.output

@@ -271,3 +271,66 @@ def test_a_full_disk_is_one_line_naming_the_file(retro_proc, full_disk, filler_k
     line = result.error_lines[0]
     assert line.startswith(f"error: no space left on device writing {full_disk}/"), line
     assert "rerun the same command" in line
+
+
+HUGE = "99999999999"  # torch.set_num_threads raised ValueError on it, as a traceback
+
+
+@pytest.mark.parametrize("command", [
+    ["build-db", "{corpus}", "--out", "{tmp}/built"],
+    ["embed", "{db}"],
+    ["serve", "{db}"],
+    ["neighbors", "{db}", "--input", "{corpus}", "--out", "{tmp}/nb"],
+    ["add", "{db}", "{corpus}"],
+    ["eval", "{db}", "--test", "{corpus}"],
+    ["knn-datastore", "{db}", "--out", "{tmp}/store"],
+    ["train", "{db}", "--neighbors", "{tmp}/nb", "--out", "{tmp}/model"],
+])
+def test_a_huge_thread_count_is_one_line_before_any_work(cli, tmp_path, tiny_db_copy, small_jsonl, command):
+    # probe item 5: build-db had committed its chunk stage before the traceback
+    args = [a.format(corpus=small_jsonl, tmp=tmp_path, db=tiny_db_copy) for a in command]
+    before = (tiny_db_copy / "manifest.json").read_bytes()
+    result = cli(*args, "--threads", HUGE)
+    assert result.exit_code == 2 and result.exception is None, result.output
+    assert result.error_lines == [f"error: --threads: must be at most 4096, not {HUGE}"]
+    assert not (tmp_path / "built").exists() and (tiny_db_copy / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--seed", "99999999999999999999999", "at most 9223372036854775807"),  # was: Overflow when unpacking long long
+    ("--seed", "-1", "≥ 0"),
+    ("--max-new-tokens", "99999999999999999999", "at most 1000000"),  # was: TypeError with C++ frames
+])
+def test_generate_refuses_an_out_of_range_seed_or_length_in_one_line(cli, tiny_db, option, value, words):
+    result = cli("generate", "--db", tiny_db, "--prompt", "hi", option, value)
+    assert result.exit_code == 2 and result.exception is None and result.stdout == "", result.output
+    assert len(result.error_lines) == 1 and result.error_lines[0].startswith(f"error: {option}: must be")
+    assert words in result.error_lines[0]
+
+
+def test_an_error_before_any_work_is_not_preceded_by_a_blank_line(tiny_db_copy, tmp_path, cli):
+    # probe item L5: the progress display, started empty, ended with a blank line before the error
+    added = cli("add", tiny_db_copy, tmp_path / "missing.jsonl")
+    compacted = cli("compact", tiny_db_copy, "--out", tiny_db_copy)
+    for result in (added, compacted):
+        assert result.exit_code == 2 and result.stderr.startswith("error: "), repr(result.stderr)
+        assert len(result.stderr.splitlines()) == 1, repr(result.stderr)
+
+
+def test_an_error_after_streamed_text_starts_on_a_line_of_its_own(capsys):
+    # probe item L5: a retriever failing mid-generation printed `…Theerror: http://…`
+    import typer
+
+    from retrocli.cli.common import handle_errors, stream_text
+    from retrocli.errors import RetroError
+
+    @handle_errors
+    def generate_then_fail():
+        stream_text("Once upon a time. The")
+        raise RetroError("http://127.0.0.1:1: the retriever went away")
+
+    with pytest.raises(typer.Exit):
+        generate_then_fail()
+    captured = capsys.readouterr()
+    assert captured.out == "Once upon a time. The\n"
+    assert captured.err == "error: http://127.0.0.1:1: the retriever went away\n"

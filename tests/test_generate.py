@@ -236,3 +236,14 @@ def test_generate_cli_refuses_a_misbehaving_server_in_one_line(trained, fake_ser
     fake_server.answers["/info"]["vocab_size"] += 1  # the model's tokenizer (same sha256) says otherwise
     result = cli("generate", "--retriever", fake_server.url, "--model", out, "--prompt", "x", "--json")
     assert result.exit_code == 2 and "'vocab_size'" in result.stderr
+
+
+@pytest.mark.parametrize("pad", [99999, 5])  # out of the vocabulary; a real token that is not the pad
+def test_generate_refuses_a_server_whose_pad_id_is_not_the_tokenizers(trained, fake_server, cli, pad):
+    # probe item 7: pad_id 99999 printed text then an IndexError traceback; pad_id 5 was used silently
+    out, _ = trained
+    fake_server.answers["/info"]["pad_id"] = pad
+    result = cli("generate", "--retriever", fake_server.url, "--model", out, "--prompt", "Python classes " * 40,
+                 "--max-new-tokens", "4", "--temperature", "0")
+    assert result.exit_code == 2 and result.exception is None and result.stdout == "", result.output
+    assert len(result.error_lines) == 1 and f"{fake_server.url}/info: field 'pad_id' is {pad}" in result.error_lines[0]

@@ -285,7 +285,10 @@ def test_verify_takes_an_intact_datastore_and_reads_nothing_else(store, cli):
 @pytest.mark.parametrize("change, message", [
     (lambda m: m["counts"].update(dim=128), "'counts.dim' (128) differs from the model's d_model"),
     (lambda m: m["counts"].update(keys="many"), "'counts.keys' must be an integer"),
-    (lambda m: m["stages"]["index"].update(temperature_scale=-1), "temperature_scale' must be a number > 0"),
+    (lambda m: m["stages"]["index"].update(temperature_scale=-1), "temperature_scale' must be a number in [1e-06"),
+    # probe item 4: these passed, and eval divided by zero (or overflowed) into a wrong bpb at rc 0
+    (lambda m: m["stages"]["index"].update(temperature_scale=1e-300), "temperature_scale' must be a number in"),
+    (lambda m: m["stages"]["index"].update(temperature_scale=1e300), "temperature_scale' must be a number in"),
     (lambda m: m["stages"]["index"]["shards"][1].update(start=7), "'stages.index.shards' does not cover"),
     (lambda m: m["stages"]["keys"]["files"].pop("doc"), "'stages.keys.files' must record the arrays"),
     (lambda m: (m["model"].update(d_model=128), m["counts"].update(dim=128)), "array keys has shape"),
@@ -314,3 +317,13 @@ def test_a_datastore_of_a_copy_that_took_another_change_is_refused(trained, tiny
     assert result.exit_code == 2 and len(result.error_lines) == 1 and "rebuild it" in result.error_lines[0]
     with pytest.raises(RetroError, match="another model, DB content or options"):  # and not resumed as if same
         build_datastore(y, trained[0], out, SMALL)
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "1e300", "nan", "0"])
+def test_a_knn_temperature_out_of_its_range_is_one_line(store, trained, tiny_db, cli, temperature):
+    # probe item 4: --knn-temperature 1e-300 / 1e300 ran with RuntimeWarnings and printed a wrong bpb at rc 0
+    out, _ = trained
+    for args in (("eval", tiny_db, "--test", tiny_db), ("generate", "--db", tiny_db, "--prompt", "hi")):
+        result = cli(*args, "--model", out, "--knn-lm", store, "--knn-temperature", temperature)
+        assert result.exit_code == 2 and len(result.error_lines) == 1, result.output
+        assert result.error_lines[0].startswith("error: --knn-temperature: must be in [1e-06, 1e+09]")

@@ -119,3 +119,21 @@ def test_a_parent_directory_that_is_not_writable_is_one_line(tiny_db, small_json
     finally:
         work.chmod(0o755)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_directory_or_a_link_at_the_lock_path_is_one_line_and_left_untouched(tiny_db_copy, cli):
+    # probe item 1: a directory there was renamed aside (.lock.stale-…) and then unlink() was a traceback;
+    # a dangling link made every run say "try again"
+    lock = lock_path(tiny_db_copy)
+    lock.mkdir()
+    (lock / "f").write_text("mine")
+    result = cli("remove", tiny_db_copy, "--doc", "2")
+    assert result.exit_code == 2 and result.exception is None, result.output
+    assert result.error_lines == [f"error: {tiny_db_copy}: {lock} is in the way of the writer lock (a directory); "
+                                  "move it away, it is left untouched"]
+    assert (lock / "f").read_text() == "mine" and not list(lock.parent.glob("*.stale-*"))
+    shutil.rmtree(lock)
+    lock.symlink_to("/nonexistent/x")
+    result = cli("remove", tiny_db_copy, "--doc", "2")
+    assert result.exit_code == 2 and "(a symbolic link to /nonexistent/x)" in result.error_lines[0], result.output
+    assert lock.is_symlink() and open_db(tiny_db_copy).removed_docs == set()

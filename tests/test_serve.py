@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -297,3 +298,20 @@ def test_serve_refuses_a_bad_thread_count_in_one_line(tiny_db, cli):
     assert result.exit_code == 2 and result.exception is None
     assert result.error_lines == [line for line in result.output.splitlines() if line.strip()]
     assert "--threads" in result.stderr
+
+
+def test_a_manifest_rewritten_in_place_with_its_old_mtime_and_size_is_a_new_stamp(tmp_path):
+    # probe item L1: `cat OTHER/manifest.json > S/manifest.json; touch -r OLD S/manifest.json` kept the inode,
+    # mtime and size, so the server went on answering from the old content
+    from retrocli.serve import manifest_stamp
+
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"version": 1}')
+    before, old = manifest_stamp(tmp_path), manifest.stat()
+    time.sleep(0.02)  # past a tick of the coarse clock the kernel stamps ctime with
+    with open(manifest, "r+") as handle:  # in place: same inode
+        handle.write('{"version": 2}')
+    os.utime(manifest, ns=(old.st_atime_ns, old.st_mtime_ns))
+    after = manifest.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (old.st_ino, old.st_mtime_ns, old.st_size)
+    assert manifest_stamp(tmp_path) != before

@@ -1,5 +1,7 @@
 """Staging directories: named beside the real output, marked as ours, never anything else deleted."""
 
+import re
+
 import pytest
 
 from retrocli.errors import RetroError
@@ -37,3 +39,14 @@ def test_a_failure_in_the_body_leaves_the_old_output_and_no_staging_directory(tm
         (where / "new").write_text("x")
         raise RuntimeError("disk full")
     assert (target / "manifest.json").exists() and not staging_path(target).exists()
+
+
+def test_a_marked_leftover_staged_for_another_target_is_refused_and_kept(tmp_path):
+    # probe item L4: a marker naming /tmp/other/Z, moved to Y's staging path with a user's file, was deleted
+    other = begin_staging(tmp_path / "other" / "Z", "retro chunk")
+    (other / "data.txt").write_text("mine")
+    moved = staging_path(tmp_path / "Y")
+    other.rename(moved)
+    with pytest.raises(RetroError, match=re.escape(f"was staged by retro for {tmp_path / 'other' / 'Z'}; move it")):
+        begin_staging(tmp_path / "Y", "retro chunk")
+    assert (moved / "data.txt").read_text() == "mine"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from helpers import RETRO_BIN
 
 from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
@@ -442,3 +443,42 @@ def test_a_reader_sharing_the_cache_leaves_a_writers_uncommitted_segment_alone(s
     assert resumed.exit_code == 0, resumed.output
     assert f"→ {url} version 2" in resumed.stdout and str(cache) not in resumed.stdout  # never `s3:/…`
     assert open_db(fetch_db(url, tmp_path / "fresh")).manifest["version"] == 2
+
+
+def test_an_upper_case_scheme_is_a_url():
+    # probe item L2: `S3://bkt/db3` (typer makes it `S3:/bkt/db3`) was taken for a local path
+    assert as_location(Path("S3://bkt/db3")) == "s3://bkt/db3"
+    assert as_location("S3://bkt/db3") == "s3://bkt/db3" and as_location("FILE:///tmp/x") == "/tmp/x"
+
+
+def test_a_dead_writers_store_lock_is_taken_over_with_one_warning_naming_the_url(s3_db, tmp_path, retro_proc):
+    # probe item L3: after a kill -9 the store's lock was taken over silently from another cache, and from the
+    # same cache the local lock's warning named the cache path
+    from retrocli.lock import lock_path
+
+    url = _copy_in_store("dead-writer")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = {"pid": dead.pid, "host": socket.gethostname(), "command": "retro add", "since": 0}
+    for cache in ("same", "other"):
+        _fs().pipe_file(f"{BUCKET}/dbs/.dead-writer.lock", json.dumps(holder).encode())
+        local = lock_path(mirror_path(url, tmp_path / cache))
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if cache == "same":
+            local.write_text(json.dumps({**holder, "started": 0}))
+        result = retro_proc("remove", url, "--doc", "0", "--cache-dir", tmp_path / cache)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == [f"warning: {url}: took over the lock of retro add (pid {dead.pid}), which is no "
+                            "longer running"], result.stderr
+
+
+def test_missing_credentials_are_one_line(tmp_path):
+    # no credentials anywhere and no instance-metadata lookup: botocore refuses at once, without a network call
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_ENDPOINT_URL="http://127.0.0.1:9", COLUMNS="200")
+    proc = subprocess.run([str(RETRO_BIN), "info", "s3://bkt/x", "--cache-dir", str(tmp_path / "c")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("error: object storage: Unable to locate credentials"), proc.stderr

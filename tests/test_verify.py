@@ -133,3 +133,35 @@ def test_verify_takes_batch_neighbours_and_names_a_damaged_file(self_neighbors, 
     problems = _problems(report)
     assert report.exit_code == 1 and len(problems) == 2, report.output
     assert "root group is missing" in problems[0] and "does not match its recorded sha256" in problems[1]
+
+
+def test_verify_of_batch_neighbours_checks_the_query_db_inside_them(tiny_db, planted, tmp_path, cli):
+    # probe item 3: a flipped byte in NB/queries, or NB/queries deleted, passed `retro verify NB`
+    built = tmp_path / "built"
+    assert cli("neighbors", tiny_db, "--input", planted, "--out", built).exit_code == 0
+    report = cli("verify", built, "--json")
+    assert report.exit_code == 0 and any(s["stage"] == "queries chunk" for s in json.loads(report.stdout)["stages"])
+
+    nb = tmp_path / "flipped"
+    shutil.copytree(built, nb)
+    chunk = nb / "queries" / "store.zarr" / "chunks" / "tokens" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    problems = _problems(cli("verify", nb, "--json"))
+    assert len(problems) == 1 and f"{chunk}: " in problems[0] and "sha256" in problems[0], problems
+
+    nb = tmp_path / "gone"
+    shutil.copytree(built, nb)
+    shutil.rmtree(nb / "queries")
+    report = cli("verify", nb, "--json")
+    assert report.exit_code == 1 and str(nb / "queries") in _problems(report)[0], report.output
+
+    nb = tmp_path / "other"  # a query DB of other content under the same id
+    shutil.copytree(built, nb)
+    manifest = json.loads((nb / "manifest.json").read_text())
+    manifest["query_db_content"] = "0" * 64
+    (nb / "manifest.json").write_text(json.dumps(manifest))
+    problems = _problems(cli("verify", nb, "--json"))
+    assert problems == [f"{nb / 'queries'}: is not the DB these neighbours were computed for (its content differs); "
+                        f"rerun `retro neighbors` with --overwrite"]

@@ -87,14 +87,36 @@ def user(text) -> str:
 _UNDECODABLE_BYTE = re.compile("[\udc80-\udcff]")  # os.fsdecode's surrogate escapes
 
 
+_open_line = False  # stream_text left stdout in the middle of a line
+
+
+def stream_text(text: str) -> None:
+    """Write text to stdout as it is made (generation), remembering whether a line was left open."""
+    global _open_line
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        _open_line = not text.endswith("\n")
+
+
+def _end_open_line() -> None:
+    """An error after streamed text starts on a line of its own, not glued to the text."""
+    global _open_line
+    if _open_line:
+        stream_text("\n")
+
+
 def handle_errors(fn):
     """Turn RetroError into one clear line and exit code 2: users never see a traceback for bad input."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        global _open_line
+        _open_line = False  # a command starts with nothing of its own on the line (in-process runs share this)
         try:
             return fn(*args, **kwargs)
         except RetroError as err:
+            _end_open_line()
             err_console.print(f"[bold red]error:[/] {user(err)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except Exception as err:
@@ -104,8 +126,15 @@ def handle_errors(fn):
                 err_console.print(f"[bold red]error:[/] no space left on device{where}; free some space and "
                                   "rerun the same command (finished work is kept)", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
+            if type(err).__module__.split(".")[0] in ("botocore", "aiobotocore"):  # object storage said no
+                _end_open_line()
+                err_console.print(f"[bold red]error:[/] object storage: {user(err)} (credentials and endpoint "
+                                  "come from the environment: AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, …)",
+                                  highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
             raise
         except KeyboardInterrupt:
+            _end_open_line()
             err_console.print("[bold red]interrupted[/]: completed work is kept; rerun to resume")
             raise typer.Exit(130) from None
 

@@ -59,6 +59,8 @@ from retrocli.options import (
     DEFAULT_VOCAB_SIZE,
     ChunkOptions,
     IndexOptions,
+    check_seed,
+    check_threads,
 )
 from retrocli.storage import local_db, local_inputs
 
@@ -250,6 +252,7 @@ def index(
     """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
     from retrocli.index import index_db, remove_index
 
+    check_seed(seed)
     with local_db(db, cache_dir, write="retro index") as db, cluster(dask) as client, \
             progress_display() as progress:
         if overwrite:
@@ -289,6 +292,8 @@ def build_db_cmd(
     from retrocli.build_db import build_db
     from retrocli.embed import warn_slow_bf16
 
+    check_threads(threads)  # before any work: the chunk stage would commit first
+    check_seed(seed)
     warn_slow_bf16(precision, err_console)
     with local_db(out, cache_dir, write="retro build-db") as out, cluster(dask) as client, \
             progress_display() as progress:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from retrocli.cli.common import console, err_console, handle_errors, print_json, progress_display, user
+from retrocli.cli.common import (
+    console,
+    err_console,
+    handle_errors,
+    print_json,
+    progress_display,
+    stream_text,
+    user,
+)
 from retrocli.cli.options import (
     CacheDir,
     Dask,
@@ -43,6 +50,8 @@ from retrocli.options import (
     DEFAULT_TOP_K,
     DEFAULT_TRAIN_K,
     TrainOptions,
+    check_knn_temperature,
+    check_threads,
 )
 from retrocli.storage import fetch_db, local_inputs
 
@@ -115,6 +124,7 @@ def train_cmd(
         checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, copy_curriculum=copy_curriculum,
         compile=compile_model, stale_retrieval=stale_retrieval, window_exclusion=window_exclusion,
     )
+    opts.check()  # before --nproc starts workers
     kwargs = dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts, heldout=heldout,
                   resume=resume, k=k, init_from=init_from, device=device)
     if nproc != 1:
@@ -174,6 +184,8 @@ def eval_cmd(
     --knn-lm, the LM alone, RETRO, kNN-LM and RETRO + kNN-LM in one table."""
     from retrocli.eval import EXACT_WARNING, evaluate
 
+    check_threads(threads)
+    check_knn_temperature(knn_temperature)
     with progress_display(enabled=not json_output) as progress:
         result = evaluate(model, fetch_db(db, cache_dir), local_inputs(test, cache_dir), leakage=leakage,
                           batch_size=batch_size, threads=threads, work_dir=work_dir,
@@ -323,15 +335,13 @@ def generate(
         """The prompt goes out with the first output, once every check has passed: an error comes alone."""
         nonlocal prompt_shown
         if not json_output and not prompt_shown:
-            sys.stdout.write(prompt)
-            sys.stdout.flush()
+            stream_text(prompt)
             prompt_shown = True
 
     def on_text(text: str) -> None:
         if not json_output:
             show_prompt()
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            stream_text(text)
 
     def on_retrieval(rec) -> None:
         if show_neighbors and not json_output:
@@ -383,7 +393,7 @@ def generate(
         )
         return
     show_prompt()
-    sys.stdout.write("\n")
+    stream_text("\n")
     if show_neighbors and result.copy and result.copy.tokens >= 4:
         err_console.print(
             f"[dim]── the continuation shares a {result.copy.tokens}-token run with retrieved chunk "
