@@ -77,7 +77,7 @@ from retrocli.options import (
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, pad_id
-from retrocli.verify import StageCheck, VerifyResult, check_shard_files
+from retrocli.verify import StageCheck, VerifyResult, check_shard_files, record_bytes, record_files
 
 DATASTORE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -702,7 +702,7 @@ def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) 
     keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
     shards = index.get("shards", []) if index["status"] == "complete" else []
     files = keys.get("files", {}) if keys["status"] == "complete" else {}
-    total = sum(size for array in files.values() for size, _ in array.values()) + sum(s["bytes"] for s in shards)
+    total = record_bytes(files) + sum(s["bytes"] for s in shards)
     task = progress.start("verify", total=max(total, 1), unit="bytes")
     checks = []
     if keys["status"] != "complete":
@@ -718,8 +718,7 @@ def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) 
             problem = array_shape_problem(manifest, shapes)
             problems += [f"{where / MANIFEST}: {problem}"] if problem else []
         checks.append(StageCheck("keys", "damaged" if problems else "complete",
-                                 files=sum(len(a) for a in files.values()),
-                                 bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+                                 files=record_files(files), bytes=record_bytes(files), problems=problems))
     if index["status"] != "complete":
         checks.append(StageCheck("index", index["status"]))
     else:

@@ -76,6 +76,16 @@ def _check_counts(db_path: Path, manifest: dict, files: dict) -> list[str]:
     return problems
 
 
+def record_files(files: dict) -> int:
+    """How many files a stage's `files` record ({array: {file: [bytes, sha256]}}) names."""
+    return sum(len(entries) for entries in files.values())
+
+
+def record_bytes(files: dict) -> int:
+    """Their bytes, as recorded."""
+    return sum(size for entries in files.values() for size, _ in entries.values())
+
+
 def verify_path(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
     """`retro verify PATH` for a DB or batch neighbours, told apart by their manifest's format (a kNN-LM
     datastore: retrocli.knn_lm.verify_datastore; `artefact_format` tells which)."""
@@ -132,8 +142,7 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
             problems = _check_groups_once(db_path / STORE, files, groups_checked) + \
                 (check_files(db_path / STORE, files, on_file=task.advance) or _check_counts(db_path, manifest, files))
             checks.append(StageCheck(stage, "damaged" if problems else "complete",
-                                     files=sum(len(a) for a in files.values()),
-                                     bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems))
+                                     files=record_files(files), bytes=record_bytes(files), problems=problems))
     for record in manifest.get("segments", []):
         checks.append(_verify_segment(db_path, record))
     task.finish()
@@ -215,10 +224,10 @@ def verify_neighbors(path: str | os.PathLike, progress: Progress | None = None) 
         raise RetroError(f"{where / MANIFEST}: records no checksums for its arrays (an older retrocli); rerun "
                          "the same `retro neighbors` command with --overwrite")
     store = where / store_name(manifest)
-    task = progress.start("verify", total=max(sum(s for a in files.values() for s, _ in a.values()), 1), unit="bytes")
+    task = progress.start("verify", total=max(record_bytes(files), 1), unit="bytes")
     problems = check_groups(store, groups_of(files)) + check_files(store, files, on_file=task.advance)
-    check = StageCheck("neighbors", "damaged" if problems else "complete", files=sum(len(a) for a in files.values()),
-                       bytes=sum(s for a in files.values() for s, _ in a.values()), problems=problems)
+    check = StageCheck("neighbors", "damaged" if problems else "complete", files=record_files(files),
+                       bytes=record_bytes(files), problems=problems)
     task.finish()
     checks = [check, *_verify_query_db(where, manifest)]
     return VerifyResult(str(where), not any(c.problems for c in checks), checks, time.time() - started)
