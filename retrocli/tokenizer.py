@@ -21,11 +21,17 @@ from retrocli.options import DEFAULT_TEXT_FIELD
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
-DEFAULT_TOKENIZER_NAME = "retrocli-bpe-8k"
+BPE_8K_NAME = "retrocli-bpe-8k"
+SMOLLM2_NAME = "smollm2"
+# A new DB speaks the bundled model's tokens: SmolLM2's 49k byte-level BPE (lossless for any UTF-8 text).
+DEFAULT_TOKENIZER_NAME = BPE_8K_NAME
+# Tokenizers known by name: the files ship in retrocli/assets/. SmolLM2's is the one its GGUF carries,
+# written out once as tokenizer.json, so that its sha256 never depends on a converter's version.
+NAMED_TOKENIZERS = {BPE_8K_NAME: "tokenizer.json", SMOLLM2_NAME: "smollm2-tokenizer.json"}
 
 
 def default_tokenizer_path() -> Path:
-    return asset_path("tokenizer.json")
+    return asset_path(NAMED_TOKENIZERS[DEFAULT_TOKENIZER_NAME])
 
 
 @dataclass
@@ -55,9 +61,12 @@ def text_sha256(text: str) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> LoadedTokenizer:
-    """Load a HF `tokenizer.json` file or a directory holding one; None means the packaged default."""
+    """Load a tokenizer by name (smollm2, retrocli-bpe-8k), a HF `tokenizer.json` file or a directory holding
+    one; None means the default (smollm2)."""
     if path is None:
-        file, name = default_tokenizer_path(), DEFAULT_TOKENIZER_NAME
+        path = DEFAULT_TOKENIZER_NAME
+    if str(path) in NAMED_TOKENIZERS and not Path(path).exists():
+        file, name = asset_path(NAMED_TOKENIZERS[str(path)]), str(path)
     else:
         file = Path(path)
         name = str(path)

@@ -26,7 +26,14 @@ from retrocli.db import RetroDB, check_outside, open_db
 from retrocli.device import peak_flops, resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
-from retrocli.model.checkpoint import load_model, load_optimizer, save_checkpoint, write_model_meta
+from retrocli.model.checkpoint import (
+    load_model,
+    load_optimizer,
+    load_saved_model,
+    save_checkpoint,
+    write_model_meta,
+)
+from retrocli.model.retrofit import build_retrofit, check_base_tokenizer
 from retrocli.neighbors import open_neighbors
 from retrocli.options import DEFAULT_TRAIN_K, TrainOptions, check_window_exclusion
 from retrocli.overlap import compute_overlap
@@ -326,6 +333,8 @@ def train(
         raise RetroError(f"{out}: no checkpoint to resume from")
     if resume and init_from:
         raise RetroError("--init-from starts a new run; --resume continues one: pass only one")
+    if opts.base and init_from:
+        raise RetroError("--init-from: a retrofit starts from its --base; pass only one")
 
     heldout_docs = load_heldout(db, heldout) | set(db.removed_docs)  # removed documents are never trained on
     data = TrainingData(db, nb.ids, opts.seq_len, k, heldout_docs, opts.retrieval_focus, opts.copy_curriculum,
@@ -333,7 +342,7 @@ def train(
     fill = data.neighbor_fill()
     torch.manual_seed(opts.seed)
     if resume:
-        model = RetroModel.from_pretrained(ckpt, device=where)
+        model = load_saved_model(ckpt, device=where)
         state = json.loads((ckpt / "state.json").read_text())
         # --steps, --threads and the sampling options may change on resume; the rest is the checkpoint's
         opts = TrainOptions(**{**state["options"], "steps": opts.steps, "threads": opts.threads,
@@ -345,6 +354,11 @@ def train(
         if opts.window_exclusion != data.window_exclusion:
             raise RetroError(f"{out}: the checkpoint was trained with --window-exclusion {opts.window_exclusion}; "
                              "resume it the same way")
+    elif opts.base:
+        model = build_retrofit(opts.base, db.chunk_size, opts.seq_len, k, data.pad, db.tokenizer.vocab_size,
+                               cca_start=opts.cca_start, cca_every=opts.cca_every, encoder_width=opts.encoder_width)
+        check_base_tokenizer(opts.base, model.base_info, db.tokenizer)
+        state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
     else:
         model = RetroModel(build_config(opts.config, db.tokenizer.vocab_size, db.chunk_size, opts.seq_len, k, data.pad))
         state = {"step": 0, "tokens_seen": 0, "options": asdict(opts), "seconds": 0.0}
@@ -442,6 +456,7 @@ def train(
                 "heldout_documents": len(heldout_docs),
                 "neighbor_fill": round(fill, 4),
                 "parameters": model.num_parameters(),
+                **retrofit_meta(model),
                 "stale_retrieval": opts.stale_retrieval,
                 "window_exclusion": opts.window_exclusion,
                 **({"init_from": state["init_from"]} if "init_from" in state else {}),
@@ -461,6 +476,7 @@ def train(
         "seconds": state["seconds"],
         "tokens_per_second": round(tokens_per_second, 1),
         "parameters": model.num_parameters(),
+        **retrofit_meta(model),
         "precision": precision,
         "device": str(where) if not ranks.active else f"{ranks.world}× {where.type}",
         "ranks": ranks.world,
@@ -471,6 +487,16 @@ def train(
         # model FLOPs achieved against the peak of all ranks' devices together (None where not known)
         "mfu": model_flops / (peak * ranks.world) if peak and flops_per_token else None,
     }
+
+
+def retrofit_meta(model) -> dict:
+    """A retrofit's base and the share of its weights that trained (nothing for a RETRO model)."""
+    base = getattr(model, "base_info", None)
+    if base is None:
+        return {}
+    trainable = model.trainable_parameters()
+    return {"base": base, "trainable_parameters": trainable,
+            "trainable_share": round(trainable / model.num_parameters(), 4)}
 
 
 def count_flops_per_token(model, autocast, idx, neighbors, targets, real, tokens: int) -> float | None:

@@ -30,8 +30,8 @@ LAYERS = [
     ["retrocli.verify", "retrocli.info"],  # verify takes batch neighbours too
     ["retrocli.retriever"],
     ["retrocli.serve"],
-    ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model",
-     "retrocli.model.checkpoint"],
+    ["retrocli.model.layers", "retrocli.model.copy_head", "retrocli.model.retro", "retrocli.model.retrofit",
+     "retrocli.model", "retrocli.model.checkpoint"],
     ["retrocli.knn_lm"],
     ["retrocli.train", "retrocli.eval", "retrocli.generate"],
     ["retrocli.leakage", "retrocli.leakage_html"],

@@ -54,6 +54,7 @@ for name, command in (
     ("leakage-report", leakage.leakage_report_cmd),  # takes the old `--json PATH` as an extra argument
     ("dedupe", leakage.dedupe),
     ("train", model.train_cmd),
+    ("retrofit", model.retrofit_cmd),
     ("knn-datastore", model.knn_datastore),
     ("eval", model.eval_cmd),
     ("generate", model.generate),

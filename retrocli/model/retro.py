@@ -529,7 +529,151 @@ class RetroCache:
 # ---------------------------------------------------------------------------------------------------
 
 
-class RetroModel(nn.Module):
+class GenerationMixin:
+    """Sampling with retrieval during generation, shared by RetroModel and the retrofit (model/retrofit.py):
+    it needs only forward, new_cache, encode_neighbors, forward_step, config, wte and encoder."""
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sample(logits, temperature, top_k, top_p, generator):
+        logits = logits.float()
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits / temperature
+        if top_k is not None and top_k > 0:
+            kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+            probs = F.softmax(sorted_logits, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+            drop = probs.cumsum(dim=-1) - probs >= top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    @torch.no_grad()
+    def generate_iter(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        retrieve_fn: Callable[[list[int]], torch.Tensor | None] | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        mix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each new token as a LongTensor [B] as soon as it is sampled (for streaming).
+
+        prompt_ids: [T] or [B, T] ids (T >= 1). retrieve_fn(chunk_token_ids) -> [k, r] neighbour ids (pad
+        or -1 for missing; None = no neighbours) is called exactly once for every chunk of m tokens that
+        completes, in the prompt or in the generated text (per batch row), including a chunk completed by
+        the last token. retrieve_fn=None disables retrieval. temperature 0 is greedy.
+
+        Context: at most seq_len tokens. When the context is full it slides forward by half a window
+        (a multiple of m, so chunks stay aligned with their neighbours) and the cache is rebuilt from
+        the kept tokens; use_cache=False recomputes the full forward on the same window every token
+        (slow; for checking and benchmarking the cache).
+
+        mix_fn(logits [B, vocab]) -> logits: replaces the next-token logits (or log-probabilities) before
+        sampling, right after the forward pass that made them (kNN-LM mixes its distribution in there).
+        """
+        cfg = self.config
+        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        B, T0 = idx.shape
+        if T0 == 0:
+            raise ValueError("generate needs a prompt of at least one token")
+        m, window = cfg.chunk_size, cfg.seq_len
+        slide = max(m, (window // 2) // m * m)
+        tokens = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
+        tokens[:, :T0] = idx
+        n = T0
+        retrieval = retrieve_fn is not None and self.encoder is not None
+        retrieved: dict[int, torch.Tensor] = {}  # absolute chunk index -> [B, k, r]
+
+        def retrieve(c: int) -> None:
+            rows = []
+            for b in range(B):
+                out = retrieve_fn(tokens[b, c * m : (c + 1) * m].tolist())
+                rows.append(torch.full((1, 1), -1) if out is None else torch.as_tensor(out, dtype=torch.long))
+            retrieved[c] = _pad_stack(rows).to(idx.device)
+
+        def window_start(start: int) -> int:
+            while n - start > window:
+                start += slide
+            return start
+
+        def full_logits(start: int) -> torch.Tensor:
+            L = (n - start) // m
+            nb = None
+            if retrieval and L > 0:
+                nb = _pad_stack([retrieved[start // m + j] for j in range(L)], dim_offset=1)
+            return self(tokens[:, start:n], nb)[0][:, -1]
+
+        def prefill(start: int):
+            cache = self.new_cache(B)
+            if retrieval:
+                for j in range((n - start) // m):
+                    self.encode_neighbors(cache, j, retrieved[start // m + j])
+            return cache, self.forward_step(tokens[:, start:n], cache)[:, -1]
+
+        was_training = self.training
+        self.eval()
+        try:
+            if retrieval:
+                for c in range(T0 // m):
+                    retrieve(c)
+            start = window_start(0)
+            cache = None
+            if use_cache:
+                cache, logits = prefill(start)
+            else:
+                logits = full_logits(start)
+            for i in range(max_new_tokens):
+                if mix_fn is not None:
+                    logits = mix_fn(logits)
+                nxt = self._sample(logits, temperature, top_k, top_p, generator)
+                tokens[:, n] = nxt
+                n += 1
+                yield nxt
+                completed = n % m == 0
+                if completed and retrieval:
+                    retrieve(n // m - 1)
+                if i == max_new_tokens - 1:
+                    break
+                new_start = window_start(start)
+                if not use_cache:
+                    start = new_start
+                    logits = full_logits(start)
+                elif new_start != start:
+                    start = new_start
+                    cache, logits = prefill(start)
+                else:
+                    if completed and retrieval:
+                        self.encode_neighbors(cache, n // m - 1 - start // m, retrieved[n // m - 1])
+                    logits = self.forward_step(nxt[:, None], cache)[:, -1]
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens: int, retrieve_fn=None, **sampling) -> torch.Tensor:
+        """Prompt followed by max_new_tokens sampled tokens: [T + new] for a 1-D prompt, else [B, T + new].
+        `sampling` takes generate_iter's other keyword arguments (temperature, top_k, top_p, ...)."""
+        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
+        one_d = idx.dim() == 1
+        idx2 = idx.unsqueeze(0) if one_d else idx
+        new = list(self.generate_iter(idx2, max_new_tokens, retrieve_fn, **sampling))
+        out = torch.cat([idx2, torch.stack(new, dim=1)], dim=1) if new else idx2
+        return out[0] if one_d else out
+
+
+class RetroModel(GenerationMixin, nn.Module):
     def __init__(self, config: RetroConfig):
         super().__init__()
         self.config = cfg = config
@@ -789,145 +933,6 @@ class RetroModel(nn.Module):
                                        None if recent is None else recent[:, i:j])
                 out[:, i:j] = CopyHead.mix(logits[:, i:j], w)
         return out
-
-    # -- generation -----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _sample(logits, temperature, top_k, top_p, generator):
-        logits = logits.float()
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None and top_k > 0:
-            kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if top_p is not None and top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            probs = F.softmax(sorted_logits, dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-            drop = probs.cumsum(dim=-1) - probs >= top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-        probs = F.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    @torch.no_grad()
-    def generate_iter(
-        self,
-        prompt_ids,
-        max_new_tokens: int,
-        retrieve_fn: Callable[[list[int]], torch.Tensor | None] | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
-        mix_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield each new token as a LongTensor [B] as soon as it is sampled (for streaming).
-
-        prompt_ids: [T] or [B, T] ids (T >= 1). retrieve_fn(chunk_token_ids) -> [k, r] neighbour ids (pad
-        or -1 for missing; None = no neighbours) is called exactly once for every chunk of m tokens that
-        completes, in the prompt or in the generated text (per batch row), including a chunk completed by
-        the last token. retrieve_fn=None disables retrieval. temperature 0 is greedy.
-
-        Context: at most seq_len tokens. When the context is full it slides forward by half a window
-        (a multiple of m, so chunks stay aligned with their neighbours) and the cache is rebuilt from
-        the kept tokens; use_cache=False recomputes the full forward on the same window every token
-        (slow; for checking and benchmarking the cache).
-
-        mix_fn(logits [B, vocab]) -> logits: replaces the next-token logits (or log-probabilities) before
-        sampling, right after the forward pass that made them (kNN-LM mixes its distribution in there).
-        """
-        cfg = self.config
-        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
-        if idx.dim() == 1:
-            idx = idx.unsqueeze(0)
-        B, T0 = idx.shape
-        if T0 == 0:
-            raise ValueError("generate needs a prompt of at least one token")
-        m, window = cfg.chunk_size, cfg.seq_len
-        slide = max(m, (window // 2) // m * m)
-        tokens = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)
-        tokens[:, :T0] = idx
-        n = T0
-        retrieval = retrieve_fn is not None and self.encoder is not None
-        retrieved: dict[int, torch.Tensor] = {}  # absolute chunk index -> [B, k, r]
-
-        def retrieve(c: int) -> None:
-            rows = []
-            for b in range(B):
-                out = retrieve_fn(tokens[b, c * m : (c + 1) * m].tolist())
-                rows.append(torch.full((1, 1), -1) if out is None else torch.as_tensor(out, dtype=torch.long))
-            retrieved[c] = _pad_stack(rows).to(idx.device)
-
-        def window_start(start: int) -> int:
-            while n - start > window:
-                start += slide
-            return start
-
-        def full_logits(start: int) -> torch.Tensor:
-            L = (n - start) // m
-            nb = None
-            if retrieval and L > 0:
-                nb = _pad_stack([retrieved[start // m + j] for j in range(L)], dim_offset=1)
-            return self(tokens[:, start:n], nb)[0][:, -1]
-
-        def prefill(start: int):
-            cache = self.new_cache(B)
-            if retrieval:
-                for j in range((n - start) // m):
-                    self.encode_neighbors(cache, j, retrieved[start // m + j])
-            return cache, self.forward_step(tokens[:, start:n], cache)[:, -1]
-
-        was_training = self.training
-        self.eval()
-        try:
-            if retrieval:
-                for c in range(T0 // m):
-                    retrieve(c)
-            start = window_start(0)
-            cache = None
-            if use_cache:
-                cache, logits = prefill(start)
-            else:
-                logits = full_logits(start)
-            for i in range(max_new_tokens):
-                if mix_fn is not None:
-                    logits = mix_fn(logits)
-                nxt = self._sample(logits, temperature, top_k, top_p, generator)
-                tokens[:, n] = nxt
-                n += 1
-                yield nxt
-                completed = n % m == 0
-                if completed and retrieval:
-                    retrieve(n // m - 1)
-                if i == max_new_tokens - 1:
-                    break
-                new_start = window_start(start)
-                if not use_cache:
-                    start = new_start
-                    logits = full_logits(start)
-                elif new_start != start:
-                    start = new_start
-                    cache, logits = prefill(start)
-                else:
-                    if completed and retrieval:
-                        self.encode_neighbors(cache, n // m - 1 - start // m, retrieved[n // m - 1])
-                    logits = self.forward_step(nxt[:, None], cache)[:, -1]
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens: int, retrieve_fn=None, **sampling) -> torch.Tensor:
-        """Prompt followed by max_new_tokens sampled tokens: [T + new] for a 1-D prompt, else [B, T + new].
-        `sampling` takes generate_iter's other keyword arguments (temperature, top_k, top_p, ...)."""
-        idx = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.wte.weight.device)
-        one_d = idx.dim() == 1
-        idx2 = idx.unsqueeze(0) if one_d else idx
-        new = list(self.generate_iter(idx2, max_new_tokens, retrieve_fn, **sampling))
-        out = torch.cat([idx2, torch.stack(new, dim=1)], dim=1) if new else idx2
-        return out[0] if one_d else out
 
     # -- training helpers -----------------------------------------------------------------------------
 
