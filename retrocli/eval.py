@@ -293,6 +293,8 @@ def evaluate(
             {
                 "model": str(model_dir),
                 "copy_head": model.copy_head is not None,
+                # a retrofit without retrieval is its frozen base, exactly: "without" is the base alone
+                "base": getattr(model, "base_info", None),
                 "db": str(db.path),
                 "inputs": [str(p) for p in inputs],
                 "num_neighbors": model_k,

@@ -270,6 +270,7 @@ def test_eval_generate_and_knn_datastore_take_a_retrofit(tiny_db, self_neighbors
     assert result.exit_code == 0, result.output
     bpb = json.loads(result.stdout)
     assert bpb["bpb_retrieval"] > 0 and bpb["bpb_no_retrieval"] > 0
+    assert bpb["base"]["sha256"] == resolve_base(db_base).sha256  # "without retrieval" is the base alone
     result = cli("generate", "--db", str(tiny_db), "--model", str(model), "--prompt", "The history of", "--json",
                  "--max-new-tokens", "70", "--temperature", "0")
     assert result.exit_code == 0, result.output
@@ -282,3 +283,8 @@ def test_eval_generate_and_knn_datastore_take_a_retrofit(tiny_db, self_neighbors
                  "--json", "--no-leakage")
     assert result.exit_code == 0, result.output
     assert "knn_lm" in json.loads(result.stdout)
+    result = cli("eval", str(tiny_db), "--test", str(small_jsonl), "--model", str(model), "--knn-lm", str(store),
+                 "--no-leakage")
+    assert result.exit_code == 0, result.output
+    for row in ("a retrofit of", "base alone", "kNN-LM on the base", "retrofit+kNN-LM"):
+        assert row in result.output, result.output

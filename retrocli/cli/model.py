@@ -272,8 +272,14 @@ def eval_cmd(
     if json_output:
         print_json(result)
         return
-    architecture = "with the copy head (not the paper's architecture)" if result["copy_head"] else \
-        "the paper's architecture (no copy head)"
+    base = result.get("base")
+    if base:
+        architecture = (f"a retrofit of {user(base['name'])} ({base.get('architecture', '?')}, "
+                        f"{base.get('parameters', 0) / 1e6:.0f}M parameters, frozen)")
+    elif result["copy_head"]:
+        architecture = "with the copy head (not the paper's architecture)"
+    else:
+        architecture = "the paper's architecture (no copy head)"
     console.print(f"model: {user(result['model'])}, {architecture}", soft_wrap=True)
     console.print(
         f"held-out: {result['test_documents']} documents, {result['test_chunks']:,} chunks, "
@@ -284,7 +290,8 @@ def eval_cmd(
         console.print(f"near-duplicate DB documents excluded from retrieval: {ex['pairs']} pairs, "
                       f"{ex['neighbours_replaced']:,} neighbours replaced")
     console.print(
-        f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   without: "
+        f"bpb with retrieval (k={result['num_neighbors']}): [bold]{result['bpb_retrieval']:.4f}[/]   "
+        f"{'base alone' if base else 'without'}: "
         f"{result['bpb_no_retrieval']:.4f}   gain {100 * result.get('retrieval_gain', 0):.1f}%"
     )
     if "bpb_stale_retrieval" in result:
@@ -293,20 +300,23 @@ def eval_cmd(
                       f"{100 * result['stale_retrieval_cost']:+.2f}%")
     if "curve" in result:
         table = Table(title="bpb(α): chunks with r(C) ≤ α", show_edge=False)
-        for col in ("α", "chunks", "bpb retrieval", "bpb none"):
+        for col in ("α", "chunks", "bpb retrieval", "bpb base alone" if base else "bpb none"):
             table.add_column(col, justify="right")
         for p in result["curve"]:
             fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
             table.add_row(f"{p['alpha']:g}", f"{p['chunks']:,}", fmt(p["bpb"]), fmt(p["bpb_no_retrieval"]))
         console.print(table)
     if "knn_lm" in result:
-        print_knn_comparison(result["knn_lm"])
+        print_knn_comparison(result["knn_lm"], retrofit=bool(base))
 
 
 METHOD_NAMES = {"lm": "LM alone", "retro": "RETRO", "knn_lm": "kNN-LM", "retro_knn_lm": "RETRO+kNN-LM"}
+RETROFIT_METHOD_NAMES = {"lm": "base alone", "retro": "retrofit", "knn_lm": "kNN-LM on the base",
+                         "retro_knn_lm": "retrofit+kNN-LM"}
 
 
-def print_knn_comparison(report: dict) -> None:
+def print_knn_comparison(report: dict, retrofit: bool = False) -> None:
+    names = RETROFIT_METHOD_NAMES if retrofit else METHOD_NAMES
     where = (f"{report['reported_documents']} test documents ({report['reported_chunks']:,} chunks); λ, T tuned "
              f"on {report['tuned_on_documents']} others" if report["lambda"] == "auto"
              else f"every test document ({report['reported_chunks']:,} chunks)")
@@ -316,7 +326,7 @@ def print_knn_comparison(report: dict) -> None:
     fmt = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
     for row in report["methods"]:
         base = row["method"].removesuffix("_bucketed")
-        name = METHOD_NAMES[base] + (" λ(d)" if row["method"].endswith("_bucketed") else "")
+        name = names[base] + (" λ(d)" if row["method"].endswith("_bucketed") else "")
         interp = row.get("interpolation", {})
         lam = "λ(d)" if "bucket_lambdas" in interp else (f"{interp['lam']:g}" if interp else "–")
         table.add_row(name, fmt(row["bpb"]), fmt(row.get("bpb_alpha")), lam,

@@ -22,6 +22,8 @@ from `self._run`, set around each call of the base.
 
 from __future__ import annotations
 
+import copy
+
 import hashlib
 import importlib.util
 import inspect
@@ -145,13 +147,15 @@ def resolve_base(spec: str | os.PathLike) -> BaseSource:
 
 def _from_pretrained(path: Path, **kwargs):
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()  # its warnings about generation configs are not the user's
+    transformers.utils.logging.disable_progress_bar()
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True,
                                                     **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, SafetensorError) as err:
         raise RetroError(f"{path}: cannot load as a causal LM ({str(err).splitlines()[0]})") from None
 
 
@@ -164,19 +168,48 @@ def load_base(source: BaseSource) -> nn.Module:
     gguf package, ~17 s for SmolLM2) and kept as safetensors under the user cache, keyed by its sha256."""
     if source.kind == "hf":
         return _freeze(_from_pretrained(source.path, use_safetensors=True))
-    cached = dequantised_dir(source)
-    if not (cached / "config.json").is_file():
-        base = _from_pretrained(source.path.parent, gguf_file=source.path.name)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with staged(cached, "retro (dequantised base)") as tmp:
-                base.save_pretrained(str(tmp), safe_serialization=True)
-        except OSError as err:  # a read-only cache costs the next start 17 s, nothing else
-            import sys
+    import sys
 
-            print(f"warning: cannot cache the dequantised base in {cached} ({err})", file=sys.stderr)
-        return _freeze(base)
-    return _freeze(_from_pretrained(cached, use_safetensors=True))
+    cached = dequantised_dir(source)
+    if (cached / "config.json").is_file():
+        try:
+            return _freeze(_from_pretrained(cached, use_safetensors=True))
+        except RetroError as err:  # a damaged cache is rebuilt from the GGUF, which is the truth
+            print(f"warning: {err}; dequantising again", file=sys.stderr)
+            import shutil
+
+            shutil.rmtree(cached, ignore_errors=True)
+    print(f"dequantising {source.path.name} once; it is kept in {cached}", file=sys.stderr)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):  # transformers' own tqdm bar, not ours
+        base = _from_pretrained(source.path.parent, gguf_file=source.path.name)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with staged(cached, "retro (dequantised base)") as tmp:
+            _save_dequantised(base, tmp)
+    except OSError as err:  # a read-only cache costs the next start 17 s, nothing else
+        print(f"warning: cannot cache the dequantised base in {cached} ({err})", file=sys.stderr)
+    return _freeze(base)
+
+
+def _save_dequantised(base: nn.Module, directory: Path) -> None:
+    """transformers refuses to save a model it read from GGUF, so the config loses its quantisation note
+    and the weights are written directly; a tied tensor is written once, under its first name."""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(str(directory))
+    tensors, seen = {}, set()
+    for name, tensor in base.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _freeze(base: nn.Module) -> nn.Module:
