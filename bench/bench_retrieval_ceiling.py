@@ -55,6 +55,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[2, 10])
     parser.add_argument("--context", type=int, default=4, help="tokens that must match before a copy")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--losses", default=None,
+                        help="`retro eval --losses-out` of this model, DB and test set: its per-token bits and "
+                        "neighbours are used instead of two forward passes here")
+    parser.add_argument("--exclude-near-duplicates", action="store_true",
+                        help="drop the DB documents that near-duplicate each test page, as `retro eval` does "
+                        "(NB then needs more candidates than the largest --k: eval's --work-dir holds them)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -62,22 +68,43 @@ def main() -> None:
 
     from retrocli.db import open_db
     from retrocli.eval import chunk_losses
-    from retrocli.model.checkpoint import bundled_model_dir, load_model
+    from retrocli.model.checkpoint import load_model, resolve_model
     from retrocli.neighbors import open_neighbors, query_db_of
     from retrocli.sequences import pad_id
 
     db = open_db(args.db)
     nb = open_neighbors(args.test_neighbors)
     test = query_db_of(args.test_neighbors, nb)
-    model_dir = args.model or bundled_model_dir()
+    model_dir = resolve_model(args.model, db)
     model, _ = load_model(model_dir, db)
-    losses = chunk_losses(model, db, test, nb.ids)
+    ids = nb.ids
+    if args.losses:  # eval's own bits and neighbours (with its near-duplicate exclusion, if it had one)
+        from retrocli.eval import ChunkLosses
+
+        with np.load(args.losses, allow_pickle=False) as saved:
+            if saved["token_bits_none"].shape[0] != test.num_chunks or \
+                    not np.array_equal(saved["chunk_doc"], test.chunk_doc):
+                raise SystemExit(f"{args.losses}: not the losses of this test set")
+            losses = ChunkLosses(saved["token_bits_retrieval"], saved["token_bits_none"], saved["bytes"])
+            ids = saved["neighbor_ids"]
+        if ids.shape[1] < max(args.k):
+            raise SystemExit(f"{args.losses}: holds {ids.shape[1]} neighbours per chunk, fewer than --k {max(args.k)}")
+    else:
+        if args.exclude_near_duplicates:
+            from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
+
+            pairs, _ = near_duplicates(db, test)
+            ids, _ = drop_near_duplicate_neighbors(db, test, nb.ids, pairs,
+                                                   max(args.k + [model.config.num_neighbors]))
+        losses = chunk_losses(model, db, test, ids)
     total_bytes = losses.bytes.sum()
     scored = losses.token_bits_none > 0  # tokens the model is scored on
     result = {
         "model": str(model_dir),
         "test_chunks": int(test.num_chunks),
         "context": args.context,
+        "excluded_near_duplicates": args.exclude_near_duplicates,
+        "losses": args.losses,
         "bpb_no_retrieval": float(losses.token_bits_none.sum() / total_bytes),
         "bpb_retrieval": float(losses.token_bits_retrieval.sum() / total_bytes),
         "model_k": model.config.num_neighbors,  # what the model is fed for bpb_retrieval and the gain split
@@ -85,7 +112,7 @@ def main() -> None:
     }
     db_tokens, db_lengths = db.tokens_block(0, db.num_chunks)  # read once for every k
     for k in args.k:
-        mask = copyable(test, db, nb.ids, k, args.context, pad_id(db), db_tokens, db_lengths) & scored
+        mask = copyable(test, db, ids, k, args.context, pad_id(db), db_tokens, db_lengths) & scored
         bits = np.where(mask, 0.0, losses.token_bits_none).sum()
         ceiling = float(bits / total_bytes)
         saved = losses.token_bits_none - losses.token_bits_retrieval  # bits retrieval saved, per token

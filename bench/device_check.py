@@ -4,10 +4,12 @@ PASS/FAIL line per figure. On a machine without one it prints "no accelerator: s
     .venv/bin/python bench/device_check.py [--work DIR]
 
 Checks: the committed subset's chunks embedded on the device agree with the CPU's (cosine ≥ 0.999);
-`retro build-db --device DEVICE` builds the demo DB; bits per byte of the held-out pages with the bundled
-model on the device match the CPU's (within 1e-3); greedy generation gives the same tokens in fp32; the
-bundled config trains --train-steps steps on the device (bf16 where it runs natively), with its tokens/s
-and MFU, then --compile-steps steps with torch.compile, against the eager steady rate. With two or more GPUs,
+`retro build-db --device DEVICE` builds the demo DB; bits per byte of the held-out pages with retro-6m
+(the DB speaks the 8k BPE) on the device match the CPU's (within 1e-3); greedy generation gives the same
+tokens in fp32; the retro-6m config trains --train-steps steps on the device (bf16 where it runs
+natively), with its tokens/s and MFU, then --compile-steps steps with torch.compile, against the eager
+steady rate; a retrofit of a random 8-layer Llama (SmolLM2's 98 MB cannot travel) is its base untrained,
+trains 40 steps (tokens/s, MFU) and evaluates on the device as on the CPU. With two or more GPUs,
 `embed --devices all` must write the bytes one GPU writes, and 2 DDP ranks must train to the weights of one
 process. Exit 1 if any check fails.
 """
@@ -56,8 +58,12 @@ def main() -> int:
     from retrocli.embed import Embedder, chunk_texts
     from retrocli.eval import evaluate
     from retrocli.generate import generate
+    from retrocli.options import ChunkOptions
+    from retrocli.tokenizer import BPE_8K_NAME
 
-    chunked = chunk_corpus([SUBSET / "train.jsonl"], work / "chunks", overwrite=True)
+    # the 8k BPE: retro-6m reads it, and SmolLM2's 98 MB GGUF does not travel to a lent GPU machine
+    bpe = ChunkOptions(tokenizer=BPE_8K_NAME)
+    chunked = chunk_corpus([SUBSET / "train.jsonl"], work / "chunks", bpe, overwrite=True)
     texts = chunk_texts(chunked, 0, chunked.num_chunks)
     timings = {}
     vectors = {}
@@ -74,7 +80,7 @@ def main() -> int:
            f"chunks/s vs {len(texts) / timings['cpu']:,.0f} on the CPU")
 
     start = time.perf_counter()
-    db = build_db([SUBSET / "train.jsonl"], work / "db", overwrite=True, device=str(device))
+    db = build_db([SUBSET / "train.jsonl"], work / "db", bpe, overwrite=True, device=str(device))
     seconds, precision = time.perf_counter() - start, db.manifest["embedder"]["precision"]
     report("retro build-db --device", db.stage("index") == "complete",
            f"{db.num_chunks:,} chunks in {seconds:.1f} s, precision {precision}")
@@ -118,10 +124,54 @@ def main() -> int:
         report(f"retro train --compile ({args.compile_steps} steps)", np.isfinite(compiled["final_loss"]),
                f"{rate:,.0f} tokens/s steady = {rate / eager:.2f}x eager; "
                f"whole run {time.perf_counter() - start:.0f} s")
+    retrofit_checks(db, neighbors, work, device, report)
     if device.type == "cuda" and torch.cuda.device_count() >= 2:
         several_gpus(db, neighbors, work, options, report)
     print(f"{'all checks passed' if failures == 0 else f'{failures} check(s) failed'}")
     return 1 if failures else 0
+
+
+def retrofit_checks(db, neighbors, work: Path, device, report, steps: int = 40) -> None:
+    """RETRO-fitting on the device, on a random 8-layer Llama that speaks the DB's 8k BPE (SmolLM2 cannot
+    travel here): an untrained retrofit is its base, training runs, and eval matches the CPU."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrocli.assets import asset_path
+    from retrocli.eval import evaluate
+    from retrocli.model.retrofit import build_retrofit
+    from retrocli.options import TrainOptions
+    from retrocli.tokenizer import BPE_8K_NAME, NAMED_TOKENIZERS
+    from retrocli.train import train
+
+    torch.manual_seed(0)
+    base_dir = work / "tiny-llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                                 num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
+                                 tie_word_embeddings=True)).save_pretrained(base_dir, safe_serialization=True)
+    shutil.copy(asset_path(NAMED_TOKENIZERS[BPE_8K_NAME]), base_dir / "tokenizer.json")
+    model = build_retrofit(base_dir, 64, 512, 2, 0, vocab_size=8192).to(device).eval()
+    idx = torch.randint(1, 8192, (2, 512), device=device)
+    nb = torch.randint(1, 8192, (2, 8, 2, 128), device=device)
+    with torch.no_grad():
+        gap = (model(idx, nb)[0] - model.base(idx).logits).abs().max().item()
+    report("an untrained retrofit on the device is its base", gap == 0.0, f"max logit difference {gap:.2e}")
+    options = TrainOptions(config="retrofit", base=str(base_dir), cca_start=6, seq_len=512, batch_size=8,
+                           steps=steps, warmup=5, checkpoint_every=steps, precision="auto", log_every=10)
+    summary = train(db.path, neighbors, work / "retrofit", options=options, device=str(device))
+    report(f"retro retrofit --device ({steps} steps, random 8-layer Llama base, {summary['precision']})",
+           np.isfinite(summary["final_loss"]),
+           f"{summary['tokens_per_second']:,.0f} tokens/s"
+           + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ", MFU n/a")
+           + f"; trainable share {summary['trainable_share']:.1%}; "
+           f"final loss {summary['final_loss']:.3f}")
+    results = {where: evaluate(work / "retrofit", db.path, [SUBSET / "heldout.jsonl"], leakage=False,
+                               work_dir=work / f"retrofit-eval-{where.replace(':', '-')}", device=where)
+               for where in ("cpu", str(device))}
+    gap = abs(results["cpu"]["bpb_retrieval"] - results[str(device)]["bpb_retrieval"])
+    report("retrofit eval on the device vs the CPU", gap < 1e-3,
+           f"bpb {results[str(device)]['bpb_retrieval']:.5f} vs {results['cpu']['bpb_retrieval']:.5f}")
 
 
 def steady_rate(model_dir: Path) -> float:

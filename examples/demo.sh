@@ -29,7 +29,7 @@ echo "==> 5/7 leakage-report: how much of the held-out pages already sits in the
 $RETRO leakage-report "$OUT/db" --test examples/subset/heldout.jsonl --examples 2 \
   --html "$OUT/leakage.html" --json-out "$OUT/leakage.json"
 
-echo "==> 6/7 generate: the bundled RETRO model continues a held-out page, retrieving from the DB as it goes"
+echo "==> 6/7 generate: the bundled model (SmolLM2-135M RETRO-fitted) continues a held-out page, retrieving as it goes"
 PROMPT=$($PY -c 'import json, sys
 doc = [json.loads(line) for line in open("examples/subset/heldout.jsonl")][int(sys.argv[1])]
 print(doc["text"][int(sys.argv[2]):int(sys.argv[3])])' "$PROMPT_DOC" "$PROMPT_FROM" "$PROMPT_TO")

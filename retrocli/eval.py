@@ -13,6 +13,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -226,6 +227,7 @@ def evaluate(
     knn_temperature: float | None = None,
     knn_ef: int = DEFAULT_KNN_EF,
     lambda_buckets: int = DEFAULT_LAMBDA_BUCKETS,
+    losses_out: str | os.PathLike | None = None,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
@@ -238,16 +240,21 @@ def evaluate(
 
     knn_lm: a datastore built by `retro knn-datastore` for this model and DB; the result then holds
     `knn_lm`, the LM alone, RETRO, kNN-LM and RETRO + kNN-LM side by side (see knn_comparison). The
-    near-duplicates of each test document are excluded from both kinds of retrieval."""
+    near-duplicates of each test document are excluded from both kinds of retrieval.
+
+    losses_out: an .npz (no pickle) of every scored token's bits with and without retrieval and the
+    neighbour ids fed, for analysis (bench/bench_retrieval_ceiling.py --losses reads it)."""
+    if losses_out is not None and not str(losses_out).endswith(".npz"):
+        raise RetroError(f"--losses-out {losses_out}: must name an .npz file")
     if k is not None and k < 1:
         raise RetroError(f"--k must be at least 1, not {k}")
     check_at_least("--batch-size", batch_size)
     check_at_least("--threads", threads, allow_none=True)
-    model_dir = resolve_model(model_dir)
     if threads:
         torch.set_num_threads(threads)
     where = resolve_device(device)
     db = open_db(db_path)
+    model_dir = resolve_model(model_dir, db)
     model, meta = load_model(model_dir, db)
     model.to(where)
     knn = None
@@ -281,6 +288,8 @@ def evaluate(
                               knn_exclude=knn_exclude)
         r = compute_overlap(db, test, ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
+        if losses_out is not None:
+            write_losses(losses_out, losses, ids[:, :k], test, model_k)
         if knn is not None:
             result["knn_lm"] = knn_comparison(losses, test, r, knn, db, knn_lambda, knn_temperature, lambda_buckets,
                                               retrieval_seconds)
@@ -305,6 +314,26 @@ def evaluate(
             }
         )
         return result
+
+
+def write_losses(path: str | os.PathLike, losses: ChunkLosses, ids: np.ndarray, test: RetroDB, model_k: int) -> None:
+    """Per-token bits [test chunks, m] with and without retrieval, bytes per chunk and the neighbour ids,
+    written whole or not at all."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise RetroError(f"--losses-out {path}: is a directory")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, token_bits_retrieval=losses.token_bits_retrieval, token_bits_none=losses.token_bits_none,
+                     bytes=losses.bytes, neighbor_ids=ids, chunk_doc=test.chunk_doc, model_k=np.int64(model_k))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def parse_lambda(value: float | str) -> float | str:

@@ -172,7 +172,7 @@ def generate(
         db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
     model, meta = load_model(model_dir, db if db is not None else retriever)
     model.to(where)
-    tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir), meta)
+    tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir, retriever), meta)
     if isinstance(retriever, HttpRetriever):
         retriever.check_tokenizer(tokenizer)
     k = k or model.config.num_neighbors
@@ -221,7 +221,7 @@ def generate(
         if db is not None:
             store.check_matches(model_dir, db)
         else:
-            store.check_model(model_dir)
+            store.check_model(resolve_model(model_dir, retriever))
         hidden = FinalHidden(model)
         knn_t = knn_temperature or store.temperature_scale
 

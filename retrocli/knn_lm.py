@@ -260,6 +260,7 @@ def build_datastore(
     check_seed(options.seed)
     out = Path(out)
     db = open_db(db_path)
+    model_dir = resolve_model(model_dir, db)
     check_outside(out, db.path, "--out", "the DB")
     if out.exists() and not out.is_dir():
         raise RetroError(f"--out {out}: is a file, not a directory")
@@ -527,7 +528,7 @@ class Datastore:
     def check_matches(self, model_dir, db: RetroDB) -> None:
         """Refuse a datastore built for other weights or from other DB content (another DB, another
         version, or a copy of the DB that took other changes)."""
-        self.check_model(model_dir)
+        self.check_model(resolve_model(model_dir, db))
         if self.manifest["db"]["content_id"] != db.content_id:
             raise RetroError(f"{self.path}: built from other DB content than {db.path} holds now (another DB, "
                              f"version or copy); rebuild it with `retro knn-datastore {db.path} --model "

@@ -24,7 +24,7 @@ PAD = "<|pad|>"
 BPE_8K_NAME = "retrocli-bpe-8k"
 SMOLLM2_NAME = "smollm2"
 # A new DB speaks the bundled model's tokens: SmolLM2's 49k byte-level BPE (lossless for any UTF-8 text).
-DEFAULT_TOKENIZER_NAME = BPE_8K_NAME
+DEFAULT_TOKENIZER_NAME = SMOLLM2_NAME
 # Tokenizers known by name: the files ship in retrocli/assets/. SmolLM2's is the one its GGUF carries,
 # written out once as tokenizer.json, so that its sha256 never depends on a converter's version.
 NAMED_TOKENIZERS = {BPE_8K_NAME: "tokenizer.json", SMOLLM2_NAME: "smollm2-tokenizer.json"}

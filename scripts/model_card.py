@@ -1,8 +1,8 @@
 """Write the bundled model's card (README.md beside the weights) from the artifacts of
-scripts/bundled_model.sh: the training log, the model metadata, `retro eval --json`, and greedy
+scripts/retro_6m_model.sh: the training log, the model metadata, `retro eval --json`, and greedy
 `retro generate` transcripts on held-out prompts (run here, retrieving from the training DB).
 
-    .venv/bin/python scripts/model_card.py --work bundled-work --model retrocli/assets/model
+    .venv/bin/python scripts/model_card.py --work retro-6m-work --model retrocli/assets/retro-6m
 """
 
 from __future__ import annotations
@@ -90,11 +90,11 @@ def neighbour_ablation(db, neighbor_ids, model_dir: Path, batches: int = 4) -> d
     import numpy as np
     import torch
 
-    from retrocli.model import RetroModel
+    from retrocli.model.checkpoint import load_model
     from retrocli.sequences import neighbor_rows
     from retrocli.train import TrainingData
 
-    model = RetroModel.from_pretrained(model_dir).eval()
+    model, _ = load_model(model_dir, db)  # a RETRO decoder or a retrofit
     data = TrainingData(db, neighbor_ids, model.config.seq_len, model.config.num_neighbors, set())
     losses: dict[str, list[float]] = {"retrieved": [], "none": [], "shuffled": [], "oracle": []}
     for step in range(batches):
@@ -174,7 +174,7 @@ def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bundled-work", type=Path)
-    parser.add_argument("--model", default=Path("retrocli/assets/model"), type=Path)
+    parser.add_argument("--model", default=Path("retrocli/assets/retro-6m"), type=Path)
     parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
     args = parser.parse_args()
 

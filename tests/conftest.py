@@ -168,11 +168,14 @@ def small_jsonl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_db(tmp_path_factory, tiny_bert, small_jsonl) -> Path:
-    """Chunked + embedded (tiny BERT, blocks of 32) + indexed. Read-only: copy it before writing."""
+    """Chunked with the 8k BPE (what the tiny models and retro-6m read) + embedded (tiny BERT, blocks of 32)
+    + indexed. Read-only: copy it before writing."""
     from retrocli.build_db import build_db
+    from retrocli.options import ChunkOptions
+    from retrocli.tokenizer import BPE_8K_NAME
 
     path = tmp_path_factory.mktemp("tiny") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, block_size=32)
+    build_db([small_jsonl], path, ChunkOptions(tokenizer=BPE_8K_NAME), embedder=tiny_bert, block_size=32)
     return path
 
 
@@ -217,3 +220,26 @@ def trained(tiny_db, self_neighbors, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "m"
     summary = train(tiny_db, self_neighbors, out, TrainOptions(steps=12, **TRAIN_OPTS))
     return out, summary
+
+
+# -- a tiny random base model that speaks tiny_db's tokens (RETRO-fitting) ------------------------------------
+
+@pytest.fixture(scope="session")
+def db_base(tmp_path_factory):
+    """A random 4-layer Llama over the packaged 8k BPE (tiny_db's tokenizer), tokenizer.json beside it."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from retrocli.assets import asset_path
+    from retrocli.tokenizer import BPE_8K_NAME, NAMED_TOKENIZERS
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                         tie_word_embeddings=True))
+    out = tmp_path_factory.mktemp("base") / "tiny-llama"
+    model.save_pretrained(out, safe_serialization=True)
+    shutil.copy(asset_path(NAMED_TOKENIZERS[BPE_8K_NAME]), out / "tokenizer.json")
+    return out

@@ -1,108 +1,85 @@
-"""The bundled model (retrocli/assets/model): present, small, consistent with the package's default
-tokenizer, found by default, and generating deterministically with retrieval from a small DB."""
+"""The bundled model (retrocli/assets/model): SmolLM2-135M-Instruct RETRO-fitted. Its directory holds only
+the new weights and names its base; it speaks the default tokenizer, so a DB built with no flags is read
+with no flags; it generates deterministically, retrieving as it goes, and its retrieval is causal."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from helpers import tree_snapshot
 from safetensors import safe_open
 
 from retrocli.db import open_db
-from retrocli.generate import generate
-from retrocli.model import RetroConfig, RetroModel
-from retrocli.model.checkpoint import bundled_model_dir
+from retrocli.model.checkpoint import MODEL_META, bundled_model_dir, load_model, resolve_model
+from retrocli.model.retrofit import BASE_FILE, RetrofitModel, resolve_base
 from retrocli.sequences import neighbor_rows, pad_id
 from retrocli.tokenizer import load_tokenizer
 
 MODEL = bundled_model_dir()
-FILES = ("model.safetensors", "config.json", "tokenizer.json", "retrocli_model.json", "README.md")
 
 
-def test_bundled_model_is_complete_and_small():
-    present = {p.name for p in MODEL.iterdir()}
-    assert set(FILES) <= present
-    total = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
-    assert total <= 40 * 1024 * 1024
-    model = RetroModel.from_pretrained(MODEL)
+def test_the_bundled_model_is_an_adapter_on_the_packaged_smollm2():
+    files = {p.name for p in MODEL.iterdir()}
+    assert {"model.safetensors", "config.json", BASE_FILE, "tokenizer.json", MODEL_META, "README.md"} <= files
+    base = json.loads((MODEL / BASE_FILE).read_text())
+    assert base["name"] == "smollm2" and base["sha256"] == resolve_base("smollm2").sha256
     with safe_open(str(MODEL / "model.safetensors"), framework="pt") as weights:
-        stored = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118
-    state = model.state_dict()
-    assert all(torch.equal(stored[name], state[name]) for name in stored)
-    meta = json.loads((MODEL / "retrocli_model.json").read_text())
-    assert meta["parameters"] == sum(p.numel() for p in model.parameters())
-    assert f"{meta['parameters']:,}" in (MODEL / "README.md").read_text()  # the card states the real count
+        names = list(weights.keys())
+        stored = sum(int(np.prod(weights.get_slice(name).get_shape())) for name in names)
+    assert names and not any(name.startswith("base.") for name in names)  # the base is not shipped
+    meta = json.loads((MODEL / MODEL_META).read_text())
+    assert stored == meta["trainable_parameters"] and meta["trainable_share"] < 0.10  # the paper: under 10 %
+    assert meta["tokenizer_sha256"] == load_tokenizer().sha256  # the default tokenizer of a new DB
+    assert f"{meta['trainable_parameters']:,}" in (MODEL / "README.md").read_text()
 
 
-def test_config_and_tokenizer_match_the_package_default():
-    default = load_tokenizer()
-    config = RetroConfig.from_dict(json.loads((MODEL / "config.json").read_text()))
-    meta = json.loads((MODEL / "retrocli_model.json").read_text())
-    assert config.vocab_size == default.vocab_size
-    assert config.pad_token_id == default.tokenizer.token_to_id("<|pad|>")
-    assert config.chunk_size == meta["chunk_size"] == 64
-    assert meta["tokenizer_sha256"] == default.sha256
-    assert load_tokenizer(MODEL / "tokenizer.json").sha256 == default.sha256
+@pytest.fixture(scope="module")
+def smollm2_db(tmp_path_factory, tiny_bert, small_jsonl):
+    """`retro build-db` with no --tokenizer: the bundled model's tokens."""
+    from conftest import run_retro
 
-
-def test_bundled_model_generates_greedily_with_retrieval(tiny_db, cli):
-    db = open_db(tiny_db)
-    prompt = db.document_text(2)[:400]
-    before = tree_snapshot(tiny_db)
-    first = generate(tiny_db, prompt, max_new_tokens=12, temperature=0)  # no model_dir: the bundled one
-    second = generate(tiny_db, prompt, max_new_tokens=12, temperature=0)
-    assert first.text == second.text and first.text.strip()
-    assert len(first.retrievals) >= 1 and first.retrievals[0].neighbors
-    result = cli("generate", "--db", tiny_db, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",
-                 "--json")
+    path = tmp_path_factory.mktemp("smollm2") / "db"
+    result = run_retro("build-db", small_jsonl, "--out", path, "--embedder", tiny_bert)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["text"] == first.text
-    assert tree_snapshot(tiny_db) == before
+    return path
 
 
-def test_bundled_model_reads_its_neighbours(tiny_db):
-    """Retrieved chunks change the predictions after the first chunk, and only there (CCA alignment)."""
-    db = open_db(tiny_db)
-    model = RetroModel.from_pretrained(MODEL).eval()
-    m = model.config.chunk_size
+def test_a_db_built_with_no_flags_generates_with_no_flags(smollm2_db, cli):
+    db = open_db(smollm2_db)
+    assert db.manifest["tokenizer"]["name"] == "smollm2"
+    assert resolve_model(None, db) == MODEL
+    prompt = db.document_text(2)[:600]
+    before = tree_snapshot(smollm2_db)
+    args = ("generate", "--db", str(smollm2_db), "--prompt", prompt, "--max-new-tokens", "40", "--temperature", "0",
+            "--json")
+    first, second = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.stdout)
+    assert out["text"].strip() and out["text"] == json.loads(second.stdout)["text"]
+    assert out["retrievals"] and out["retrievals"][0]["neighbors"]  # a chunk completed and was retrieved for
+    assert tree_snapshot(smollm2_db) == before
+
+
+def test_the_bundled_model_reads_its_neighbours_causally(smollm2_db):
+    """Other neighbours change the predictions after the first chunk, never before (CCA alignment); with no
+    neighbours at all the retrofit is its base."""
+    db = open_db(smollm2_db)
+    model, _ = load_model(None, db)
+    assert isinstance(model, RetrofitModel)
+    m, k = model.config.chunk_size, model.config.num_neighbors
     start = int(db.doc_chunks(3).start)
     idx = torch.from_numpy(np.concatenate([db.chunk_tokens(start + i) for i in range(2)])[: 2 * m].astype(np.int64))
-    k = model.config.num_neighbors
-    a = neighbor_rows(db, np.array([[10 + j for j in range(k)], [20 + j for j in range(k)]]), pad_id(db))
-    b = neighbor_rows(db, np.array([[40 + j for j in range(k)], [50 + j for j in range(k)]]), pad_id(db))
+    pad = pad_id(db)
+    a = neighbor_rows(db, np.array([[10 + j for j in range(k)], [20 + j for j in range(k)]]), pad)
+    b = neighbor_rows(db, np.array([[40 + j for j in range(k)], [50 + j for j in range(k)]]), pad)
     with torch.no_grad():
         logits_a, _ = model(idx[None], neighbors=torch.from_numpy(a)[None])
         logits_b, _ = model(idx[None], neighbors=torch.from_numpy(b)[None])
+        plain, _ = model(idx[None])
+        base = model.base(idx[None]).logits
     assert torch.equal(logits_a[0, : m - 1], logits_b[0, : m - 1])
     assert not torch.allclose(logits_a[0, m - 1 :], logits_b[0, m - 1 :])
-
-
-def test_bundled_model_copies_a_continuation_its_neighbour_holds(tiny_db):
-    """The shipped model uses retrieved text: when chunk u's neighbour is [C_u, C_{u+1}] (the DB holds this
-    very passage), the tokens of C_{u+1} cost far fewer nats than with no neighbours; an unrelated
-    neighbour does not help. Tokens before the first chunk completes cannot see neighbours at all."""
-    db = open_db(tiny_db)
-    model = RetroModel.from_pretrained(MODEL).eval()
-    m, k = model.config.chunk_size, model.config.num_neighbors
-    doc = db.doc_chunks(3)
-    chunks = [db.chunk_tokens(i) for i in range(int(doc.start), int(doc.stop))][:4]
-    assert len(chunks) == 4 and all(len(c) == m for c in chunks)
-    idx = torch.from_numpy(np.concatenate(chunks).astype(np.int64))[None]
-    pad = pad_id(db)
-    own = np.full((1, 4, k, 2 * m), pad, dtype=np.int64)
-    for u in range(3):
-        own[0, u, 0] = np.concatenate([chunks[u], chunks[u + 1]])
-    other_doc = db.doc_chunks(5)
-    unrelated = neighbor_rows(db, np.arange(int(other_doc.start), int(other_doc.start) + 4)[None, :, None], pad)
-
-    def nats(neighbors) -> float:
-        with torch.no_grad():
-            logits, _ = model(idx, neighbors=None if neighbors is None else torch.from_numpy(neighbors))
-        losses = torch.nn.functional.cross_entropy(logits[0, :-1], idx[0, 1:], reduction="none")
-        return float(losses[m - 1 :].mean())  # the tokens of C_1..C_3: they read E_0..E_2
-
-    none, copied, wrong = nats(None), nats(own), nats(unrelated)
-    assert copied < 0.65 * none, (copied, none)  # the base decoder alone: 3.708 vs 3.709
-    assert wrong > 0.8 * none, (wrong, none)
+    assert torch.equal(plain, base)

@@ -20,7 +20,7 @@ from retrocli.model.checkpoint import (
 )
 from retrocli.options import ChunkOptions
 from retrocli.staging import staging_path
-from retrocli.tokenizer import train_tokenizer
+from retrocli.tokenizer import BPE_8K_NAME, train_tokenizer
 
 
 def test_load_model_refuses_another_tokenizer(trained, tmp_path, small_jsonl):
@@ -31,7 +31,7 @@ def test_load_model_refuses_another_tokenizer(trained, tmp_path, small_jsonl):
 
 
 def test_load_model_refuses_another_chunk_size(trained, tmp_path, small_jsonl):
-    other = chunk_corpus([small_jsonl], tmp_path / "db32", ChunkOptions(chunk_size=32))
+    other = chunk_corpus([small_jsonl], tmp_path / "db32", ChunkOptions(chunk_size=32, tokenizer=BPE_8K_NAME))
     with pytest.raises(RetroError, match="chunk size 64 differs"):
         load_model(trained[0], other)
 
@@ -50,9 +50,13 @@ def test_load_model_refuses_a_directory_without_meta(trained, tiny_db, tmp_path)
         load_model(bare, open_db(tiny_db))
 
 
-def test_resolve_model_finds_the_bundled_model_and_refuses_a_missing_one(tmp_path):
+def test_resolve_model_finds_the_bundled_models_and_refuses_a_missing_one(tmp_path, tiny_db, subset_db):
     assert resolve_model(None) == resolve_model("bundled") == bundled_model_dir()
-    assert (bundled_model_dir() / MODEL_META).is_file()
+    assert (bundled_model_dir() / MODEL_META).is_file() and (bundled_model_dir("retro-6m") / MODEL_META).is_file()
+    # no --model: the bundled model that speaks the DB's tokens
+    assert resolve_model(None, open_db(tiny_db)) == bundled_model_dir("retro-6m")  # the 8k BPE
+    assert resolve_model(None, open_db(subset_db)) == bundled_model_dir()  # smollm2, the default
+    assert resolve_model("retro-6m", open_db(subset_db)) == bundled_model_dir("retro-6m")  # a name is a choice
     assert resolve_model(tmp_path) == tmp_path
     with pytest.raises(RetroError, match="no model there"):
         resolve_model(tmp_path / "missing")

@@ -189,7 +189,7 @@ def test_manifest_fields(subset_db, subset_texts):
     assert tok["sha256"] == hashlib.sha256((subset_db / "tokenizer.json").read_bytes()).hexdigest()
     assert tok["sha256"] == hashlib.sha256(default_tokenizer_path().read_bytes()).hexdigest()
     assert tok["vocab_size"] == load_tokenizer().vocab_size
-    assert tok["name"] == "retrocli-bpe-8k"
+    assert tok["name"] == "smollm2"  # the bundled model's tokens
     assert manifest["chunk_size"] == 64
     db = open_db(subset_db)
     counts = manifest["counts"]

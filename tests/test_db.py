@@ -9,6 +9,7 @@ from retrocli.chunk import chunk_corpus
 from retrocli.db import check_same_chunking, open_db, read_manifest, write_json_atomic
 from retrocli.errors import RetroError
 from retrocli.options import ChunkOptions
+from retrocli.tokenizer import BPE_8K_NAME
 
 
 def test_documents_chunks_and_continuations_agree(tiny_db):
@@ -33,7 +34,7 @@ def test_check_same_chunking_names_what_differs(tiny_db, tmp_path, small_jsonl):
         check_same_chunking(db, "other", "0" * 64, db.chunk_size)
     with pytest.raises(RetroError, match="other: model chunk size 32 differs"):
         check_same_chunking(db, "other", sha, 32, subject="model ")
-    small = chunk_corpus([small_jsonl], tmp_path / "db32", ChunkOptions(chunk_size=32))
+    small = chunk_corpus([small_jsonl], tmp_path / "db32", ChunkOptions(chunk_size=32, tokenizer=BPE_8K_NAME))
     with pytest.raises(RetroError, match="chunk size 32 differs"):
         check_same_chunking(db, small.path, small.manifest["tokenizer"]["sha256"], small.chunk_size)
 

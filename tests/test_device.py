@@ -43,10 +43,13 @@ def test_every_heavy_command_refuses_a_missing_device_before_any_work(tiny_db_co
 
 def test_embedding_on_an_explicit_cpu_equals_the_default(tiny_db, tiny_bert, small_jsonl, tmp_path):
     from retrocli.build_db import build_db
+    from retrocli.options import ChunkOptions
+    from retrocli.tokenizer import BPE_8K_NAME
 
     if resolve_device("auto").type != "cpu":
         pytest.skip("auto is an accelerator here")
-    db = build_db([small_jsonl], tmp_path / "cpu", embedder=tiny_bert, block_size=32, device="cpu")
+    db = build_db([small_jsonl], tmp_path / "cpu", ChunkOptions(tokenizer=BPE_8K_NAME), embedder=tiny_bert,
+                  block_size=32, device="cpu")
     a, b = open_db(db.path).root["embeddings"][:], open_db(tiny_db).root["embeddings"][:]
     assert np.array_equal(a, b)
 

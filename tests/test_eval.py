@@ -115,3 +115,19 @@ def test_eval_stale_retrieval_scores_the_neighbours_of_the_previous_chunk(traine
     assert result["stale_retrieval_cost"] == pytest.approx(result["bpb_stale_retrieval"] / result["bpb_retrieval"] - 1)
     shown = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--work-dir", work, "--stale-retrieval")
     assert shown.exit_code == 0 and "bpb with stale retrieval" in shown.output
+
+
+def test_eval_losses_out_holds_the_bits_behind_the_bpb(trained, tiny_db, small_jsonl, tmp_path, cli):
+    out, _ = trained
+    losses = tmp_path / "losses.npz"
+    result = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--losses-out", losses, "--json",
+                 "--work-dir", tmp_path / "w")
+    assert result.exit_code == 0, result.output
+    bpb = json.loads(result.stdout)
+    with np.load(losses, allow_pickle=False) as saved:
+        assert saved["token_bits_retrieval"].sum() / saved["bytes"].sum() == pytest.approx(bpb["bpb_retrieval"])
+        assert saved["token_bits_none"].sum() / saved["bytes"].sum() == pytest.approx(bpb["bpb_no_retrieval"])
+        assert saved["neighbor_ids"].shape[0] == saved["token_bits_none"].shape[0]
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    refused = cli("eval", tiny_db, "--test", small_jsonl, "--model", out, "--losses-out", tmp_path / "l.pkl")
+    assert refused.exit_code != 0 and "--losses-out" in refused.output and "Traceback" not in refused.output

@@ -293,7 +293,7 @@ def test_the_same_input_twice_is_refused_unless_allowed(tmp_path, small_jsonl, c
 
 def test_neighbors_never_embeds_an_input_db_in_place(tiny_db, tmp_path, small_jsonl, cli):
     other = tmp_path / "other"
-    assert cli("chunk", small_jsonl, "--out", other).exit_code == 0
+    assert cli("chunk", small_jsonl, "--out", other, "--tokenizer", "retrocli-bpe-8k").exit_code == 0
     before = tree_snapshot(other)
     result = cli("neighbors", tiny_db, "--input", other, "--out", tmp_path / "nb")
     assert refused(result, "not embedded", "retro embed")

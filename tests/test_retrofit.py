@@ -210,25 +210,6 @@ def test_bad_bases_are_one_line(tmp_path):
 
 # -- `retro retrofit` end to end on tiny_db, with a tiny random Llama that speaks the DB's tokens --------------
 
-@pytest.fixture(scope="module")
-def db_base(tmp_path_factory):
-    """A random 4-layer Llama over the packaged 8k BPE (tiny_db's tokenizer), tokenizer.json beside it."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from retrocli.tokenizer import default_tokenizer_path
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                         tie_word_embeddings=True))
-    out = tmp_path_factory.mktemp("base") / "tiny-llama"
-    model.save_pretrained(out, safe_serialization=True)
-    shutil.copy(default_tokenizer_path(), out / "tokenizer.json")
-    return out
-
-
 RETROFIT_OPTS = ["--seq-len", "128", "--batch-size", "2", "--warmup", "2", "--checkpoint-every", "3", "--lr", "3e-3",
                  "--cca-start", "2", "--cca-every", "2", "--threads", "1"]
 

@@ -315,3 +315,21 @@ def test_a_manifest_rewritten_in_place_with_its_old_mtime_and_size_is_a_new_stam
     after = manifest.stat()
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (old.st_ino, old.st_mtime_ns, old.st_size)
     assert manifest_stamp(tmp_path) != before
+
+
+def test_a_retrofit_generates_through_the_server_as_with_local_retrieval(server, tiny_db, self_neighbors, db_base,
+                                                                          tmp_path):
+    from retrocli.generate import generate
+    from retrocli.options import TrainOptions
+    from retrocli.train import train
+
+    url, _ = server
+    out = tmp_path / "retrofit"
+    train(tiny_db, self_neighbors, out, TrainOptions(config="retrofit", base=str(db_base), cca_start=2, cca_every=2,
+                                                     seq_len=128, batch_size=2, steps=2, warmup=1, threads=1))
+    prompt = open_db(tiny_db).document_text(2)[:600]
+    local = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
+    remote = generate(None, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, retriever=url)
+    assert remote.token_ids == local.token_ids and remote.retrievals
+    assert [[n.id for n in r.neighbors] for r in remote.retrievals] == \
+        [[n.id for n in r.neighbors] for r in local.retrievals]

@@ -247,6 +247,9 @@ def eval_cmd(
     lambda_buckets: Annotated[int, typer.Option(
         help="With --lambda auto: also tune one lambda per this many buckets of nearest-key distance")
     ] = DEFAULT_LAMBDA_BUCKETS,
+    losses_out: Annotated[Path | None, typer.Option(
+        help="Also write every scored token's bits with and without retrieval, and the neighbours fed, to this "
+        ".npz")] = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
@@ -263,7 +266,7 @@ def eval_cmd(
                           text_field=text_field, progress=progress, k=k,
                           exclude_near_duplicates=exclude_near_duplicates, device=device,
                           stale_retrieval=stale_retrieval, knn_lm=knn_lm, knn_lambda=lam, knn_k=knn_k,
-                          knn_temperature=knn_temperature, lambda_buckets=lambda_buckets)
+                          knn_temperature=knn_temperature, lambda_buckets=lambda_buckets, losses_out=losses_out)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "

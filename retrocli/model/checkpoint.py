@@ -28,18 +28,32 @@ from retrocli.model.retrofit import RetrofitModel, is_retrofit
 from retrocli.staging import staged
 
 MODEL_META = "retrocli_model.json"
-BUNDLED_MODEL = "bundled"  # the name that stands for the model shipped in the package
+BUNDLED_MODEL = "bundled"  # the name of the model shipped in the package: SmolLM2-135M RETRO-fitted
+RETRO_6M = "retro-6m"  # the 6M RETRO decoder trained from scratch on the 8k BPE, for DBs cut with it
+BUNDLED_MODELS = {BUNDLED_MODEL: "model", RETRO_6M: "retro-6m"}  # name -> directory under retrocli/assets
 MODEL_META_SCHEMA = {"tokenizer_sha256": (str, True), "chunk_size": (int, True)}  # checked before any load
 
 
-def bundled_model_dir() -> Path:
-    return asset_path("model")
+def bundled_model_dir(name: str = BUNDLED_MODEL) -> Path:
+    return asset_path(BUNDLED_MODELS[name])
 
 
-def resolve_model(model_dir: str | os.PathLike | None) -> Path:
-    """A model directory from the user's choice: None or "bundled" is the packaged model."""
-    if model_dir is None or str(model_dir) == BUNDLED_MODEL:
+def resolve_model(model_dir: str | os.PathLike | None, db=None) -> Path:
+    """A model directory from the user's choice: a path, or a bundled model by name (bundled, retro-6m).
+    None is the bundled model that speaks `db`'s tokens: the retrofitted SmolLM2, or the 6M decoder for a
+    DB cut with the 8k BPE (so that DBs built before SmolLM2 became the default keep working)."""
+    if model_dir is None:
+        if db is not None:
+            for name in BUNDLED_MODELS:
+                meta = bundled_model_dir(name) / MODEL_META
+                try:
+                    if json.loads(meta.read_text(encoding="utf-8"))["tokenizer_sha256"] == db.tokenizer_sha256:
+                        return bundled_model_dir(name)
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
         return bundled_model_dir()
+    if str(model_dir) in BUNDLED_MODELS and not Path(model_dir).exists():
+        return bundled_model_dir(str(model_dir))
     path = Path(model_dir)
     if not path.exists():
         raise RetroError(f"{path}: no model there (train one with `retro train`, or pass --model)")
@@ -50,7 +64,7 @@ def load_model(model_dir: str | os.PathLike | None, db: RetroDB, base: str | os.
                ) -> tuple[RetroModel, dict]:
     """Load a trained model (in eval mode) and its meta; refuse a DB whose tokenizer or chunk size differs
     from its training DB."""
-    path = resolve_model(model_dir)
+    path = resolve_model(model_dir, db)
     meta_file = path / MODEL_META
     if not meta_file.exists():
         raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")

@@ -23,7 +23,6 @@ from `self._run`, set around each call of the base.
 from __future__ import annotations
 
 import copy
-
 import hashlib
 import importlib.util
 import inspect
@@ -189,7 +188,7 @@ def load_base(source: BaseSource) -> nn.Module:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with staged(cached, "retro (dequantised base)") as tmp:
             _save_dequantised(base, tmp)
-    except OSError as err:  # a read-only cache costs the next start 17 s, nothing else
+    except (OSError, RetroError) as err:  # a read-only cache, or another process caching it: 17 s next time
         print(f"warning: cannot cache the dequantised base in {cached} ({err})", file=sys.stderr)
     return _freeze(base)
 
