@@ -62,5 +62,6 @@ rm -rf "$DEST.partial" && mkdir -p "$DEST.partial"
 cp "$W/model/model.safetensors" "$W/model/config.json" "$W/model/base.json" "$W/model/tokenizer.json" \
    "$W/model/retrocli_model.json" "$W/model/train_log.jsonl" "$W/eval.json" "$W/ceiling.json" "$DEST.partial/"
 $PYTHON scripts/retrofit_card.py --work "$W" --model "$DEST.partial" --heldout "$HELDOUT"
+$PYTHON -c "import sys; from retrocli.model.retrofit import shard_weights; shard_weights(sys.argv[1])" "$DEST.partial"
 rm -rf "$DEST" && mv "$DEST.partial" "$DEST"
 echo "bundled model → $DEST ($(du -sh "$DEST" | cut -f1), the base not included); evaluation in $W/eval.json"

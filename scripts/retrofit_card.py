@@ -69,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from retrocli.db import open_db
+    from retrocli.model.retrofit import weight_files
     from retrocli.neighbors import open_neighbors
 
     meta = json.loads((args.model / "retrocli_model.json").read_text())
@@ -84,7 +85,7 @@ def main() -> None:
     knn = json.loads(knn_file.read_text()).get("knn_lm") if knn_file.exists() else None
     db = open_db(args.work / "db")
     counts, embedder = db.manifest["counts"], db.manifest["embedder"]
-    size_mb = (args.model / "model.safetensors").stat().st_size / 1e6
+    size_mb = sum(file.stat().st_size for file in weight_files(args.model)) / 1e6
     excluded = result.get("excluded_near_duplicates") or {}
     ablation = model_card.neighbour_ablation(db, open_neighbors(args.work / "db-neighbors").ids, args.model)
     model_card.PROMPTS = [(doc, start, stop, False) for doc, start, stop, _ in model_card.PROMPTS]

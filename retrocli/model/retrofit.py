@@ -211,6 +211,38 @@ def _save_dequantised(base: nn.Module, directory: Path) -> None:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+SHARD_PATTERN = "model-*-of-*.safetensors"
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards that replace it where one file would be too big to ship in git."""
+    shards = sorted(directory.glob(SHARD_PATTERN))
+    return shards if shards and not (directory / WEIGHTS_NAME).exists() else [directory / WEIGHTS_NAME]
+
+
+def shard_weights(directory: str | os.PathLike, max_bytes: int = 40_000_000) -> None:
+    """Split directory/model.safetensors, if bigger than max_bytes, into shards of at most max_bytes of
+    tensors (whole tensors each)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).stat().st_size <= max_bytes:
+        return
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as weights:
+        metadata = weights.metadata()
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    groups: list[dict] = [{}]
+    for name in sorted(tensors):
+        size = sum(t.numel() * t.element_size() for t in groups[-1].values())
+        if groups[-1] and size + tensors[name].numel() * tensors[name].element_size() > max_bytes:
+            groups.append({})
+        groups[-1][name] = tensors[name]
+    for i, group in enumerate(groups, 1):
+        save_file(group, str(directory / f"model-{i:05d}-of-{len(groups):05d}.safetensors"), metadata=metadata)
+    (directory / WEIGHTS_NAME).unlink()
+
+
 def _freeze(base: nn.Module) -> nn.Module:
     base.requires_grad_(False)
     return base.eval()
@@ -536,10 +568,12 @@ class RetrofitModel(GenerationMixin, nn.Module):
             raise RetroError(f"{path}: was retrofitted on base {info['name']} (sha256 {info['sha256'][:12]}…); "
                              f"{source.name} is another model (sha256 {source.sha256[:12]}…)")
         model = cls(load_base(source), config, info)
-        try:
-            tensors = load_file(str(path / WEIGHTS_NAME))
-        except Exception as err:  # safetensors raises its own error type on a damaged file
-            raise RetroError(f"{path / WEIGHTS_NAME}: unreadable weights ({str(err).splitlines()[0]})") from None
+        tensors = {}
+        for file in weight_files(path):
+            try:
+                tensors.update(load_file(str(file)))
+            except Exception as err:  # safetensors raises its own error type on a damaged file
+                raise RetroError(f"{file}: unreadable weights ({str(err).splitlines()[0]})") from None
         expected = model.new_state_dict()
         if set(tensors) != set(expected) or any(tensors[n].shape != expected[n].shape for n in expected):
             raise RetroError(f"{path / WEIGHTS_NAME}: weights do not match {CONFIG_NAME}")
