@@ -28,10 +28,10 @@ from retrocli.db import (
     SEGMENTS_DIR,
     TOKENIZER_FILE,
     RetroDB,
+    commit_manifest,
     open_db,
     read_manifest,
     stage_status,
-    write_json_atomic,
 )
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
@@ -147,7 +147,7 @@ def add_documents(
                "seconds": round(time.time() - started, 3)}
     manifest["history"] = [*manifest.get("history", []), {"version": version, "op": "add",
                                                           "inputs": wanted_inputs, **summary}]
-    write_json_atomic(db.path / MANIFEST, manifest)  # the commit
+    commit_manifest(db.path, manifest)  # the commit
     return summary
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from retrocli import __version__
+from retrocli.artifacts import check_outside, write_json_atomic
 from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client, run_blocks
 from retrocli.corpus import (
@@ -49,9 +50,7 @@ from retrocli.db import (
     STORE,
     TOKENIZER_FILE,
     RetroDB,
-    check_outside,
     record_stage_arrays,
-    write_json_atomic,
 )
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock

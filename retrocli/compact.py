@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.artifacts import check_outside, write_json_atomic
 from retrocli.chunk import SOURCE_ARRAYS
 from retrocli.db import (
     BUILT_FORMAT_VERSION,
@@ -23,10 +24,8 @@ from retrocli.db import (
     STORE,
     TOKENIZER_FILE,
     RetroDB,
-    check_outside,
     open_db,
     record_stage_arrays,
-    write_json_atomic,
 )
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, index_db

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -41,10 +40,17 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.artifacts import (
+    MANIFEST,
+    check_fields,
+    check_files_record,
+    read_manifest_file,
+    write_json_atomic,
+)
 from retrocli.checksums import CheckedStore, file_sha256, record_arrays
 from retrocli.checksums import check_files as check_recorded_files
 from retrocli.errors import RetroError
-from retrocli.storage import Mirror, committed, worker_mirror
+from retrocli.storage import Mirror, push_synced_copy, worker_mirror
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
@@ -53,7 +59,6 @@ FORMAT_VERSION = 2  # the newest format this retrocli reads
 BUILT_FORMAT_VERSION = 1  # what a build writes: one part, nothing removed
 # A DB with added segments or removed documents: a reader of format 1 would miss both, so it must refuse it.
 LIVING_FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
 STORE = "store.zarr"
 TOKENIZER_FILE = "tokenizer.json"
 # Rows per zarr chunk for per-chunk arrays: a 10M-chunk DB is ~610 files per array, each ~2 MB raw.
@@ -65,44 +70,6 @@ CHUNK_ARRAYS = ("chunks/tokens", "chunks/length", "chunks/doc", "docs/chunk_offs
 EMBED_ARRAYS = ("embeddings",)
 SEGMENTS_DIR = "segments"
 _SEGMENT_PATH = re.compile(r"segments/[0-9]{5}")
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON so a reader (or a kill -9) never sees half a file: temp file, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if err.filename is None:  # a write that failed (full disk) names no file: name the one we meant
-            raise OSError(err.errno, err.strerror, str(path)) from None
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if path.name == MANIFEST:
-        committed(path)  # a DB copied from object storage: the change goes up to the store now
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A report file appears whole or not at all."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)  # never a user's file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def check_same_chunking(db, where: str | os.PathLike, tokenizer_sha256: str, chunk_size: int,
@@ -123,22 +90,17 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise RetroError(f"{path}: no such DB directory")
     if not file.exists():
         raise RetroError(f"{path}: not a retro DB (no {MANIFEST}); build one with `retro chunk`")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RetroError(f"{file}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise RetroError(f"{file}: not a retro DB manifest (field 'format' is not '{FORMAT_NAME}')")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise RetroError(f"{file}: field 'format_version' must be a positive integer, not {version!r}")
-    if version > FORMAT_VERSION:
-        raise RetroError(
-            f"{file}: format_version {version} was written by a newer retrocli "
-            f"(this one reads up to {FORMAT_VERSION}); upgrade retrocli"
-        )
+    manifest = read_manifest_file(file, "manifest", FORMAT_NAME, FORMAT_VERSION,
+                                  not_this_kind="not a retro DB manifest")
     check_manifest_shape(file, manifest)
     return manifest
+
+
+def commit_manifest(db_path: str | os.PathLike, manifest: dict) -> None:
+    """Commit a change to the DB at db_path: the manifest's atomic rename, then, when the DB is the local
+    copy of one on object storage being written here, its upload to the store."""
+    write_json_atomic(Path(db_path) / MANIFEST, manifest)
+    push_synced_copy(db_path)
 
 
 # The manifest's shape, checked once when a DB is opened so that no command meets a wrong type later:
@@ -157,29 +119,6 @@ SEGMENT_SCHEMA = {"path": (str, True), "db_id": (str, True), "manifest_sha256": 
                   "first_doc": _COUNT, "first_chunk": _COUNT, "documents": _COUNT, "chunks": _COUNT,
                   "tokens": _COUNT, "version": _COUNT}
 SHARD_SCHEMA = {"shard": _COUNT, "file": (str, True), "start": _COUNT, "count": _COUNT, "bytes": _COUNT}
-
-
-_KIND_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
-
-
-def check_fields(file: Path, record: dict, schema: dict, where: str = "") -> None:
-    """Raise one line naming the first field of `record` that `schema` (field -> (type, required)) refuses."""
-    for key, (kind, required) in schema.items():
-        name = f"{where}{key}"
-        if key not in record:
-            if required:
-                raise RetroError(f"{file}: field '{name}' is missing")
-            continue
-        value = record[key]
-        if isinstance(kind, dict):
-            if not isinstance(value, dict):
-                raise RetroError(f"{file}: field '{name}' must be an object, not {value!r}")
-            check_fields(file, value, kind, f"{name}.")
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise RetroError(f"{file}: field '{name}' must be {_KIND_NAMES[kind]}, not {value!r}")
-        elif kind is int and value < (1 if key in ("chunk_size", "dim") else 0):
-            raise RetroError(f"{file}: field '{name}' must be {'≥ 1' if key in ('chunk_size', 'dim') else '≥ 0'}, "
-                             f"not {value}")
 
 
 def check_manifest_shape(file: Path, manifest: dict) -> None:
@@ -206,25 +145,6 @@ def check_manifest_shape(file: Path, manifest: dict) -> None:
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < manifest["counts"]["documents"]
                for d in removed):
         raise RetroError(f"{file}: field 'removed.documents' must list document ids of this DB")
-
-
-_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
-
-
-def check_files_record(file: Path, files: object, where: str) -> None:
-    """A stage's record of what it wrote: {array: {relative file: [bytes, sha256]}}, every name a plain
-    relative path (no `..`, nothing absolute), so that checking it never looks outside the store."""
-    if not isinstance(files, dict):
-        raise RetroError(f"{file}: field '{where}' must be an object")
-    for array, entries in files.items():
-        if not _SAFE_NAME.fullmatch(array) or ".." in array.split("/") or not isinstance(entries, dict):
-            raise RetroError(f"{file}: field '{where}' names an unsafe array or has the wrong shape: {array!r}")
-        for relative, entry in entries.items():
-            if not _SAFE_NAME.fullmatch(relative) or ".." in relative.split("/"):
-                raise RetroError(f"{file}: field '{where}.{array}' names an unsafe file: {relative!r}")
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
-                    and not isinstance(entry[0], bool) and entry[0] >= 0 and isinstance(entry[1], str)):
-                raise RetroError(f"{file}: field '{where}.{array}.{relative}' must be [bytes, sha256]")
 
 
 def record_stage_arrays(store: Path, arrays: tuple[str, ...]) -> dict[str, dict[str, list]]:
@@ -258,23 +178,6 @@ def content_id(manifest: dict) -> str:
 
 def stage_status(manifest: dict, stage: str) -> str:
     return manifest.get("stages", {}).get(stage, {}).get("status", "missing")
-
-
-def check_outside(out: str | os.PathLike, protected: str | os.PathLike, option: str, what: str = "the input DB",
-                  may_be_inside: bool = False) -> None:
-    """Refuse, before any work, an output path that is `protected`, lies inside it or contains it. Both
-    sides are resolved first (`..`, symbolic links), so DB/../DB or a link to the DB is caught too.
-    may_be_inside: a new DB may sit inside a corpus directory (it is only read), never replace it."""
-    target, guarded = Path(out).resolve(), Path(protected).resolve()
-    if target == guarded:
-        relation = "is"
-    elif guarded in target.parents and not may_be_inside:
-        relation = "is inside"
-    elif target in guarded.parents:
-        relation = "contains"
-    else:
-        return
-    raise RetroError(f"{option} {out}: {relation} {what} {protected}; choose a path outside it")
 
 
 def remove_db_dir(path: Path) -> None:

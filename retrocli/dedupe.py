@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from retrocli.artifacts import check_outside
 from retrocli.compact import write_filtered_db
-from retrocli.db import RetroDB, check_outside, open_db
+from retrocli.db import RetroDB, open_db
 from retrocli.leakage import LeakageReport, leakage_report
 from retrocli.staging import check_target
 

@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,17 +32,17 @@ import numpy as np
 import torch
 import zarr
 
-from retrocli.cluster import dask_client, run_blocks, run_on_devices, worker_device
+from retrocli.block_stage import BlockStage
+from retrocli.cluster import dask_client, run_on_devices, worker_device
 from retrocli.db import (
     EMBED_ARRAYS,
-    MANIFEST,
     STORE,
     RetroDB,
+    commit_manifest,
     open_db,
     open_task_db,
     record_stage_arrays,
     stage_status,
-    write_json_atomic,
 )
 from retrocli.device import native_bf16, resolve_device, resolve_devices, resolve_precision
 from retrocli.errors import RetroError
@@ -412,55 +411,43 @@ def embed_db(
             )
         block_size = int(state["block_size"])
         zarr.open_array(store_path, path="embeddings", mode="r")  # fails clearly if it vanished
-        done = set(state.get("done_blocks", []))
     else:
         root = zarr.open_group(store_path, mode="r+")
         root.create_array(
             "embeddings", shape=(n, model.info.dim), dtype=np.float16,
             chunks=(min(block_size, max(n, 1)), model.info.dim), fill_value=0, overwrite=True,
         )
-        done = set()
         manifest["embedder"] = model.info.as_dict()
         state = {"status": "running", "block_size": block_size, "done_blocks": []}
         manifest.setdefault("stages", {})["embed"] = state
-        write_json_atomic(db.path / MANIFEST, manifest)
+        commit_manifest(db.path, manifest)
 
-    num_blocks = -(-n // block_size)
-    todo = [b for b in range(num_blocks) if b not in done]
-    task = progress.start("embed", total=n, unit="chunks", completed=n - sum(
-        min(block_size, n - b * block_size) for b in todo))
-    started = time.time()
+    stage = BlockStage("embed", state, lambda: commit_manifest(db.path, manifest), n, block_size, "chunks")
+
+    def fetch_uploads(result: tuple) -> None:  # what a worker uploaded to the DB's store, into this copy
+        if result[2]:
+            adopt_uploaded(db.path, result[2])
+
+    def record_files(record: dict) -> None:
+        record["files"] = record_stage_arrays(db.path / STORE, EMBED_ARRAYS)
+
     with dask_client(dask) as client:
         # In this process the bar advances per BERT batch (a DB smaller than one block still shows progress
         # and an ETA); on Dask or worker processes, per finished block.
-        per_block = client is not None or worker_devices is not None
         if worker_devices:
-            args = (str(db.path), embedder, precision, batch_size, None, block_size, model.info.sha256, None, None)
-            blocks = run_on_devices([str(d) for d in worker_devices], "embed", embed_block, args, todo, max_blocks,
-                                    threads)
+            args = (str(db.path), embedder, precision, batch_size, None, block_size, model.info.sha256, None)
+            stage.run(embed_block, args, progress, max_blocks=max_blocks, reports_progress=True,
+                      execute=lambda todo, args: run_on_devices([str(d) for d in worker_devices], "embed",
+                                                                embed_block, args, todo, None, threads),
+                      finish=record_files)
         else:
             # a DB URL goes to the workers as (URL, cache dir): each reads its tokens from the store and
             # uploads its block, and this process fetches the block before committing it
             args = (str(db.path) if client is None else task_location(db.path), embedder, precision, batch_size,
                     threads if client is None else threads or 1, block_size, model.info.sha256,
-                    str(local_device) if client is None else device, task if client is None else None)
-            blocks = run_blocks(client, "embed", embed_block, args, todo, max_blocks)
-        for block, count, uploaded in blocks:
-            if uploaded:
-                adopt_uploaded(db.path, uploaded)
-            done.add(block)
-            state["done_blocks"] = sorted(done)
-            write_json_atomic(db.path / MANIFEST, manifest)
-            if per_block:
-                task.advance(count)
-    if len(done) < num_blocks:  # stopped early by max_blocks
-        return open_db(path)
-    state["status"] = "complete"
-    state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
-    del state["done_blocks"]
-    state["files"] = record_stage_arrays(db.path / STORE, EMBED_ARRAYS)
-    write_json_atomic(db.path / MANIFEST, manifest)
-    task.finish()
+                    str(local_device) if client is None else device)
+            stage.run(embed_block, args, progress, client, max_blocks, reports_progress=True,
+                      on_result=fetch_uploads, finish=record_files)
     return open_db(path)
 
 

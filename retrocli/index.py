@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import hnswlib
 import numpy as np
 
+from retrocli.block_stage import BlockStage
 from retrocli.checksums import file_sha256
-from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import MANIFEST, RetroDB, open_db, open_task_db, read_manifest, write_json_atomic
+from retrocli.cluster import dask_client
+from retrocli.db import MANIFEST, RetroDB, commit_manifest, open_db, open_task_db, read_manifest
 from retrocli.embed import load_embeddings
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
@@ -75,15 +75,11 @@ def index_db(
         manifest["index"] = recorded
         state = {"status": "running"}
         manifest.setdefault("stages", {})["index"] = state
-        write_json_atomic(db.path / MANIFEST, manifest)
-    num_shards = max(1, -(-n // options.shard_size))
-    done = {s["shard"] for s in recorded["shards"]}
-    task = progress.start("index", total=n, unit="vectors",
-                          completed=sum(s["count"] for s in recorded["shards"]))
-    started = time.time()
-    todo = [shard for shard in range(num_shards) if shard not in done]
+        commit_manifest(db.path, manifest)
     for leftover in index_dir.glob("*.partial"):  # from a build (or a worker) killed while saving
         leftover.unlink()
+    stage = BlockStage("index", state, lambda: commit_manifest(db.path, manifest), n, options.shard_size,
+                       "vectors", shard_records=recorded["shards"], min_blocks=1)
     with dask_client(dask) as client:
         # One thread by default: hnswlib's graph then depends only on the vectors, their order and --seed,
         # so a rebuild is byte-identical. More threads insert concurrently, and the graph (hence a few
@@ -95,19 +91,8 @@ def index_db(
         args = (location, options.space, dim, options.M, options.ef_construction, options.shard_size,
                 options.seed, threads)
         # Locally, progress advances per added block; on Dask, per finished shard.
-        local_task = task if client is None else None
-        for record in run_blocks(client, "index", build_shard, (*args, local_task), todo):
-            if not isinstance(location, str):
-                adopt_uploaded(db.path, [record["file"]])
-            recorded["shards"].append(record)
-            recorded["shards"].sort(key=lambda s: s["shard"])
-            write_json_atomic(db.path / MANIFEST, manifest)
-            if client is not None:
-                task.advance(record["count"])
-    state["status"] = "complete"
-    state["seconds"] = round(state.get("seconds", 0) + time.time() - started, 3)
-    write_json_atomic(db.path / MANIFEST, manifest)
-    task.finish()
+        fetch = None if isinstance(location, str) else lambda record: adopt_uploaded(db.path, [record["file"]])
+        stage.run(build_shard, args, progress, client, reports_progress=True, on_result=fetch)
     return open_db(path)
 
 
@@ -339,5 +324,5 @@ def remove_index(db_path: Path) -> None:
     manifest = read_manifest(db_path)
     manifest.pop("index", None)
     manifest.get("stages", {}).pop("index", None)
-    write_json_atomic(db_path / MANIFEST, manifest)
+    commit_manifest(db_path, manifest)
     shutil.rmtree(db_path / INDEX_DIR, ignore_errors=True)

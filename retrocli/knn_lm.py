@@ -35,6 +35,8 @@ import torch
 import zarr
 
 from retrocli import __version__
+from retrocli.artifacts import check_fields, check_files_record, check_outside, read_manifest_file, write_json_atomic
+from retrocli.block_stage import BlockStage
 from retrocli.checksums import (
     CheckedStore,
     check_files,
@@ -43,19 +45,8 @@ from retrocli.checksums import (
     groups_of,
     record_arrays,
 )
-from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import (
-    DATASTORE_FORMAT,
-    MANIFEST,
-    SHARD_SCHEMA,
-    STORE,
-    RetroDB,
-    check_fields,
-    check_files_record,
-    check_outside,
-    open_db,
-    write_json_atomic,
-)
+from retrocli.cluster import dask_client
+from retrocli.db import DATASTORE_FORMAT, MANIFEST, SHARD_SCHEMA, STORE, RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.index import check_saved_shard, checked_shard_file, merge_top_k
@@ -173,15 +164,8 @@ def read_datastore_manifest(out: Path, check_shape: bool = True) -> dict | None:
     file = out / MANIFEST
     if not file.exists():
         return None
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise RetroError(f"{file}: unreadable datastore manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DATASTORE_FORMAT:
-        raise RetroError(f"{file}: not a kNN-LM datastore (field 'format' is not {DATASTORE_FORMAT!r})")
-    if manifest.get("format_version") != DATASTORE_VERSION:
-        raise RetroError(f"{file}: datastore format {manifest.get('format_version')!r}; this retrocli reads "
-                         f"{DATASTORE_VERSION}")
+    manifest = read_manifest_file(file, "datastore manifest", DATASTORE_FORMAT, DATASTORE_VERSION,
+                                  not_this_kind="not a kNN-LM datastore")
     if check_shape:
         check_datastore_manifest(file, manifest)
     return manifest
@@ -320,29 +304,12 @@ def _describes(out: Path, manifest: dict, identity: dict, db_identity: dict, opt
 
 def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOptions, progress, client,
                   device: str, max_blocks: int | None) -> bool:
-    state = manifest["stages"]["keys"]
-    n, block_size = manifest["counts"]["keys"], options.block_size
-    num_blocks = -(-n // block_size)
-    done = set(state["done_blocks"])
-    todo = [b for b in range(num_blocks) if b not in done]
-    task = progress.start("knn keys", total=n, unit="keys",
-                          completed=n - sum(min(block_size, n - b * block_size) for b in todo))
-    started = time.time()
-    args = (str(db.path), str(resolve_model(model_dir)), str(out), block_size, options.windows_per_batch,
+    stage = BlockStage("knn keys", manifest["stages"]["keys"], lambda: write_json_atomic(out / MANIFEST, manifest),
+                       manifest["counts"]["keys"], options.block_size, "keys")
+    args = (str(db.path), str(resolve_model(model_dir)), str(out), options.block_size, options.windows_per_batch,
             options.threads if client is None else options.threads or 1, device if client is None else "auto")
-    for block, count in run_blocks(client, "knn-keys", key_block, args, todo, max_blocks):
-        done.add(block)
-        state["done_blocks"] = sorted(done)
-        write_json_atomic(out / MANIFEST, manifest)
-        task.advance(count)
-    if len(done) < num_blocks:
-        return False
-    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3),
-                 files=record_arrays(out / STORE, list(DATASTORE_ARRAYS)))
-    del state["done_blocks"]
-    write_json_atomic(out / MANIFEST, manifest)
-    task.finish()
-    return True
+    return stage.run(key_block, args, progress, client, max_blocks,
+                     finish=lambda record: record.update(files=record_arrays(out / STORE, list(DATASTORE_ARRAYS))))
 
 
 _TASK_STATE: dict[tuple, tuple] = {}  # in a worker: (DB, model) -> (db, model, plan), loaded once
@@ -402,25 +369,15 @@ def _build_index(out: Path, manifest: dict, options: DatastoreOptions, progress,
     if state["status"] != "running":
         state.update(status="running", shards=[])
         write_json_atomic(out / MANIFEST, manifest)
-    n, d = manifest["counts"]["keys"], manifest["counts"]["dim"]
-    num_shards = -(-n // options.shard_size)
-    done = {s["shard"] for s in state["shards"]}
     (out / INDEX_DIR).mkdir(exist_ok=True)
     for leftover in (out / INDEX_DIR).glob("*.partial"):
         leftover.unlink()
-    task = progress.start("knn index", total=n, unit="keys", completed=sum(s["count"] for s in state["shards"]))
-    started = time.time()
+    n, d = manifest["counts"]["keys"], manifest["counts"]["dim"]
+    stage = BlockStage("knn index", state, lambda: write_json_atomic(out / MANIFEST, manifest), n,
+                       options.shard_size, "keys", shard_records=state["shards"])
     args = (str(out), d, options.shard_size, options.M, options.ef_construction, options.seed, options.threads or 1)
-    for record in run_blocks(client, "knn-index", build_key_shard, args,
-                             [s for s in range(num_shards) if s not in done]):
-        state["shards"].append(record)
-        state["shards"].sort(key=lambda s: s["shard"])
-        write_json_atomic(out / MANIFEST, manifest)
-        task.advance(record["count"])
-    state["temperature_scale"] = _distance_scale(out, d, state["shards"])
-    state.update(status="complete", seconds=round(state.get("seconds", 0) + time.time() - started, 3))
-    write_json_atomic(out / MANIFEST, manifest)
-    task.finish()
+    stage.run(build_key_shard, args, progress, client,
+              finish=lambda record: record.update(temperature_scale=_distance_scale(out, d, record["shards"])))
 
 
 SCALE_SAMPLE = 2048

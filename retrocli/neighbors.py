@@ -9,7 +9,6 @@ what RETRO training reads (with --exclude-same-doc, the paper's rule).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -23,21 +22,12 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.artifacts import check_files_record, check_outside, read_manifest_file, write_json_atomic
+from retrocli.block_stage import BlockStage
 from retrocli.checksums import CheckedStore, record_arrays
 from retrocli.chunk import ChunkOptions, chunk_corpus
-from retrocli.cluster import dask_client, run_blocks
-from retrocli.db import (
-    MANIFEST,
-    STORE,
-    RetroDB,
-    check_fields,
-    check_files_record,
-    check_outside,
-    check_same_chunking,
-    open_db,
-    read_manifest,
-    write_json_atomic,
-)
+from retrocli.cluster import dask_client
+from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest
 from retrocli.embed import db_embedder, embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -357,34 +347,18 @@ def batch_neighbors(
         write_json_atomic(manifest_file, manifest)
     if dask is None:
         _cached_index(str(db.path), ef)  # load and check the shards before the first block
-    done = set(manifest["done_blocks"])
-    num_blocks = -(-n // block_size)
-    todo = [b for b in range(num_blocks) if b not in done]
-    task = progress.start("neighbors", total=n, unit="chunks",
-                          completed=n - sum(min(block_size, n - b * block_size) for b in todo))
-    started = time.time()
+    stage = BlockStage("neighbors", manifest, lambda: write_json_atomic(manifest_file, manifest), n, block_size,
+                       "chunks")
     with dask_client(dask) as client:
-        todo = todo[:max_blocks] if max_blocks is not None else todo
-        if client is None:
-            args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
-            blocks = run_blocks(None, "neighbors", search_block, args, todo)
-        else:  # each shard stays on the workers that own it; this process merges and writes
+        args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
+        execute = None
+        if client is not None:  # each shard stays on the workers that own it; this process merges and writes
             owners = OwnedShards(client, db, ef, replicas)
-            blocks = _search_blocks_threaded(owners, db, queries, str(store), candidates, exclude_same_doc,
-                                             block_size, todo, in_flight=2 * len(owners.placement()) + 2)
-        for block, count in blocks:
-            done.add(block)
-            manifest["done_blocks"] = sorted(done)
-            write_json_atomic(manifest_file, manifest)
-            task.advance(count)
-    if len(done) < num_blocks:  # stopped early by max_blocks
-        return out
-    manifest["status"] = "complete"
-    manifest["seconds"] = round(manifest.get("seconds", 0) + time.time() - started, 3)
-    manifest.pop("done_blocks", None)
-    manifest["files"] = record_arrays(store, list(NEIGHBOR_ARRAYS))
-    write_json_atomic(manifest_file, manifest)
-    task.finish()
+            execute = lambda todo, _args: _search_blocks_threaded(  # noqa: E731
+                owners, db, queries, str(store), candidates, exclude_same_doc, block_size, todo,
+                in_flight=2 * len(owners.placement()) + 2)
+        stage.run(search_block, args, progress, max_blocks=max_blocks, execute=execute,
+                  finish=lambda record: record.update(files=record_arrays(store, list(NEIGHBOR_ARRAYS))))
     return out
 
 
@@ -550,15 +524,9 @@ def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
 
 def read_neighbors_manifest(path: Path) -> dict:
     file = path / MANIFEST
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RetroError(f"{file}: unreadable neighbours manifest ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != NEIGHBORS_FORMAT:
-        raise RetroError(f"{file}: not a neighbours directory (format is not '{NEIGHBORS_FORMAT}')")
-    if manifest.get("format_version", 0) > NEIGHBORS_VERSION:
-        raise RetroError(f"{file}: written by a newer retrocli; upgrade")
-    check_fields(file, manifest, {"status": (str, True), "settings": (dict, True), "files": (dict, False)})
+    manifest = read_manifest_file(file, "neighbours manifest", NEIGHBORS_FORMAT, NEIGHBORS_VERSION,
+                                  {"status": (str, True), "settings": (dict, True), "files": (dict, False)},
+                                  not_this_kind="not a neighbours directory")
     if manifest["status"] not in ("running", "complete"):
         raise RetroError(f"{file}: field 'status' must be running or complete, not {manifest['status']!r}")
     return manifest

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from retrocli.db import LIVING_FORMAT_VERSION, MANIFEST, RetroDB, open_db, write_json_atomic
+from retrocli.db import LIVING_FORMAT_VERSION, RetroDB, commit_manifest, open_db
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 
@@ -59,6 +59,6 @@ def remove_documents(path: str | os.PathLike, sources: list[str] = (), docs: lis
         summary["version"] = manifest["version"]
         manifest["history"] = [*manifest.get("history", []), {
             "version": manifest["version"], "op": "remove", "documents": new, "at": round(time.time(), 3)}]
-        write_json_atomic(db.path / MANIFEST, manifest)  # the commit
+        commit_manifest(db.path, manifest)  # the commit
     summary["removed_chunks"] = int(np.isin(db.chunk_doc, removed).sum())
     return summary

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrocli.db import RetroDB, check_fields
+from retrocli.artifacts import check_fields
+from retrocli.db import RetroDB
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from retrocli.db import MANIFEST, remove_db_dir, write_json_atomic
+from retrocli.artifacts import write_json_atomic
+from retrocli.db import MANIFEST, remove_db_dir
 from retrocli.errors import RetroError
 
 SUFFIX = ".retro-partial"

@@ -509,7 +509,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# Local copies being written: each manifest write under one of them is committed to its store at once.
+# Local copies being written: each change committed under one of them goes up to its store at once.
 _SYNCED: dict[Path, Mirror] = {}
 
 
@@ -518,9 +518,10 @@ def is_synced_copy(path: str | os.PathLike) -> bool:
     return Path(os.path.abspath(path)) in _SYNCED
 
 
-def committed(manifest_file: Path) -> None:
-    """Called after every atomic manifest write: push the DB to its store when it is a synced copy."""
-    mirror = _SYNCED.get(Path(os.path.abspath(manifest_file)).parent)
+def push_synced_copy(db_path: str | os.PathLike) -> None:
+    """Upload a committed change of the DB at db_path to its store, when it is the local copy of a DB on
+    object storage being written here (under the store's lock); nothing for a local DB."""
+    mirror = _SYNCED.get(Path(os.path.abspath(db_path)))
     if mirror is not None:
         mirror.push()
 
@@ -580,8 +581,8 @@ def adopt_uploaded(path: str | os.PathLike, relatives: list[str]) -> None:
 def local_db(location: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
              write: str | None = None) -> Iterator[Path]:
     """The local path to work on for a DB location. For a URL: its pulled mirror; with `write` (the
-    command, for the lock) the store's writer lock is held and every manifest write is committed to the
-    store, and a last push runs when the body ends (also after an error: what finished is kept)."""
+    command, for the lock) the store's writer lock is held and every change committed (db.commit_manifest)
+    goes up to the store, and a last push runs when the body ends (also after an error: what finished is kept)."""
     text = as_location(location)
     if not is_url(text):
         yield Path(text)

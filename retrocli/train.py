@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from retrocli import distributed
-from retrocli.db import RetroDB, check_outside, open_db
+from retrocli.artifacts import check_outside
+from retrocli.db import RetroDB, open_db
 from retrocli.device import peak_flops, resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel

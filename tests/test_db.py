@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from retrocli.artifacts import write_json_atomic
 from retrocli.chunk import chunk_corpus
-from retrocli.db import check_same_chunking, open_db, read_manifest, write_json_atomic
+from retrocli.db import check_same_chunking, open_db, read_manifest
 from retrocli.errors import RetroError
 from retrocli.options import ChunkOptions
 from retrocli.tokenizer import BPE_8K_NAME
@@ -60,7 +61,7 @@ def test_read_manifest_refuses_a_directory_that_is_not_a_db(tmp_path):
 
 
 def test_an_atomic_report_write_never_touches_a_users_file_beside_it(tmp_path):
-    from retrocli.db import write_text_atomic
+    from retrocli.artifacts import write_text_atomic
 
     users = tmp_path / ".report.html.partial"  # the temp name an older retrocli used
     users.write_text("mine")

@@ -15,8 +15,8 @@ PACKAGE = REPO / "retrocli"
 # Lower rank = lower layer. A module may import its own rank or below, never above.
 LAYERS = [
     ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock",
-     "retrocli.device", "retrocli.distributed", "retrocli.storage"],
-    ["retrocli.checksums", "retrocli.cluster", "retrocli.corpus", "retrocli.tokenizer"],
+     "retrocli.device", "retrocli.distributed", "retrocli.storage", "retrocli.artifacts"],
+    ["retrocli.checksums", "retrocli.cluster", "retrocli.block_stage", "retrocli.corpus", "retrocli.tokenizer"],
     ["retrocli.db", "retrocli"],
     ["retrocli.staging"],
     ["retrocli.chunk", "retrocli.embed"],

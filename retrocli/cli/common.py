@@ -201,7 +201,7 @@ def cluster(dask: str | None):
 
 
 def write_text(path: Path, text: str) -> None:
-    from retrocli.db import write_text_atomic  # lazy: see cli/__init__.py
+    from retrocli.artifacts import write_text_atomic  # lazy: see cli/__init__.py
 
     try:
         write_text_atomic(path, text)

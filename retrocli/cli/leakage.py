@@ -154,7 +154,7 @@ def leakage_report_cmd(
     cache_dir: CacheDir = None,
 ):
     """How much of a test set is already in the DB: chunk overlap r(C) (§2.6) and near-duplicate documents (§2.1)."""
-    from retrocli.db import check_outside
+    from retrocli.artifacts import check_outside
     from retrocli.leakage import leakage_report
     from retrocli.leakage_html import render_html
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from retrocli.artifacts import read_manifest_file, write_json_atomic
 from retrocli.assets import asset_path
-from retrocli.db import RetroDB, check_fields, check_same_chunking, write_json_atomic
+from retrocli.db import RetroDB, check_same_chunking
 from retrocli.errors import RetroError
 from retrocli.model.retro import RetroModel
 from retrocli.model.retrofit import RetrofitModel, is_retrofit
@@ -68,13 +69,7 @@ def load_model(model_dir: str | os.PathLike | None, db: RetroDB, base: str | os.
     meta_file = path / MODEL_META
     if not meta_file.exists():
         raise RetroError(f"{path}: not a retro model directory (no {MODEL_META})")
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise RetroError(f"{meta_file}: unreadable model metadata ({err})") from None
-    if not isinstance(meta, dict):
-        raise RetroError(f"{meta_file}: model metadata must be a JSON object")
-    check_fields(meta_file, meta, MODEL_META_SCHEMA)
+    meta = read_manifest_file(meta_file, "model metadata", schema=MODEL_META_SCHEMA)
     check_same_chunking(db, path, meta["tokenizer_sha256"], meta["chunk_size"], subject="model ")
     return load_saved_model(path, base=base).eval(), meta
 
