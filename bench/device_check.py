@@ -99,7 +99,7 @@ def main() -> int:
     same = sum(x == y for x, y in zip(tokens["cpu"], tokens[str(device)]))
     report("greedy generation on the device vs the CPU (fp32)", tokens["cpu"] == tokens[str(device)],
            f"{same} of {len(tokens['cpu'])} tokens equal")
-    from retrocli.neighbors import batch_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
     from retrocli.options import TrainOptions
     from retrocli.train import train
 

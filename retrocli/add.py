@@ -33,7 +33,7 @@ from retrocli.db import (
     read_manifest,
     stage_status,
 )
-from retrocli.embed import embed_db
+from retrocli.embed import embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock
@@ -209,8 +209,8 @@ def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progr
                 raise RuntimeError("not built yet")
             check_saved_shard(final, space, dim, stop - start)  # whole: kept from an interrupted add
         except (OSError, RuntimeError):
-            write_shard(segment, start, stop, first_chunk, final, space, dim, params["M"], params["ef_construction"],
-                        params.get("seed", 100), 1)
+            write_shard(lambda a, b: load_embeddings(segment, a, b), start, stop, first_chunk, final, space, dim,
+                        params["M"], params["ef_construction"], params.get("seed", 100), 1)
         task.advance(stop - start)
         records.append(shard_record(next_shard + i, final, f"{relative}/{INDEX_DIR}/{final.name}",
                                     first_chunk + start, stop - start))

@@ -54,7 +54,7 @@ from retrocli.storage import Mirror, push_synced_copy, worker_mirror
 from retrocli.tokenizer import text_sha256, tokenizer_from_json
 
 FORMAT_NAME = "retrocli-db"
-DATASTORE_FORMAT = "retrocli-knn-datastore"  # a kNN-LM datastore (retrocli.knn_lm), told apart by `retro verify`
+DATASTORE_FORMAT = "retrocli-knn-datastore"  # a kNN-LM datastore (retrocli.datastore), told apart by `retro verify`
 FORMAT_VERSION = 2  # the newest format this retrocli reads
 BUILT_FORMAT_VERSION = 1  # what a build writes: one part, nothing removed
 # A DB with added segments or removed documents: a reader of format 1 would miss both, so it must refuse it.

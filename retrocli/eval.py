@@ -18,19 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrocli.batch_neighbors import CANDIDATES_PER_K, neighbors_of_inputs
+from retrocli.datastore import Datastore, FinalHidden
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
-from retrocli.knn_lm import (
-    Datastore,
-    FinalHidden,
-    Interpolation,
-    is_dev_document,
-    tune_interpolation,
-)
+from retrocli.knn_lm import Interpolation, is_dev_document, tune_interpolation
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
-from retrocli.neighbors import CANDIDATES_PER_K, neighbors_of_inputs
 from retrocli.options import (
     DEFAULT_ALPHA,
     DEFAULT_EVAL_BATCH,

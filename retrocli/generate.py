@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrocli.datastore import Datastore, FinalHidden
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
-from retrocli.knn_lm import Datastore, FinalHidden, knn_distribution
+from retrocli.knn_lm import knn_distribution
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
     DEFAULT_EF_SEARCH,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import hnswlib
@@ -30,10 +30,6 @@ from retrocli.storage import adopt_uploaded, task_location
 SPACES = ("l2", "ip", "cosine")
 INDEX_DIR = "index"
 ADD_BLOCK = 16384
-
-
-def _shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.hnsw"
 
 
 @holds_writer_lock("retro index", "path")
@@ -106,9 +102,10 @@ def build_shard(
     start = shard * shard_size
     db, mirror = open_task_db(location, "embeddings", start, start + shard_size)
     stop = min(db.num_chunks, start + shard_size)
-    final = db.path / INDEX_DIR / _shard_name(shard)
+    final = db.path / INDEX_DIR / shard_name(shard)
     final.parent.mkdir(exist_ok=True)
-    write_shard(db, start, stop, 0, final, space, dim, M, ef_construction, seed, threads, task)
+    write_shard(lambda a, b: load_embeddings(db, a, b), start, stop, 0, final, space, dim, M, ef_construction,
+                seed, threads, task)
     relative = f"{INDEX_DIR}/{final.name}"
     if mirror is not None:
         mirror.upload([relative])
@@ -116,16 +113,17 @@ def build_shard(
 
 
 def write_shard(
-    db: RetroDB, start: int, stop: int, first_label: int, final: Path, space: str, dim: int, M: int,
-    ef_construction: int, seed: int, threads: int, task=None,
+    read_vectors: Callable[[int, int], np.ndarray], start: int, stop: int, first_label: int, final: Path, space: str,
+    dim: int, M: int, ef_construction: int, seed: int, threads: int, task=None,
 ) -> None:
-    """An HNSW shard of db's vectors [start, stop), labelled first_label + row, written to `final` via a
-    temp name and checked whole before the rename."""
+    """An HNSW shard of vectors [start, stop) (read_vectors(a, b) gives rows [a, b) as float32), labelled
+    first_label + row, written to `final` via a temp name and checked whole before the rename. The DB's
+    index, an added segment's and a kNN-LM datastore's shards are all written here."""
     index = hnswlib.Index(space=space, dim=dim)
     index.init_index(max_elements=max(stop - start, 1), M=M, ef_construction=ef_construction, random_seed=seed)
     for block in range(start, stop, ADD_BLOCK):
         block_stop = min(stop, block + ADD_BLOCK)
-        index.add_items(load_embeddings(db, block, block_stop), np.arange(block, block_stop) + first_label,
+        index.add_items(read_vectors(block, block_stop), np.arange(block, block_stop) + first_label,
                         num_threads=threads)
         if task is not None:
             task.advance(block_stop - block)
@@ -133,6 +131,10 @@ def write_shard(
     index.save_index(str(tmp))
     check_saved_shard(tmp, space, dim, stop - start)
     os.replace(tmp, final)
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.hnsw"
 
 
 def shard_record(shard: int, final: Path, relative: str, start: int, count: int) -> dict:

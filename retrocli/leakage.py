@@ -15,13 +15,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from retrocli.batch_neighbors import CANDIDATES_PER_K, neighbors_of_inputs
 from retrocli.db import RetroDB, open_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.eval import bpb_summary, chunk_losses
 from retrocli.model.checkpoint import load_model
 from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
-from retrocli.neighbors import CANDIDATES_PER_K, check_k, neighbors_of_inputs
+from retrocli.neighbors import check_k
 from retrocli.options import (
     DEFAULT_ALPHA,
     DEFAULT_EF_SEARCH,

@@ -130,6 +130,19 @@ class IndexOptions:
     threads: int | None = None
 
 
+@dataclass
+class DatastoreOptions:
+    """`retro knn-datastore`: how the keys are computed and indexed."""
+
+    block_size: int = DEFAULT_KNN_BLOCK
+    shard_size: int = DEFAULT_KNN_SHARD
+    M: int = DEFAULT_KNN_M
+    ef_construction: int = DEFAULT_KNN_EF_CONSTRUCTION
+    seed: int = DEFAULT_KNN_SEED
+    windows_per_batch: int = DEFAULT_KNN_WINDOWS
+    threads: int | None = None  # torch threads for keys, hnswlib threads per shard (default: 1 per shard)
+
+
 WINDOW_EXCLUSIONS = ("all", "later")  # --window-exclusion: see TrainingData.window_neighbors
 
 

@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from retrocli.batch_neighbors import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
 from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, content_id, read_manifest
 from retrocli.errors import RetroError
 from retrocli.index import check_shard_coverage, checked_shard_file
-from retrocli.neighbors import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.progress import NullProgress, Progress
 
 
@@ -88,7 +88,7 @@ def record_bytes(files: dict) -> int:
 
 def verify_path(path: str | os.PathLike, progress: Progress | None = None) -> VerifyResult:
     """`retro verify PATH` for a DB or batch neighbours, told apart by their manifest's format (a kNN-LM
-    datastore: retrocli.knn_lm.verify_datastore; `artefact_format` tells which)."""
+    datastore: retrocli.datastore.verify_datastore; `artefact_format` tells which)."""
     if artefact_format(path) == NEIGHBORS_FORMAT:
         return verify_neighbors(path, progress)
     return verify_db(path, progress)  # says what is wrong with anything else

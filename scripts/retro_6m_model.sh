@@ -22,7 +22,7 @@ SEQ_LEN=${SEQ_LEN:-512}
 PRECISION=${PRECISION:-auto}  # auto: bf16 where the CPU has it natively, else fp32
 BASE_K=${BASE_K:-2}   # the base decoder learns little from its neighbours (see the card): k = 2 keeps it fast
 COPY_K=${COPY_K:-4}   # the copy-head fine-tune is where retrieval is learned: 4 neighbours beat 2 (docs/benchmarks.md)
-BASE_FOCUS=${BASE_FOCUS:-0}     # --retrieval-focus costs the base decoder LM quality and teaches it nothing (docs/cli.md)
+BASE_FOCUS=${BASE_FOCUS:-0}     # --retrieval-focus costs the base decoder LM quality and teaches it nothing (docs/guide.md#teaching-a-small-model-to-read-its-neighbours)
 COPY_FOCUS=${COPY_FOCUS:-0.5}  # the copy head learns to read its neighbours on those windows
 COPY_EXCLUSION=${COPY_EXCLUSION:-all}  # --window-exclusion of the fine-tune (docs/data-rules.md)
 COPY_CURRICULUM=${COPY_CURRICULUM:-0}  # share of chunks whose first neighbour is a damaged copy of their own text

@@ -207,7 +207,7 @@ def planted(tmp_path_factory, tiny_db):
 @pytest.fixture(scope="session")
 def self_neighbors(tiny_db, tmp_path_factory):
     """Batch neighbours of tiny_db against itself, k=2, --exclude-same-doc: what training reads."""
-    from retrocli.neighbors import batch_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
 
     return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
 

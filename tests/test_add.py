@@ -200,7 +200,7 @@ def test_a_segment_that_was_tampered_with_is_refused(db_a, parts):
 
 
 def test_stale_neighbours_are_refused_for_training(db_a, parts, tmp_path):
-    from retrocli.neighbors import batch_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
     from retrocli.train import TrainOptions, train
 
     nb = batch_neighbors(db_a, [db_a], tmp_path / "nb", k=2, exclude_same_doc=True)
@@ -212,7 +212,7 @@ def test_stale_neighbours_are_refused_for_training(db_a, parts, tmp_path):
 
 
 def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_a, parts, tmp_path, cli):
-    from retrocli.neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
     from retrocli.remove import remove_documents
 
     args = dict(k=2, exclude_same_doc=True, ef=512)  # ef above the DB's size: the search is exact

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zarr
 
+from retrocli.batch_neighbors import batch_neighbors, open_neighbors
 from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db, read_manifest
@@ -22,7 +23,6 @@ from retrocli.embed import embed_db, load_embeddings
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, ShardedIndex
 from retrocli.leakage import leakage_report
-from retrocli.neighbors import batch_neighbors, open_neighbors
 from retrocli.progress import NullProgress
 from retrocli.staging import staging_path
 

@@ -576,8 +576,8 @@ def test_deduped_and_query_dbs_record_their_files_too(tiny_db, planted, tmp_path
 
 
 def test_damaged_or_moved_batch_neighbours_are_refused(tiny_db, planted, tmp_path, cli):
+    from retrocli.batch_neighbors import open_neighbors, query_db_of
     from retrocli.errors import RetroError
-    from retrocli.neighbors import open_neighbors, query_db_of
 
     nb = tmp_path / "nb"
     assert cli("neighbors", tiny_db, "--input", planted, "--out", nb).exit_code == 0

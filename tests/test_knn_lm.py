@@ -12,20 +12,12 @@ import pytest
 import torch
 import zarr
 
+from retrocli.datastore import Datastore, FinalHidden
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.knn_lm import (
-    Datastore,
-    DatastoreOptions,
-    FinalHidden,
-    Interpolation,
-    build_datastore,
-    knn_distribution,
-    knn_target_probs,
-    mixed_bits,
-    plan_keys,
-    tune_interpolation,
-)
+from retrocli.knn_datastore import build_datastore, plan_keys
+from retrocli.knn_lm import Interpolation, knn_distribution, knn_target_probs, mixed_bits, tune_interpolation
+from retrocli.options import DatastoreOptions
 
 SMALL = DatastoreOptions(block_size=1000, shard_size=2500, threads=1)
 

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from helpers import tree_snapshot
 
+from retrocli.batch_neighbors import batch_neighbors, open_neighbors
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
+from retrocli.neighbors import query_neighbors
 
 
 def test_query_returns_db_text_with_its_continuation(tiny_db):

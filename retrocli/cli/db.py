@@ -156,7 +156,7 @@ def verify(db: Annotated[Path, typer.Argument(help="DB directory or URL, a kNN-L
 
     with local_db(db, cache_dir) as path, progress_display(enabled=not json_output) as progress:
         if artefact_format(path) == DATASTORE_FORMAT:
-            from retrocli.knn_lm import verify_datastore  # only then: it imports torch
+            from retrocli.datastore import verify_datastore  # only then: it imports torch
 
             result = verify_datastore(path, progress=progress)
         else:

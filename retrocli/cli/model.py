@@ -363,7 +363,9 @@ def knn_datastore(
     """Build a kNN-LM datastore: for every DB token, the model's hidden state before it (key) and the token
     (value), fp16 keys in zarr and an HNSW index over them."""
     from retrocli.cli.common import cluster
-    from retrocli.knn_lm import Datastore, DatastoreOptions, build_datastore
+    from retrocli.datastore import Datastore
+    from retrocli.knn_datastore import build_datastore
+    from retrocli.options import DatastoreOptions
 
     options = DatastoreOptions(block_size=block_size, shard_size=shard_size, M=hnsw_m, ef_construction=ef_construction,
                                seed=seed, windows_per_batch=windows, threads=threads)

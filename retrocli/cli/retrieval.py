@@ -65,9 +65,10 @@ def neighbors(
 
     Batch mode writes the k neighbours of every chunk of a DB or corpus to zarr (what training reads).
     """
+    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
     from retrocli.db import open_db
     from retrocli.embed import check_embedder_matches
-    from retrocli.neighbors import batch_neighbors, open_neighbors, query_neighbors
+    from retrocli.neighbors import query_neighbors
 
     db = fetch_db(db, cache_dir)
     opened = open_db(db)
