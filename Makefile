@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench clean-demo bundled-model retro-6m-model
+.PHONY: install test demo lint cli-docs bench clean-demo bundled-model retro-6m-model
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check retrocli tests bench scripts
+
+# docs/cli.md from the `retro` command's own help texts; `make test` fails while it is out of date
+cli-docs: install
+	$(BIN)/python scripts/cli_reference.py
 
 demo: install
 	bash examples/demo.sh

@@ -38,7 +38,7 @@ def timed(*args) -> tuple[float, int]:
 
 
 def recall_at_10(db, queries: np.ndarray) -> float:
-    from retrocli.embed import load_embeddings
+    from retrocli.db import load_embeddings
     from retrocli.index import ShardedIndex
 
     vectors = load_embeddings(db)
@@ -58,8 +58,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--queries", type=int, default=2000, help="chunks sampled as recall queries")
     args = parser.parse_args()
-    from retrocli.db import open_db
-    from retrocli.embed import load_embeddings
+    from retrocli.db import load_embeddings, open_db
 
     work = args.work or Path(tempfile.mkdtemp(prefix="retro-bench-add-"))
     added, full = work / "added", work / "full"

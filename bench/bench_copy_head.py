@@ -27,9 +27,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.db import open_db
     from retrocli.model import RetroModel
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.sequences import pad_id
     from retrocli.train import TrainingData, build_config
 

@@ -43,13 +43,13 @@ def main() -> None:
 
     import distributed
 
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
     from retrocli.build_db import build_db
     from retrocli.chunk import ChunkOptions, chunk_corpus
-    from retrocli.db import open_db
-    from retrocli.embed import load_embeddings
+    from retrocli.db import load_embeddings, open_db
     from retrocli.index import IndexOptions, ShardedIndex
     from retrocli.near_duplicates import near_duplicates
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.shard_owners import OwnedShards
 
     work = Path(tempfile.mkdtemp(prefix="bench-dask-"))

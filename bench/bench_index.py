@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 def build(source: Path, work: Path, name: str, threads: int | None) -> tuple[float, bytes, object]:
-    from retrocli.embed import load_embeddings
+    from retrocli.db import load_embeddings
     from retrocli.index import IndexOptions, ShardedIndex, index_db
 
     dest = work / name

@@ -84,8 +84,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from retrocli.db import open_db
-    from retrocli.embed import load_embeddings
+    from retrocli.db import load_embeddings, open_db
     from retrocli.index import ShardedIndex
     from retrocli.near_duplicates import doc_tokens
     from retrocli.overlap import NEIGHBOR_PAD, compute_overlap

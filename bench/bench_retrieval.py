@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
-    from retrocli.db import open_db
-    from retrocli.embed import load_embeddings
+    from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.db import load_embeddings, open_db
     from retrocli.index import ShardedIndex
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.options import DEFAULT_EF_SEARCH
 
     ef = args.ef or DEFAULT_EF_SEARCH

@@ -66,10 +66,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from retrocli.batch_neighbors import open_neighbors, query_db_of
     from retrocli.db import open_db
     from retrocli.eval import chunk_losses
     from retrocli.model.checkpoint import load_model, resolve_model
+    from retrocli.neighbor_arrays import open_neighbors, query_db_of
     from retrocli.sequences import pad_id
 
     db = open_db(args.db)

@@ -23,9 +23,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
 
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.db import open_db
     from retrocli.model import RetroModel
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.train import TrainingData, build_config
 
     db = open_db(args.db)

@@ -31,8 +31,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.db import open_db
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.overlap import compute_overlap
     from retrocli.train import TrainingData
 

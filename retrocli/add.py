@@ -29,11 +29,12 @@ from retrocli.db import (
     TOKENIZER_FILE,
     RetroDB,
     commit_manifest,
+    load_embeddings,
     open_db,
     read_manifest,
     stage_status,
 )
-from retrocli.embed import embed_db, load_embeddings
+from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock

@@ -8,40 +8,39 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from retrocli.artifacts import check_files_record, check_outside, read_manifest_file, write_json_atomic
+from retrocli.artifacts import check_outside, write_json_atomic
 from retrocli.block_stage import BlockStage
-from retrocli.checksums import CheckedStore, record_arrays
+from retrocli.checksums import record_arrays
 from retrocli.chunk import ChunkOptions, chunk_corpus
 from retrocli.cluster import dask_client
-from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, open_db, read_manifest
-from retrocli.embed import embed_db, load_embeddings
+from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, load_embeddings, open_db, read_manifest
+from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.lock import holds_writer_lock
+from retrocli.neighbor_arrays import (
+    NEIGHBOR_ARRAYS,
+    NEIGHBORS_FORMAT,
+    NEIGHBORS_VERSION,
+    NeighborArrays,
+    open_neighbors,
+    query_db_of,
+    read_neighbors_manifest,
+    store_name,
+)
 from retrocli.neighbors import check_k, require_searchable, search_excluding
 from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD, check_at_least
 from retrocli.progress import NullProgress, Progress
 from retrocli.shard_owners import OwnedShards
-
-NEIGHBORS_FORMAT = "retrocli-neighbors"
-
-
-NEIGHBORS_VERSION = 1
-
-
-NEIGHBOR_ARRAYS = ("ids", "distances")
-
 
 # Candidates stored per neighbour kept, for --exclude-same-doc (training): a window spans several documents,
 # and neighbours from any of them are dropped at batch time.
@@ -285,14 +284,6 @@ def _check_updatable(out: Path, manifest: dict, db: RetroDB, settings: dict) -> 
                          "this DB (another copy took other changes); pass --overwrite")
 
 
-def store_name(manifest: dict) -> str:
-    """The zarr store the manifest names: store.zarr, or store-vN.zarr after an update to version N."""
-    name = manifest.get("store", STORE)
-    if not re.fullmatch(r"store(-v[0-9]+)?\.zarr", str(name)):
-        raise RetroError(f"neighbours manifest names an unsafe store {name!r}")
-    return name
-
-
 def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, progress: Progress) -> Path:
     """Bring neighbours computed on an earlier version of `db` to its current version. A row is recomputed
     when it is a new query (a chunk added to the DB that is its own query set), when one of its stored
@@ -356,64 +347,6 @@ def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
     a, b = db.manifest.get("embedder") or {}, other.manifest.get("embedder") or {}
     if a.get("sha256") != b.get("sha256") or a.get("pooling") != b.get("pooling"):
         raise RetroError(f"{other.path}: embedded with '{b.get('name')}', not the DB's embedder '{a.get('name')}'")
-
-
-def read_neighbors_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    manifest = read_manifest_file(file, "neighbours manifest", NEIGHBORS_FORMAT, NEIGHBORS_VERSION,
-                                  {"status": (str, True), "settings": (dict, True), "files": (dict, False)},
-                                  not_this_kind="not a neighbours directory")
-    if manifest["status"] not in ("running", "complete"):
-        raise RetroError(f"{file}: field 'status' must be running or complete, not {manifest['status']!r}")
-    return manifest
-
-
-@dataclass
-class NeighborArrays:
-    ids: np.ndarray
-    distances: np.ndarray
-    manifest: dict
-
-
-def open_neighbors(path: str | os.PathLike) -> NeighborArrays:
-    """Read a finished batch-neighbours directory: ids and distances [num_chunks, k], -1 for missing."""
-    path = Path(path)
-    if not (path / MANIFEST).exists():
-        raise RetroError(f"{path}: not a neighbours directory (no {MANIFEST})")
-    manifest = read_neighbors_manifest(path)
-    if manifest["status"] != "complete":
-        raise RetroError(f"{path}: batch neighbours are incomplete; rerun the same `retro neighbors` command")
-    rerun = "rerun the same `retro neighbors` command with --overwrite"
-    files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(NEIGHBOR_ARRAYS):
-        raise RetroError(f"{path / MANIFEST}: records no checksums for its arrays (an older retrocli); {rerun}")
-    check_files_record(path / MANIFEST, files, "files")
-    try:
-        store = path / store_name(manifest)
-        root = zarr.open_group(store=CheckedStore(store, files, f"the neighbours are damaged; {rerun}"), mode="r")
-        return NeighborArrays(root["ids"][:], root["distances"][:], manifest)
-    except RetroError:
-        raise
-    except Exception as err:  # zarr raises several types for missing/corrupt metadata
-        raise RetroError(f"{path / STORE}: cannot read the neighbours ({err}); {rerun}") from None
-
-
-def query_db_of(path: str | os.PathLike, neighbors: NeighborArrays) -> RetroDB:
-    """The DB whose chunks were the queries: `path`/queries for a chunked test set (it must stay inside
-    `path`), else the DB recorded by path, which must still be the one with the recorded id."""
-    path, recorded = Path(path), neighbors.manifest.get("query_db")
-    if not isinstance(recorded, str) or not recorded:
-        raise RetroError(f"{path / MANIFEST}: field 'query_db' is missing")
-    query_path = path / recorded if not Path(recorded).is_absolute() else Path(recorded)
-    if not Path(recorded).is_absolute() and path.resolve() not in query_path.resolve().parents:
-        raise RetroError(f"{path / MANIFEST}: query_db '{recorded}' lies outside {path}; refusing to read it")
-    queries = open_db(query_path)
-    recorded_content = neighbors.manifest.get("query_db_content")
-    if queries.manifest["db_id"] != neighbors.manifest.get("query_db_id") or \
-            (recorded_content is not None and recorded_content != queries.content_id):
-        raise RetroError(f"{query_path}: is not the DB these neighbours were computed for (its content differs); "
-                         f"rerun `retro neighbors` with --overwrite")
-    return queries
 
 
 @contextlib.contextmanager

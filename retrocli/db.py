@@ -543,3 +543,11 @@ def open_task_db(location: str | tuple[str, str], array: str, start: int, stop: 
         return open_db(location), None
     mirror = worker_mirror(*location)
     return open_db(mirror.pull_partial(rows={f"{STORE}/{array}": (start, stop)}), check_files=False), mirror
+
+
+def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of the DB's embeddings as float32 (the embed stage must be complete)."""
+    if db.stage("embed") != "complete":
+        raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
+    array = db.array("embeddings")
+    return np.asarray(array[start:stop], dtype=np.float32)

@@ -190,7 +190,7 @@ class Embedder:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         model_dir = embedder_directory(name)
-        _weights_sha256(model_dir)  # refuses a directory without safetensors before transformers looks
+        sha256 = _weights_sha256(model_dir)  # refuses a directory without safetensors before transformers looks
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
             # safetensors only: transformers would otherwise fall back to torch.load on a .bin (a pickle)
@@ -204,7 +204,7 @@ class Embedder:
         model_max = getattr(self.model.config, "max_position_embeddings", 512)
         self.info = EmbedderInfo(
             name=name,
-            sha256=_weights_sha256(model_dir),
+            sha256=sha256,
             dim=int(self.model.config.hidden_size),
             pooling=pooling,
             normalize=normalize,
@@ -212,19 +212,19 @@ class Embedder:
             precision=precision,
         )
         self.batch_size = batch_size
-        self.batching = "by-length"  # or "padded", "db-order": only to measure what it saves (bench_embed.py)
         for param in self.model.parameters():
             param.requires_grad_(False)
         self.model.to(self.device)
 
     def embed(self, texts: list[str], on_batch: Callable[[int], None] | None = None,
-              layout_independent: bool = True) -> np.ndarray:
+              layout_independent: bool = True, batching: str = "by-length") -> np.ndarray:
         """Embed texts into float32 [len(texts), dim], returned in input order. Each batch holds texts of
         one BERT length (see length_batches), so nothing is padded, and runs on KERNEL_THREADS thread, so a
         text's vector depends only on the text. On the CPU, as many batches run at once as this thread has
         torch threads (--threads). on_batch(n) is called after each batch of n texts (progress bars).
         layout_independent=False: each batch on all of this thread's torch threads instead, for queries,
-        where one short batch is the whole job and its latency matters more than the last fp32 bit."""
+        where one short batch is the whole job and its latency matters more than the last fp32 bit. batching:
+        see length_batches (the other ways exist to measure what this one saves)."""
         if not texts:
             return np.zeros((0, self.info.dim), dtype=np.float32)
         encoded = self.tokenizer(
@@ -232,7 +232,7 @@ class Embedder:
             return_attention_mask=False, return_token_type_ids=False,
         )["input_ids"]
         out = np.empty((len(texts), self.info.dim), dtype=np.float32)
-        batches = length_batches(encoded, self.batch_size, self.batching)
+        batches = length_batches(encoded, self.batch_size, batching)
         if not layout_independent:
             for batch_idx, pooled in map(functools.partial(self._embed_batch, encoded), batches):
                 out[batch_idx] = pooled
@@ -477,14 +477,6 @@ def embed_block(
         uploaded = sorted(f.relative_to(db.path).as_posix() for f in written.rglob("*") if f.is_file())
         mirror.upload(uploaded)
     return block, stop - start, uploaded
-
-
-def load_embeddings(db: RetroDB, start: int = 0, stop: int | None = None) -> np.ndarray:
-    if db.stage("embed") != "complete":
-        raise RetroError(f"{db.path}: embed stage is not complete; run `retro embed {db.path}`")
-    array = db.array("embeddings")
-    return np.asarray(array[start:stop], dtype=np.float32)
-
 
 
 def warn_slow_bf16(precision: str, console) -> None:

@@ -19,8 +19,7 @@ import numpy as np
 from retrocli.block_stage import BlockStage
 from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client
-from retrocli.db import MANIFEST, RetroDB, commit_manifest, open_db, open_task_db, read_manifest
-from retrocli.embed import load_embeddings
+from retrocli.db import MANIFEST, RetroDB, commit_manifest, load_embeddings, open_db, open_task_db, read_manifest
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions, check_at_least

@@ -5,7 +5,7 @@ without loading torch (`retro --help` stays fast)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from retrocli.errors import RetroError
 
@@ -120,27 +120,41 @@ class ChunkOptions:
     allow_duplicates: bool = False  # chunk a file given twice twice, instead of refusing
 
 
+def option(default, help: str):
+    """A field of an options dataclass that carries its command-line help: the API's documentation and
+    `--help` are then one text (cli.options.field_option reads it)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_of(options_class, name: str) -> str:
+    return next(f for f in fields(options_class) if f.name == name).metadata["help"]
+
+
 @dataclass
 class IndexOptions:
-    space: str = DEFAULT_SPACE
-    M: int = DEFAULT_M
-    ef_construction: int = DEFAULT_EF_CONSTRUCTION
-    shard_size: int = DEFAULT_SHARD_SIZE
-    seed: int = DEFAULT_INDEX_SEED
-    threads: int | None = None
+    """`retro index` (and build-db, add): the HNSW shards."""
+
+    space: str = option(DEFAULT_SPACE, "Distance: l2 (squared L2, the paper's), ip or cosine")
+    M: int = option(DEFAULT_M, "HNSW graph degree")
+    ef_construction: int = option(DEFAULT_EF_CONSTRUCTION, "HNSW build-time search width")
+    shard_size: int = option(DEFAULT_SHARD_SIZE, "Vectors per HNSW shard (bounds build memory)")
+    seed: int = option(DEFAULT_INDEX_SEED, "Random seed (HNSW level assignment)")
+    threads: int | None = option(None, "hnswlib build threads (default 1: the same DB and --seed give a "
+                                       "byte-identical index; more is faster but not reproducible)")
 
 
 @dataclass
 class DatastoreOptions:
     """`retro knn-datastore`: how the keys are computed and indexed."""
 
-    block_size: int = DEFAULT_KNN_BLOCK
-    shard_size: int = DEFAULT_KNN_SHARD
-    M: int = DEFAULT_KNN_M
-    ef_construction: int = DEFAULT_KNN_EF_CONSTRUCTION
-    seed: int = DEFAULT_KNN_SEED
-    windows_per_batch: int = DEFAULT_KNN_WINDOWS
-    threads: int | None = None  # torch threads for keys, hnswlib threads per shard (default: 1 per shard)
+    block_size: int = option(DEFAULT_KNN_BLOCK, "Keys per resumable block (one zarr chunk)")
+    shard_size: int = option(DEFAULT_KNN_SHARD, "Keys per HNSW shard")
+    M: int = option(DEFAULT_KNN_M, "HNSW graph degree")
+    ef_construction: int = option(DEFAULT_KNN_EF_CONSTRUCTION, "HNSW build beam width")
+    seed: int = option(DEFAULT_KNN_SEED, "HNSW seed")
+    windows_per_batch: int = option(DEFAULT_KNN_WINDOWS, "Windows of seq_len tokens per forward pass")
+    # torch threads for the keys, hnswlib threads per shard (default: 1 per shard)
+    threads: int | None = option(None, "Torch/hnswlib threads (default: all cores)")
 
 
 WINDOW_EXCLUSIONS = ("all", "later")  # --window-exclusion: see TrainingData.window_neighbors

@@ -14,20 +14,29 @@ from functools import lru_cache
 import numpy as np
 
 from retrocli.db import RetroDB
+from retrocli.errors import RetroError
 
 
 def pad_id(db: RetroDB) -> int:
     return tokenizer_pad_id(db.tokenizer)
 
 
+PAD_TOKENS = ("<|pad|>", "<pad>", "[PAD]")
+# A tokenizer without a pad token (SmolLM2's) pads with its end-of-text token, the choice Hugging Face
+# makes for such LMs; padded positions are masked (token_mask), so the id never reaches a loss.
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "</s>", "[SEP]")
+
+
 def tokenizer_pad_id(tokenizer) -> int:
-    """The id a tokenizer (retrocli.tokenizer's wrapper) pads with: its pad token, else 0."""
+    """The id a tokenizer (retrocli.tokenizer's wrapper) pads with: its pad token, else its end-of-text
+    token; a tokenizer with neither is refused (a guess could be a real word that padding turns into)."""
     tok = tokenizer.tokenizer
-    for name in ("<|pad|>", "<pad>", "[PAD]"):
+    for name in PAD_TOKENS + END_OF_TEXT_TOKENS:
         found = tok.token_to_id(name)
         if found is not None:
             return int(found)
-    return 0
+    raise RetroError(f"the tokenizer has no pad token ({', '.join(PAD_TOKENS)}) and no end-of-text token "
+                     f"({', '.join(END_OF_TEXT_TOKENS)}); add one of them to its tokenizer.json")
 
 
 def chunk_rows(db: RetroDB, start: int, stop: int, pad: int) -> tuple[np.ndarray, np.ndarray]:

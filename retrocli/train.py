@@ -23,7 +23,6 @@ import torch
 
 from retrocli import distributed
 from retrocli.artifacts import check_outside
-from retrocli.batch_neighbors import open_neighbors
 from retrocli.db import RetroDB, open_db
 from retrocli.device import peak_flops, resolve_device, resolve_precision
 from retrocli.errors import RetroError
@@ -36,6 +35,7 @@ from retrocli.model.checkpoint import (
     write_model_meta,
 )
 from retrocli.model.retrofit import build_retrofit, check_base_tokenizer
+from retrocli.neighbor_arrays import open_neighbors
 from retrocli.options import DEFAULT_TRAIN_K, TrainOptions, check_window_exclusion
 from retrocli.overlap import compute_overlap
 from retrocli.progress import NullProgress, Progress

@@ -18,11 +18,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from retrocli.batch_neighbors import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
 from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, content_id, read_manifest
 from retrocli.errors import RetroError
 from retrocli.index import check_shard_coverage, checked_shard_file
+from retrocli.neighbor_arrays import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.progress import NullProgress, Progress
 
 

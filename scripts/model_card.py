@@ -178,9 +178,9 @@ def main() -> None:
     parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
     args = parser.parse_args()
 
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.db import open_db
     from retrocli.model import RetroConfig
+    from retrocli.neighbor_arrays import open_neighbors
 
     # Two legs: the base decoder (work/base), then the copy head fine-tuned from it (work/model). A resumed
     # run re-logs the steps after its checkpoint: keep the last record of each step.

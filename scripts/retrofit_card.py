@@ -68,9 +68,9 @@ def main() -> None:
     parser.add_argument("--heldout", default=Path("examples/data/heldout.jsonl"), type=Path)
     args = parser.parse_args()
 
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.db import open_db
     from retrocli.model.retrofit import weight_files
+    from retrocli.neighbor_arrays import open_neighbors
 
     meta = json.loads((args.model / "retrocli_model.json").read_text())
     config = json.loads((args.model / "config.json").read_text())

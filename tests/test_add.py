@@ -14,8 +14,7 @@ import pytest
 
 from retrocli.add import PAUSE_ENV, add_documents
 from retrocli.build_db import build_db
-from retrocli.db import open_db
-from retrocli.embed import load_embeddings
+from retrocli.db import load_embeddings, open_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.neighbors import query_neighbors
@@ -212,7 +211,8 @@ def test_stale_neighbours_are_refused_for_training(db_a, parts, tmp_path):
 
 
 def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_a, parts, tmp_path, cli):
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.remove import remove_documents
 
     args = dict(k=2, exclude_same_doc=True, ef=512)  # ef above the DB's size: the search is exact

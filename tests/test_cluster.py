@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import zarr
 
-from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+from retrocli.batch_neighbors import batch_neighbors
 from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
-from retrocli.db import open_db, read_manifest
-from retrocli.embed import embed_db, load_embeddings
+from retrocli.db import load_embeddings, open_db, read_manifest
+from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, ShardedIndex
 from retrocli.leakage import leakage_report
+from retrocli.neighbor_arrays import open_neighbors
 from retrocli.progress import NullProgress
 from retrocli.staging import staging_path
 

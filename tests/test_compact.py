@@ -10,8 +10,7 @@ from helpers import tree_snapshot
 from retrocli.add import add_documents
 from retrocli.build_db import build_db
 from retrocli.compact import compact_db
-from retrocli.db import open_db
-from retrocli.embed import load_embeddings
+from retrocli.db import load_embeddings, open_db
 from retrocli.remove import remove_documents
 from retrocli.staging import staging_path
 from retrocli.verify import verify_db

@@ -13,9 +13,9 @@ import torch
 import zarr
 
 from retrocli.chunk import chunk_corpus
-from retrocli.db import open_db
+from retrocli.db import load_embeddings, open_db
 from retrocli.device import resolve_precision
-from retrocli.embed import Embedder, chunk_texts, embed_db, load_embeddings
+from retrocli.embed import Embedder, chunk_texts, embed_db
 from retrocli.errors import RetroError
 
 

@@ -11,9 +11,9 @@ from retrocli.db import open_db
 
 
 def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.eval import chunk_losses, evaluate
     from retrocli.model.checkpoint import load_model
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.sequences import chunk_rows, pad_id
 
     out, _ = trained
@@ -96,9 +96,9 @@ def test_leakage_report_can_exclude_near_duplicate_documents_from_retrieval(tiny
 
 def test_eval_stale_retrieval_scores_the_neighbours_of_the_previous_chunk(trained, tiny_db, small_jsonl, tmp_path,
                                                                           cli):
-    from retrocli.batch_neighbors import open_neighbors
     from retrocli.eval import chunk_losses, evaluate
     from retrocli.model.checkpoint import load_model
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.sequences import stale_neighbor_ids
 
     out, _ = trained

@@ -26,7 +26,7 @@ LAYERS = [
      "retrocli.remove", "retrocli.compact"],
     ["retrocli.overlap", "retrocli.knn_lm"],
     ["retrocli.near_duplicates"],
-    ["retrocli.neighbors"],
+    ["retrocli.neighbors", "retrocli.neighbor_arrays"],
     ["retrocli.batch_neighbors"],
     ["retrocli.verify", "retrocli.info"],  # verify takes batch neighbours too
     ["retrocli.retriever"],
@@ -141,3 +141,13 @@ def test_the_api_imports_its_own_modules_at_the_top(module):
              for node in ast.walk(fn)
              if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrocli")]
     assert inner == []
+
+
+def test_reading_commands_do_not_load_torch():
+    """`retro info` and `retro verify` only read files: importing torch would cost them over a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, retrocli.cli, retrocli.info, retrocli.verify; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

@@ -4,8 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from retrocli.db import open_db
-from retrocli.embed import load_embeddings
+from retrocli.db import load_embeddings, open_db
 from retrocli.errors import RetroError
 from retrocli.index import IndexOptions, ShardedIndex, index_db, remove_index
 

@@ -312,11 +312,10 @@ def test_leakage_report_json_is_a_flag_like_everywhere_and_json_out_writes_a_fil
     out = tmp_path / "r.json"
     written = cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json-out", out)
     assert written.exit_code == 0 and json.loads(out.read_text())["leaking_chunks"] == data["leaking_chunks"]
-    old = tmp_path / "old.json"
-    legacy = cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json", old)
-    assert legacy.exit_code == 0 and "deprecated" in legacy.stderr and "--json-out" in legacy.stderr
-    assert json.loads(old.read_text())["leaking_chunks"] == data["leaking_chunks"]
-    assert refused(cli("leakage-report", tiny_db, "--test", planted, "stray", "args"), "unexpected argument")
+    old = tmp_path / "old.json"  # `--json PATH` is not a spelling: the path is an unexpected argument
+    assert refused(cli("leakage-report", tiny_db, "--test", planted, "--k", "2", "--json", old), "unexpected")
+    assert not old.exists()
+    assert refused(cli("leakage-report", tiny_db, "--test", planted, "stray", "args"), "unexpected")
 
 
 def test_flags_have_no_no_twin_and_show_no_type(cli):
@@ -576,8 +575,8 @@ def test_deduped_and_query_dbs_record_their_files_too(tiny_db, planted, tmp_path
 
 
 def test_damaged_or_moved_batch_neighbours_are_refused(tiny_db, planted, tmp_path, cli):
-    from retrocli.batch_neighbors import open_neighbors, query_db_of
     from retrocli.errors import RetroError
+    from retrocli.neighbor_arrays import open_neighbors, query_db_of
 
     nb = tmp_path / "nb"
     assert cli("neighbors", tiny_db, "--input", planted, "--out", nb).exit_code == 0

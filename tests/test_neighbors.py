@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 from helpers import tree_snapshot
 
-from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+from retrocli.batch_neighbors import batch_neighbors
 from retrocli.db import open_db
 from retrocli.errors import RetroError
+from retrocli.neighbor_arrays import open_neighbors
 from retrocli.neighbors import query_neighbors
 
 

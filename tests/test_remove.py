@@ -79,7 +79,8 @@ def test_removing_every_document_is_refused(db_copy):
 
 
 def test_training_never_sees_removed_documents(db_copy, tmp_path):
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.train import TrainingData, TrainOptions, train
 
     remove_documents(db_copy, docs=[0, 4])

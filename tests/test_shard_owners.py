@@ -9,10 +9,11 @@ import signal
 import numpy as np
 import pytest
 
-from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+from retrocli.batch_neighbors import batch_neighbors
 from retrocli.build_db import build_db
 from retrocli.db import open_db
 from retrocli.index import IndexOptions
+from retrocli.neighbor_arrays import open_neighbors
 
 distributed = pytest.importorskip("distributed")
 

@@ -289,7 +289,8 @@ def _workers_with_own_caches(tmp_path: Path):
 
 
 def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_build, tmp_path):
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.shard_owners import OwnedShards
 
     with _workers_with_own_caches(tmp_path) as (client, caches):

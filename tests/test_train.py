@@ -15,7 +15,7 @@ from retrocli.train import TrainingData, TrainOptions, lr_at, train
 
 
 def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
 
     db = open_db(tiny_db)
     nb = open_neighbors(self_neighbors)
@@ -34,7 +34,7 @@ def test_training_data_respects_chunks_heldout_and_neighbors(tiny_db, self_neigh
 
 
 def test_no_training_batch_holds_a_neighbour_from_its_windows_documents_or_a_heldout_one(tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
 
     db = open_db(tiny_db)
     nb = open_neighbors(self_neighbors)
@@ -65,7 +65,7 @@ def test_no_training_batch_holds_a_neighbour_from_its_windows_documents_or_a_hel
 
 def test_window_exclusion_later_keeps_the_windows_future_out_and_lets_later_chunks_read_earlier_documents(
         tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
 
     db = open_db(tiny_db)
     nb = open_neighbors(self_neighbors)
@@ -199,7 +199,7 @@ def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):
 
 
 def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.train import next_chunk_overlap
 
     db = open_db(tiny_db)
@@ -230,7 +230,7 @@ def test_retrieval_focus_draws_windows_whose_neighbours_hold_the_next_chunk(tiny
 
 
 def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continuation(tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.overlap import longest_shared_run
 
     db = open_db(tiny_db)
@@ -266,7 +266,7 @@ def test_copy_curriculum_swaps_first_neighbour_for_a_damaged_copy_of_the_continu
 
 
 def test_rank_slices_of_a_batch_put_together_are_the_whole_batch(tiny_db, self_neighbors):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
 
     data = TrainingData(open_db(tiny_db), open_neighbors(self_neighbors).ids, 128, 2, set(), copy_curriculum=0.5)
     whole = data.batch(seed=3, step=4, batch_size=6)
@@ -307,7 +307,7 @@ def test_compile_trains_to_the_eager_weights(tiny_db, self_neighbors, tmp_path):
 
 
 def test_stale_retrieval_trains_chunk_u_on_the_neighbours_of_chunk_u_minus_1(tiny_db, self_neighbors, tmp_path):
-    from retrocli.batch_neighbors import open_neighbors
+    from retrocli.neighbor_arrays import open_neighbors
 
     db, nb = open_db(tiny_db), open_neighbors(self_neighbors)
     fresh = TrainingData(db, nb.ids, 128, 2, set())

@@ -51,7 +51,7 @@ for name, command in (
     ("compact", db.compact),
     ("neighbors", retrieval.neighbors),
     ("serve", retrieval.serve),
-    ("leakage-report", leakage.leakage_report_cmd),  # takes the old `--json PATH` as an extra argument
+    ("leakage-report", leakage.leakage_report_cmd),
     ("dedupe", leakage.dedupe),
     ("train", model.train_cmd),
     ("retrofit", model.retrofit_cmd),
@@ -59,8 +59,7 @@ for name, command in (
     ("eval", model.eval_cmd),
     ("generate", model.generate),
 ):
-    extra = {"context_settings": {"allow_extra_args": True}} if name == "leakage-report" else {}
-    app.command(name, cls=RetroCommand, **extra)(command)
+    app.command(name, cls=RetroCommand)(command)
 
 
 def main() -> None:

@@ -39,7 +39,6 @@ from retrocli.cli.options import (
     WorkDir,
     flag,
 )
-from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_ALPHA,
     DEFAULT_EF_SEARCH,
@@ -129,7 +128,6 @@ def _print_leakage(report) -> None:
 
 @handle_errors
 def leakage_report_cmd(
-    ctx: typer.Context,
     db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed)")],
     test: TestInputs,
     k: KNeighbors = DEFAULT_LEAKAGE_K,
@@ -158,13 +156,6 @@ def leakage_report_cmd(
     from retrocli.leakage import leakage_report
     from retrocli.leakage_html import render_html
 
-    if ctx.args:
-        # the old spelling `--json PATH` (until the next release): PATH arrives as an extra argument
-        if not (json_output and len(ctx.args) == 1 and json_path is None):
-            raise RetroError(f"unexpected argument(s): {' '.join(ctx.args)}")
-        json_output, json_path = False, Path(ctx.args[0])
-        err_console.print(f"[yellow]deprecated:[/] --json {user(json_path)} → use --json-out {user(json_path)} "
-                          "(--json alone prints the report's JSON)", soft_wrap=True)
     db, test = fetch_db(db, cache_dir), local_inputs(test, cache_dir)
     for option, path in (("--json-out", json_path), ("--html", html)):
         if path is not None:  # refused before any work: a report file must never land inside the DB

@@ -28,6 +28,7 @@ from retrocli.cli.options import (
     TestInputs,
     TextField,
     WorkDir,
+    field_option,
     flag,
 )
 from retrocli.errors import RetroError
@@ -49,6 +50,7 @@ from retrocli.options import (
     DEFAULT_TEXT_FIELD,
     DEFAULT_TOP_K,
     DEFAULT_TRAIN_K,
+    DatastoreOptions,
     TrainOptions,
     check_knn_temperature,
     check_threads,
@@ -60,6 +62,9 @@ KnnK = Annotated[int, typer.Option(help="With --knn-lm: nearest keys per token")
 KnnTemperature = Annotated[float | None, typer.Option(
     help="With --knn-lm: softmax temperature over -distance (default: tuned with --lambda auto, else the "
          "datastore's median nearest-key distance)")]
+GenerateKnnTemperature = Annotated[float | None, typer.Option(
+    "--knn-temperature",
+    help="With --knn-lm: softmax temperature over -distance (default: the datastore's median nearest-key distance)")]
 
 
 @handle_errors
@@ -346,12 +351,12 @@ def knn_datastore(
     db: Annotated[Path, typer.Argument(help="DB directory or URL whose tokens become the datastore")],
     out: Annotated[Path, typer.Option(help="Datastore directory to write (resumed when it holds a partial one)")],
     model: ModelDir = None,
-    block_size: Annotated[int, typer.Option(help="Keys per resumable block (one zarr chunk)")] = DEFAULT_KNN_BLOCK,
-    shard_size: Annotated[int, typer.Option(help="Keys per HNSW shard")] = DEFAULT_KNN_SHARD,
-    hnsw_m: Annotated[int, typer.Option("--M", help="HNSW graph degree")] = DEFAULT_KNN_M,
-    ef_construction: Annotated[int, typer.Option(help="HNSW build beam width")] = DEFAULT_KNN_EF_CONSTRUCTION,
-    seed: Annotated[int, typer.Option(help="HNSW seed")] = DEFAULT_KNN_SEED,
-    windows: Annotated[int, typer.Option(help="Windows of seq_len tokens per forward pass")] = DEFAULT_KNN_WINDOWS,
+    block_size: Annotated[int, field_option(DatastoreOptions, "block_size")] = DEFAULT_KNN_BLOCK,
+    shard_size: Annotated[int, field_option(DatastoreOptions, "shard_size")] = DEFAULT_KNN_SHARD,
+    hnsw_m: Annotated[int, field_option(DatastoreOptions, "M", "--M")] = DEFAULT_KNN_M,
+    ef_construction: Annotated[int, field_option(DatastoreOptions, "ef_construction")] = DEFAULT_KNN_EF_CONSTRUCTION,
+    seed: Annotated[int, field_option(DatastoreOptions, "seed")] = DEFAULT_KNN_SEED,
+    windows: Annotated[int, field_option(DatastoreOptions, "windows_per_batch", "--windows")] = DEFAULT_KNN_WINDOWS,
     threads: LocalThreads = None,
     dask: Dask = None,
     device: Device = "auto",
@@ -365,8 +370,6 @@ def knn_datastore(
     from retrocli.cli.common import cluster
     from retrocli.datastore import Datastore
     from retrocli.knn_datastore import build_datastore
-    from retrocli.options import DatastoreOptions
-
     options = DatastoreOptions(block_size=block_size, shard_size=shard_size, M=hnsw_m, ef_construction=ef_construction,
                                seed=seed, windows_per_batch=windows, threads=threads)
     with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
@@ -406,7 +409,7 @@ def generate(
     lam: Annotated[float, typer.Option("--lambda", help="With --knn-lm: the weight of p_kNN")]
     = DEFAULT_GENERATE_LAMBDA,
     knn_k: KnnK = DEFAULT_KNN_K,
-    knn_temperature: KnnTemperature = None,
+    knn_temperature: GenerateKnnTemperature = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,

@@ -8,10 +8,19 @@ from typing import Annotated
 
 import typer
 
+from retrocli.options import IndexOptions
+
 
 def flag(name: str, help: str):
     """An on/off option that defaults to off: just `--name`, with no `--no-name` twin and no type shown."""
     return typer.Option(name, help=help, metavar="")
+
+
+def field_option(options_class, name: str, *flags: str):
+    """The option for a field of an options dataclass (retrocli.options), with the field's help text."""
+    from retrocli.options import help_of
+
+    return typer.Option(*flags, help=help_of(options_class, name))
 
 
 JsonOut = Annotated[bool, flag("--json", "Print JSON for machines instead of tables")]
@@ -29,7 +38,7 @@ Strict = Annotated[bool, flag("--strict", "Fail on invalid UTF-8 instead of repl
 TokenizerOpt = Annotated[
     str | None, typer.Option(
         help="smollm2 or retrocli-bpe-8k (packaged), a HF tokenizer.json, or a directory holding one "
-             "(default: retrocli-bpe-8k)")
+             "(default: smollm2)")
 ]
 ChunkSize = Annotated[int, typer.Option(help="Tokens per chunk (RETRO: 64)")]
 AllowDuplicates = Annotated[
@@ -44,16 +53,14 @@ Precision = Annotated[str, typer.Option(
          "(autocast; slow without native bf16). A DB already embedded keeps its precision")]
 BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
 Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
-IndexThreads = Annotated[int | None, typer.Option(
-    "--threads", help="hnswlib build threads (default 1: the same DB and --seed give a byte-identical index; "
-                      "more is faster but not reproducible)")]
+IndexThreads = Annotated[int | None, field_option(IndexOptions, "threads", "--threads")]
 LocalThreads = Annotated[int | None, typer.Option("--threads", help="Torch/hnswlib threads (default: all cores)")]
 BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
-Space = Annotated[str, typer.Option(help="Distance: l2 (squared L2, the paper's), ip or cosine")]
-MOpt = Annotated[int, typer.Option("--M", help="HNSW graph degree")]
-EfConstruction = Annotated[int, typer.Option(help="HNSW build-time search width")]
-ShardSize = Annotated[int, typer.Option(help="Vectors per HNSW shard (bounds build memory)")]
-Seed = Annotated[int, typer.Option(help="Random seed (HNSW level assignment)")]
+Space = Annotated[str, field_option(IndexOptions, "space")]
+MOpt = Annotated[int, field_option(IndexOptions, "M", "--M")]
+EfConstruction = Annotated[int, field_option(IndexOptions, "ef_construction")]
+ShardSize = Annotated[int, field_option(IndexOptions, "shard_size")]
+Seed = Annotated[int, field_option(IndexOptions, "seed")]
 CacheDir = Annotated[Path | None, typer.Option(
     help="Where a DB given as a URL (s3://bucket/db, gs://…) is copied to work on (or RETRO_CACHE_DIR)")]
 Dask = Annotated[

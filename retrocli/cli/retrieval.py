@@ -65,9 +65,10 @@ def neighbors(
 
     Batch mode writes the k neighbours of every chunk of a DB or corpus to zarr (what training reads).
     """
-    from retrocli.batch_neighbors import batch_neighbors, open_neighbors
+    from retrocli.batch_neighbors import batch_neighbors
     from retrocli.db import open_db
     from retrocli.embed import check_embedder_matches
+    from retrocli.neighbor_arrays import open_neighbors
     from retrocli.neighbors import query_neighbors
 
     db = fetch_db(db, cache_dir)
@@ -152,7 +153,7 @@ def serve(
     device: Device = "auto",
     cache_dir: CacheDir = None,
 ):
-    """Serve the DB's retrieval over HTTP: POST /neighbors, GET /info, GET /health (docs/cli.md)."""
+    """Serve the DB's retrieval over HTTP: POST /neighbors, GET /info, GET /health (docs/guide.md)."""
     import torch
 
     from retrocli.device import resolve_device

@@ -117,7 +117,8 @@ class RetroConfig:
     copy_match_run: int = 0
     num_neighbors: int = 2  # k in training; any k works at inference (the paper evaluates 1-10)
     neighbor_len: int = 128  # r: [N, F] = 2m tokens
-    pad_token_id: int = 1  # "<|pad|>" in the packaged retrocli-bpe-8k tokenizer
+    # retrocli-bpe-8k's "<|pad|>"; train and retrofit set it from the DB's tokenizer (sequences.tokenizer_pad_id)
+    pad_token_id: int = 1
     tie_embeddings: bool = True
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
