@@ -224,7 +224,7 @@ def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_pa
     script = (
         "import sys, json\n"
         "from retrocli.build_db import build_db\n"
-        "from retrocli.neighbors import batch_neighbors\n"
+        "from retrocli.batch_neighbors import batch_neighbors\n"
         f"db = build_db([{str(small_jsonl)!r}], {str(tmp_path / 'db')!r}, embedder={tiny_bert!r}, block_size=64)\n"
         f"batch_neighbors(db.path, [db.path], {str(tmp_path / 'nb')!r}, k=2)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))))\n"
