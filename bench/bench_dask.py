@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from retrocli.options import EmbedOptions
+
 
 def stage_seconds(db_path: Path) -> dict[str, float]:
     stages = json.loads((db_path / "manifest.json").read_text())["stages"]
@@ -47,9 +49,10 @@ def main() -> None:
     from retrocli.build_db import build_db
     from retrocli.chunk import ChunkOptions, chunk_corpus
     from retrocli.db import load_embeddings, open_db
-    from retrocli.index import IndexOptions, ShardedIndex
+    from retrocli.index import ShardedIndex
     from retrocli.near_duplicates import near_duplicates
     from retrocli.neighbor_arrays import open_neighbors
+    from retrocli.options import IndexOptions
     from retrocli.shard_owners import OwnedShards
 
     work = Path(tempfile.mkdtemp(prefix="bench-dask-"))
@@ -66,8 +69,10 @@ def main() -> None:
         shutil.rmtree(work / "probe")
 
         start = time.perf_counter()
-        build_db([corpus], work / "local", block_size=args.block_size,
-                 index_options=IndexOptions(shard_size=shard_size))
+        build_db(
+            [corpus], work / "local", index_options=IndexOptions(shard_size=shard_size),
+            embed_options=EmbedOptions(block_size=args.block_size),
+        )
         local_wall = time.perf_counter() - start
         local = stage_seconds(work / "local")
 
@@ -79,8 +84,10 @@ def main() -> None:
         # pieces of a quarter of a worker's share, so one large JSONL file is spread over the workers
         piece = max(1 << 20, corpus.stat().st_size // (4 * args.workers))
         chunk_corpus([corpus], work / "dask", ChunkOptions(), dask=client, piece_bytes=piece)
-        build_db([corpus], work / "dask", block_size=args.block_size,
-                 index_options=IndexOptions(shard_size=shard_size, threads=1), threads=1, dask=client)
+        build_db(
+            [corpus], work / "dask", index_options=IndexOptions(shard_size=shard_size, threads=1), dask=client,
+            embed_options=EmbedOptions(block_size=args.block_size, threads=1),
+        )
         dask_wall = time.perf_counter() - start
         remote = stage_seconds(work / "dask")
 

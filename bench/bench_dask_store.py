@@ -63,7 +63,7 @@ def main() -> None:
 
     from retrocli.build_db import build_db
     from retrocli.chunk import ChunkOptions, chunk_corpus
-    from retrocli.index import IndexOptions
+    from retrocli.options import EmbedOptions, IndexOptions
     from retrocli.storage import fetch_db, local_db, local_inputs, mirror_path
 
     work = Path(tempfile.mkdtemp(prefix="bench-dask-store-"))
@@ -73,7 +73,8 @@ def main() -> None:
     corpus_url, db_url = "s3://bench/corpus/train.jsonl", "s3://bench/db"
     chunks = chunk_corpus([args.corpus], work / "count", ChunkOptions()).num_chunks
     shard_size = args.shard_size or -(-chunks // args.workers)
-    options = dict(block_size=args.block_size, index_options=IndexOptions(shard_size=shard_size))
+    options = dict(embed_options=EmbedOptions(block_size=args.block_size),
+                   index_options=IndexOptions(shard_size=shard_size))
 
     cluster = distributed.LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                                        dashboard_address=None)

@@ -34,7 +34,9 @@ def evaluate_row(args, work: Path, name: str, path: Path) -> dict:
 
     db = open_db(path)
     started = time.perf_counter()
-    result = evaluate(args.model, path, [args.test], exclude_near_duplicates=True, work_dir=work / f"eval-{path.name}")
+    result = evaluate(
+        path, [args.test], args.model, exclude_near_duplicates=True, work_dir=work / f"eval-{path.name}",
+    )
     at = next(p for p in result["curve"] if p["alpha"] == 0.125)
     row = {
         "db": name, "documents": db.num_live_docs, "chunks": db.num_chunks,

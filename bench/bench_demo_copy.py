@@ -33,6 +33,7 @@ from retrocli.add import add_documents
 from retrocli.db import open_db
 from retrocli.generate import generate, longest_copy
 from retrocli.model.checkpoint import load_model
+from retrocli.options import SamplingOptions
 from retrocli.retriever import LocalRetriever
 from retrocli.sequences import pad_id
 
@@ -116,9 +117,14 @@ def main() -> None:
         for model in args.model:
             copied, without = [], []
             for prompt in prompts:
-                with_r = generate(None, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k, retriever=retriever)
-                plain = generate(None, prompt, model, NEW_TOKENS, temperature=0.0, k=args.k, retriever=retriever,
-                                 retrieval=False)
+                with_r = generate(
+                    None, prompt, model, k=args.k, retriever=retriever,
+                    sampling=SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0),
+                )
+                plain = generate(
+                    None, prompt, model, k=args.k, retriever=retriever, retrieval=False,
+                    sampling=SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0.0),
+                )
                 base = longest_copy(db.tokenizer, pad_id(db), plain.token_ids, with_r.retrievals)
                 copied.append(with_r.copy.tokens if with_r.copy else 0)
                 without.append(base.tokens if base else 0)

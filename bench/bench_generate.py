@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from retrocli.options import SamplingOptions
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,15 +42,19 @@ def main() -> None:
     n = args.new_tokens
 
     start = time.perf_counter()
-    plain = generate(db, prompt, args.model, max_new_tokens=n, temperature=0, retrieval=False)
+    plain = generate(
+        db, prompt, args.model, retrieval=False, sampling=SamplingOptions(max_new_tokens=n, temperature=0),
+    )
     t_plain = time.perf_counter() - start
 
     retrieval_seconds = []
     index, embedder = ShardedIndex(db), db_embedder(db)
     embedder.embed(["warm-up"])
     start = time.perf_counter()
-    with_retrieval = generate(db, prompt, args.model, max_new_tokens=n, temperature=0,
-                              on_retrieval=lambda rec: None)
+    with_retrieval = generate(
+        db, prompt, args.model, on_retrieval=lambda rec: None,
+        sampling=SamplingOptions(max_new_tokens=n, temperature=0),
+    )
     t_retr = time.perf_counter() - start
     # time the retrieval step alone on the same chunks: embed + search + [N, F] tokens
     for rec in with_retrieval.retrievals:
@@ -115,8 +121,10 @@ def stale_comparison(args, db, prompt: str, n: int, t_plain: float) -> None:
     from retrocli.retriever import LocalRetriever
 
     def run(label: str, retriever, stale: bool) -> None:
-        out = generate(None, prompt, args.model, max_new_tokens=n, temperature=0, retriever=retriever,
-                       stale_retrieval=stale)
+        out = generate(
+            None, prompt, args.model, retriever=retriever, stale_retrieval=stale,
+            sampling=SamplingOptions(max_new_tokens=n, temperature=0),
+        )
         took = out.seconds  # from the first prompt token to the last token: model loading left out
         print(f"{label:34s} {n / took:6.1f} tokens/s ({n / took / (n / t_plain):.2f}x no retrieval); decoding "
               f"waited {out.retrieval_wait_seconds:.2f} s for {len(out.retrievals)} retrievals", flush=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 def build(source: Path, work: Path, name: str, threads: int | None) -> tuple[float, bytes, object]:
     from retrocli.db import load_embeddings
-    from retrocli.index import IndexOptions, ShardedIndex, index_db
+    from retrocli.index import ShardedIndex, index_db
+    from retrocli.options import IndexOptions
 
     dest = work / name
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("index"))

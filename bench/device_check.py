@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrocli.options import SamplingOptions
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "examples" / "subset"
 
@@ -80,7 +82,7 @@ def main() -> int:
            f"chunks/s vs {len(texts) / timings['cpu']:,.0f} on the CPU")
 
     start = time.perf_counter()
-    db = build_db([SUBSET / "train.jsonl"], work / "db", bpe, overwrite=True, device=str(device))
+    db = build_db([SUBSET / "train.jsonl"], work / "db", chunk_options=bpe, overwrite=True, device=str(device))
     seconds, precision = time.perf_counter() - start, db.manifest["embedder"]["precision"]
     report("retro build-db --device", db.stage("index") == "complete",
            f"{db.num_chunks:,} chunks in {seconds:.1f} s, precision {precision}")
@@ -88,13 +90,15 @@ def main() -> int:
     results = {}
     for where in ("cpu", str(device)):
         eval_dir = work / f"eval-{where.replace(':', '-')}"
-        results[where] = evaluate(None, db.path, [SUBSET / "heldout.jsonl"], work_dir=eval_dir, device=where)
+        results[where] = evaluate(db.path, [SUBSET / "heldout.jsonl"], work_dir=eval_dir, device=where)
     gap = abs(results["cpu"]["bpb_retrieval"] - results[str(device)]["bpb_retrieval"])
     report("eval on the device vs the CPU", gap < 1e-3,
            f"bpb {results[str(device)]['bpb_retrieval']:.5f} vs {results['cpu']['bpb_retrieval']:.5f}")
 
     prompt = (SUBSET / "heldout.jsonl").read_text(encoding="utf-8").splitlines()[0][20:400]
-    tokens = {where: generate(db.path, prompt, max_new_tokens=64, temperature=0, device=where).token_ids
+    tokens = {where: generate(
+        db.path, prompt, device=where, sampling=SamplingOptions(max_new_tokens=64, temperature=0),
+    ).token_ids
               for where in ("cpu", str(device))}
     same = sum(x == y for x, y in zip(tokens["cpu"], tokens[str(device)]))
     report("greedy generation on the device vs the CPU (fp32)", tokens["cpu"] == tokens[str(device)],
@@ -166,8 +170,10 @@ def retrofit_checks(db, neighbors, work: Path, device, report, steps: int = 40) 
            + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ", MFU n/a")
            + f"; trainable share {summary['trainable_share']:.1%}; "
            f"final loss {summary['final_loss']:.3f}")
-    results = {where: evaluate(work / "retrofit", db.path, [SUBSET / "heldout.jsonl"], leakage=False,
-                               work_dir=work / f"retrofit-eval-{where.replace(':', '-')}", device=where)
+    results = {where: evaluate(
+        db.path, [SUBSET / "heldout.jsonl"], work / "retrofit", leakage=False,
+        work_dir=work / f"retrofit-eval-{where.replace(':', '-')}", device=where,
+    )
                for where in ("cpu", str(device))}
     gap = abs(results["cpu"]["bpb_retrieval"] - results[str(device)]["bpb_retrieval"])
     report("retrofit eval on the device vs the CPU", gap < 1e-3,
@@ -192,6 +198,7 @@ def several_gpus(db, neighbors, work: Path, options, report) -> None:
 
     from retrocli.distributed import launch
     from retrocli.embed import embed_db
+    from retrocli.options import EmbedOptions
     from retrocli.train import train
 
     arrays = {}
@@ -200,7 +207,7 @@ def several_gpus(db, neighbors, work: Path, options, report) -> None:
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(work / "chunks", target)
         start = time.perf_counter()
-        embed_db(target, precision="fp32", block_size=512, **kwargs)
+        embed_db(target, EmbedOptions(precision="fp32", block_size=512), **kwargs)
         arrays[name] = (zarr.open_array(str(target / "store.zarr"), path="embeddings", mode="r")[:],
                         time.perf_counter() - start)
     report(f"embed --devices all ({torch.cuda.device_count()} GPUs) vs one GPU",
@@ -210,7 +217,7 @@ def several_gpus(db, neighbors, work: Path, options, report) -> None:
     from retrocli.options import TrainOptions
 
     train(db.path, neighbors, work / "ddp-one", options=TrainOptions(**small), device="cuda:0")
-    launch(train, 2, db_path=db.path, neighbors_path=neighbors, out=work / "ddp-two",
+    launch(train, 2, db=db.path, neighbors_path=neighbors, out=work / "ddp-two",
            options=TrainOptions(**small), device="cuda")
     one, two = (load_file(str(work / name / "model.safetensors")) for name in ("ddp-one", "ddp-two"))
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)

@@ -27,8 +27,10 @@ from retrocli.db import (
     MANIFEST,
     SEGMENTS_DIR,
     TOKENIZER_FILE,
+    DBLike,
     RetroDB,
     commit_manifest,
+    db_location,
     load_embeddings,
     open_db,
     read_manifest,
@@ -38,7 +40,7 @@ from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
 from retrocli.lock import holds_writer_lock
-from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions, check_threads
+from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions, EmbedOptions, check_threads
 from retrocli.progress import NullProgress, Progress
 
 # For tests of kill -9 at a given step: with RETRO_TEST_PAUSE_ADD_AT=STEP:FILE the process creates FILE
@@ -54,9 +56,9 @@ def _pause_point(step: str) -> None:
             time.sleep(1)
 
 
-@holds_writer_lock("retro add", "path")
+@holds_writer_lock("retro add", "db")
 def add_documents(
-    path: str | os.PathLike,
+    db: DBLike,
     inputs: list[str | os.PathLike],
     text_field: str | None = None,
     id_field: str | None = None,
@@ -67,13 +69,13 @@ def add_documents(
     device: str = "auto",
     progress: Progress | None = None,
 ) -> dict:
-    """Add the documents of `inputs` to the built DB at `path` as one committed version. Returns what was
+    """Add the documents of `inputs` to the built DB as one committed version. Returns what was
     added: {version, first_doc, documents, first_chunk, chunks, tokens, seconds}. Corpus options default
     to the ones the DB was chunked with."""
     started = time.time()
     progress = progress or NullProgress()
     check_threads(threads)
-    db = open_db(path)
+    db = open_db(db_location(db))
     if db.stage("index") != "complete":
         raise RetroError(f"{db.path}: is not fully built (index stage {db.stage('index')}); finish it with "
                          f"`retro build-db` before adding documents")
@@ -119,8 +121,8 @@ def add_documents(
     block_size = int(db.manifest["stages"]["embed"].get("block_size", DEFAULT_BLOCK_SIZE))
     if stage_status(read_manifest(segment), "embed") != "complete":
         _pause_point("embed")
-    added = embed_db(segment, embedder["name"], embedder["precision"], batch_size, threads, block_size,
-                     progress=progress, device=device)
+    options = EmbedOptions(embedder["name"], embedder["precision"], batch_size, threads, block_size)
+    added = embed_db(segment, options, progress=progress, device=device)
     if added.manifest["embedder"]["sha256"] != embedder["sha256"]:
         raise RetroError(f"embedder '{embedder['name']}' here has other weights than the DB was built with")
     _pause_point("index")

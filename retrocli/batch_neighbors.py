@@ -22,7 +22,17 @@ from retrocli.block_stage import BlockStage
 from retrocli.checksums import record_arrays
 from retrocli.chunk import ChunkOptions, chunk_corpus
 from retrocli.cluster import dask_client
-from retrocli.db import MANIFEST, STORE, RetroDB, check_same_chunking, load_embeddings, open_db, read_manifest
+from retrocli.db import (
+    MANIFEST,
+    STORE,
+    DBLike,
+    RetroDB,
+    as_db,
+    check_same_chunking,
+    load_embeddings,
+    open_db,
+    read_manifest,
+)
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -38,7 +48,14 @@ from retrocli.neighbor_arrays import (
     store_name,
 )
 from retrocli.neighbors import check_k, require_searchable, search_excluding
-from retrocli.options import DEFAULT_BATCH_BLOCK, DEFAULT_EF_SEARCH, DEFAULT_QUERY_K, DEFAULT_TEXT_FIELD, check_at_least
+from retrocli.options import (
+    DEFAULT_BATCH_BLOCK,
+    DEFAULT_EF_SEARCH,
+    DEFAULT_QUERY_K,
+    DEFAULT_TEXT_FIELD,
+    EmbedOptions,
+    check_at_least,
+)
 from retrocli.progress import NullProgress, Progress
 from retrocli.shard_owners import OwnedShards
 
@@ -60,7 +77,7 @@ def _is_db(path: Path) -> bool:
 
 @holds_writer_lock("retro neighbors", "out")
 def batch_neighbors(
-    db_path: str | os.PathLike,
+    db: DBLike,
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
     k: int = DEFAULT_QUERY_K,
@@ -93,7 +110,7 @@ def batch_neighbors(
     check_at_least("--ef", ef)
     check_at_least("--threads", threads, allow_none=True)
     check_at_least("--block-size", block_size)
-    db = open_db(db_path)
+    db = as_db(db)
     check_k(db, k)
     if candidates is None:
         candidates = min(CANDIDATES_PER_K * k, db.num_chunks) if exclude_same_doc else k
@@ -159,8 +176,8 @@ def batch_neighbors(
             chunk_corpus(inputs, qpath, ChunkOptions(db.chunk_size, str(db.path / "tokenizer.json"),
                                                     text_field, id_field), overwrite=True, progress=progress)
         recorded = db.manifest["embedder"]
-        queries = embed_db(qpath, recorded["name"], recorded["precision"], threads=threads, progress=progress,
-                           dask=dask, device=device)
+        options = EmbedOptions(recorded["name"], recorded["precision"], threads=threads)
+        queries = embed_db(qpath, options, progress=progress, dask=dask, device=device)
         _check_same_embedder(db, queries)
 
     n = queries.num_chunks

@@ -14,11 +14,8 @@ from retrocli.embed import embed_db
 from retrocli.errors import RetroError
 from retrocli.index import index_db
 from retrocli.options import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_EMBED_BATCH,
-    DEFAULT_EMBEDDER,
-    DEFAULT_PRECISION,
     ChunkOptions,
+    EmbedOptions,
     IndexOptions,
 )
 from retrocli.progress import Progress
@@ -28,11 +25,7 @@ def build_db(
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
     chunk_options: ChunkOptions | None = None,
-    embedder: str = DEFAULT_EMBEDDER,
-    precision: str = DEFAULT_PRECISION,
-    batch_size: int = DEFAULT_EMBED_BATCH,
-    threads: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    embed_options: EmbedOptions | None = None,
     index_options: IndexOptions | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -60,6 +53,5 @@ def build_db(
                 )
         else:
             chunk_corpus(inputs, out, chunk_options, overwrite=overwrite, progress=progress, dask=client)
-        embed_db(out, embedder, precision, batch_size, threads, block_size, progress=progress, dask=client,
-                 device=device, devices=devices)
+        embed_db(out, embed_options, progress=progress, dask=client, device=device, devices=devices)
         return index_db(out, index_options, progress=progress, dask=client)

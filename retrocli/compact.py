@@ -23,13 +23,16 @@ from retrocli.db import (
     ROWS_PER_ZARR_CHUNK,
     STORE,
     TOKENIZER_FILE,
+    DBLike,
     RetroDB,
+    as_db,
     open_db,
     record_stage_arrays,
 )
 from retrocli.errors import RetroError
-from retrocli.index import IndexOptions, index_db
+from retrocli.index import index_db
 from retrocli.lock import holds_writer_lock
+from retrocli.options import IndexOptions
 from retrocli.progress import Progress
 from retrocli.staging import check_target, staged
 
@@ -102,11 +105,11 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
     return open_db(out)
 
 
-def compact_db(db_path: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
+def compact_db(db: DBLike, out: str | os.PathLike, overwrite: bool = False,
                progress: Progress | None = None) -> RetroDB:
-    """Write `out`: the DB at `db_path` without its removed documents, its segments folded in."""
+    """Write `out`: the DB without its removed documents, its segments folded in."""
     out = Path(out)
-    db = open_db(db_path)
+    db = as_db(db)
     check_outside(out, db.path, "--out")
     check_target(out, overwrite)  # before any work: a refusal after it would leave nothing but lost time
     return write_filtered_db(db, out, set(), progress)

@@ -534,6 +534,19 @@ def open_db(path: str | os.PathLike, check_files: bool = True) -> RetroDB:
     return RetroDB(path, check_files)
 
 
+# What the API takes for a DB, always as its first argument `db`: one already opened, or its path.
+DBLike = RetroDB | str | os.PathLike
+
+
+def as_db(db: DBLike) -> RetroDB:
+    return db if isinstance(db, RetroDB) else open_db(db)
+
+
+def db_location(db: DBLike) -> Path:
+    """The DB's directory, without opening it (a stage that writes reopens it after each change)."""
+    return db.path if isinstance(db, RetroDB) else Path(db)
+
+
 def open_task_db(location: str | tuple[str, str], array: str, start: int, stop: int
                  ) -> tuple[RetroDB, Mirror | None]:
     """In a block task: the DB at `location`, a path, or (URL, cache dir) for a DB on object storage,

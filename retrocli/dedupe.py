@@ -9,7 +9,12 @@ from pathlib import Path
 
 from retrocli.artifacts import check_outside
 from retrocli.compact import write_filtered_db
-from retrocli.db import RetroDB, open_db
+from retrocli.db import (
+    DBLike,
+    RetroDB,
+    as_db,
+    open_db,
+)
 from retrocli.leakage import LeakageReport, leakage_report
 from retrocli.staging import check_target
 
@@ -25,16 +30,16 @@ def flagged_documents(report: LeakageReport, drop_leaking_chunks: bool) -> set[i
 
 
 def dedupe(
-    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], out: str | os.PathLike,
+    db: DBLike, test_inputs: list[str | os.PathLike], out: str | os.PathLike,
     drop_leaking_chunks: bool = False, overwrite: bool = False, **report_options,
 ) -> tuple[RetroDB, LeakageReport, set[int]]:
     out = Path(out)
-    db = open_db(db_path)
+    db = as_db(db)
     check_outside(out, db.path, "--out")
     if report_options.get("work_dir") is not None:
         check_outside(report_options["work_dir"], out, "--work-dir", "the output DB")
     check_target(out, overwrite)  # before the leakage report: a refusal after it would waste the work
-    report = leakage_report(db_path, test_inputs, **report_options)
+    report = leakage_report(db, test_inputs, **report_options)
     drop = flagged_documents(report, drop_leaking_chunks)
     new_db = write_filtered_db(db, out, drop, report_options.get("progress"))
     return new_db, report, drop

@@ -37,8 +37,10 @@ from retrocli.cluster import dask_client, run_on_devices, worker_device
 from retrocli.db import (
     EMBED_ARRAYS,
     STORE,
+    DBLike,
     RetroDB,
     commit_manifest,
+    db_location,
     open_db,
     open_task_db,
     record_stage_arrays,
@@ -48,10 +50,10 @@ from retrocli.device import native_bf16, resolve_device, resolve_devices, resolv
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import (
-    DEFAULT_BLOCK_SIZE,
     DEFAULT_EMBED_BATCH,
     DEFAULT_EMBEDDER,
     DEFAULT_PRECISION,
+    EmbedOptions,
     check_at_least,
 )
 from retrocli.progress import NullProgress, Progress
@@ -346,28 +348,23 @@ def chunk_texts(db: RetroDB, start: int, stop: int) -> list[str]:
     return db.tokenizer.tokenizer.decode_batch(rows, skip_special_tokens=False)
 
 
-@holds_writer_lock("retro embed", "path")
+@holds_writer_lock("retro embed", "db")
 def embed_db(
-    path: str | os.PathLike,
-    embedder: str = DEFAULT_EMBEDDER,
-    precision: str = DEFAULT_PRECISION,
-    batch_size: int = DEFAULT_EMBED_BATCH,
-    threads: int | None = None,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    progress: Progress | None = None,
-    max_blocks: int | None = None,
-    dask=None,
-    device: str = "auto",
-    devices: str | None = None,
+    db: DBLike, options: EmbedOptions | None = None, progress: Progress | None = None, dask=None,
+    device: str = "auto", devices: str | None = None, max_blocks: int | None = None,
 ) -> RetroDB:
-    """Embed every chunk of the DB at `path`, resuming a previous partial run. Returns the DB reopened.
-    `device` (auto, cpu, cuda, cuda:N, mps) runs BERT there; on Dask each worker resolves it for itself
-    (a worker started with CUDA_VISIBLE_DEVICES=N uses GPU N with the default auto).
+    """Embed every chunk of the DB, resuming a previous partial run. Returns the DB reopened. `device`
+    (auto, cpu, cuda, cuda:N, mps) runs BERT there; on Dask each worker resolves it for itself (a worker
+    started with CUDA_VISIBLE_DEVICES=N uses GPU N with the default auto).
 
     `devices` ('all' or a list such as 'cuda:0,cuda:1') runs one worker process per device over the same
     blocks; the result is the one a single device writes. `dask` (a scheduler address, 'local:N' or a
-    distributed.Client) embeds the blocks on Dask workers, `threads` torch threads per task (default 1
-    there). `max_blocks` stops after that many new blocks (used to test interruption without killing)."""
+    distributed.Client) embeds the blocks on Dask workers, `options.threads` torch threads per task
+    (default 1 there). `max_blocks` stops after that many new blocks (used to test interruption without
+    killing)."""
+    options = options or EmbedOptions()
+    embedder, precision, batch_size = options.embedder, options.precision, options.batch_size
+    threads, block_size, path = options.threads, options.block_size, db_location(db)
     progress = progress or NullProgress()
     check_at_least("--threads", threads, allow_none=True)
     worker_devices = None

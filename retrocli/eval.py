@@ -20,7 +20,7 @@ import torch
 
 from retrocli.batch_neighbors import CANDIDATES_PER_K, neighbors_of_inputs
 from retrocli.datastore import Datastore, FinalHidden
-from retrocli.db import RetroDB, open_db
+from retrocli.db import DBLike, RetroDB, as_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.knn_lm import Interpolation, is_dev_document, tune_interpolation
@@ -29,11 +29,10 @@ from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplica
 from retrocli.options import (
     DEFAULT_ALPHA,
     DEFAULT_EVAL_BATCH,
-    DEFAULT_KNN_EF,
     DEFAULT_KNN_K,
-    DEFAULT_LAMBDA_BUCKETS,
     DEFAULT_LEAKAGE_K,
     DEFAULT_TEXT_FIELD,
+    KnnOptions,
     check_at_least,
 )
 from retrocli.overlap import compute_overlap
@@ -203,9 +202,9 @@ def bpb_summary(losses: ChunkLosses, r: np.ndarray | None, alphas=ALPHA_GRID) ->
 
 
 def evaluate(
-    model_dir: str | os.PathLike | None,
-    db_path: str | os.PathLike,
+    db: DBLike,
     inputs: list[str | os.PathLike],
+    model_dir: str | os.PathLike | None = None,
     leakage: bool = True,
     batch_size: int = DEFAULT_EVAL_BATCH,
     threads: int | None = None,
@@ -216,12 +215,7 @@ def evaluate(
     exclude_near_duplicates: bool = False,
     device: str = "auto",
     stale_retrieval: bool = False,
-    knn_lm: str | os.PathLike | None = None,
-    knn_lambda: float | str = "auto",
-    knn_k: int = DEFAULT_KNN_K,
-    knn_temperature: float | None = None,
-    knn_ef: int = DEFAULT_KNN_EF,
-    lambda_buckets: int = DEFAULT_LAMBDA_BUCKETS,
+    knn: KnnOptions | None = None,
     losses_out: str | os.PathLike | None = None,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
@@ -233,8 +227,8 @@ def evaluate(
     normalised text), so what remains is what retrieval finds elsewhere. stale_retrieval also measures bpb
     with the neighbours stale retrieval delivers (chunk u reads chunk u−1's; `bpb_stale_retrieval`).
 
-    knn_lm: a datastore built by `retro knn-datastore` for this model and DB; the result then holds
-    `knn_lm`, the LM alone, RETRO, kNN-LM and RETRO + kNN-LM side by side (see knn_comparison). The
+    knn: a datastore built by `retro knn-datastore` for this model and DB (λ None or "auto": tuned); the
+    result then holds `knn_lm`: the LM alone, RETRO, kNN-LM and RETRO + kNN-LM side by side (knn_comparison). The
     near-duplicates of each test document are excluded from both kinds of retrieval.
 
     losses_out: an .npz (no pickle) of every scored token's bits with and without retrieval and the
@@ -248,19 +242,19 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     where = resolve_device(device)
-    db = open_db(db_path)
+    db = as_db(db)
     model_dir = resolve_model(model_dir, db)
     model, meta = load_model(model_dir, db)
     model.to(where)
-    knn = None
-    if knn_lm is not None:
-        knn_lambda = parse_lambda(knn_lambda)
-        check_at_least("--knn-k", knn_k)
-        check_at_least("--lambda-buckets", lambda_buckets)
-        if knn_temperature is not None and not knn_temperature > 0:
+    store = None
+    if knn is not None:
+        knn_lambda = parse_lambda("auto" if knn.lam is None else knn.lam)
+        check_at_least("--knn-k", knn.k)
+        check_at_least("--lambda-buckets", knn.buckets)
+        if knn.temperature is not None and not knn.temperature > 0:
             raise RetroError("--knn-temperature: must be > 0")
-        knn = Datastore(knn_lm, knn_ef)
-        knn.check_matches(model_dir, db)
+        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore, knn.ef)
+        store.check_matches(model_dir, db)
         exclude_near_duplicates = True  # the same exclusions for both kinds of retrieval
     model_k = k or model.config.num_neighbors
     k = max(model_k, DEFAULT_LEAKAGE_K if leakage else 0)
@@ -279,14 +273,14 @@ def evaluate(
             for pair in pairs:
                 knn_exclude.setdefault(int(pair.test_doc), set()).add(int(pair.db_doc))
             knn_exclude = {doc: np.array(sorted(docs), dtype=np.int64) for doc, docs in knn_exclude.items()}
-        losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k, knn=knn, knn_k=knn_k,
-                              knn_exclude=knn_exclude)
+        losses = chunk_losses(model, db, test, ids, batch_size, progress, k=model_k, knn=store,
+                              knn_k=knn.k if knn else DEFAULT_KNN_K, knn_exclude=knn_exclude)
         r = compute_overlap(db, test, ids, progress=progress).r if leakage else None
         result = bpb_summary(losses, r)
         if losses_out is not None:
             write_losses(losses_out, losses, ids[:, :k], test, model_k)
-        if knn is not None:
-            result["knn_lm"] = knn_comparison(losses, test, r, knn, db, knn_lambda, knn_temperature, lambda_buckets,
+        if store is not None:
+            result["knn_lm"] = knn_comparison(losses, test, r, store, db, knn_lambda, knn.temperature, knn.buckets,
                                               retrieval_seconds)
         if stale_retrieval:
             stale = chunk_losses(model, db, test, stale_neighbor_ids(ids, test.chunk_doc), batch_size, progress,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from retrocli.datastore import Datastore, FinalHidden
-from retrocli.db import RetroDB, open_db
+from retrocli.db import DBLike, as_db
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.knn_lm import knn_distribution
@@ -26,15 +26,10 @@ from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
     DEFAULT_EF_SEARCH,
     DEFAULT_GENERATE_LAMBDA,
-    DEFAULT_KNN_K,
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_SAMPLING_SEED,
-    DEFAULT_TEMPERATURE,
-    DEFAULT_TOP_K,
+    KnnOptions,
+    SamplingOptions,
     check_at_least,
-    check_in_range,
     check_knn_temperature,
-    check_seed,
 )
 from retrocli.overlap import NEIGHBOR_PAD, longest_runs
 from retrocli.retriever import HttpRetriever, LocalRetriever
@@ -133,33 +128,29 @@ def model_tokenizer(model_path: Path, meta: dict) -> LoadedTokenizer:
 
 
 def generate(
-    db_path: str | os.PathLike | RetroDB | None, prompt: str, model_dir: str | os.PathLike | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
-    top_k: int | None = DEFAULT_TOP_K, top_p: float | None = None,
-    seed: int = DEFAULT_SAMPLING_SEED, k: int | None = None, ef: int = DEFAULT_EF_SEARCH, retrieval: bool = True,
-    on_text: Callable[[str], None] | None = None, on_retrieval: Callable[[Retrieval], None] | None = None,
-    device: str = "auto", retriever=None, stale_retrieval: bool = False,
-    knn_lm: str | os.PathLike | Datastore | None = None, knn_lambda: float = DEFAULT_GENERATE_LAMBDA,
-    knn_k: int = DEFAULT_KNN_K, knn_temperature: float | None = None,
+    db: DBLike | None, prompt: str, model_dir: str | os.PathLike | None = None,
+    sampling: SamplingOptions | None = None, k: int | None = None, ef: int = DEFAULT_EF_SEARCH,
+    retrieval: bool = True, on_text: Callable[[str], None] | None = None,
+    on_retrieval: Callable[[Retrieval], None] | None = None, device: str = "auto", retriever=None,
+    stale_retrieval: bool = False, knn: KnnOptions | None = None,
 ) -> Generation:
-    """`device` runs the model and the query embedder there; greedy decoding gives the same tokens on any
-    device in fp32 (up to ties within rounding). `retriever`: a LocalRetriever, an HttpRetriever or the
-    URL of a `retro serve` server, used instead of opening db_path. `stale_retrieval`: see StaleRetrieval.
+    """Continue `prompt` with the model (default: the bundled one for db's tokens), retrieving for each
+    completed chunk from `db`. `device` runs the model and the query embedder there; greedy decoding gives
+    the same tokens on any device in fp32 (up to ties within rounding). `retriever`: a LocalRetriever, an
+    HttpRetriever or the URL of a `retro serve` server, used instead of opening `db`. `stale_retrieval`:
+    see StaleRetrieval.
 
-    knn_lm: a datastore (`retro knn-datastore`) for this model: each token is sampled from
-    λ·p_kNN + (1−λ)·p_model, p_kNN from the knn_k keys nearest to the state that made the logits, at
-    temperature knn_temperature (default: the datastore's median nearest-key distance)."""
+    knn: a datastore (`retro knn-datastore`) for this model: each token is sampled from
+    λ·p_kNN + (1−λ)·p_model, p_kNN from the knn.k keys nearest to the state that made the logits, at
+    temperature knn.temperature (default: the datastore's median nearest-key distance)."""
+    sampling = sampling or SamplingOptions()
     if not prompt.strip():
         raise RetroError("--prompt is empty")
-    check_at_least("--max-new-tokens", max_new_tokens)
-    check_seed(seed)
-    if not temperature >= 0:  # NaN too
-        raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
-    check_at_least("--top-k", top_k, allow_none=True)
-    check_in_range("--top-p", top_p, 0, 1, allow_none=True)
+    sampling.check()
     check_at_least("--k", k, allow_none=True)
     check_at_least("--ef", ef)
-    check_knn_temperature(knn_temperature)
+    if knn is not None:
+        check_knn_temperature(knn.temperature)
     where = resolve_device(device)
     if isinstance(retriever, str):
         retriever = HttpRetriever(retriever)
@@ -167,10 +158,10 @@ def generate(
         db = retriever.db
     elif retriever is not None:
         db = None  # a server: the tokenizer comes from the model directory
-    elif db_path is None:
+    elif db is None:
         raise RetroError("give a DB (--db) or a retrieval server (--retriever)")
     else:
-        db = db_path if isinstance(db_path, RetroDB) else open_db(db_path)
+        db = as_db(db)
     model, meta = load_model(model_dir, db if db is not None else retriever)
     model.to(where)
     tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir, retriever), meta)
@@ -214,21 +205,22 @@ def generate(
             retrieve_fn = lambda chunk_ids: record(waited_for(chunk_ids))  # noqa: E731
 
     mix_fn, hidden = None, None
-    if knn_lm is not None:
+    if knn is not None:
+        knn_lambda = DEFAULT_GENERATE_LAMBDA if knn.lam is None else knn.lam
         if not 0 <= knn_lambda <= 1:  # NaN too
             raise RetroError(f"--lambda: must be in [0, 1], got {knn_lambda}")
-        check_at_least("--knn-k", knn_k)
-        store = knn_lm if isinstance(knn_lm, Datastore) else Datastore(knn_lm)
+        check_at_least("--knn-k", knn.k)
+        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore)
         if db is not None:
             store.check_matches(model_dir, db)
         else:
             store.check_model(resolve_model(model_dir, retriever))
         hidden = FinalHidden(model)
-        knn_t = knn_temperature or store.temperature_scale
+        knn_t = knn.temperature or store.temperature_scale
 
         def mix_fn(logits: torch.Tensor) -> torch.Tensor:
             query = hidden.value[:, -1].float().cpu().numpy()
-            ids, dists = store.search(query, knn_k)
+            ids, dists = store.search(query, knn.k)
             p_model = torch.softmax(logits.double(), dim=-1)
             p_knn = torch.stack([knn_distribution(d, store.values[np.maximum(i, 0)], knn_t, p_model.shape[-1])
                                  for i, d in zip(ids, dists, strict=True)]).to(p_model.device)
@@ -237,13 +229,14 @@ def generate(
     prompt_ids = tokenizer.encode_batch([prompt])[0]
     if not prompt_ids:
         raise RetroError("--prompt encodes to no tokens")
-    generator = torch.Generator(device=where).manual_seed(seed)  # sampling draws on the model's device
+    generator = torch.Generator(device=where).manual_seed(sampling.seed)  # sampling draws on the model's device
     new_ids: list[int] = []
     shown = ""
     started = time.perf_counter()
     try:
-        for token in model.generate_iter(torch.tensor(prompt_ids), max_new_tokens, retrieve_fn, temperature,
-                                         top_k, top_p, generator, mix_fn=mix_fn):
+        for token in model.generate_iter(torch.tensor(prompt_ids), sampling.max_new_tokens, retrieve_fn,
+                                         sampling.temperature, sampling.top_k, sampling.top_p, generator,
+                                         mix_fn=mix_fn):
             new_ids.append(int(token[0]))
             text = tokenizer.decode(new_ids)
             # hold back a trailing partial UTF-8 character until its other bytes arrive

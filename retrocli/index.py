@@ -19,7 +19,17 @@ import numpy as np
 from retrocli.block_stage import BlockStage
 from retrocli.checksums import file_sha256
 from retrocli.cluster import dask_client
-from retrocli.db import MANIFEST, RetroDB, commit_manifest, load_embeddings, open_db, open_task_db, read_manifest
+from retrocli.db import (
+    MANIFEST,
+    DBLike,
+    RetroDB,
+    commit_manifest,
+    db_location,
+    load_embeddings,
+    open_db,
+    open_task_db,
+    read_manifest,
+)
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions, check_at_least
@@ -31,11 +41,11 @@ INDEX_DIR = "index"
 ADD_BLOCK = 16384
 
 
-@holds_writer_lock("retro index", "path")
+@holds_writer_lock("retro index", "db")
 def index_db(
-    path: str | os.PathLike, options: IndexOptions | None = None, progress: Progress | None = None, dask=None,
+    db: DBLike, options: IndexOptions | None = None, progress: Progress | None = None, dask=None,
 ) -> RetroDB:
-    """Build (or finish building) the HNSW shards of the DB at `path`; with `dask` (an address, 'local:N'
+    """Build (or finish building) the HNSW shards of the DB; with `dask` (an address, 'local:N'
     or a distributed.Client) one task per shard on the workers, `options.threads` per task (default 1)."""
     options = options or IndexOptions()
     progress = progress or NullProgress()
@@ -44,7 +54,7 @@ def index_db(
     check_at_least("--threads", options.threads, allow_none=True)
     if options.M < 2 or options.ef_construction < 1 or options.shard_size < 1:
         raise RetroError("--M must be ≥ 2, --ef-construction and --shard-size ≥ 1")
-    db = open_db(path)
+    db = open_db(db_location(db))
     manifest = db.manifest
     n, dim = db.num_chunks, int(manifest["embedder"]["dim"]) if manifest.get("embedder") else 0
     load_embeddings(db, 0, 0)  # raises a clear error when embed is not complete
@@ -88,7 +98,7 @@ def index_db(
         # Locally, progress advances per added block; on Dask, per finished shard.
         fetch = None if isinstance(location, str) else lambda record: adopt_uploaded(db.path, [record["file"]])
         stage.run(build_shard, args, progress, client, reports_progress=True, on_result=fetch)
-    return open_db(path)
+    return open_db(db.path)
 
 
 def build_shard(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
-from retrocli.db import RetroDB, open_db
+from retrocli.db import (
+    DBLike,
+    db_location,
+    open_db,
+)
 from retrocli.verify import stage_health
 
 
-def db_info(path: str | os.PathLike) -> dict:
-    db: RetroDB = open_db(path, check_files=False)  # a damaged DB is shown as such, not refused
+def db_info(db: DBLike) -> dict:
+    db = open_db(db_location(db), check_files=False)  # a damaged DB is shown as such, not refused
     manifest = db.manifest
     return {
         "path": str(db.path),

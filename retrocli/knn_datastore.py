@@ -30,7 +30,15 @@ from retrocli.datastore import (
     model_identity,
     read_datastore_manifest,
 )
-from retrocli.db import DATASTORE_FORMAT, MANIFEST, STORE, RetroDB, open_db
+from retrocli.db import (
+    DATASTORE_FORMAT,
+    MANIFEST,
+    STORE,
+    DBLike,
+    RetroDB,
+    as_db,
+    open_db,
+)
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.index import merge_top_k, shard_name, shard_record, write_shard
@@ -81,11 +89,11 @@ def plan_keys(db: RetroDB, seq_len: int) -> KeyPlan:
 
 @holds_writer_lock("retro knn-datastore", "out")
 def build_datastore(
-    db_path: str | os.PathLike, model_dir, out: str | os.PathLike, options: DatastoreOptions | None = None,
+    db: DBLike, model_dir, out: str | os.PathLike, options: DatastoreOptions | None = None,
     progress: Progress | None = None, dask=None, device: str = "auto", overwrite: bool = False,
     max_blocks: int | None = None,
 ) -> Path:
-    """Build (or finish building) the kNN-LM datastore of the DB at `db_path` for the model `model_dir`
+    """Build (or finish building) the kNN-LM datastore of the DB for the model `model_dir`
     at `out`: keys in resumable blocks, then the HNSW shards. `dask` runs both as tasks (workers reach
     the DB, the model and `out` at the same paths). max_blocks stops after that many new key blocks."""
     options = options or DatastoreOptions()
@@ -96,7 +104,7 @@ def build_datastore(
     check_at_least("--threads", options.threads, allow_none=True)
     check_seed(options.seed)
     out = Path(out)
-    db = open_db(db_path)
+    db = as_db(db)
     model_dir = resolve_model(model_dir, db)
     check_outside(out, db.path, "--out", "the DB")
     if out.exists() and not out.is_dir():

@@ -16,7 +16,11 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from retrocli.batch_neighbors import CANDIDATES_PER_K, neighbors_of_inputs
-from retrocli.db import RetroDB, open_db
+from retrocli.db import (
+    DBLike,
+    RetroDB,
+    as_db,
+)
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.eval import bpb_summary, chunk_losses
@@ -24,15 +28,8 @@ from retrocli.model.checkpoint import load_model
 from retrocli.near_duplicates import drop_near_duplicate_neighbors, near_duplicates
 from retrocli.neighbors import check_k
 from retrocli.options import (
-    DEFAULT_ALPHA,
-    DEFAULT_EF_SEARCH,
-    DEFAULT_EXAMPLES,
-    DEFAULT_JACCARD,
-    DEFAULT_LEAKAGE_K,
-    DEFAULT_NGRAM,
-    DEFAULT_NORMALIZE,
-    DEFAULT_NUM_PERM,
     DEFAULT_TEXT_FIELD,
+    LeakageOptions,
     check_threads,
 )
 from retrocli.overlap import ChunkOverlap, check_normalization, compute_overlap, shared_text
@@ -111,24 +108,25 @@ NORMALIZATION_NOTES = {
 
 
 def leakage_report(
-    db_path: str | os.PathLike, test_inputs: list[str | os.PathLike], k: int = DEFAULT_LEAKAGE_K,
-    alpha: float = DEFAULT_ALPHA, examples: int = DEFAULT_EXAMPLES, ngram: int = DEFAULT_NGRAM,
-    num_perm: int = DEFAULT_NUM_PERM, jaccard_threshold: float = DEFAULT_JACCARD, ef: int = DEFAULT_EF_SEARCH,
-    work_dir: str | os.PathLike | None = None, text_field: str = DEFAULT_TEXT_FIELD,
-    threads: int | None = None, progress: Progress | None = None, model_dir: str | os.PathLike | None = None,
-    dask=None, normalize: str = DEFAULT_NORMALIZE, exclude_near_duplicates: bool = False, device: str = "auto",
+    db: DBLike, test_inputs: list[str | os.PathLike], options: LeakageOptions | None = None,
+    work_dir: str | os.PathLike | None = None, text_field: str = DEFAULT_TEXT_FIELD, threads: int | None = None,
+    progress: Progress | None = None, model_dir: str | os.PathLike | None = None, dask=None,
+    exclude_near_duplicates: bool = False, device: str = "auto",
 ) -> LeakageReport:
     """Measure chunk overlap and near-duplicate documents of `test_inputs` against the DB. The DB is only
     read; the test set is chunked and embedded into `work_dir` (a temp dir unless given, for resuming).
     With `dask` the test set's embedding, neighbour search and overlap run on the cluster (pass a
     distributed.Client to reuse one cluster for all three); near-duplicates stay in this process."""
+    options = options or LeakageOptions()
+    k, alpha, examples, ef, normalize = options.k, options.alpha, options.examples, options.ef, options.normalize
+    ngram, num_perm, jaccard_threshold = options.ngram, options.num_perm, options.jaccard_threshold
     if not 0 <= alpha <= 1:
         raise RetroError("--alpha: must be between 0 and 1")
     if examples < 0:
         raise RetroError("--examples: must be ≥ 0")
     check_normalization(normalize)
     check_threads(threads)
-    db = open_db(db_path)
+    db = as_db(db)
     check_k(db, k)
     started = time.time()
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k

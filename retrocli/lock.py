@@ -192,7 +192,7 @@ def holds_writer_lock(command: str, path_arg: str = "path"):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             target = signature.bind(*args, **kwargs).arguments[path_arg]
-            with writer_lock(target, command):
+            with writer_lock(getattr(target, "path", target), command):  # an opened DB or a path
                 return fn(*args, **kwargs)
 
         return wrapper

@@ -131,6 +131,19 @@ def help_of(options_class, name: str) -> str:
 
 
 @dataclass
+class EmbedOptions:
+    """`retro embed` (and build-db): the frozen BERT that keys the chunks."""
+
+    embedder: str = option(DEFAULT_EMBEDDER, "HF model id or local directory of a BERT (default: packaged MiniLM)")
+    precision: str = option(DEFAULT_PRECISION, "auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; else "
+                                                "fp32), fp32, or bf16 (autocast; slow without native bf16). A DB "
+                                                "already embedded keeps its precision")
+    batch_size: int = option(DEFAULT_EMBED_BATCH, "Chunks per BERT forward pass")
+    threads: int | None = option(None, "Torch/hnswlib threads (default: all cores; 1 per task with --dask)")
+    block_size: int = option(DEFAULT_BLOCK_SIZE, "Chunks per resumable block (one zarr chunk)")
+
+
+@dataclass
 class IndexOptions:
     """`retro index` (and build-db, add): the HNSW shards."""
 
@@ -155,6 +168,56 @@ class DatastoreOptions:
     windows_per_batch: int = option(DEFAULT_KNN_WINDOWS, "Windows of seq_len tokens per forward pass")
     # torch threads for the keys, hnswlib threads per shard (default: 1 per shard)
     threads: int | None = option(None, "Torch/hnswlib threads (default: all cores)")
+
+
+@dataclass
+class LeakageOptions:
+    """`retro leakage-report` and `retro dedupe`: the paper's two leakage measures and their thresholds."""
+
+    k: int = option(DEFAULT_LEAKAGE_K, "Neighbours (with continuations) per test chunk")
+    alpha: float = option(DEFAULT_ALPHA, "A chunk leaks when r(C) > alpha (paper: 0.125)")
+    ngram: int = option(DEFAULT_NGRAM, "n of the n-grams for document Jaccard (paper: 13)")
+    num_perm: int = option(DEFAULT_NUM_PERM, "MinHash permutations")
+    jaccard_threshold: float = option(DEFAULT_JACCARD, "Near-duplicate when n-gram Jaccard ≥ this (paper: 0.8)")
+    normalize: str = option(DEFAULT_NORMALIZE, "Compare text through reformatting: 'text' (NFKC and whitespace runs "
+                                               "collapsed for r(C); also lowercase and no punctuation for "
+                                               "near-duplicates) or 'none' (raw LM tokens, the paper's definition)")
+    ef: int = option(DEFAULT_EF_SEARCH, "HNSW search width (accuracy vs speed)")
+    examples: int = option(DEFAULT_EXAMPLES, "Leaking chunks to show side by side")
+
+
+@dataclass
+class SamplingOptions:
+    """`retro generate`: how the next token is drawn."""
+
+    max_new_tokens: int = option(DEFAULT_MAX_NEW_TOKENS, "Tokens to sample")
+    temperature: float = option(DEFAULT_TEMPERATURE, "0 = greedy")
+    top_k: int | None = option(DEFAULT_TOP_K, "Sample from the k most likely tokens")
+    top_p: float | None = option(None, "Nucleus sampling mass")
+    seed: int = option(DEFAULT_SAMPLING_SEED, "Sampling seed (deterministic)")
+
+    def check(self) -> None:
+        check_at_least("--max-new-tokens", self.max_new_tokens)
+        check_seed(self.seed)
+        if not self.temperature >= 0:  # NaN too
+            raise RetroError("--temperature: must be ≥ 0 (0 = greedy)")
+        check_at_least("--top-k", self.top_k, allow_none=True)
+        check_in_range("--top-p", self.top_p, 0, 1, allow_none=True)
+
+
+@dataclass
+class KnnOptions:
+    """kNN-LM at eval and generate time (--knn-lm): the datastore and how p_kNN is mixed into the model's."""
+
+    datastore: object = option(None, "A kNN-LM datastore (retro knn-datastore)")  # a path, or one opened
+    # p_kNN's weight: a number in [0, 1]; eval also takes "auto" (tuned); None: the command's default
+    # (eval: auto; generate: DEFAULT_GENERATE_LAMBDA)
+    lam: float | str | None = None
+    k: int = option(DEFAULT_KNN_K, "With --knn-lm: nearest keys per token")
+    temperature: float | None = None  # None: tuned with eval's auto λ, else the datastore's scale
+    ef: int = DEFAULT_KNN_EF
+    buckets: int = option(DEFAULT_LAMBDA_BUCKETS,
+                          "With --lambda auto: also tune one lambda per this many buckets of nearest-key distance")
 
 
 WINDOW_EXCLUSIONS = ("all", "later")  # --window-exclusion: see TrainingData.window_neighbors

@@ -9,12 +9,18 @@ them. Ids of the other documents and chunks never move.
 from __future__ import annotations
 
 import fnmatch
-import os
 import time
 
 import numpy as np
 
-from retrocli.db import LIVING_FORMAT_VERSION, RetroDB, commit_manifest, open_db
+from retrocli.db import (
+    LIVING_FORMAT_VERSION,
+    DBLike,
+    RetroDB,
+    commit_manifest,
+    db_location,
+    open_db,
+)
 from retrocli.errors import RetroError
 from retrocli.lock import holds_writer_lock
 
@@ -37,13 +43,13 @@ def match_documents(db: RetroDB, sources: list[str] = (), docs: list[int] = ()) 
     return sorted(found)
 
 
-@holds_writer_lock("retro remove", "path")
-def remove_documents(path: str | os.PathLike, sources: list[str] = (), docs: list[int] = ()) -> dict:
-    """Remove the documents named by `sources` (globs) and `docs` (ids) from the DB at `path`, as one
+@holds_writer_lock("retro remove", "db")
+def remove_documents(db: DBLike, sources: list[str] = (), docs: list[int] = ()) -> dict:
+    """Remove the documents named by `sources` (globs) and `docs` (ids) from the DB, as one
     committed version. Returns {version, removed, already_removed, live_documents, removed_chunks}."""
     if not sources and not docs:
         raise RetroError("name the documents to remove with --source GLOB or --doc ID")
-    db = open_db(path)
+    db = open_db(db_location(db))
     wanted = match_documents(db, list(sources), list(docs))
     new = [d for d in wanted if d not in db.removed_docs]
     removed = sorted(db.removed_docs | set(new))

@@ -23,7 +23,11 @@ import torch
 
 from retrocli import distributed
 from retrocli.artifacts import check_outside
-from retrocli.db import RetroDB, open_db
+from retrocli.db import (
+    DBLike,
+    RetroDB,
+    as_db,
+)
 from retrocli.device import peak_flops, resolve_device, resolve_precision
 from retrocli.errors import RetroError
 from retrocli.model import RetroConfig, RetroModel
@@ -277,7 +281,7 @@ def build_config(name: str, vocab_size: int, chunk_size: int, seq_len: int, k: i
 
 @distributed.leaves_the_group
 def train(
-    db_path: str | os.PathLike,
+    db: DBLike,
     neighbors_path: str | os.PathLike,
     out: str | os.PathLike,
     options: TrainOptions | None = None,
@@ -303,7 +307,7 @@ def train(
     where = resolve_device(device)
     progress = (progress or NullProgress()) if ranks.is_main else NullProgress()
     out = Path(out)
-    db = open_db(db_path)
+    db = as_db(db)
     check_outside(out, db.path, "--out")
     check_outside(out, neighbors_path, "--out", "the neighbours")
     nb = open_neighbors(neighbors_path)

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from retrocli.options import SamplingOptions
+
 # Held-out prompts: (document id in examples/data/heldout.jsonl, first char, last char, picked). The first
 # four were fixed before the model could copy; the picked two are the top of scripts/pick_demo_prompt.py on
 # the full DB (the windows whose retrieved neighbours hold the next chunk and where the model copies most).
@@ -66,8 +68,13 @@ def transcripts(db_path: Path, model: Path, heldout: Path) -> str:
     parts = []
     for doc_id, start, stop, picked in prompts:
         prompt = docs[doc_id][start:stop]
-        with_retrieval = generate(db_path, prompt, model, max_new_tokens=NEW_TOKENS, temperature=0)
-        without = generate(db_path, prompt, model, max_new_tokens=NEW_TOKENS, temperature=0, retrieval=False)
+        with_retrieval = generate(
+            db_path, prompt, model, sampling=SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0),
+        )
+        without = generate(
+            db_path, prompt, model, retrieval=False,
+            sampling=SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0),
+        )
         sources = sorted({nb.source for rec in with_retrieval.retrievals for nb in rec.neighbors})
         copy = with_retrieval.copy
         shared = (f"longest run shared with a retrieved chunk: **{copy.tokens} tokens** from `{copy.source}`: "

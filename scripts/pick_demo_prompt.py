@@ -25,6 +25,7 @@ from retrocli.embed import db_embedder
 from retrocli.generate import generate, longest_copy
 from retrocli.index import ShardedIndex
 from retrocli.model.checkpoint import bundled_model_dir
+from retrocli.options import SamplingOptions
 from retrocli.overlap import NEIGHBOR_PAD, QUERY_PAD, longest_runs
 from retrocli.sequences import neighbor_rows, pad_id
 
@@ -65,8 +66,14 @@ def main() -> None:
     for i in order:
         d, s, a, b, _, _ = windows[i]
         prompt = docs[d][a:b]
-        with_r = generate(db, prompt, args.model, args.new_tokens, temperature=0.0, k=args.k)
-        without = generate(db, prompt, args.model, args.new_tokens, temperature=0.0, k=args.k, retrieval=False)
+        with_r = generate(
+            db, prompt, args.model, k=args.k,
+            sampling=SamplingOptions(max_new_tokens=args.new_tokens, temperature=0.0),
+        )
+        without = generate(
+            db, prompt, args.model, k=args.k, retrieval=False,
+            sampling=SamplingOptions(max_new_tokens=args.new_tokens, temperature=0.0),
+        )
         # the no-retrieval continuation scored against the neighbours the retrieval run saw
         base = longest_copy(db.tokenizer, pad_id(db), without.token_ids, with_r.retrievals)
         copied = with_r.copy.tokens if with_r.copy else 0

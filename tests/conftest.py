@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import RETRO_BIN, SUBSET_TRAIN, TRAIN_OPTS, make_tiny_bert, small_corpus
 
+from retrocli.options import EmbedOptions
+
 # -- corpus files ------------------------------------------------------------------------------------
 
 
@@ -175,7 +177,10 @@ def tiny_db(tmp_path_factory, tiny_bert, small_jsonl) -> Path:
     from retrocli.tokenizer import BPE_8K_NAME
 
     path = tmp_path_factory.mktemp("tiny") / "db"
-    build_db([small_jsonl], path, ChunkOptions(tokenizer=BPE_8K_NAME), embedder=tiny_bert, block_size=32)
+    build_db(
+        [small_jsonl], path, chunk_options=ChunkOptions(tokenizer=BPE_8K_NAME),
+        embed_options=EmbedOptions(embedder=tiny_bert, block_size=32),
+    )
     return path
 
 

@@ -18,6 +18,7 @@ from retrocli.db import load_embeddings, open_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.neighbors import query_neighbors
+from retrocli.options import EmbedOptions
 from retrocli.verify import verify_db
 
 RETRO = Path(sys.executable).with_name("retro")
@@ -36,7 +37,7 @@ def parts(tmp_path_factory, small_jsonl):
 @pytest.fixture(scope="module")
 def built_a(tmp_path_factory, parts, tiny_bert):
     path = tmp_path_factory.mktemp("a") / "db"
-    build_db([parts[0]], path, embedder=tiny_bert, block_size=16)
+    build_db([parts[0]], path, embed_options=EmbedOptions(embedder=tiny_bert, block_size=16))
     return path
 
 
@@ -44,7 +45,7 @@ def built_a(tmp_path_factory, parts, tiny_bert):
 def rebuilt(tmp_path_factory, parts, tiny_bert):
     """build-db(A then B): what an add of B to A must equal."""
     path = tmp_path_factory.mktemp("ab") / "db"
-    build_db(list(parts), path, embedder=tiny_bert, block_size=16)
+    build_db(list(parts), path, embed_options=EmbedOptions(embedder=tiny_bert, block_size=16))
     return open_db(path)
 
 

@@ -3,6 +3,7 @@ import json
 from helpers import tree_snapshot
 
 from retrocli.db import open_db
+from retrocli.options import EmbedOptions
 
 
 def test_build_db_cli_then_rerun_skips(tmp_path, small_jsonl, tiny_bert, cli):
@@ -25,7 +26,7 @@ def test_build_db_resumes_interrupted_embed(tmp_path, small_jsonl, tiny_bert, cl
 
     out = tmp_path / "db"
     chunk_corpus([small_jsonl], out)
-    embed_db(out, tiny_bert, block_size=20, max_blocks=2)
+    embed_db(out, max_blocks=2, options=EmbedOptions(embedder=tiny_bert, block_size=20))
     result = cli("build-db", small_jsonl, "--out", out, "--embedder", tiny_bert)
     assert result.exit_code == 0, result.output
     db = open_db(out)

@@ -21,9 +21,10 @@ from retrocli.chunk import chunk_corpus
 from retrocli.db import load_embeddings, open_db, read_manifest
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import IndexOptions, ShardedIndex
+from retrocli.index import ShardedIndex
 from retrocli.leakage import leakage_report
 from retrocli.neighbor_arrays import open_neighbors
+from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions
 from retrocli.progress import NullProgress
 from retrocli.staging import staging_path
 
@@ -48,16 +49,20 @@ def client():
 @pytest.fixture(scope="module")
 def local_db(tmp_path_factory, tiny_bert, small_jsonl):
     path = tmp_path_factory.mktemp("local") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK,
-             index_options=INDEX)
+    build_db(
+        [small_jsonl], path, index_options=INDEX,
+        embed_options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK),
+    )
     return path
 
 
 @pytest.fixture(scope="module")
 def dask_db(tmp_path_factory, tiny_bert, small_jsonl, client):
     path = tmp_path_factory.mktemp("dask") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK,
-             index_options=INDEX, dask=client)
+    build_db(
+        [small_jsonl], path, index_options=INDEX, dask=client,
+        embed_options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK),
+    )
     return path
 
 
@@ -107,8 +112,8 @@ def test_batch_neighbors_of_a_corpus_embed_on_dask(local_db, tmp_path, client):
 
 def test_leakage_report_on_dask_equals_single_process(local_db, client):
     before = sorted((p, p.stat().st_mtime_ns) for p in local_db.rglob("*") if p.is_file())
-    local = leakage_report(local_db, [HELDOUT], k=4).to_json()
-    remote = leakage_report(local_db, [HELDOUT], k=4, dask=client).to_json()
+    local = leakage_report(local_db, [HELDOUT], options=LeakageOptions(k=4)).to_json()
+    remote = leakage_report(local_db, [HELDOUT], dask=client, options=LeakageOptions(k=4)).to_json()
     for report in (local, remote):  # wall-clock figures differ from run to run
         report.pop("timings", None)
         for key in ("seconds", "docs_per_second"):
@@ -121,10 +126,16 @@ def test_leakage_report_on_dask_equals_single_process(local_db, client):
 def test_interrupted_dask_embed_resumes_to_the_same_array(local_db, tiny_bert, small_jsonl, tmp_path, client):
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
-    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=BLOCK, max_blocks=3, dask=client)
+    embed_db(
+        path, max_blocks=3, dask=client,
+        options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK),
+    )
     state = read_manifest(path)["stages"]["embed"]
     assert state["status"] == "running" and len(state["done_blocks"]) == 3
-    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=BLOCK, dask=client)
+    embed_db(
+        path, dask=client,
+        options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=1, block_size=BLOCK),
+    )
     assert open_db(path).stage("embed") == "complete"
     np.testing.assert_array_equal(_array(path, "embeddings"), _array(local_db, "embeddings"))
 
@@ -140,8 +151,8 @@ def test_fp32_embeddings_on_dask_equal_a_process_with_more_torch_threads(tiny_be
     local, remote = tmp_path / "local", tmp_path / "remote"
     for path in (local, remote):
         chunk_corpus([corpus], path)
-    embed_db(local, tiny_bert, PRECISION, threads=2, block_size=BLOCK)
-    embed_db(remote, tiny_bert, PRECISION, block_size=BLOCK, dask=client)
+    embed_db(local, options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=2, block_size=BLOCK))
+    embed_db(remote, dask=client, options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, block_size=BLOCK))
     assert open_db(remote).stage("embed") == "complete"
     assert _array(local, "embeddings").tobytes() == _array(remote, "embeddings").tobytes()
 
@@ -178,7 +189,10 @@ def test_worker_killed_mid_embed_loses_and_duplicates_nothing(local_db, tiny_ber
     path = tmp_path / "db"
     chunk_corpus([small_jsonl], path)
     progress = KillOnFirstBlock(client)
-    embed_db(path, tiny_bert, PRECISION, threads=1, block_size=4, progress=progress, dask=client)
+    embed_db(
+        path, progress=progress, dask=client,
+        options=EmbedOptions(embedder=tiny_bert, precision=PRECISION, threads=1, block_size=4),
+    )
     done_when_killed, total, pids_before = progress.killed_at
     assert done_when_killed < total / 2  # most blocks were still to do when the worker died
     assert open_db(path).stage("embed") == "complete"
@@ -225,7 +239,9 @@ def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_pa
         "import sys, json\n"
         "from retrocli.build_db import build_db\n"
         "from retrocli.batch_neighbors import batch_neighbors\n"
-        f"db = build_db([{str(small_jsonl)!r}], {str(tmp_path / 'db')!r}, embedder={tiny_bert!r}, block_size=64)\n"
+        "from retrocli.options import EmbedOptions\n"
+        f"db = build_db([{str(small_jsonl)!r}], {str(tmp_path / 'db')!r}, "
+        f"embed_options=EmbedOptions({tiny_bert!r}, block_size=64))\n"
         f"batch_neighbors(db.path, [db.path], {str(tmp_path / 'nb')!r}, k=2)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))))\n"
     )

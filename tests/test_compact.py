@@ -11,6 +11,7 @@ from retrocli.add import add_documents
 from retrocli.build_db import build_db
 from retrocli.compact import compact_db
 from retrocli.db import load_embeddings, open_db
+from retrocli.options import EmbedOptions
 from retrocli.remove import remove_documents
 from retrocli.staging import staging_path
 from retrocli.verify import verify_db
@@ -21,7 +22,7 @@ def test_compact_after_add_and_remove_equals_a_build_of_what_is_left(tmp_path, s
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("\n".join(lines[:8]) + "\n")
     b.write_text("\n".join(lines[8:]) + "\n")
-    build_db([a], tmp_path / "db", embedder=tiny_bert, block_size=16)
+    build_db([a], tmp_path / "db", embed_options=EmbedOptions(embedder=tiny_bert, block_size=16))
     add_documents(tmp_path / "db", [b])
     remove_documents(tmp_path / "db", docs=[1, 9])  # one of the base, one added
     before = (tmp_path / "db" / "manifest.json").read_bytes()
@@ -32,7 +33,9 @@ def test_compact_after_add_and_remove_equals_a_build_of_what_is_left(tmp_path, s
 
     kept = [line for i, line in enumerate(lines) if i not in (1, 9)]
     (tmp_path / "kept.jsonl").write_text("\n".join(kept) + "\n")
-    fresh = build_db([tmp_path / "kept.jsonl"], tmp_path / "fresh", embedder=tiny_bert, block_size=16)
+    fresh = build_db(
+        [tmp_path / "kept.jsonl"], tmp_path / "fresh", embed_options=EmbedOptions(embedder=tiny_bert, block_size=16),
+    )
     new = open_db(tmp_path / "compact")
     assert new.version == 1 and not new.manifest.get("segments") and not new.removed_docs
     assert (new.num_docs, new.num_chunks) == (fresh.num_docs, fresh.num_chunks)

@@ -9,6 +9,7 @@ from retrocli.db import open_db
 from retrocli.dedupe import dedupe, write_filtered_db
 from retrocli.errors import RetroError
 from retrocli.leakage import leakage_report
+from retrocli.options import LeakageOptions
 from retrocli.staging import staging_path
 
 
@@ -31,14 +32,16 @@ def test_dedupe_removes_duplicates_and_keeps_the_rest(tmp_path, tiny_db, planted
     keep_chunks = np.concatenate([np.arange(old.doc_chunks(d).start, old.doc_chunks(d).stop) for d in kept])
     assert (new.root["embeddings"][:] == old.root["embeddings"][:][keep_chunks]).all()
     assert new.stage("index") == "complete" and new.manifest["derived_from"]["db_id"] == old.manifest["db_id"]
-    again = leakage_report(out, [planted], k=2)
+    again = leakage_report(out, [planted], options=LeakageOptions(k=2))
     assert again.near_duplicates == []
     result = cli("dedupe", tiny_db, "--test", planted, "--out", out)
     assert result.exit_code == 2 and "already exists" in result.output
 
 
 def test_dedupe_drop_leaking_chunks_removes_more(tmp_path, tiny_db, planted):
-    new_db, report, dropped = dedupe(tiny_db, [planted], tmp_path / "clean2", drop_leaking_chunks=True, k=2)
+    new_db, report, dropped = dedupe(
+        tiny_db, [planted], tmp_path / "clean2", drop_leaking_chunks=True, options=LeakageOptions(k=2),
+    )
     assert {1, 3} <= dropped
     with pytest.raises(RetroError, match="is the input DB"):
         dedupe(tiny_db, [planted], tiny_db, overwrite=True)

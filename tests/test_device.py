@@ -8,6 +8,7 @@ import torch
 from retrocli.db import open_db
 from retrocli.device import peak_flops, resolve_device, resolve_devices
 from retrocli.errors import RetroError
+from retrocli.options import EmbedOptions
 
 
 def test_auto_is_the_best_device_present():
@@ -48,8 +49,10 @@ def test_embedding_on_an_explicit_cpu_equals_the_default(tiny_db, tiny_bert, sma
 
     if resolve_device("auto").type != "cpu":
         pytest.skip("auto is an accelerator here")
-    db = build_db([small_jsonl], tmp_path / "cpu", ChunkOptions(tokenizer=BPE_8K_NAME), embedder=tiny_bert,
-                  block_size=32, device="cpu")
+    db = build_db(
+        [small_jsonl], tmp_path / "cpu", chunk_options=ChunkOptions(tokenizer=BPE_8K_NAME), device="cpu",
+        embed_options=EmbedOptions(embedder=tiny_bert, block_size=32),
+    )
     a, b = open_db(db.path).root["embeddings"][:], open_db(tiny_db).root["embeddings"][:]
     assert np.array_equal(a, b)
 

@@ -35,7 +35,7 @@ def single(tiny_db, self_neighbors, tmp_path_factory):
 
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_db, self_neighbors, single, tmp_path):
     out = tmp_path / "m2"
-    summary = launch(train, 2, threads=1, db_path=tiny_db, neighbors_path=self_neighbors, out=out,
+    summary = launch(train, 2, threads=1, db=tiny_db, neighbors_path=self_neighbors, out=out,
                      options=TrainOptions(steps=6, **OPTS), device="cpu")
     assert summary["ranks"] == 2 and summary["steps"] == 6
     # the same target tokens in all, and the same global loss at every step
@@ -55,7 +55,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tiny_db, se
 
 def test_a_two_rank_checkpoint_resumes_in_one_process_to_the_same_weights(tiny_db, self_neighbors, single, tmp_path):
     out = tmp_path / "m"
-    launch(train, 2, threads=1, db_path=tiny_db, neighbors_path=self_neighbors, out=out,
+    launch(train, 2, threads=1, db=tiny_db, neighbors_path=self_neighbors, out=out,
            options=TrainOptions(steps=6, **OPTS), device="cpu", stop_after=3)
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 3

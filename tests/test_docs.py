@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
 import os
 import re
@@ -162,3 +164,20 @@ def test_github_anchor_rules(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("# Notes\n\n## Notes\n\n```\n# not a heading\n```\n\n## Notes\n", encoding="utf-8")
     assert anchors_of(doc) == {"notes", "notes-1", "notes-2"}
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+
+
+@pytest.mark.parametrize("path", MARKDOWN_FILES, ids=lambda p: p.name)
+def test_python_examples_name_what_the_package_has(path):
+    """Every name a Markdown Python example imports from retrocli exists (a moved function breaks the
+    example before it breaks a user), and every example parses."""
+    for block in _python_blocks(path):
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("retrocli"):
+                module = importlib.import_module(node.module)
+                missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                assert not missing, f"{path.name}: {node.module} has no {', '.join(missing)}"

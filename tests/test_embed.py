@@ -17,6 +17,7 @@ from retrocli.db import load_embeddings, open_db
 from retrocli.device import resolve_precision
 from retrocli.embed import Embedder, chunk_texts, embed_db
 from retrocli.errors import RetroError
+from retrocli.options import EmbedOptions
 
 
 @pytest.fixture
@@ -59,14 +60,14 @@ def _chunk_files(db_path: Path) -> dict[str, tuple[int, int]]:
 def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
-    embed_db(reference, tiny_bert, block_size=16)
-    embed_db(chunked, tiny_bert, block_size=16, max_blocks=2)
+    embed_db(reference, options=EmbedOptions(embedder=tiny_bert, block_size=16))
+    embed_db(chunked, max_blocks=2, options=EmbedOptions(embedder=tiny_bert, block_size=16))
     state = json.loads((chunked / "manifest.json").read_text())["stages"]["embed"]
     assert state["status"] == "running" and state["done_blocks"] == [0, 1]
     with pytest.raises(RetroError, match="embed stage is not complete"):
         load_embeddings(open_db(chunked))
     before = _chunk_files(chunked)
-    embed_db(chunked, tiny_bert, block_size=999)  # the recorded block size wins on resume
+    embed_db(chunked, EmbedOptions(tiny_bert, block_size=999))  # the recorded block size wins on resume
     after = _chunk_files(chunked)
     assert all(after[f] == before[f] for f in before)  # finished blocks were not rewritten
     a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
@@ -77,7 +78,7 @@ def test_resume_recomputes_only_unfinished_blocks(chunked, tiny_bert, tmp_path):
 def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
-    embed_db(reference, tiny_bert, block_size=8)
+    embed_db(reference, options=EmbedOptions(embedder=tiny_bert, block_size=8))
     retro = Path(sys.executable).with_name("retro")
     cmd = [str(retro), "embed", str(chunked), "--embedder", tiny_bert, "--block-size", "8", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -95,7 +96,7 @@ def test_kill_9_mid_embed_then_resume_is_byte_identical(chunked, tiny_bert, tmp_
     proc.wait()
     manifest = json.loads((chunked / "manifest.json").read_text())
     assert manifest["stages"]["embed"]["status"] == "running", "process finished before it could be killed"
-    embed_db(chunked, tiny_bert)
+    embed_db(chunked, options=EmbedOptions(embedder=tiny_bert))
     a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
     b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
     assert a.tobytes() == b.tobytes()
@@ -105,9 +106,9 @@ def test_resume_with_other_embedder_is_refused(chunked, tiny_bert, tmp_path):
     from helpers import make_tiny_bert
 
     other = make_tiny_bert(tmp_path / "other", seed=1)
-    embed_db(chunked, tiny_bert, block_size=16, max_blocks=1)
+    embed_db(chunked, max_blocks=1, options=EmbedOptions(embedder=tiny_bert, block_size=16))
     with pytest.raises(RetroError, match="interrupted embed"):
-        embed_db(chunked, str(other))
+        embed_db(chunked, options=EmbedOptions(embedder=str(other)))
 
 
 def test_bad_embedder_is_a_clean_error(chunked, cli):
@@ -154,7 +155,7 @@ def test_auto_precision_follows_the_cpu_and_a_db_keeps_what_it_recorded(monkeypa
     assert not device.native_bf16() and resolve_precision("auto") == "fp32"
     assert resolve_precision("auto", recorded="bf16") == "bf16" and resolve_precision("fp32", "bf16") == "fp32"
     recorded = open_db(tiny_db_copy).manifest["embedder"]["precision"]
-    again = embed_db(tiny_db_copy, tiny_bert)  # auto: the complete stage keeps its precision, no refusal
+    again = embed_db(tiny_db_copy, EmbedOptions(tiny_bert))  # auto: the complete stage keeps its precision, no refusal
     assert again.manifest["embedder"]["precision"] == recorded
 
 
@@ -169,10 +170,10 @@ def test_cpu_features_come_from_torch_queries():
 def test_devices_runs_one_worker_per_device_and_writes_what_one_device_writes(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
-    embed_db(reference, tiny_bert, block_size=8, threads=1, device="cpu")
+    embed_db(reference, device="cpu", options=EmbedOptions(embedder=tiny_bert, block_size=8, threads=1))
     # half done in this process, the rest by two worker processes: resuming works across the two ways
-    embed_db(chunked, tiny_bert, block_size=8, threads=1, device="cpu", max_blocks=2)
-    db = embed_db(chunked, tiny_bert, threads=1, devices="cpu,cpu")
+    embed_db(chunked, device="cpu", max_blocks=2, options=EmbedOptions(embedder=tiny_bert, block_size=8, threads=1))
+    db = embed_db(chunked, devices="cpu,cpu", options=EmbedOptions(embedder=tiny_bert, threads=1))
     assert db.stage("embed") == "complete" and db.manifest["stages"]["embed"]["block_size"] == 8
     a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
     b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
@@ -182,7 +183,7 @@ def test_devices_runs_one_worker_per_device_and_writes_what_one_device_writes(ch
 def test_kill_9_with_worker_processes_then_resume_is_byte_identical(chunked, tiny_bert, tmp_path):
     reference = tmp_path / "ref"
     shutil.copytree(chunked, reference)
-    embed_db(reference, tiny_bert, block_size=4, threads=1, device="cpu")
+    embed_db(reference, device="cpu", options=EmbedOptions(embedder=tiny_bert, block_size=4, threads=1))
     retro = Path(sys.executable).with_name("retro")
     cmd = [str(retro), "embed", str(chunked), "--embedder", tiny_bert, "--block-size", "4", "--batch-size", "2",
            "--threads", "1", "--devices", "cpu,cpu"]
@@ -197,7 +198,7 @@ def test_kill_9_with_worker_processes_then_resume_is_byte_identical(chunked, tin
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the command and its workers
     proc.wait()
     assert json.loads((chunked / "manifest.json").read_text())["stages"]["embed"]["status"] == "running"
-    embed_db(chunked, tiny_bert, threads=1, devices="cpu,cpu")
+    embed_db(chunked, devices="cpu,cpu", options=EmbedOptions(embedder=tiny_bert, threads=1))
     a = zarr.open_array(str(chunked / "store.zarr"), path="embeddings", mode="r")[:]
     b = zarr.open_array(str(reference / "store.zarr"), path="embeddings", mode="r")[:]
     assert a.tobytes() == b.tobytes()

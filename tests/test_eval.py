@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from retrocli.db import open_db
+from retrocli.options import LeakageOptions
 
 
 def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, tmp_path):
@@ -17,7 +18,7 @@ def test_eval_bpb_is_consistent_with_model_loss(trained, tiny_db, small_jsonl, t
     from retrocli.sequences import chunk_rows, pad_id
 
     out, _ = trained
-    result = evaluate(out, tiny_db, [small_jsonl], work_dir=tmp_path / "w")
+    result = evaluate(tiny_db, [small_jsonl], out, work_dir=tmp_path / "w")
     assert result["bpb_retrieval"] > 0 and result["bpb_no_retrieval"] > 0
     assert result["curve"][-1]["bpb"] == pytest.approx(result["bpb_retrieval"])
     db = open_db(tiny_db)
@@ -47,10 +48,10 @@ def test_eval_k_feeds_more_neighbours_than_trained_with(trained, tiny_db, small_
 
     out, _ = trained
     work = tmp_path / "w"
-    default = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
-    same = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=2)  # the model's own k, spelled out
-    one = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=1)
-    four = evaluate(out, tiny_db, [small_jsonl], work_dir=work, k=4)  # reuses the k=10 leakage neighbours
+    default = evaluate(tiny_db, [small_jsonl], out, work_dir=work)
+    same = evaluate(tiny_db, [small_jsonl], out, work_dir=work, k=2)  # the model's own k, spelled out
+    one = evaluate(tiny_db, [small_jsonl], out, work_dir=work, k=1)
+    four = evaluate(tiny_db, [small_jsonl], out, work_dir=work, k=4)  # reuses the k=10 leakage neighbours
     assert default["num_neighbors"] == 2 and four["num_neighbors"] == 4
     assert same["bpb_retrieval"] == default["bpb_retrieval"]
     assert len({default["bpb_retrieval"], one["bpb_retrieval"], four["bpb_retrieval"]}) == 3
@@ -83,8 +84,10 @@ def test_eval_says_when_the_test_text_is_in_the_db_and_can_exclude_its_duplicate
 def test_leakage_report_can_exclude_near_duplicate_documents_from_retrieval(tiny_db, planted):
     from retrocli.leakage import leakage_report
 
-    plain = leakage_report(tiny_db, [planted], k=10, examples=0)
-    excluded = leakage_report(tiny_db, [planted], k=10, examples=0, exclude_near_duplicates=True)
+    plain = leakage_report(tiny_db, [planted], options=LeakageOptions(k=10, examples=0))
+    excluded = leakage_report(
+        tiny_db, [planted], exclude_near_duplicates=True, options=LeakageOptions(k=10, examples=0),
+    )
     assert [(p["db_doc"], p["test_doc"]) for p in plain.near_duplicates] == [(1, 0)]
     db = open_db(tiny_db)
     ov = excluded.overlap
@@ -103,8 +106,8 @@ def test_eval_stale_retrieval_scores_the_neighbours_of_the_previous_chunk(traine
 
     out, _ = trained
     work = tmp_path / "w"
-    result = evaluate(out, tiny_db, [small_jsonl], work_dir=work, stale_retrieval=True)
-    fresh = evaluate(out, tiny_db, [small_jsonl], work_dir=work)
+    result = evaluate(tiny_db, [small_jsonl], out, work_dir=work, stale_retrieval=True)
+    fresh = evaluate(tiny_db, [small_jsonl], out, work_dir=work)
     assert result["bpb_retrieval"] == fresh["bpb_retrieval"]  # the fresh figures do not change
     db, test = open_db(tiny_db), open_db(work / "queries")
     model, _ = load_model(out, db)

@@ -7,6 +7,7 @@ import pytest
 from helpers import tree_snapshot
 
 from retrocli.db import open_db
+from retrocli.options import SamplingOptions
 
 
 def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, tiny_db):
@@ -18,9 +19,12 @@ def test_generate_retrieves_each_completed_chunk_and_is_deterministic(trained, t
     n_prompt = len(db.tokenizer.encode_batch([prompt])[0])
     before = tree_snapshot(tiny_db)
     streamed = []
-    a = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, on_text=streamed.append)
-    b = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
-    c = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=4)
+    a = generate(
+        tiny_db, prompt, out, on_text=streamed.append,
+        sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3),
+    )
+    b = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3))
+    c = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=4))
     assert a.text == b.text and "".join(streamed) == a.text
     assert a.text != c.text or len(a.text) == 0
     assert len(a.retrievals) == (n_prompt + 70) // 64
@@ -85,9 +89,13 @@ def test_generate_with_stale_retrieval_is_deterministic_and_retrieves_every_chun
 
     out, _ = trained
     prompt = open_db(tiny_db).document_text(2)[:600]
-    fresh = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0)
-    a = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0, stale_retrieval=True)
-    b = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0, stale_retrieval=True)
+    fresh = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=70, temperature=0))
+    a = generate(
+        tiny_db, prompt, out, stale_retrieval=True, sampling=SamplingOptions(max_new_tokens=70, temperature=0),
+    )
+    b = generate(
+        tiny_db, prompt, out, stale_retrieval=True, sampling=SamplingOptions(max_new_tokens=70, temperature=0),
+    )
     assert a.text == b.text and len(a.token_ids) == 70
     assert len(a.retrievals) == len(fresh.retrievals)
     # the prompt's first chunk is the same text either way, so its neighbours are too

@@ -6,7 +6,8 @@ import pytest
 
 from retrocli.db import load_embeddings, open_db
 from retrocli.errors import RetroError
-from retrocli.index import IndexOptions, ShardedIndex, index_db, remove_index
+from retrocli.index import ShardedIndex, index_db, remove_index
+from retrocli.options import EmbedOptions, IndexOptions
 
 
 def brute_force(vectors, queries, k):
@@ -109,7 +110,7 @@ def _index_twice(subset_db, tiny_bert, tmp_path, threads):
 
     base = tmp_path / "embedded"
     shutil.copytree(subset_db, base)
-    embed_db(base, tiny_bert)
+    embed_db(base, options=EmbedOptions(embedder=tiny_bert))
     builds = []
     for name in ("a", "b"):
         db_path = tmp_path / name

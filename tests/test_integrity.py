@@ -6,6 +6,7 @@ import shutil
 import pytest
 from helpers import RETRO_BIN, tree_snapshot
 
+from retrocli.options import EmbedOptions
 from retrocli.staging import staging_path
 
 
@@ -45,7 +46,7 @@ def test_dedupe_replaces_a_symlinked_out_with_one_line_not_a_traceback(tiny_db, 
 
 
 @pytest.mark.parametrize("option, target", [
-    ("--json", "manifest.json"), ("--html", "report.html"), ("--work-dir", "work"), ("--work-dir", "."),
+    ("--json-out", "manifest.json"), ("--html", "report.html"), ("--work-dir", "work"), ("--work-dir", "."),
 ])
 def test_leakage_report_never_writes_into_the_db(tiny_db_copy, planted, cli, option, target):
     db = tiny_db_copy
@@ -166,7 +167,7 @@ def test_embed_progress_moves_per_batch_on_a_db_smaller_than_one_block(tmp_path,
     db = chunk_corpus([small_jsonl], tmp_path / "db")
     assert db.num_chunks < 4096  # one block: the bar used to sit at 0 % until the very end
     progress = RecordingProgress()
-    embed_db(db.path, tiny_bert, batch_size=8, progress=progress)
+    embed_db(db.path, progress=progress, options=EmbedOptions(embedder=tiny_bert, batch_size=8))
     steps = progress.advances["embed"]
     from retrocli.embed import chunk_texts, get_embedder, length_batches
 

@@ -17,7 +17,7 @@ from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.knn_datastore import build_datastore, plan_keys
 from retrocli.knn_lm import Interpolation, knn_distribution, knn_target_probs, mixed_bits, tune_interpolation
-from retrocli.options import DatastoreOptions
+from retrocli.options import DatastoreOptions, KnnOptions, SamplingOptions
 
 SMALL = DatastoreOptions(block_size=1000, shard_size=2500, threads=1)
 
@@ -166,7 +166,7 @@ def test_eval_puts_the_four_methods_side_by_side(store, trained, tiny_db, small_
 
     out, _ = trained
     work = tmp_path / "w"
-    fixed = evaluate(out, tiny_db, [small_jsonl], work_dir=work, knn_lm=store, knn_lambda=0.0)
+    fixed = evaluate(tiny_db, [small_jsonl], out, work_dir=work, knn=KnnOptions(datastore=store, lam=0.0))
     rows = {r["method"]: r for r in fixed["knn_lm"]["methods"]}
     assert list(rows) == ["lm", "retro", "knn_lm", "retro_knn_lm"]
     assert rows["knn_lm"]["bpb"] == pytest.approx(rows["lm"]["bpb"])  # λ = 0 is the LM itself
@@ -174,7 +174,7 @@ def test_eval_puts_the_four_methods_side_by_side(store, trained, tiny_db, small_
     assert rows["lm"]["bpb"] == pytest.approx(fixed["bpb_no_retrieval"])
     # the test documents are DB documents: their copies are excluded from both kinds of retrieval
     assert fixed["excluded_near_duplicates"]["pairs"] >= fixed["test_documents"]
-    auto = evaluate(out, tiny_db, [small_jsonl], work_dir=work, knn_lm=store, lambda_buckets=2)
+    auto = evaluate(tiny_db, [small_jsonl], out, work_dir=work, knn=KnnOptions(datastore=store, buckets=2))
     report = auto["knn_lm"]
     assert report["tuned_on_documents"] > 0 and report["reported_documents"] > 0
     assert report["tuned_on_documents"] + report["reported_documents"] == auto["test_documents"]
@@ -196,13 +196,18 @@ def test_generate_samples_from_the_mixed_distribution(store, trained, tiny_db, c
 
     out, _ = trained
     prompt = open_db(tiny_db).document_text(2)[:300]
-    plain = generate(tiny_db, prompt, out, max_new_tokens=24, temperature=0)
-    zero = generate(tiny_db, prompt, out, max_new_tokens=24, temperature=0, knn_lm=store, knn_lambda=0.0)
+    plain = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=24, temperature=0))
+    zero = generate(
+        tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=24, temperature=0),
+        knn=KnnOptions(datastore=store, lam=0.0),
+    )
     assert zero.token_ids == plain.token_ids
     # λ = 1, greedy: each token is the most weighted value among the nearest keys
     ds = Datastore(store)
-    only_knn = generate(tiny_db, prompt, out, max_new_tokens=24, temperature=0, knn_lm=ds, knn_lambda=1.0,
-                        retrieval=False)
+    only_knn = generate(
+        tiny_db, prompt, out, retrieval=False, sampling=SamplingOptions(max_new_tokens=24, temperature=0),
+        knn=KnnOptions(datastore=ds, lam=1.0),
+    )
     assert only_knn.token_ids != plain.token_ids
     assert set(only_knn.token_ids) <= set(ds.values.tolist())
     result = cli("generate", "--db", tiny_db, "--prompt", prompt, "--model", out, "--knn-lm", store,

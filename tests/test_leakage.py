@@ -8,6 +8,7 @@ from retrocli.db import open_db
 from retrocli.leakage import leakage_report
 from retrocli.leakage_html import render_html
 from retrocli.near_duplicates import jaccard, ngram_hashes
+from retrocli.options import LeakageOptions
 
 
 def test_ngram_jaccard_exact():
@@ -21,7 +22,7 @@ def test_ngram_jaccard_exact():
 
 @pytest.fixture(scope="module")
 def report(tiny_db, planted):
-    return leakage_report(tiny_db, [planted], k=10, examples=3)
+    return leakage_report(tiny_db, [planted], options=LeakageOptions(k=10, examples=3))
 
 
 def test_planted_leaks(report, tiny_db):
@@ -136,8 +137,8 @@ def rewrapped(minilm_db, tmp_path_factory):
 
 
 def test_a_rewrapped_copy_is_found_at_r_1_with_normalisation_and_not_without(minilm_db, rewrapped):
-    normalized = leakage_report(minilm_db, [rewrapped], k=10, examples=3)
-    raw = leakage_report(minilm_db, [rewrapped], k=10, examples=3, normalize="none")
+    normalized = leakage_report(minilm_db, [rewrapped], options=LeakageOptions(k=10, examples=3))
+    raw = leakage_report(minilm_db, [rewrapped], options=LeakageOptions(k=10, examples=3, normalize="none"))
     m = open_db(minilm_db).chunk_size
     for report in (normalized, raw):
         ov = report.overlap
@@ -154,7 +155,7 @@ def test_a_rewrapped_copy_is_found_at_r_1_with_normalisation_and_not_without(min
 
 
 def test_normalised_r_is_never_below_the_raw_one(report, tiny_db, planted):
-    raw = leakage_report(tiny_db, [planted], k=10, examples=0, normalize="none")
+    raw = leakage_report(tiny_db, [planted], options=LeakageOptions(k=10, examples=0, normalize="none"))
     assert report.normalize == "text"
     assert np.all(report.overlap.r >= raw.overlap.r)
 

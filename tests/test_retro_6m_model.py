@@ -14,6 +14,7 @@ from retrocli.db import open_db
 from retrocli.generate import generate
 from retrocli.model import RetroConfig, RetroModel
 from retrocli.model.checkpoint import RETRO_6M, bundled_model_dir, resolve_model
+from retrocli.options import SamplingOptions
 from retrocli.sequences import neighbor_rows, pad_id
 from retrocli.tokenizer import BPE_8K_NAME, load_tokenizer
 
@@ -52,8 +53,9 @@ def test_bundled_model_generates_greedily_with_retrieval(tiny_db, cli):
     assert resolve_model(None, db) == MODEL == resolve_model("retro-6m")  # tiny_db speaks the 8k BPE
     prompt = db.document_text(2)[:400]
     before = tree_snapshot(tiny_db)
-    first = generate(tiny_db, prompt, max_new_tokens=12, temperature=0)  # no model_dir: the one for its DB
-    second = generate(tiny_db, prompt, max_new_tokens=12, temperature=0)
+    # no model_dir: the bundled model for its DB
+    first = generate(tiny_db, prompt, sampling=SamplingOptions(max_new_tokens=12, temperature=0))
+    second = generate(tiny_db, prompt, sampling=SamplingOptions(max_new_tokens=12, temperature=0))
     assert first.text == second.text and first.text.strip()
     assert len(first.retrievals) >= 1 and first.retrievals[0].neighbors
     result = cli("generate", "--db", tiny_db, "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0",

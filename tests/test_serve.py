@@ -24,6 +24,7 @@ from helpers import tree_snapshot
 
 from retrocli.db import open_db
 from retrocli.neighbors import query_neighbors
+from retrocli.options import SamplingOptions
 from retrocli.sequences import neighbor_rows, pad_id
 
 pytest.importorskip("starlette")
@@ -194,8 +195,10 @@ def test_generate_through_the_server_equals_local_retrieval(server, trained, tin
     url, _ = server
     out, _ = trained
     prompt = open_db(tiny_db).document_text(2)[:600]
-    local = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
-    remote = generate(None, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, retriever=url)
+    local = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3))
+    remote = generate(
+        None, prompt, out, retriever=url, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3),
+    )
     assert remote.text == local.text and remote.token_ids == local.token_ids
     assert [[n.id for n in r.neighbors] for r in remote.retrievals] == \
         [[n.id for n in r.neighbors] for r in local.retrievals]
@@ -328,8 +331,10 @@ def test_a_retrofit_generates_through_the_server_as_with_local_retrieval(server,
     train(tiny_db, self_neighbors, out, TrainOptions(config="retrofit", base=str(db_base), cca_start=2, cca_every=2,
                                                      seq_len=128, batch_size=2, steps=2, warmup=1, threads=1))
     prompt = open_db(tiny_db).document_text(2)[:600]
-    local = generate(tiny_db, prompt, out, max_new_tokens=70, temperature=0.9, seed=3)
-    remote = generate(None, prompt, out, max_new_tokens=70, temperature=0.9, seed=3, retriever=url)
+    local = generate(tiny_db, prompt, out, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3))
+    remote = generate(
+        None, prompt, out, retriever=url, sampling=SamplingOptions(max_new_tokens=70, temperature=0.9, seed=3),
+    )
     assert remote.token_ids == local.token_ids and remote.retrievals
     assert [[n.id for n in r.neighbors] for r in remote.retrievals] == \
         [[n.id for n in r.neighbors] for r in local.retrievals]

@@ -12,8 +12,8 @@ import pytest
 from retrocli.batch_neighbors import batch_neighbors
 from retrocli.build_db import build_db
 from retrocli.db import open_db
-from retrocli.index import IndexOptions
 from retrocli.neighbor_arrays import open_neighbors
+from retrocli.options import EmbedOptions, IndexOptions
 
 distributed = pytest.importorskip("distributed")
 
@@ -26,11 +26,15 @@ SHARDS = 4
 @pytest.fixture(scope="module")
 def db4(tmp_path_factory, tiny_bert, small_jsonl):
     """A DB of exactly four shards."""
-    probe = build_db([small_jsonl], tmp_path_factory.mktemp("probe") / "db", embedder=tiny_bert,
-                     precision="fp32", threads=1, block_size=BLOCK, index_options=IndexOptions(threads=1))
+    probe = build_db(
+        [small_jsonl], tmp_path_factory.mktemp("probe") / "db", index_options=IndexOptions(threads=1),
+        embed_options=EmbedOptions(embedder=tiny_bert, precision="fp32", threads=1, block_size=BLOCK),
+    )
     path = tmp_path_factory.mktemp("four") / "db"
-    build_db([small_jsonl], path, embedder=tiny_bert, precision="fp32", threads=1, block_size=BLOCK,
-             index_options=IndexOptions(shard_size=-(-probe.num_chunks // SHARDS), threads=1))
+    build_db(
+        [small_jsonl], path, index_options=IndexOptions(shard_size=-(-probe.num_chunks // SHARDS), threads=1),
+        embed_options=EmbedOptions(embedder=tiny_bert, precision="fp32", threads=1, block_size=BLOCK),
+    )
     assert len(open_db(path).manifest["index"]["shards"]) == SHARDS
     return path
 

@@ -23,7 +23,7 @@ from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.index import IndexOptions
+from retrocli.options import EmbedOptions, IndexOptions
 from retrocli.storage import Mirror, as_location, fetch_db, fetch_input, local_db, local_inputs, mirror_path
 
 pytest.importorskip("s3fs")
@@ -84,19 +84,21 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
     return {name: root[name][:] for name in ARRAYS}
 
 
-BUILD = {"precision": "fp32", "threads": 1, "block_size": 16, "index_options": IndexOptions(shard_size=40, threads=1)}
+def build_options(tiny_bert: str) -> dict:
+    return {"embed_options": EmbedOptions(tiny_bert, "fp32", threads=1, block_size=16),
+            "index_options": IndexOptions(shard_size=40, threads=1)}
 
 
 @pytest.fixture(scope="module")
 def local_build(tmp_path_factory, tiny_bert, small_jsonl):
-    return build_db([small_jsonl], tmp_path_factory.mktemp("local") / "db", embedder=tiny_bert, **BUILD).path
+    return build_db([small_jsonl], tmp_path_factory.mktemp("local") / "db", **build_options(tiny_bert)).path
 
 
 @pytest.fixture(scope="module")
 def s3_db(s3_server, tmp_path_factory, tiny_bert, small_jsonl):
     url = f"s3://{BUCKET}/dbs/small"
     with local_db(url, tmp_path_factory.mktemp("writer-cache"), write="test build") as path:
-        build_db([small_jsonl], path, embedder=tiny_bert, **BUILD)
+        build_db([small_jsonl], path, **build_options(tiny_bert))
     return url
 
 
@@ -318,7 +320,7 @@ def test_build_db_on_dask_with_no_shared_filesystem_equals_a_local_build(s3_serv
     client_cache = tmp_path / "client"
     with _workers_with_own_caches(tmp_path) as (client, caches):
         with local_db(url, client_cache, write="test build") as path:
-            build_db(local_inputs([corpus_url], client_cache), path, embedder=tiny_bert, dask=client, **BUILD)
+            build_db(local_inputs([corpus_url], client_cache), path, dask=client, **build_options(tiny_bert))
     reader = fetch_db(url, tmp_path / "reader")
     local, remote = _arrays(local_build), _arrays(reader)
     for name in ARRAYS:

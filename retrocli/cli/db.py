@@ -58,6 +58,7 @@ from retrocli.options import (
     DEFAULT_TEXT_FIELD,
     DEFAULT_VOCAB_SIZE,
     ChunkOptions,
+    EmbedOptions,
     IndexOptions,
     check_seed,
     check_threads,
@@ -231,9 +232,8 @@ def embed(
     warn_slow_bf16(precision, err_console)
     with local_db(db, cache_dir, write="retro embed") as db, cluster(dask) as client, \
             progress_display() as progress:
-        out = embed_db(db, embedder=embedder, precision=precision, batch_size=batch_size, threads=threads,
-                       block_size=block_size, progress=progress, dask=client, device=device,
-                       devices=devices)
+        options = EmbedOptions(embedder, precision, batch_size, threads, block_size)
+        out = embed_db(db, options, progress=progress, dask=client, device=device, devices=devices)
     _embed_summary(out)
 
 @handle_errors
@@ -298,22 +298,13 @@ def build_db_cmd(
     with local_db(out, cache_dir, write="retro build-db") as out, cluster(dask) as client, \
             progress_display() as progress:
         db = build_db(
-            local_inputs(inputs, cache_dir),
-            out,
+            local_inputs(inputs, cache_dir), out,
             chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
                                        id_field=id_field, strict=strict, allow_duplicates=allow_duplicates),
-            embedder=embedder,
-            precision=precision,
-            batch_size=batch_size,
-            threads=threads,
-            block_size=block_size,
             index_options=IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size,
                                        seed=seed, threads=threads),
-            overwrite=overwrite,
-            progress=progress,
-            dask=client,
-            device=device,
-            devices=devices,
+            overwrite=overwrite, progress=progress, dask=client, device=device, devices=devices,
+            embed_options=EmbedOptions(embedder, precision, batch_size, threads, block_size),
         )
     counts = db.manifest["counts"]
     console.print(f"[green]built[/] {user(db.path)}: {counts['documents']:,} documents, {counts['chunks']:,} chunks")

@@ -37,6 +37,7 @@ from retrocli.cli.options import (
     TextField,
     Threads,
     WorkDir,
+    field_option,
     flag,
 )
 from retrocli.options import (
@@ -49,23 +50,9 @@ from retrocli.options import (
     DEFAULT_NORMALIZE,
     DEFAULT_NUM_PERM,
     DEFAULT_TEXT_FIELD,
+    LeakageOptions,
 )
 from retrocli.storage import fetch_db, local_db, local_inputs
-
-
-def _report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads, normalize):
-    return dict(
-        normalize=normalize,
-        k=k,
-        alpha=alpha,
-        ngram=ngram,
-        num_perm=num_perm,
-        jaccard_threshold=jaccard_threshold,
-        ef=ef,
-        work_dir=work_dir,
-        text_field=text_field,
-        threads=threads,
-    )
 
 
 def _print_leakage(report) -> None:
@@ -132,7 +119,7 @@ def leakage_report_cmd(
     test: TestInputs,
     k: KNeighbors = DEFAULT_LEAKAGE_K,
     alpha: Alpha = DEFAULT_ALPHA,
-    examples: Annotated[int, typer.Option(help="Leaking chunks to show side by side")] = DEFAULT_EXAMPLES,
+    examples: Annotated[int, field_option(LeakageOptions, "examples")] = DEFAULT_EXAMPLES,
     ngram: NGram = DEFAULT_NGRAM,
     num_perm: NumPerm = DEFAULT_NUM_PERM,
     jaccard_threshold: JaccardThreshold = DEFAULT_JACCARD,
@@ -166,14 +153,15 @@ def leakage_report_cmd(
         report = leakage_report(
             db,
             test,
-            examples=examples,
+            LeakageOptions(k, alpha, ngram, num_perm, jaccard_threshold, normalize, ef, examples),
+            work_dir=work_dir,
+            text_field=text_field,
+            threads=threads,
             progress=progress,
             model_dir=model,
             dask=client,
             exclude_near_duplicates=exclude_near_duplicates,
             device=device,
-            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
-                              normalize),
         )
     data = report.to_json()
     say = err_console.print if json_output else console.print  # stdout carries only the JSON then
@@ -225,10 +213,11 @@ def dedupe(
             target,
             drop_leaking_chunks=drop_leaking_chunks,
             overwrite=overwrite,
+            options=LeakageOptions(k, alpha, ngram, num_perm, jaccard_threshold, normalize, ef, examples=0),
+            work_dir=work_dir,
+            text_field=text_field,
+            threads=threads,
             progress=progress,
-            examples=0,
-            **_report_options(k, alpha, ngram, num_perm, jaccard_threshold, ef, work_dir, text_field, threads,
-                              normalize),
         )
     summary = {
         "out": str(new_db.path),

@@ -51,14 +51,16 @@ from retrocli.options import (
     DEFAULT_TOP_K,
     DEFAULT_TRAIN_K,
     DatastoreOptions,
+    KnnOptions,
+    SamplingOptions,
     TrainOptions,
     check_knn_temperature,
     check_threads,
 )
 from retrocli.storage import fetch_db, local_inputs
 
-KnnStore = Annotated[Path | None, typer.Option("--knn-lm", help="A kNN-LM datastore (retro knn-datastore)")]
-KnnK = Annotated[int, typer.Option(help="With --knn-lm: nearest keys per token")]
+KnnStore = Annotated[Path | None, field_option(KnnOptions, "datastore", "--knn-lm")]
+KnnK = Annotated[int, field_option(KnnOptions, "k")]
 KnnTemperature = Annotated[float | None, typer.Option(
     help="With --knn-lm: softmax temperature over -distance (default: tuned with --lambda auto, else the "
          "datastore's median nearest-key distance)")]
@@ -133,7 +135,7 @@ def train_cmd(
         compile=compile_model, stale_retrieval=stale_retrieval, window_exclusion=window_exclusion,
     )
     opts.check()  # before --nproc starts workers
-    _run_training(dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
+    _run_training(dict(db=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
                        heldout=heldout, resume=resume, k=k, init_from=init_from, device=device),
                   nproc, threads, json_output)
 
@@ -181,7 +183,7 @@ def retrofit_cmd(
         cca_every=cca_every, encoder_width=encoder_width,
     )
     opts.check()
-    _run_training(dict(db_path=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
+    _run_training(dict(db=fetch_db(db, cache_dir), neighbors_path=neighbors, out=out, options=opts,
                        heldout=heldout, resume=resume, k=k, device=device), nproc, threads, json_output)
 
 
@@ -238,9 +240,7 @@ def eval_cmd(
                                      "half of the test documents, reported on the other half)")] = "auto",
     knn_k: KnnK = DEFAULT_KNN_K,
     knn_temperature: KnnTemperature = None,
-    lambda_buckets: Annotated[int, typer.Option(
-        help="With --lambda auto: also tune one lambda per this many buckets of nearest-key distance")
-    ] = DEFAULT_LAMBDA_BUCKETS,
+    lambda_buckets: Annotated[int, field_option(KnnOptions, "buckets", "--lambda-buckets")] = DEFAULT_LAMBDA_BUCKETS,
     losses_out: Annotated[Path | None, typer.Option(
         help="Also write every scored token's bits with and without retrieval, and the neighbours fed, to this "
         ".npz")] = None,
@@ -255,12 +255,12 @@ def eval_cmd(
     check_threads(threads)
     check_knn_temperature(knn_temperature)
     with progress_display(enabled=not json_output) as progress:
-        result = evaluate(model, fetch_db(db, cache_dir), local_inputs(test, cache_dir), leakage=leakage,
+        knn = KnnOptions(knn_lm, lam, knn_k, knn_temperature, buckets=lambda_buckets) if knn_lm else None
+        result = evaluate(fetch_db(db, cache_dir), local_inputs(test, cache_dir), model, leakage=leakage,
                           batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
                           exclude_near_duplicates=exclude_near_duplicates, device=device,
-                          stale_retrieval=stale_retrieval, knn_lm=knn_lm, knn_lambda=lam, knn_k=knn_k,
-                          knn_temperature=knn_temperature, lambda_buckets=lambda_buckets, losses_out=losses_out)
+                          stale_retrieval=stale_retrieval, knn=knn, losses_out=losses_out)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
@@ -386,11 +386,11 @@ def generate(
         "--stale-retrieval", "Decode chunk u+1 with the neighbours of chunk u-1 while chunk u's are retrieved "
                              "in the background (decoding never waits for retrieval)")] = False,
     model: ModelDir = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to sample")] = DEFAULT_MAX_NEW_TOKENS,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = DEFAULT_TEMPERATURE,
-    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens")] = DEFAULT_TOP_K,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass")] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed (deterministic)")] = DEFAULT_SAMPLING_SEED,
+    max_new_tokens: Annotated[int, field_option(SamplingOptions, "max_new_tokens")] = DEFAULT_MAX_NEW_TOKENS,
+    temperature: Annotated[float, field_option(SamplingOptions, "temperature")] = DEFAULT_TEMPERATURE,
+    top_k: Annotated[int | None, field_option(SamplingOptions, "top_k")] = DEFAULT_TOP_K,
+    top_p: Annotated[float | None, field_option(SamplingOptions, "top_p")] = None,
+    seed: Annotated[int, field_option(SamplingOptions, "seed")] = DEFAULT_SAMPLING_SEED,
     k: Annotated[int | None, typer.Option("--k", help="Neighbours per chunk (default: the model's)")] = None,
     no_retrieval: Annotated[bool, flag("--no-retrieval", "Disable retrieval (plain decoder)")] = False,
     show_neighbors: Annotated[bool, flag("--show-neighbors", "Print each retrieval as it happens")] = False,
@@ -437,11 +437,7 @@ def generate(
         fetch_db(db, cache_dir) if db is not None else None,
         prompt,
         model_dir=model,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
+        sampling=SamplingOptions(max_new_tokens, temperature, top_k, top_p, seed),
         k=k,
         retrieval=not no_retrieval,
         device=device,
@@ -449,10 +445,7 @@ def generate(
         on_retrieval=on_retrieval,
         retriever=retriever,
         stale_retrieval=stale_retrieval,
-        knn_lm=knn_lm,
-        knn_lambda=lam,
-        knn_k=knn_k,
-        knn_temperature=knn_temperature,
+        knn=KnnOptions(knn_lm, lam, knn_k, knn_temperature) if knn_lm else None,
     )
     if json_output:
         print_json(

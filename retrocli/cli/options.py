@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from retrocli.options import IndexOptions
+from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions
 
 
 def flag(name: str, help: str):
@@ -47,15 +47,13 @@ AllowDuplicates = Annotated[
 ]
 
 # embedding and indexing (embed, index, build-db)
-Embedder = Annotated[str, typer.Option(help="HF model id or local directory of a BERT (default: packaged MiniLM)")]
-Precision = Annotated[str, typer.Option(
-    help="auto (bf16 where the CPU has native bf16: AMX or AVX512-BF16; else fp32), fp32, or bf16 "
-         "(autocast; slow without native bf16). A DB already embedded keeps its precision")]
-BatchSize = Annotated[int, typer.Option(help="Chunks per BERT forward pass")]
-Threads = Annotated[int | None, typer.Option(help="Torch/hnswlib threads (default: all cores; 1 per task with --dask)")]
+Embedder = Annotated[str, field_option(EmbedOptions, "embedder")]
+Precision = Annotated[str, field_option(EmbedOptions, "precision")]
+BatchSize = Annotated[int, field_option(EmbedOptions, "batch_size")]
+Threads = Annotated[int | None, field_option(EmbedOptions, "threads")]
 IndexThreads = Annotated[int | None, field_option(IndexOptions, "threads", "--threads")]
 LocalThreads = Annotated[int | None, typer.Option("--threads", help="Torch/hnswlib threads (default: all cores)")]
-BlockSize = Annotated[int, typer.Option(help="Chunks per resumable block (one zarr chunk)")]
+BlockSize = Annotated[int, field_option(EmbedOptions, "block_size")]
 Space = Annotated[str, field_option(IndexOptions, "space")]
 MOpt = Annotated[int, field_option(IndexOptions, "M", "--M")]
 EfConstruction = Annotated[int, field_option(IndexOptions, "ef_construction")]
@@ -69,24 +67,22 @@ Dask = Annotated[
 ]
 
 # retrieval (neighbors, leakage-report, dedupe, generate)
-Ef = Annotated[int, typer.Option(help="HNSW search width (accuracy vs speed)")]
+Ef = Annotated[int, field_option(LeakageOptions, "ef")]
 
 # test sets (leakage-report, dedupe, eval)
 TestInputs = Annotated[
     list[Path], typer.Option("--test", help="Test set: files/dirs as for `retro chunk` (repeatable)", readable=False)
 ]
-KNeighbors = Annotated[int, typer.Option("--k", help="Neighbours (with continuations) per test chunk")]
-Alpha = Annotated[float, typer.Option(help="A chunk leaks when r(C) > alpha (paper: 0.125)")]
-NGram = Annotated[int, typer.Option(help="n of the n-grams for document Jaccard (paper: 13)")]
-NumPerm = Annotated[int, typer.Option(help="MinHash permutations")]
-JaccardThreshold = Annotated[float, typer.Option(help="Near-duplicate when n-gram Jaccard ≥ this (paper: 0.8)")]
+KNeighbors = Annotated[int, field_option(LeakageOptions, "k", "--k")]
+Alpha = Annotated[float, field_option(LeakageOptions, "alpha")]
+NGram = Annotated[int, field_option(LeakageOptions, "ngram")]
+NumPerm = Annotated[int, field_option(LeakageOptions, "num_perm")]
+JaccardThreshold = Annotated[float, field_option(LeakageOptions, "jaccard_threshold")]
 WorkDir = Annotated[Path | None, typer.Option(help="Keep the embedded test set here (resumable); default: temp")]
 
 # models (eval, generate)
 ModelDir = Annotated[Path | None, typer.Option(help="Model directory (default: the bundled model)")]
-Normalize = Annotated[str, typer.Option(
-    help="Compare text through reformatting: 'text' (NFKC and whitespace runs collapsed for r(C); also lowercase "
-         "and no punctuation for near-duplicates) or 'none' (raw LM tokens, the paper's definition)")]
+Normalize = Annotated[str, field_option(LeakageOptions, "normalize")]
 ExcludeNearDuplicates = Annotated[bool, flag(
     "--exclude-near-duplicates",
     "Drop from each test document's neighbours the DB documents that near-duplicate it (13-gram Jaccard ≥ 0.8)")]
