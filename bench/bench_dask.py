@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from retrocli.options import EmbedOptions
+from retrocli.options import EmbedOptions, NeighborOptions
 
 
 def stage_seconds(db_path: Path) -> dict[str, float]:
@@ -95,8 +95,10 @@ def main() -> None:
         timings = {}
         for name, cluster_arg in (("local", None), ("dask", client)):
             t = time.perf_counter()
-            batch_neighbors(work / "local", [work / "local"], work / f"nb-{name}", k=2, exclude_same_doc=True,
-                            dask=cluster_arg)
+            batch_neighbors(
+                work / "local", [work / "local"], work / f"nb-{name}", dask=cluster_arg,
+                options=NeighborOptions(k=2, exclude_same_doc=True),
+            )
             timings[name] = time.perf_counter() - t
         nb_equal = np.array_equal(open_neighbors(work / "nb-local").ids, open_neighbors(work / "nb-dask").ids)
 

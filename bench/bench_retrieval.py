@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from retrocli.options import NeighborOptions
+
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, float]:
     """Brute-force squared-L2 top-k, in blocks so memory stays small; returns ids and queries/s."""
@@ -68,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "nb"
         start = time.perf_counter()
-        batch_neighbors(db.path, [db.path], out, k=2, ef=ef, exclude_same_doc=True)
+        batch_neighbors(db.path, [db.path], out, options=NeighborOptions(k=2, ef=ef, exclude_same_doc=True))
         seconds = time.perf_counter() - start
         ids = open_neighbors(out).ids
         print(f"batch neighbours of the whole DB (k=2, --exclude-same-doc): {db.num_chunks / seconds:,.0f} "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retrocli.options import SamplingOptions
+from retrocli.options import NeighborOptions, SamplingOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "examples" / "subset"
@@ -107,7 +107,9 @@ def main() -> int:
     from retrocli.options import TrainOptions
     from retrocli.train import train
 
-    neighbors = batch_neighbors(db.path, [db.path], work / "neighbors", k=2, exclude_same_doc=True, overwrite=True)
+    neighbors = batch_neighbors(
+        db.path, [db.path], work / "neighbors", overwrite=True, options=NeighborOptions(k=2, exclude_same_doc=True),
+    )
     config = REPO / "scripts" / "bundled-model-config.json"
     steps = args.train_steps
     options = TrainOptions(config=str(config), seq_len=2048, batch_size=4, steps=steps, warmup=min(20, steps),

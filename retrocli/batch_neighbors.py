@@ -49,11 +49,9 @@ from retrocli.neighbor_arrays import (
 )
 from retrocli.neighbors import check_k, require_searchable, search_excluding
 from retrocli.options import (
-    DEFAULT_BATCH_BLOCK,
-    DEFAULT_EF_SEARCH,
-    DEFAULT_QUERY_K,
     DEFAULT_TEXT_FIELD,
     EmbedOptions,
+    NeighborOptions,
     check_at_least,
 )
 from retrocli.progress import NullProgress, Progress
@@ -80,10 +78,7 @@ def batch_neighbors(
     db: DBLike,
     inputs: list[str | os.PathLike],
     out: str | os.PathLike,
-    k: int = DEFAULT_QUERY_K,
-    ef: int = DEFAULT_EF_SEARCH,
-    exclude_same_doc: bool = False,
-    block_size: int = DEFAULT_BATCH_BLOCK,
+    options: NeighborOptions | None = None,
     threads: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -91,21 +86,23 @@ def batch_neighbors(
     text_field: str = DEFAULT_TEXT_FIELD,
     id_field: str | None = None,
     dask=None,
-    candidates: int | None = None,
     device: str = "auto",
     update: bool = False,
     replicas: int = 1,
 ) -> Path:
-    """Write the k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
-    `candidates` (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
+    """Write the options.k neighbours of every chunk of `inputs` (a DB, or a corpus) to `out`. Resumable.
+    options.candidates (≥ k) nearest are stored per chunk; with exclude_same_doc the default is
     CANDIDATES_PER_K·k, so training can drop those from other documents of its window and still
-    keep k (see retrocli.train.TrainingData).""
+    keep k (see retrocli.train.TrainingData).
     With `dask` (an address, 'local:N' or a distributed.Client) each index shard is placed on `replicas`
     workers, which alone load it; every block of queries is searched by one owner of each shard and the
     per-shard results are merged here, exactly (see retrocli.shard_owners).
 
     `update`: neighbours in `out` computed on an earlier version of the DB are brought to this version by
     recomputing only the rows that can have changed (see update_neighbors)."""
+    options = options or NeighborOptions()
+    k, ef, exclude_same_doc = options.k, options.ef, options.exclude_same_doc
+    candidates, block_size = options.candidates, options.block_size
     progress = progress or NullProgress()
     check_at_least("--ef", ef)
     check_at_least("--threads", threads, allow_none=True)
@@ -368,10 +365,12 @@ def _check_same_embedder(db: RetroDB, other: RetroDB) -> None:
 
 @contextlib.contextmanager
 def neighbors_of_inputs(
-    db_path: str | os.PathLike, inputs: list[str | os.PathLike], work_dir: str | os.PathLike | None, **options
+    db_path: str | os.PathLike, inputs: list[str | os.PathLike], work_dir: str | os.PathLike | None,
+    options: NeighborOptions, **run,
 ) -> Iterator[tuple[NeighborArrays, RetroDB]]:
     """Batch neighbours of a test set (chunked and embedded like the DB) and the test set as a DB. Kept in
-    `work_dir` (resumable) if given, else in a temp dir removed on exit. `options` go to batch_neighbors."""
+    `work_dir` (resumable) if given, else in a temp dir removed on exit. `options` and `run` (threads,
+    progress, ...) go to batch_neighbors."""
     if work_dir is not None:
         check_outside(work_dir, db_path, "--work-dir")
         for path in inputs:
@@ -379,7 +378,7 @@ def neighbors_of_inputs(
     tmp = tempfile.mkdtemp(prefix="retro-test-set-") if work_dir is None else None
     work = Path(tmp) / "neighbors" if tmp else Path(work_dir)
     try:
-        batch_neighbors(db_path, inputs, work, update=True, **options)  # a work dir follows the DB's versions
+        batch_neighbors(db_path, inputs, work, options, update=True, **run)  # a work dir follows the DB's versions
         found = open_neighbors(work)
         yield found, query_db_of(work, found)
     finally:

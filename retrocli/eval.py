@@ -33,6 +33,7 @@ from retrocli.options import (
     DEFAULT_LEAKAGE_K,
     DEFAULT_TEXT_FIELD,
     KnnOptions,
+    NeighborOptions,
     check_at_least,
 )
 from retrocli.overlap import compute_overlap
@@ -261,7 +262,7 @@ def evaluate(
     k = min(k, db.num_chunks)
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
     started = time.perf_counter()
-    with neighbors_of_inputs(db.path, inputs, work_dir, k=k, candidates=candidates, threads=threads,
+    with neighbors_of_inputs(db.path, inputs, work_dir, NeighborOptions(k, candidates=candidates), threads=threads,
                              progress=progress, text_field=text_field, device=str(where)) as (nb, test):
         retrieval_seconds = time.perf_counter() - started
         ids, excluded, knn_exclude = nb.ids[:, :k], None, None

@@ -30,6 +30,7 @@ from retrocli.neighbors import check_k
 from retrocli.options import (
     DEFAULT_TEXT_FIELD,
     LeakageOptions,
+    NeighborOptions,
     check_threads,
 )
 from retrocli.overlap import ChunkOverlap, check_normalization, compute_overlap, shared_text
@@ -131,8 +132,8 @@ def leakage_report(
     started = time.time()
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
     where = resolve_device(device)
-    with neighbors_of_inputs(db.path, test_inputs, work_dir, k=k, candidates=candidates, ef=ef, threads=threads,
-                             progress=progress, text_field=text_field, dask=dask,
+    with neighbors_of_inputs(db.path, test_inputs, work_dir, NeighborOptions(k, ef, candidates=candidates),
+                             threads=threads, progress=progress, text_field=text_field, dask=dask,
                              device=str(where) if dask is None else device) as (neighbors, test):
         t_neighbors = time.time() - started
         pairs, dup_stats = near_duplicates(db, test, ngram, num_perm, jaccard_threshold, progress, normalize,

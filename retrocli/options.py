@@ -171,6 +171,20 @@ class DatastoreOptions:
 
 
 @dataclass
+class NeighborOptions:
+    """`retro neighbors` in batch mode: what is searched and kept for every query chunk (recorded as the
+    neighbours' settings)."""
+
+    k: int = option(DEFAULT_QUERY_K, "Neighbours per query chunk")
+    ef: int = option(DEFAULT_EF_SEARCH, "HNSW search width (accuracy vs speed)")
+    exclude_same_doc: bool = option(False, "Drop neighbours from the query's own document")
+    candidates: int | None = option(None, "Batch mode: nearest chunks stored per query chunk (≥ --k; default "
+                                          "--k, or 4·k with --exclude-same-doc so training can drop those from "
+                                          "other documents of its window)")
+    block_size: int = option(DEFAULT_BATCH_BLOCK, "Chunks per resumable block (one zarr chunk)")
+
+
+@dataclass
 class LeakageOptions:
     """`retro leakage-report` and `retro dedupe`: the paper's two leakage measures and their thresholds."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import RETRO_BIN, SUBSET_TRAIN, TRAIN_OPTS, make_tiny_bert, small_corpus
 
-from retrocli.options import EmbedOptions
+from retrocli.options import EmbedOptions, NeighborOptions
 
 # -- corpus files ------------------------------------------------------------------------------------
 
@@ -214,7 +214,10 @@ def self_neighbors(tiny_db, tmp_path_factory):
     """Batch neighbours of tiny_db against itself, k=2, --exclude-same-doc: what training reads."""
     from retrocli.batch_neighbors import batch_neighbors
 
-    return batch_neighbors(tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb", k=2, exclude_same_doc=True)
+    return batch_neighbors(
+        tiny_db, [tiny_db], tmp_path_factory.mktemp("nb") / "nb",
+        options=NeighborOptions(k=2, exclude_same_doc=True),
+    )
 
 
 @pytest.fixture(scope="session")

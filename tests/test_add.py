@@ -18,7 +18,7 @@ from retrocli.db import load_embeddings, open_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.neighbors import query_neighbors
-from retrocli.options import EmbedOptions
+from retrocli.options import EmbedOptions, NeighborOptions
 from retrocli.verify import verify_db
 
 RETRO = Path(sys.executable).with_name("retro")
@@ -203,12 +203,12 @@ def test_stale_neighbours_are_refused_for_training(db_a, parts, tmp_path):
     from retrocli.batch_neighbors import batch_neighbors
     from retrocli.train import TrainOptions, train
 
-    nb = batch_neighbors(db_a, [db_a], tmp_path / "nb", k=2, exclude_same_doc=True)
+    nb = batch_neighbors(db_a, [db_a], tmp_path / "nb", options=NeighborOptions(k=2, exclude_same_doc=True))
     add_documents(db_a, [parts[1]])
     with pytest.raises(RetroError, match="computed on version 1 of .*now at version 2"):
         train(db_a, nb, tmp_path / "m", TrainOptions(config="tiny", seq_len=128, steps=1), device="cpu")
     with pytest.raises(RetroError, match="holds neighbours of version 1 of .*now at version 2"):
-        batch_neighbors(db_a, [db_a], nb, k=2, exclude_same_doc=True)
+        batch_neighbors(db_a, [db_a], nb, options=NeighborOptions(k=2, exclude_same_doc=True))
 
 
 def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_a, parts, tmp_path, cli):
@@ -216,9 +216,10 @@ def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_
     from retrocli.neighbor_arrays import open_neighbors
     from retrocli.remove import remove_documents
 
-    args = dict(k=2, exclude_same_doc=True, ef=512)  # ef above the DB's size: the search is exact
+    args = dict(options=NeighborOptions(k=2, exclude_same_doc=True, ef=512))  # ef above the DB's size: exact search
     nb = batch_neighbors(db_a, [db_a], tmp_path / "nb", **args)
-    test_nb = batch_neighbors(db_a, [parts[1]], tmp_path / "test-nb", k=3, ef=512)  # a test set's rows
+    # a test set's rows
+    test_nb = batch_neighbors(db_a, [parts[1]], tmp_path / "test-nb", options=NeighborOptions(k=3, ef=512))
     add_documents(db_a, [parts[1]])
     remove_documents(db_a, docs=[2])
     result = cli("neighbors", db_a, "--input", db_a, "--out", nb, "--k", "2", "--exclude-same-doc", "--ef", "512",
@@ -234,8 +235,8 @@ def test_update_recomputes_only_changed_rows_and_equals_a_full_recomputation(db_
     assert np.array_equal(got.ids, want.ids) and np.array_equal(got.distances, want.distances)
     assert not np.isin(got.ids, np.flatnonzero(db.removed_chunks)).any()
     # the test set's neighbours follow too (what eval and leakage-report do with their work dirs)
-    batch_neighbors(db_a, [parts[1]], test_nb, k=3, ef=512, update=True)
-    fresh = batch_neighbors(db_a, [parts[1]], tmp_path / "test-full", k=3, ef=512)
+    batch_neighbors(db_a, [parts[1]], test_nb, update=True, options=NeighborOptions(k=3, ef=512))
+    fresh = batch_neighbors(db_a, [parts[1]], tmp_path / "test-full", options=NeighborOptions(k=3, ef=512))
     assert np.array_equal(open_neighbors(test_nb).ids, open_neighbors(fresh).ids)
     assert len(list(nb.glob("store*.zarr"))) == 1  # the old store is gone once the update is committed
 

@@ -24,7 +24,7 @@ from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.leakage import leakage_report
 from retrocli.neighbor_arrays import open_neighbors
-from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions
+from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions, NeighborOptions
 from retrocli.progress import NullProgress
 from retrocli.staging import staging_path
 
@@ -90,9 +90,14 @@ def test_build_db_on_dask_equals_single_process(local_db, dask_db, client):
 
 
 def test_batch_neighbors_on_dask_equal_single_process(local_db, tmp_path, client):
-    local = batch_neighbors(local_db, [local_db], tmp_path / "nb-local", k=3, exclude_same_doc=True, block_size=BLOCK)
-    remote = batch_neighbors(local_db, [local_db], tmp_path / "nb-dask", k=3, exclude_same_doc=True,
-                             block_size=BLOCK, dask=client)
+    local = batch_neighbors(
+        local_db, [local_db], tmp_path / "nb-local",
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    )
+    remote = batch_neighbors(
+        local_db, [local_db], tmp_path / "nb-dask", dask=client,
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    )
     a, b = open_neighbors(local), open_neighbors(remote)
     assert b.manifest["status"] == "complete" and "done_blocks" not in b.manifest
     np.testing.assert_array_equal(b.ids, a.ids)
@@ -102,8 +107,10 @@ def test_batch_neighbors_on_dask_equal_single_process(local_db, tmp_path, client
 
 
 def test_batch_neighbors_of_a_corpus_embed_on_dask(local_db, tmp_path, client):
-    local = open_neighbors(batch_neighbors(local_db, [HELDOUT], tmp_path / "a", k=2))
-    remote = open_neighbors(batch_neighbors(local_db, [HELDOUT], tmp_path / "b", k=2, dask=client))
+    local = open_neighbors(batch_neighbors(local_db, [HELDOUT], tmp_path / "a", options=NeighborOptions(k=2)))
+    remote = open_neighbors(batch_neighbors(
+        local_db, [HELDOUT], tmp_path / "b", dask=client, options=NeighborOptions(k=2),
+    ))
     np.testing.assert_array_equal(remote.ids, local.ids)
     np.testing.assert_array_equal(
         _array(tmp_path / "b" / "queries", "embeddings"), _array(tmp_path / "a" / "queries", "embeddings")
@@ -239,10 +246,10 @@ def test_without_dask_flag_dask_is_never_imported(tiny_bert, small_jsonl, tmp_pa
         "import sys, json\n"
         "from retrocli.build_db import build_db\n"
         "from retrocli.batch_neighbors import batch_neighbors\n"
-        "from retrocli.options import EmbedOptions\n"
+        "from retrocli.options import EmbedOptions, NeighborOptions\n"
         f"db = build_db([{str(small_jsonl)!r}], {str(tmp_path / 'db')!r}, "
         f"embed_options=EmbedOptions({tiny_bert!r}, block_size=64))\n"
-        f"batch_neighbors(db.path, [db.path], {str(tmp_path / 'nb')!r}, k=2)\n"
+        f"batch_neighbors(db.path, [db.path], {str(tmp_path / 'nb')!r}, NeighborOptions(k=2))\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

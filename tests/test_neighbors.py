@@ -10,6 +10,7 @@ from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.neighbor_arrays import open_neighbors
 from retrocli.neighbors import query_neighbors
+from retrocli.options import NeighborOptions
 
 
 def test_query_returns_db_text_with_its_continuation(tiny_db):
@@ -105,7 +106,9 @@ def test_newer_format_version_refused(tiny_db_copy, cli):
 
 def test_batch_self_exclude_same_doc(tiny_db, tmp_path):
     db = open_db(tiny_db)
-    out = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=3, exclude_same_doc=True, block_size=16)
+    out = batch_neighbors(
+        tiny_db, [tiny_db], tmp_path / "nb", options=NeighborOptions(k=3, exclude_same_doc=True, block_size=16),
+    )
     arrays = open_neighbors(out)
     assert arrays.ids.shape == (db.num_chunks, 12)  # 4·k candidates, for training's per-window filter
     assert arrays.manifest["settings"]["candidates"] == 12
@@ -117,13 +120,17 @@ def test_batch_self_exclude_same_doc(tiny_db, tmp_path):
 
 
 def test_batch_resume_equals_uninterrupted(tiny_db, tmp_path):
-    full = open_neighbors(batch_neighbors(tiny_db, [tiny_db], tmp_path / "a", k=2, block_size=10))
-    batch_neighbors(tiny_db, [tiny_db], tmp_path / "b", k=2, block_size=10, max_blocks=3)
+    full = open_neighbors(batch_neighbors(
+        tiny_db, [tiny_db], tmp_path / "a", options=NeighborOptions(k=2, block_size=10),
+    ))
+    batch_neighbors(tiny_db, [tiny_db], tmp_path / "b", max_blocks=3, options=NeighborOptions(k=2, block_size=10))
     state = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert state["status"] == "running" and state["done_blocks"] == [0, 1, 2]
     with pytest.raises(RetroError, match="incomplete"):
         open_neighbors(tmp_path / "b")
-    resumed = open_neighbors(batch_neighbors(tiny_db, [tiny_db], tmp_path / "b", k=2, block_size=10))
+    resumed = open_neighbors(batch_neighbors(
+        tiny_db, [tiny_db], tmp_path / "b", options=NeighborOptions(k=2, block_size=10),
+    ))
     assert (resumed.ids == full.ids).all() and (resumed.distances == full.distances).all()
     # without exclusion each chunk's nearest neighbour is itself
     assert (full.ids[:, 0] == np.arange(len(full.ids))).all()
@@ -172,16 +179,16 @@ def test_neighbours_of_one_copy_are_refused_for_another(two_copies, tmp_path):
     from retrocli.train import TrainOptions, train
 
     x, y = two_copies
-    nb = batch_neighbors(x, [x], tmp_path / "nb", k=2, exclude_same_doc=True)
+    nb = batch_neighbors(x, [x], tmp_path / "nb", options=NeighborOptions(k=2, exclude_same_doc=True))
     with pytest.raises(RetroError, match="computed on another copy"):
         train(y, nb, tmp_path / "m", TrainOptions(config="tiny", seq_len=128, steps=1), device="cpu")
     # the same path now holding the other copy: the finished neighbours are not taken as up to date
     shutil.rmtree(x)
     shutil.copytree(y, x)
     with pytest.raises(RetroError, match="another copy of"):
-        batch_neighbors(x, [x], nb, k=2, exclude_same_doc=True)
+        batch_neighbors(x, [x], nb, options=NeighborOptions(k=2, exclude_same_doc=True))
     with pytest.raises(RetroError, match="another copy of"):
-        batch_neighbors(x, [x], nb, k=2, exclude_same_doc=True, update=True)
+        batch_neighbors(x, [x], nb, update=True, options=NeighborOptions(k=2, exclude_same_doc=True))
 
 
 def test_update_refuses_a_db_that_went_back_to_an_older_version(tiny_db, tmp_path, cli):
@@ -194,7 +201,7 @@ def test_update_refuses_a_db_that_went_back_to_an_older_version(tiny_db, tmp_pat
     extra.write_text("".join(json.dumps({"text": f"Added page {i}: " + "grows the DB past its old size. " * 40}) + "\n"
                              for i in range(3)))
     add_documents(db, [extra])
-    nb = batch_neighbors(db, [db], tmp_path / "nb", k=2, exclude_same_doc=True)
+    nb = batch_neighbors(db, [db], tmp_path / "nb", options=NeighborOptions(k=2, exclude_same_doc=True))
     shutil.rmtree(db)
     shutil.copytree(old, db)  # version 1 back in place: fewer chunks than the neighbours hold
     result = cli("neighbors", db, "--input", db, "--out", nb, "--k", "2", "--exclude-same-doc", "--update")
@@ -206,7 +213,9 @@ def test_update_takes_the_writer_lock_of_its_output(tiny_db_copy, tmp_path, retr
     from retrocli.lock import writer_lock
     from retrocli.remove import remove_documents
 
-    nb = batch_neighbors(tiny_db_copy, [tiny_db_copy], tmp_path / "nb", k=2, exclude_same_doc=True)
+    nb = batch_neighbors(
+        tiny_db_copy, [tiny_db_copy], tmp_path / "nb", options=NeighborOptions(k=2, exclude_same_doc=True),
+    )
     remove_documents(tiny_db_copy, docs=[3])
     with writer_lock(nb, "a concurrent retro neighbors --update"):
         result = retro_proc("neighbors", tiny_db_copy, "--input", tiny_db_copy, "--out", nb, "--k", "2",

@@ -11,6 +11,7 @@ from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
 from retrocli.neighbors import query_neighbors
+from retrocli.options import NeighborOptions
 from retrocli.remove import remove_documents
 
 
@@ -84,7 +85,7 @@ def test_training_never_sees_removed_documents(db_copy, tmp_path):
     from retrocli.train import TrainingData, TrainOptions, train
 
     remove_documents(db_copy, docs=[0, 4])
-    nb = batch_neighbors(db_copy, [db_copy], tmp_path / "nb", k=2, exclude_same_doc=True)
+    nb = batch_neighbors(db_copy, [db_copy], tmp_path / "nb", options=NeighborOptions(k=2, exclude_same_doc=True))
     db = open_db(db_copy)
     ids = open_neighbors(nb).ids
     assert not np.isin(ids, np.flatnonzero(db.removed_chunks)).any()

@@ -13,7 +13,7 @@ from retrocli.batch_neighbors import batch_neighbors
 from retrocli.build_db import build_db
 from retrocli.db import open_db
 from retrocli.neighbor_arrays import open_neighbors
-from retrocli.options import EmbedOptions, IndexOptions
+from retrocli.options import EmbedOptions, IndexOptions, NeighborOptions
 
 distributed = pytest.importorskip("distributed")
 
@@ -50,8 +50,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def expected(db4, tmp_path_factory):
-    return open_neighbors(batch_neighbors(db4, [db4], tmp_path_factory.mktemp("nb") / "local", k=3,
-                                          exclude_same_doc=True, block_size=BLOCK))
+    return open_neighbors(batch_neighbors(
+        db4, [db4], tmp_path_factory.mktemp("nb") / "local",
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    ))
 
 
 def _loaded(client, db_path) -> dict[str, list[int]]:
@@ -59,8 +61,10 @@ def _loaded(client, db_path) -> dict[str, list[int]]:
 
 
 def test_each_worker_loads_only_its_own_shards_and_the_result_is_exact(db4, expected, cluster, tmp_path):
-    got = open_neighbors(batch_neighbors(db4, [db4], tmp_path / "nb", k=3, exclude_same_doc=True,
-                                         block_size=BLOCK, dask=cluster))
+    got = open_neighbors(batch_neighbors(
+        db4, [db4], tmp_path / "nb", dask=cluster,
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    ))
     np.testing.assert_array_equal(got.ids, expected.ids)
     np.testing.assert_array_equal(got.distances, expected.distances)
     loaded = _loaded(cluster, db4)
@@ -69,8 +73,10 @@ def test_each_worker_loads_only_its_own_shards_and_the_result_is_exact(db4, expe
 
 
 def test_replicas_place_every_shard_twice_with_the_same_result(db4, expected, cluster, tmp_path):
-    got = open_neighbors(batch_neighbors(db4, [db4], tmp_path / "nb", k=3, exclude_same_doc=True,
-                                         block_size=BLOCK, dask=cluster, replicas=2))
+    got = open_neighbors(batch_neighbors(
+        db4, [db4], tmp_path / "nb", dask=cluster, replicas=2,
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    ))
     np.testing.assert_array_equal(got.ids, expected.ids)
     assert all(held == list(range(SHARDS)) for held in _loaded(cluster, db4).values())
 
@@ -97,8 +103,10 @@ class _KillOnFirstBlock:
 def test_a_worker_killed_mid_run_has_its_shards_replaced_and_the_result_is_unchanged(db4, expected, cluster,
                                                                                      tmp_path):
     progress = _KillOnFirstBlock(cluster)
-    got = open_neighbors(batch_neighbors(db4, [db4], tmp_path / "nb", k=3, exclude_same_doc=True,
-                                         block_size=BLOCK, dask=cluster, progress=progress))
+    got = open_neighbors(batch_neighbors(
+        db4, [db4], tmp_path / "nb", dask=cluster, progress=progress,
+        options=NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK),
+    ))
     assert progress.killed is not None
     assert got.manifest["status"] == "complete"
     np.testing.assert_array_equal(got.ids, expected.ids)

@@ -23,7 +23,7 @@ from retrocli.build_db import build_db
 from retrocli.chunk import chunk_corpus
 from retrocli.db import open_db
 from retrocli.errors import RetroError
-from retrocli.options import EmbedOptions, IndexOptions
+from retrocli.options import EmbedOptions, IndexOptions, NeighborOptions
 from retrocli.storage import Mirror, as_location, fetch_db, fetch_input, local_db, local_inputs, mirror_path
 
 pytest.importorskip("s3fs")
@@ -297,8 +297,12 @@ def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_bui
 
     with _workers_with_own_caches(tmp_path) as (client, caches):
         db_path = fetch_db(s3_db, tmp_path / "client")
-        remote = batch_neighbors(db_path, [db_path], tmp_path / "nb-s3", k=3, exclude_same_doc=True, dask=client)
-        local = batch_neighbors(local_build, [local_build], tmp_path / "nb-local", k=3, exclude_same_doc=True)
+        remote = batch_neighbors(
+            db_path, [db_path], tmp_path / "nb-s3", dask=client, options=NeighborOptions(k=3, exclude_same_doc=True),
+        )
+        local = batch_neighbors(
+            local_build, [local_build], tmp_path / "nb-local", options=NeighborOptions(k=3, exclude_same_doc=True),
+        )
         np.testing.assert_array_equal(open_neighbors(remote).ids, open_neighbors(local).ids)
         db = open_db(db_path)
         files = {int(s["shard"]): s["file"] for s in db.manifest["index"]["shards"]}

@@ -11,6 +11,7 @@ from retrocli.batch_neighbors import batch_neighbors
 from retrocli.db import open_db
 from retrocli.errors import RetroError
 from retrocli.model import RetroModel
+from retrocli.options import NeighborOptions
 from retrocli.train import TrainingData, TrainOptions, lr_at, train
 
 
@@ -191,7 +192,7 @@ def test_init_from_fine_tunes_a_saved_model(tiny_db, self_neighbors, tmp_path, t
 
 
 def test_train_refuses_bad_inputs(tiny_db, tmp_path, cli):
-    nb = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", k=2)  # without --exclude-same-doc
+    nb = batch_neighbors(tiny_db, [tiny_db], tmp_path / "nb", NeighborOptions(k=2))  # without --exclude-same-doc
     with pytest.raises(RetroError, match="exclude-same-doc"):
         train(tiny_db, nb, tmp_path / "m", TrainOptions(steps=1, **OPTS))
     result = cli("train", tiny_db, "--neighbors", tmp_path / "nope", "--out", tmp_path / "m2")

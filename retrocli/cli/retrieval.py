@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, flag
+from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, field_option, flag
 from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_BATCH_BLOCK,
@@ -19,7 +19,9 @@ from retrocli.options import (
     DEFAULT_QUERY_K,
     DEFAULT_SERVE_HOST,
     DEFAULT_SERVE_PORT,
+    NeighborOptions,
     check_at_least,
+    help_of,
 )
 from retrocli.storage import fetch_db, local_inputs
 
@@ -36,18 +38,15 @@ def neighbors(
     db: Annotated[Path, typer.Argument(help="DB directory or URL (indexed)")],
     query: Annotated[list[str] | None, typer.Option(help="Query text (repeatable)")] = None,
     query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
-    k: Annotated[int, typer.Option(help="Neighbours per query chunk")] = DEFAULT_QUERY_K,
+    k: Annotated[int, field_option(NeighborOptions, "k")] = DEFAULT_QUERY_K,
     ef: Ef = DEFAULT_EF_SEARCH,
-    exclude_same_doc: Annotated[
-        bool, flag("--exclude-same-doc", "Drop neighbours from the query's own document")
-    ] = False,
+    exclude_same_doc: Annotated[bool, flag("--exclude-same-doc", help_of(NeighborOptions, "exclude_same_doc"))
+                                ] = False,
     input: Annotated[list[Path] | None, typer.Option(
         "--input", help="Batch mode: a DB or corpus (path or URL) to query")] = None,
     out: Annotated[Path | None, typer.Option(help="Batch mode: output directory (zarr ids/distances)")] = None,
     embedder: Annotated[str | None, typer.Option(help="Must match the DB's embedder if given")] = None,
-    candidates: Annotated[int | None, typer.Option(
-        help="Batch mode: nearest chunks stored per query chunk (≥ --k; default --k, or 4·k with "
-             "--exclude-same-doc so training can drop those from other documents of its window)")] = None,
+    candidates: Annotated[int | None, field_option(NeighborOptions, "candidates")] = None,
     block_size: BlockSize = DEFAULT_BATCH_BLOCK,
     threads: Threads = None,
     overwrite: Annotated[bool, flag("--overwrite", "Batch mode: replace --out")] = False,
@@ -80,11 +79,10 @@ def neighbors(
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
-            path = batch_neighbors(db, local_inputs(input, cache_dir), out, k=k, ef=ef,
-                                   exclude_same_doc=exclude_same_doc,
-                                   block_size=block_size, threads=threads, overwrite=overwrite, progress=progress,
-                                   dask=client, candidates=candidates, device=device, update=update,
-                                   replicas=replicas)
+            options = NeighborOptions(k, ef, exclude_same_doc, candidates, block_size)
+            path = batch_neighbors(db, local_inputs(input, cache_dir), out, options, threads=threads,
+                                   overwrite=overwrite, progress=progress, dask=client, device=device,
+                                   update=update, replicas=replicas)
 
         result = open_neighbors(path)
         summary = {
