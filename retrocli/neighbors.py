@@ -7,13 +7,12 @@ searched in the index; search_excluding is the search with exclusions that batch
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrocli.db import RetroDB, open_db
+from retrocli.db import DBLike, RetroDB, as_db
 from retrocli.embed import db_embedder
 from retrocli.errors import RetroError
 from retrocli.index import ShardedIndex
@@ -142,12 +141,12 @@ def check_k(db: RetroDB, k: int) -> None:
 
 
 def query_neighbors(
-    db: RetroDB | str | os.PathLike, queries: list[str], k: int = DEFAULT_QUERY_K, ef: int = DEFAULT_EF_SEARCH,
+    db: DBLike, queries: list[str], k: int = DEFAULT_QUERY_K, ef: int = DEFAULT_EF_SEARCH,
     exclude_same_doc: bool = False, device: str = "cpu",
 ) -> list[list[QueryChunk]]:
     """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source). `device`
     embeds the queries there."""
-    db = db if isinstance(db, RetroDB) else open_db(db)
+    db = as_db(db)
     check_k(db, k)
     if not queries:
         raise RetroError("no query given: pass --query TEXT or --query-file FILE")
