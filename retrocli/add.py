@@ -38,7 +38,8 @@ from retrocli.db import (
 )
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import INDEX_DIR, check_saved_shard, shard_record, write_shard
+from retrocli.index import INDEX_DIR, shard_name, shard_record, trained_file
+from retrocli.index_kinds import check_saved, write_shard
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_BLOCK_SIZE, DEFAULT_EMBED_BATCH, ChunkOptions, EmbedOptions, check_threads
 from retrocli.progress import NullProgress, Progress
@@ -194,10 +195,13 @@ def _remove(path: Path) -> None:
 
 
 def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progress) -> list[dict]:
-    """hnswlib shards of the segment's vectors, labelled with their global chunk ids, with the DB's index
-    parameters, in `segment/index/`; returns their manifest records. A shard already there whole is kept."""
+    """Index shards of the segment's vectors, labelled with their global chunk ids, of the DB's index kind
+    and parameters, in `segment/index/`; returns their manifest records. A shard already there whole is
+    kept. An ivfpq index is not retrained: the vectors are added to the DB's trained quantisers."""
     params = db.manifest["index"]
-    space, dim, shard_size = params["space"], int(params["dim"]), int(params["shard_size"])
+    kind, space, dim = params.get("kind", "hnsw"), params["space"], int(params["dim"])
+    shard_size = int(params["shard_size"])
+    trained = trained_file(db.path, params) if kind == "ivfpq" else None
     first_chunk, n = db.num_chunks, segment.num_chunks
     next_shard = 1 + max((int(s["shard"]) for s in params["shards"]), default=-1)
     directory = segment.path / INDEX_DIR
@@ -206,14 +210,14 @@ def _index_segment(db: RetroDB, segment: RetroDB, relative: str, progress: Progr
     records = []
     for i, start in enumerate(range(0, n, shard_size)):
         stop = min(n, start + shard_size)
-        final = directory / f"shard-{i:05d}.hnsw"
+        final = directory / shard_name(i, kind)
         try:
             if not final.exists():
                 raise RuntimeError("not built yet")
-            check_saved_shard(final, space, dim, stop - start)  # whole: kept from an interrupted add
+            check_saved(final, kind, stop - start, space, dim)  # whole: kept from an interrupted add
         except (OSError, RuntimeError):
-            write_shard(lambda a, b: load_embeddings(segment, a, b), start, stop, first_chunk, final, space, dim,
-                        params["M"], params["ef_construction"], params.get("seed", 100), 1)
+            write_shard(kind, lambda a, b: load_embeddings(segment, a, b), start, stop, first_chunk, final, space,
+                        dim, params, 1, trained=trained)
         task.advance(stop - start)
         records.append(shard_record(next_shard + i, final, f"{relative}/{INDEX_DIR}/{final.name}",
                                     first_chunk + start, stop - start))

@@ -30,9 +30,8 @@ from retrocli.db import (
     record_stage_arrays,
 )
 from retrocli.errors import RetroError
-from retrocli.index import index_db
+from retrocli.index import index_db, options_of
 from retrocli.lock import holds_writer_lock
-from retrocli.options import IndexOptions
 from retrocli.progress import Progress
 from retrocli.staging import check_target, staged
 
@@ -99,9 +98,7 @@ def write_filtered_db(db: RetroDB, out: Path, drop_docs: set[int], progress: Pro
         (partial / TOKENIZER_FILE).write_text((db.path / TOKENIZER_FILE).read_text(encoding="utf-8"), "utf-8")
         write_json_atomic(partial / MANIFEST, manifest)
         if db.stage("index") == "complete":
-            idx = db.manifest["index"]
-            index_db(partial, IndexOptions(idx["space"], idx["M"], idx["ef_construction"], idx["shard_size"],
-                                           idx.get("seed", 100)), progress=progress)
+            index_db(partial, options_of(db.manifest["index"]), progress=progress)
     return open_db(out)
 
 

@@ -118,6 +118,7 @@ MANIFEST_SCHEMA = {
 SEGMENT_SCHEMA = {"path": (str, True), "db_id": (str, True), "manifest_sha256": (str, True),
                   "first_doc": _COUNT, "first_chunk": _COUNT, "documents": _COUNT, "chunks": _COUNT,
                   "tokens": _COUNT, "version": _COUNT}
+TRAINED_SCHEMA = {"file": (str, True), "bytes": _COUNT, "sha256": (str, True)}
 SHARD_SCHEMA = {"shard": _COUNT, "file": (str, True), "start": _COUNT, "count": _COUNT, "bytes": _COUNT}
 
 
@@ -133,6 +134,11 @@ def check_manifest_shape(file: Path, manifest: dict) -> None:
         if not isinstance(shard, dict):
             raise RetroError(f"{file}: field 'index.shards[{i}]' must be an object, not {shard!r}")
         check_fields(file, shard, SHARD_SCHEMA, f"index.shards[{i}].")
+    trained = manifest.get("index", {}).get("trained")
+    if trained is not None:
+        if not isinstance(trained, dict):
+            raise RetroError(f"{file}: field 'index.trained' must be an object, not {trained!r}")
+        check_fields(file, trained, TRAINED_SCHEMA, "index.trained.")
     if manifest.get("version", 1) < 1:
         raise RetroError(f"{file}: field 'version' must be ≥ 1, not {manifest['version']}")
     for i, segment in enumerate(manifest.get("segments", [])):

@@ -8,12 +8,10 @@ the manifest records each finished shard, so an interrupted build resumes at the
 
 from __future__ import annotations
 
-import errno
-import os
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 
 from retrocli.block_stage import BlockStage
@@ -31,6 +29,21 @@ from retrocli.db import (
     read_manifest,
 )
 from retrocli.errors import RetroError
+from retrocli.index_kinds import (
+    TRAINED_FILE,
+    IvfPqParams,
+    Shard,
+    auto_nlist,
+    check_kind,
+    check_pq_bytes,
+    exact_distances,
+    load_shard,
+    read_rows,
+    shard_suffix,
+    train_ivfpq,
+    train_sample_rows,
+    write_shard,
+)
 from retrocli.lock import holds_writer_lock
 from retrocli.options import DEFAULT_EF_SEARCH, IndexOptions, check_at_least
 from retrocli.progress import NullProgress, Progress
@@ -38,34 +51,69 @@ from retrocli.storage import adopt_uploaded, task_location
 
 SPACES = ("l2", "ip", "cosine")
 INDEX_DIR = "index"
-ADD_BLOCK = 16384
+
+
+def index_params(options: IndexOptions, dim: int) -> dict:
+    """What the manifest's index record holds about how it was built (a rebuild compares these)."""
+    params = {"kind": options.kind, "space": options.space, "shard_size": options.shard_size,
+              "seed": options.seed, "dim": dim}
+    if options.kind == "hnsw":
+        return {**params, "M": options.M, "ef_construction": options.ef_construction}
+    return {**params, "nlist_option": options.nlist, "pq_bytes": options.pq_bytes, "opq": options.opq}
+
+
+def options_of(recorded: dict) -> IndexOptions:
+    """The options an index record was built with (compact rebuilds a DB's index with them)."""
+    options = IndexOptions(kind=recorded.get("kind", "hnsw"), space=recorded["space"],
+                           shard_size=int(recorded["shard_size"]), seed=int(recorded.get("seed", 100)))
+    if options.kind == "hnsw":
+        options.M, options.ef_construction = int(recorded["M"]), int(recorded["ef_construction"])
+    else:
+        options.nlist, options.pq_bytes = int(recorded["nlist_option"]), int(recorded["pq_bytes"])
+        options.opq = bool(recorded["opq"])
+        options.nprobe, options.rerank = int(recorded["nprobe"]), int(recorded["rerank"])
+    return options
+
+
+def _check_options(options: IndexOptions, dim: int) -> None:
+    check_kind(options.kind)
+    if options.space not in SPACES:
+        raise RetroError(f"--space: must be one of {', '.join(SPACES)}, got '{options.space}'")
+    check_at_least("--threads", options.threads, allow_none=True)
+    if options.M < 2 or options.ef_construction < 1 or options.shard_size < 1:
+        raise RetroError("--M must be ≥ 2, --ef-construction and --shard-size ≥ 1")
+    check_at_least("--nlist", options.nlist, low=0)
+    check_at_least("--nprobe", options.nprobe)
+    check_at_least("--rerank", options.rerank, low=0)
+    if options.kind == "ivfpq" and dim:
+        check_pq_bytes(dim, options.pq_bytes)
 
 
 @holds_writer_lock("retro index", "db")
 def index_db(
     db: DBLike, options: IndexOptions | None = None, progress: Progress | None = None, dask=None,
 ) -> RetroDB:
-    """Build (or finish building) the HNSW shards of the DB; with `dask` (an address, 'local:N'
-    or a distributed.Client) one task per shard on the workers, `options.threads` per task (default 1)."""
+    """Build (or finish building) the index shards of the DB, of `options.kind`; with `dask` (an address,
+    'local:N' or a distributed.Client) one task per shard on the workers, `options.threads` per task
+    (default 1). An ivfpq index first trains its quantisers on a seeded sample of the embeddings."""
     options = options or IndexOptions()
     progress = progress or NullProgress()
-    if options.space not in SPACES:
-        raise RetroError(f"--space: must be one of {', '.join(SPACES)}, got '{options.space}'")
-    check_at_least("--threads", options.threads, allow_none=True)
-    if options.M < 2 or options.ef_construction < 1 or options.shard_size < 1:
-        raise RetroError("--M must be ≥ 2, --ef-construction and --shard-size ≥ 1")
     db = open_db(db_location(db))
     manifest = db.manifest
     n, dim = db.num_chunks, int(manifest["embedder"]["dim"]) if manifest.get("embedder") else 0
+    _check_options(options, dim)
     load_embeddings(db, 0, 0)  # raises a clear error when embed is not complete
-    params = {"space": options.space, "M": options.M, "ef_construction": options.ef_construction,
-              "shard_size": options.shard_size, "seed": options.seed, "dim": dim}
+    params = index_params(options, dim)
+    search = {"nprobe": options.nprobe, "rerank": options.rerank} if options.kind == "ivfpq" else {}
     state = manifest.get("stages", {}).get("index", {})
     recorded = manifest.get("index") or {}
     if state.get("status") in ("running", "complete"):
-        same = all(recorded.get(key) == value for key, value in params.items())
+        same = all(recorded.get(key, "hnsw" if key == "kind" else None) == value for key, value in params.items())
         if state["status"] == "complete" and same:
-            return db
+            if any(recorded.get(key) != value for key, value in search.items()):
+                recorded.update(search)  # new search defaults: nothing to rebuild
+                commit_manifest(db.path, manifest)
+            return open_db(db.path)
         if state["status"] == "running" and not same:
             raise RetroError(
                 f"{db.path}: an interrupted index build used other parameters "
@@ -76,74 +124,78 @@ def index_db(
     index_dir = db.path / INDEX_DIR
     index_dir.mkdir(exist_ok=True)
     if state.get("status") != "running":
-        recorded = {**params, "shards": []}
+        recorded = {**params, **search, "shards": []}
         manifest["index"] = recorded
         state = {"status": "running"}
         manifest.setdefault("stages", {})["index"] = state
         commit_manifest(db.path, manifest)
     for leftover in index_dir.glob("*.partial"):  # from a build (or a worker) killed while saving
         leftover.unlink()
+    threads = options.threads or 1
+    if options.kind == "ivfpq" and "trained" not in recorded:
+        _train(db, recorded, options, threads, progress)
+        commit_manifest(db.path, manifest)
     stage = BlockStage("index", state, lambda: commit_manifest(db.path, manifest), n, options.shard_size,
                        "vectors", shard_records=recorded["shards"], min_blocks=1)
     with dask_client(dask) as client:
-        # One thread by default: hnswlib's graph then depends only on the vectors, their order and --seed,
-        # so a rebuild is byte-identical. More threads insert concurrently, and the graph (hence a few
-        # neighbours) depends on their timing.
-        threads = options.threads or 1
-        # a DB URL goes to the workers as (URL, cache dir): each fetches its shard's embeddings from the
-        # store and uploads the shard, which this process fetches before committing it
+        # One thread by default: hnswlib's graph (and faiss's k-means) then depend only on the vectors, their
+        # order and --seed, so a rebuild is byte-identical. More threads are faster, and not reproducible.
+        # A DB URL goes to the workers as (URL, cache dir): each fetches its shard's embeddings (and the
+        # trained quantisers) from the store and uploads the shard, which this process fetches before
+        # committing it.
         location = str(db.path) if client is None else task_location(db.path)
-        args = (location, options.space, dim, options.M, options.ef_construction, options.shard_size,
-                options.seed, threads)
+        args = (location, recorded, threads)
         # Locally, progress advances per added block; on Dask, per finished shard.
         fetch = None if isinstance(location, str) else lambda record: adopt_uploaded(db.path, [record["file"]])
         stage.run(build_shard, args, progress, client, reports_progress=True, on_result=fetch)
     return open_db(db.path)
 
 
-def build_shard(
-    location: str | tuple[str, str], space: str, dim: int, M: int, ef_construction: int, shard_size: int,
-    seed: int, threads: int, task, shard: int,
-) -> dict:
+def _train(db: RetroDB, recorded: dict, options: IndexOptions, threads: int, progress: Progress) -> None:
+    """Train the ivfpq quantisers on a seeded sample of the DB's embeddings; records index/trained.faiss."""
+    n = db.num_chunks
+    nlist = options.nlist or auto_nlist(n)
+    if nlist > n:
+        raise RetroError(f"--nlist {nlist} is more than the DB's {n:,} chunks")
+    rows = train_sample_rows(n, nlist, options.seed)
+    task = progress.start("train quantisers", total=len(rows), unit="vectors")
+    sample = read_rows(lambda a, b: load_embeddings(db, a, b), rows, n)
+    final = db.path / INDEX_DIR / TRAINED_FILE
+    info = train_ivfpq(sample, options.space, IvfPqParams(nlist, options.pq_bytes, options.opq), nlist,
+                       options.seed, threads, final)
+    task.advance(len(rows))
+    task.finish()
+    relative = f"{INDEX_DIR}/{TRAINED_FILE}"
+    recorded["trained"] = {**info, "file": relative, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+
+
+def trained_file(db_path: Path, recorded: dict) -> Path:
+    """The checked trained ivfpq index of an index record (read by shard builds and by add)."""
+    return checked_shard_file(db_path, recorded["trained"])
+
+
+def build_shard(location: str | tuple[str, str], recorded: dict, threads: int, task, shard: int) -> dict:
     """Build shard `shard` from its embeddings and move it into place; returns its manifest record.
     `location` is the DB's path, or (URL, cache dir) for a DB on object storage: the worker then fetches
     the shard's embedding chunks into its partial copy and uploads the shard file."""
+    shard_size = int(recorded["shard_size"])
     start = shard * shard_size
     db, mirror = open_task_db(location, "embeddings", start, start + shard_size)
     stop = min(db.num_chunks, start + shard_size)
-    final = db.path / INDEX_DIR / shard_name(shard)
+    kind = recorded.get("kind", "hnsw")
+    final = db.path / INDEX_DIR / shard_name(shard, kind)
     final.parent.mkdir(exist_ok=True)
-    write_shard(lambda a, b: load_embeddings(db, a, b), start, stop, 0, final, space, dim, M, ef_construction,
-                seed, threads, task)
+    trained = trained_file(db.path, recorded) if kind == "ivfpq" else None
+    write_shard(kind, lambda a, b: load_embeddings(db, a, b), start, stop, 0, final, recorded["space"],
+                int(recorded["dim"]), recorded, threads, task, trained=trained)
     relative = f"{INDEX_DIR}/{final.name}"
     if mirror is not None:
         mirror.upload([relative])
     return shard_record(shard, final, relative, start, stop - start)
 
 
-def write_shard(
-    read_vectors: Callable[[int, int], np.ndarray], start: int, stop: int, first_label: int, final: Path, space: str,
-    dim: int, M: int, ef_construction: int, seed: int, threads: int, task=None,
-) -> None:
-    """An HNSW shard of vectors [start, stop) (read_vectors(a, b) gives rows [a, b) as float32), labelled
-    first_label + row, written to `final` via a temp name and checked whole before the rename. The DB's
-    index, an added segment's and a kNN-LM datastore's shards are all written here."""
-    index = hnswlib.Index(space=space, dim=dim)
-    index.init_index(max_elements=max(stop - start, 1), M=M, ef_construction=ef_construction, random_seed=seed)
-    for block in range(start, stop, ADD_BLOCK):
-        block_stop = min(stop, block + ADD_BLOCK)
-        index.add_items(read_vectors(block, block_stop), np.arange(block, block_stop) + first_label,
-                        num_threads=threads)
-        if task is not None:
-            task.advance(block_stop - block)
-    tmp = final.with_suffix(f".{os.getpid()}.partial")  # two workers retrying one shard never share a file
-    index.save_index(str(tmp))
-    check_saved_shard(tmp, space, dim, stop - start)
-    os.replace(tmp, final)
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.hnsw"
+def shard_name(shard: int, kind: str = "hnsw") -> str:
+    return f"shard-{shard:05d}{shard_suffix(kind)}"
 
 
 def shard_record(shard: int, final: Path, relative: str, start: int, count: int) -> dict:
@@ -155,18 +207,9 @@ def shard_record(shard: int, final: Path, relative: str, start: int, count: int)
 _VERIFIED: set[tuple] = set()  # (path, size, mtime_ns, sha256) of shard files checked in this process
 
 
-def check_saved_shard(file: Path, space: str, dim: int, count: int) -> None:
-    """hnswlib writes without checking for errors: on a full disk it leaves a truncated file and returns.
-    Loading it back (which checks the file's length) is what tells a whole shard from a cut one."""
-    reloaded = hnswlib.Index(space=space, dim=dim)
-    try:
-        reloaded.load_index(str(file), max_elements=max(count, 1))
-        whole = reloaded.get_current_count() == count
-    except (RuntimeError, ValueError, MemoryError):
-        whole = False
-    if not whole:
-        file.unlink(missing_ok=True)
-        raise OSError(errno.ENOSPC, "the index shard was cut short while writing (is the disk full?)", str(file))
+def index_files(recorded: dict) -> list[dict]:
+    """Every file record of an index: its shards, and an ivfpq index's trained quantisers."""
+    return [*recorded.get("shards", []), *([recorded["trained"]] if "trained" in recorded else [])]
 
 
 def check_shard_coverage(db_path: Path, manifest: dict) -> None:
@@ -229,29 +272,103 @@ def merge_top_k(results: list[tuple[int, np.ndarray, np.ndarray]], queries: int,
 
 
 FILTER_ABOVE = 64  # removed chunks in a shard beyond which a search filters instead of over-fetching
+RERANK_CACHE_BYTES = 256 * 2**20  # fp16 embedding blocks kept for re-ranking
+
+
+class VectorRows:
+    """Rows of the DB's stored (fp16) embeddings, read in blocks of `rows` and kept up to `max_bytes`
+    (least recently used dropped): re-ranking reads a few hundred scattered rows a query, and a zarr
+    chunk decodes whole."""
+
+    def __init__(self, db: RetroDB, rows: int = 4096, max_bytes: int = RERANK_CACHE_BYTES):
+        self.db, self.rows, self.max_bytes = db, rows, max_bytes
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def _block(self, number: int) -> np.ndarray:
+        block = self._cache.get(number)
+        if block is not None:
+            self._cache.move_to_end(number)
+            return block
+        start = number * self.rows
+        block = np.asarray(self.db.array("embeddings")[start : min(start + self.rows, self.db.num_chunks)])
+        self._cache[number] = block
+        self._bytes += block.nbytes
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        return block
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows for `ids` (any shape, all ≥ 0), shaped ids.shape + (dim,)."""
+        flat = ids.reshape(-1)
+        out = None
+        blocks = flat // self.rows
+        for number in np.unique(blocks):
+            at = blocks == number
+            block = self._block(int(number))
+            if out is None:
+                out = np.empty((len(flat), block.shape[1]), dtype=np.float32)
+            out[at] = block[flat[at] - number * self.rows]
+        if out is None:
+            out = np.empty((0, 0), dtype=np.float32)
+        return out.reshape(*ids.shape, -1)
+
+
+def rerank_exact(rows: VectorRows, space: str, vectors: np.ndarray, ids: np.ndarray, k: int):
+    """The top-k of candidate ids (−1 = none) by their true distances to the queries, computed from the
+    stored embeddings; ties by id, as merge_top_k orders them."""
+    valid = ids >= 0
+    exact = np.full(ids.shape, np.inf, dtype=np.float32)
+    if valid.any():
+        candidates = rows.take(np.where(valid, ids, 0))
+        exact = np.where(valid, exact_distances(vectors, candidates, space), np.inf).astype(np.float32)
+    order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), exact), axis=1)[:, :k]
+    top_ids = np.take_along_axis(ids, order, axis=1)
+    top_d = np.take_along_axis(exact, order, axis=1)
+    top_ids[~np.isfinite(top_d)] = -1
+    return top_ids, top_d
 
 
 class ShardedIndex:
     """All shards of a DB, loaded for search. Exact merge of per-shard top-k. Chunks of removed documents
     are never returned: a shard with a few of them is searched for k + (their number) and they are
-    dropped; with more, hnswlib's filtered search skips them."""
+    dropped; with more, the index's filtered search skips them. On a quantised kind (ivfpq) every shard
+    returns its top `rerank` by approximate distance, and the merged candidates are re-ranked with the
+    stored embeddings, so the distances returned are always the true ones."""
 
-    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH, shards: Iterable[int] | None = None):
-        """shards: load only these shard numbers (a Dask worker's own); None loads every shard."""
+    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH, shards: Iterable[int] | None = None,
+                 nprobe: int | None = None, rerank: int | None = None):
+        """shards: load only these shard numbers (a Dask worker's own); None loads every shard.
+        nprobe, rerank (ivfpq): override the settings recorded with the index."""
         check_at_least("--ef", ef)
+        check_at_least("--nprobe", nprobe, allow_none=True)
+        check_at_least("--rerank", rerank, low=0, allow_none=True)
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         meta = db.manifest["index"]
-        self.db_path = db.path
+        self.db, self.db_path = db, db.path
+        self.kind = meta.get("kind", "hnsw")
         self.space, self.dim = meta["space"], int(meta["dim"])
         self.size = db.num_chunks
         self.ef = ef
+        self.nprobe = nprobe or int(meta.get("nprobe", ef))
+        self.rerank = int(meta.get("rerank", 0)) if rerank is None else rerank
         self.removed = db.removed_chunks
+        self.allowed = ~self.removed
         self.records = {int(s["shard"]): s for s in meta["shards"]}
-        # shard number -> (hnswlib index, first chunk, removed chunks in it), in shard order
-        self.loaded: dict[int, tuple[hnswlib.Index, int, int]] = {}
+        # shard number -> (loaded shard, first chunk, removed chunks in it), in shard order
+        self.loaded: dict[int, tuple[Shard, int, int]] = {}
+        self._rows: VectorRows | None = None
         check_shard_coverage(db.path, db.manifest)
         self.load(self.records if shards is None else shards)
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "hnsw"
+
+    def candidates(self, k: int) -> int:
+        """How many each shard returns for a top-k: k, or the re-ranked candidates on a quantised kind."""
+        return k if self.exact or not self.rerank else max(k, self.rerank)
 
     def load(self, shards: Iterable[int]) -> None:
         """Load (after checking) the given shards that are not loaded yet."""
@@ -260,16 +377,15 @@ class ShardedIndex:
                 raise RetroError(f"{self.db_path}: the index has no shard {number}")
             shard = self.records[number]
             file = checked_shard_file(self.db_path, shard)
-            index = hnswlib.Index(space=self.space, dim=self.dim)
             try:
-                index.load_index(str(file), max_elements=shard["count"])
+                loaded = load_shard(file, self.kind, self.space, self.dim, int(shard["count"]))
             except (RuntimeError, ValueError, MemoryError) as err:
                 raise RetroError(f"{file}: cannot load index shard ({err})") from None
-            if index.get_current_count() != shard["count"]:
-                raise RetroError(f"{file}: index shard is corrupt (holds {index.get_current_count()} "
+            if loaded.count != shard["count"]:
+                raise RetroError(f"{file}: index shard is corrupt (holds {loaded.count} "
                                  f"vectors, manifest says {shard['count']})")
             start = int(shard["start"])
-            self.loaded[number] = (index, start, int(self.removed[start : start + shard["count"]].sum()))
+            self.loaded[number] = (loaded, start, int(self.removed[start : start + shard["count"]].sum()))
         self.loaded = dict(sorted(self.loaded.items()))
 
     def search(self, vectors: np.ndarray, k: int, threads: int = 1,
@@ -277,47 +393,52 @@ class ShardedIndex:
         """Top-k ids (int64) and distances (float32) per query; -1 / inf where fewer than k exist.
         from_chunk: search only the shards that start there or later (the chunks added since)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        return merge_top_k(self.search_shards(vectors, k, threads, from_chunk), len(vectors), k)
+        wide = self.candidates(k)
+        ids, dists = merge_top_k(self.search_shards(vectors, k, threads, from_chunk), len(vectors), wide)
+        return self.finish(vectors, ids, dists, k)
+
+    def finish(self, vectors: np.ndarray, ids: np.ndarray, dists: np.ndarray, k: int):
+        """The final top-k of the merged candidates: re-ranked by true distance on a quantised kind."""
+        if self.exact or not self.rerank:
+            return ids[:, :k], dists[:, :k]
+        if self._rows is None:
+            self._rows = VectorRows(self.db)
+        return rerank_exact(self._rows, self.space, vectors, ids, k)
 
     def search_shards(self, vectors: np.ndarray, k: int, threads: int = 1,
                       from_chunk: int = 0) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        """Each loaded shard's own top-k, as (shard, ids, distances); merge_top_k combines them."""
+        """Each loaded shard's own top candidates, as (shard, ids, distances); merge_top_k combines them
+        and `finish` cuts (or re-ranks) them to the top-k."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if len(vectors) == 0 or k == 0:
             return []
+        k = self.candidates(k)
         results = []
-        for number, (index, start, removed) in self.loaded.items():
+        for number, (shard, start, removed) in self.loaded.items():
             if start < from_chunk:
                 continue
-            labels, distances = self._search_shard(index, removed, vectors, k, threads)
+            labels, distances = self._search_shard(shard, removed, vectors, k, threads)
             if labels is not None:
                 results.append((number, labels, distances))
         return results
 
-    def _search_shard(self, index, removed: int, vectors: np.ndarray, k: int, threads: int):
+    def _search_shard(self, shard: Shard, removed: int, vectors: np.ndarray, k: int, threads: int):
         """One shard's top-k live chunks per query (ids −1 and distance inf where it has fewer)."""
-        live = index.get_current_count() - removed
+        live = shard.count - removed
         kk = min(k, live)
         if kk <= 0:
             return None, None
+        width = self.ef if self.exact else self.nprobe
         if removed == 0:
-            index.set_ef(max(self.ef, kk))
-            labels, distances = index.knn_query(vectors, k=kk, num_threads=threads)
-            return labels.astype(np.int64), distances.astype(np.float32)
-        if removed > FILTER_ABOVE:
-            mask = self.removed
-            index.set_ef(max(self.ef, kk))
-            try:
-                labels, distances = index.knn_query(vectors, k=kk, num_threads=1,
-                                                    filter=lambda label: not mask[label])
-                return labels.astype(np.int64), distances.astype(np.float32)
+            return shard.search(vectors, kk, width, threads)
+        if removed > FILTER_ABOVE or not shard.exact:
+            try:  # faiss filters while it scans; hnswlib's filtered walk can come back short
+                return shard.search(vectors, kk, width, threads, allowed=self.allowed)
             except RuntimeError:  # the filtered walk found fewer than k: fetch past the removed ones
                 pass
-        wide = min(kk + removed, index.get_current_count())
-        index.set_ef(max(self.ef, wide))
-        labels, distances = index.knn_query(vectors, k=wide, num_threads=threads)
-        labels, distances = labels.astype(np.int64), distances.astype(np.float32)
-        keep = ~self.removed[labels]
+        wide = min(kk + removed, shard.count)
+        labels, distances = shard.search(vectors, wide, max(width, wide), threads)
+        keep = (labels >= 0) & ~self.removed[np.maximum(labels, 0)]
         # stable: live results keep their order; removed ones go last, then are cut off
         order = np.argsort(~keep, axis=1, kind="stable")[:, :kk]
         got_ids = np.take_along_axis(labels, order, axis=1)

@@ -41,7 +41,8 @@ from retrocli.db import (
 )
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
-from retrocli.index import merge_top_k, shard_name, shard_record, write_shard
+from retrocli.index import merge_top_k, shard_name, shard_record
+from retrocli.index_kinds import write_shard
 from retrocli.lock import holds_writer_lock
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
@@ -270,6 +271,6 @@ def build_key_shard(out: str, dim: int, shard_size: int, M: int, ef_construction
     keys = zarr.open_group(str(Path(out) / STORE), mode="r")["keys"]
     start, stop = shard * shard_size, min(keys.shape[0], (shard + 1) * shard_size)
     final = Path(out) / INDEX_DIR / shard_name(shard)
-    write_shard(lambda a, b: np.asarray(keys[a:b], dtype=np.float32), start, stop, 0, final, "l2", dim, M,
-                ef_construction, seed, threads)
+    write_shard("hnsw", lambda a, b: np.asarray(keys[a:b], dtype=np.float32), start, stop, 0, final, "l2", dim,
+                {"M": M, "ef_construction": ef_construction, "seed": seed}, threads)
     return shard_record(shard, final, f"{INDEX_DIR}/{final.name}", start, stop - start)

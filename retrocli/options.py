@@ -70,6 +70,10 @@ DEFAULT_BLOCK_SIZE = 4096  # chunks per resumable block (one zarr chunk)
 
 # index
 DEFAULT_SPACE = "l2"  # squared L2, the paper's
+DEFAULT_INDEX_KIND = "hnsw"
+DEFAULT_PQ_BYTES = 48  # 48-byte codes + 8-byte ids: 56 B a vector in RAM
+DEFAULT_NPROBE = 64
+DEFAULT_RERANK = 100
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_SHARD_SIZE = 1_000_000  # ~1.9 GB of RAM per shard at 384-d, M=32
@@ -145,15 +149,25 @@ class EmbedOptions:
 
 @dataclass
 class IndexOptions:
-    """`retro index` (and build-db, add): the HNSW shards."""
+    """`retro index` (and build-db, add): the index shards, of one kind."""
 
+    kind: str = option(DEFAULT_INDEX_KIND, "hnsw (hnswlib, fp32 vectors, exact distances, ≈1.9 KB a vector in RAM) "
+                                           "or ivfpq (faiss IVF-PQ codes, --pq-bytes + 8 B a vector in RAM, "
+                                           "candidates re-ranked with the stored embeddings)")
     space: str = option(DEFAULT_SPACE, "Distance: l2 (squared L2, the paper's), ip or cosine")
     M: int = option(DEFAULT_M, "HNSW graph degree")
     ef_construction: int = option(DEFAULT_EF_CONSTRUCTION, "HNSW build-time search width")
-    shard_size: int = option(DEFAULT_SHARD_SIZE, "Vectors per HNSW shard (bounds build memory)")
-    seed: int = option(DEFAULT_INDEX_SEED, "Random seed (HNSW level assignment)")
-    threads: int | None = option(None, "hnswlib build threads (default 1: the same DB and --seed give a "
+    shard_size: int = option(DEFAULT_SHARD_SIZE, "Vectors per index shard (bounds build memory)")
+    seed: int = option(DEFAULT_INDEX_SEED, "Random seed (HNSW level assignment; ivfpq training sample and k-means)")
+    threads: int | None = option(None, "Build threads (default 1: the same DB and --seed give a "
                                        "byte-identical index; more is faster but not reproducible)")
+    nlist: int = option(0, "ivfpq: coarse lists (default 0: ≈ 4·√chunks, a power of two)")
+    pq_bytes: int = option(DEFAULT_PQ_BYTES, "ivfpq: bytes of code a vector (must divide the dimension)")
+    opq: bool = option(False, "ivfpq: learn a rotation first (OPQ; slower to train)")
+    nprobe: int = option(DEFAULT_NPROBE, "ivfpq: lists every search visits (recorded in the DB: every command "
+                                         "searches with it; rerun `retro index` to change it, no rebuild)")
+    rerank: int = option(DEFAULT_RERANK, "ivfpq: candidates every search re-ranks by their exact distance from "
+                                         "the stored embeddings (0: none; recorded like --nprobe)")
 
 
 @dataclass

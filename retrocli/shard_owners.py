@@ -26,7 +26,7 @@ import numpy as np
 from retrocli.cluster import import_distributed
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
-from retrocli.index import ShardedIndex, merge_top_k
+from retrocli.index import ShardedIndex, VectorRows, merge_top_k, rerank_exact
 from retrocli.storage import fetch_for_search, origin_of
 
 POLL_SECONDS = 1.0  # how often a waiting search checks that the owners it waits on are alive
@@ -85,6 +85,12 @@ class OwnedShards:
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         self.client, self.ef = client, ef
+        self.db = db
+        meta = db.manifest["index"]
+        # a quantised kind: the owners return their top `rerank` candidates, re-ranked here once merged
+        self.rerank = int(meta.get("rerank", 0)) if meta.get("kind", "hnsw") != "hnsw" else 0
+        self.space = meta["space"]
+        self._rows = None
         origin = origin_of(db.path)  # a DB on object storage: each owner fetches its shards itself
         self.location = str(db.path) if origin is None else (*origin, db.content_id)
         self.size = db.num_chunks
@@ -142,7 +148,8 @@ class OwnedShards:
             return plan
 
     def search(self, vectors: np.ndarray, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over every shard, each searched by one of its live owners."""
+        """Exact top-k over every shard, each searched by one of its live owners (re-ranked here with the
+        stored embeddings on a quantised kind)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         results: list = []
         todo = list(self.shards)
@@ -174,4 +181,9 @@ class OwnedShards:
                     todo.extend(sent.pop(future)[1])
             if todo:
                 self._replace_lost()
-        return merge_top_k(results, len(vectors), k)
+        if not self.rerank:
+            return merge_top_k(results, len(vectors), k)
+        ids, _ = merge_top_k(results, len(vectors), max(k, self.rerank))
+        if self._rows is None:
+            self._rows = VectorRows(self.db)
+        return rerank_exact(self._rows, self.space, vectors, ids, k)

@@ -21,7 +21,7 @@ from pathlib import Path
 from retrocli.checksums import check_files, check_groups, file_sha256, groups_of, unreadable
 from retrocli.db import MANIFEST, STORE, TOKENIZER_FILE, content_id, read_manifest
 from retrocli.errors import RetroError
-from retrocli.index import check_shard_coverage, checked_shard_file
+from retrocli.index import check_shard_coverage, checked_shard_file, index_files
 from retrocli.neighbor_arrays import NEIGHBOR_ARRAYS, NEIGHBORS_FORMAT, read_neighbors_manifest, store_name
 from retrocli.progress import NullProgress, Progress
 
@@ -112,7 +112,7 @@ def verify_db(path: str | os.PathLike, progress: Progress | None = None) -> Veri
     manifest = read_manifest(db_path)
     stages = manifest["stages"]
     complete = {name for name, rec in stages.items() if rec["status"] == "complete"}
-    shards = manifest.get("index", {}).get("shards", []) if "index" in complete else []
+    shards = index_files(manifest.get("index", {})) if "index" in complete else []
     total = sum(size for name in complete - {"index"} for arr in stages[name].get("files", {}).values()
                 for size, _ in arr.values()) + sum(int(s["bytes"]) for s in shards)
     task = progress.start("verify", total=max(total, 1), unit="bytes")
@@ -268,7 +268,7 @@ def stage_health(db_path: Path, manifest: dict) -> dict[str, str]:
             try:
                 check_shard_coverage(db_path, manifest)
                 intact = all("sha256" in s and _size_of(db_path / s["file"]) == s["bytes"]
-                             for s in manifest["index"]["shards"])
+                             for s in index_files(manifest["index"]))
             except RetroError:
                 intact = False
             status = "complete" if intact else "damaged"

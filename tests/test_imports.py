@@ -16,7 +16,8 @@ PACKAGE = REPO / "retrocli"
 LAYERS = [
     ["retrocli.errors", "retrocli.options", "retrocli.assets", "retrocli.progress", "retrocli.lock",
      "retrocli.device", "retrocli.distributed", "retrocli.storage", "retrocli.artifacts"],
-    ["retrocli.checksums", "retrocli.cluster", "retrocli.block_stage", "retrocli.corpus", "retrocli.tokenizer"],
+    ["retrocli.checksums", "retrocli.cluster", "retrocli.block_stage", "retrocli.corpus", "retrocli.tokenizer",
+     "retrocli.index_kinds"],
     ["retrocli.db", "retrocli"],
     ["retrocli.staging"],
     ["retrocli.chunk", "retrocli.embed"],

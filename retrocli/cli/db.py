@@ -33,8 +33,14 @@ from retrocli.cli.options import (
     IndexThreads,
     Inputs,
     JsonOut,
+    Kind,
     MOpt,
+    Nlist,
+    Nprobe,
+    Opq,
+    PqBytes,
     Precision,
+    Rerank,
     Seed,
     ShardSize,
     Space,
@@ -50,9 +56,13 @@ from retrocli.options import (
     DEFAULT_EF_CONSTRUCTION,
     DEFAULT_EMBED_BATCH,
     DEFAULT_EMBEDDER,
+    DEFAULT_INDEX_KIND,
     DEFAULT_INDEX_SEED,
     DEFAULT_M,
+    DEFAULT_NPROBE,
+    DEFAULT_PQ_BYTES,
     DEFAULT_PRECISION,
+    DEFAULT_RERANK,
     DEFAULT_SHARD_SIZE,
     DEFAULT_SPACE,
     DEFAULT_TEXT_FIELD,
@@ -141,7 +151,7 @@ def info(db: Annotated[Path, typer.Argument(help="DB directory or URL")], cache_
         table.add_row("embedder", f"{user(emb['name'])}  dim {emb['dim']}  {emb['pooling']}  {emb['precision']}")
     if data["index"]:
         idx = data["index"]
-        table.add_row("index", f"hnsw {idx['space']}  M={idx['M']}  shards {len(idx['shards'])}")
+        table.add_row("index", f"{describe_index(idx)}  shards {len(idx['shards'])}")
     for name, size in data["disk_bytes"].items():
         table.add_row(f"  {user(name)}", human_bytes(size))
     table.add_row("on disk", human_bytes(sum(data["disk_bytes"].values())))
@@ -206,11 +216,18 @@ def _embed_summary(db) -> None:
     )
 
 
+def describe_index(idx: dict) -> str:
+    """An index record in one line: its kind and what it was built with."""
+    if idx.get("kind", "hnsw") == "hnsw":
+        return f"hnsw {idx['space']} M={idx['M']} ef_construction={idx['ef_construction']}"
+    trained = idx.get("trained", {})
+    return (f"ivfpq {idx['space']} {trained.get('factory', '')} nprobe={idx['nprobe']} rerank={idx['rerank']}")
+
+
 def _index_summary(db) -> None:
     idx = db.manifest["index"]
     console.print(
-        f"[green]indexed[/] {db.num_chunks:,} vectors: hnsw {idx['space']} M={idx['M']} "
-        f"ef_construction={idx['ef_construction']}, {len(idx['shards'])} shard(s)"
+        f"[green]indexed[/] {db.num_chunks:,} vectors: {describe_index(idx)}, {len(idx['shards'])} shard(s)"
     )
 
 @handle_errors
@@ -239,9 +256,15 @@ def embed(
 @handle_errors
 def index(
     db: Annotated[Path, typer.Argument(help="DB directory (embedded)")],
+    kind: Kind = DEFAULT_INDEX_KIND,
     space: Space = DEFAULT_SPACE,
     m: MOpt = DEFAULT_M,
     ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
+    nlist: Nlist = 0,
+    pq_bytes: PqBytes = DEFAULT_PQ_BYTES,
+    opq: Opq = False,
+    nprobe: Nprobe = DEFAULT_NPROBE,
+    rerank: Rerank = DEFAULT_RERANK,
     shard_size: ShardSize = DEFAULT_SHARD_SIZE,
     seed: Seed = DEFAULT_INDEX_SEED,
     threads: IndexThreads = None,
@@ -249,7 +272,8 @@ def index(
     dask: Dask = None,
     cache_dir: CacheDir = None,
 ):
-    """Build sharded hnswlib HNSW indexes over the embeddings; resumes at the next unfinished shard."""
+    """Build the sharded index over the embeddings (hnswlib HNSW or faiss IVF-PQ); resumes at the next unfinished
+    shard."""
     from retrocli.index import index_db, remove_index
 
     check_seed(seed)
@@ -257,8 +281,9 @@ def index(
             progress_display() as progress:
         if overwrite:
             remove_index(db)
-        options = IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size, seed=seed,
-                               threads=threads)
+        options = IndexOptions(kind=kind, space=space, M=m, ef_construction=ef_construction, shard_size=shard_size,
+                               seed=seed, threads=threads, nlist=nlist, pq_bytes=pq_bytes, opq=opq, nprobe=nprobe,
+                               rerank=rerank)
         out = index_db(db, options, progress=progress, dask=client)
     _index_summary(out)
 
@@ -277,9 +302,15 @@ def build_db_cmd(
     batch_size: BatchSize = DEFAULT_EMBED_BATCH,
     threads: Threads = None,
     block_size: BlockSize = DEFAULT_BLOCK_SIZE,
+    kind: Kind = DEFAULT_INDEX_KIND,
     space: Space = DEFAULT_SPACE,
     m: MOpt = DEFAULT_M,
     ef_construction: EfConstruction = DEFAULT_EF_CONSTRUCTION,
+    nlist: Nlist = 0,
+    pq_bytes: PqBytes = DEFAULT_PQ_BYTES,
+    opq: Opq = False,
+    nprobe: Nprobe = DEFAULT_NPROBE,
+    rerank: Rerank = DEFAULT_RERANK,
     shard_size: ShardSize = DEFAULT_SHARD_SIZE,
     seed: Seed = DEFAULT_INDEX_SEED,
     overwrite: Annotated[bool, flag("--overwrite", "Rebuild from scratch")] = False,
@@ -301,8 +332,9 @@ def build_db_cmd(
             local_inputs(inputs, cache_dir), out,
             chunk_options=ChunkOptions(chunk_size=chunk_size, tokenizer=tokenizer, text_field=text_field,
                                        id_field=id_field, strict=strict, allow_duplicates=allow_duplicates),
-            index_options=IndexOptions(space=space, M=m, ef_construction=ef_construction, shard_size=shard_size,
-                                       seed=seed, threads=threads),
+            index_options=IndexOptions(kind=kind, space=space, M=m, ef_construction=ef_construction,
+                                       shard_size=shard_size, seed=seed, threads=threads, nlist=nlist,
+                                       pq_bytes=pq_bytes, opq=opq, nprobe=nprobe, rerank=rerank),
             overwrite=overwrite, progress=progress, dask=client, device=device, devices=devices,
             embed_options=EmbedOptions(embedder, precision, batch_size, threads, block_size),
         )

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions
+from retrocli.options import EmbedOptions, IndexOptions, LeakageOptions, help_of
 
 
 def flag(name: str, help: str):
@@ -59,6 +59,12 @@ MOpt = Annotated[int, field_option(IndexOptions, "M", "--M")]
 EfConstruction = Annotated[int, field_option(IndexOptions, "ef_construction")]
 ShardSize = Annotated[int, field_option(IndexOptions, "shard_size")]
 Seed = Annotated[int, field_option(IndexOptions, "seed")]
+Kind = Annotated[str, field_option(IndexOptions, "kind")]
+Nlist = Annotated[int, field_option(IndexOptions, "nlist")]
+PqBytes = Annotated[int, field_option(IndexOptions, "pq_bytes")]
+Opq = Annotated[bool, flag("--opq", help_of(IndexOptions, "opq"))]
+Nprobe = Annotated[int, field_option(IndexOptions, "nprobe")]
+Rerank = Annotated[int, field_option(IndexOptions, "rerank")]
 CacheDir = Annotated[Path | None, typer.Option(
     help="Where a DB given as a URL (s3://bucket/db, gs://…) is copied to work on (or RETRO_CACHE_DIR)")]
 Dask = Annotated[
