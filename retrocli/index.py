@@ -272,11 +272,11 @@ def merge_top_k(results: list[tuple[int, np.ndarray, np.ndarray]], queries: int,
 
 
 FILTER_ABOVE = 64  # removed chunks in a shard beyond which a search filters instead of over-fetching
-RERANK_CACHE_BYTES = 256 * 2**20  # fp16 embedding blocks kept for re-ranking
+RERANK_CACHE_BYTES = 512 * 2**20  # embedding blocks kept for re-ranking (≈ 350k 384-d vectors)
 
 
 class VectorRows:
-    """Rows of the DB's stored (fp16) embeddings, read in blocks of `rows` and kept up to `max_bytes`
+    """Rows of the DB's stored (fp16) embeddings, read in blocks of `rows` and kept (as float32) up to `max_bytes`
     (least recently used dropped): re-ranking reads a few hundred scattered rows a query, and a zarr
     chunk decodes whole."""
 
@@ -291,7 +291,9 @@ class VectorRows:
             self._cache.move_to_end(number)
             return block
         start = number * self.rows
-        block = np.asarray(self.db.array("embeddings")[start : min(start + self.rows, self.db.num_chunks)])
+        # float32 once here: converting fp16 on every gather costs more than the distances
+        block = np.asarray(self.db.array("embeddings")[start : min(start + self.rows, self.db.num_chunks)],
+                           dtype=np.float32)
         self._cache[number] = block
         self._bytes += block.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
@@ -301,27 +303,32 @@ class VectorRows:
     def take(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows for `ids` (any shape, all ≥ 0), shaped ids.shape + (dim,)."""
         flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")
+        ordered = flat[order]
+        blocks, starts = np.unique(ordered // self.rows, return_index=True)
         out = None
-        blocks = flat // self.rows
-        for number in np.unique(blocks):
-            at = blocks == number
-            block = self._block(int(number))
+        for number, start, stop in zip(blocks.tolist(), starts.tolist(), [*starts[1:].tolist(), len(flat)]):
+            block = self._block(number)
             if out is None:
                 out = np.empty((len(flat), block.shape[1]), dtype=np.float32)
-            out[at] = block[flat[at] - number * self.rows]
+            out[order[start:stop]] = block.take(ordered[start:stop] - number * self.rows, axis=0)
         if out is None:
-            out = np.empty((0, 0), dtype=np.float32)
+            return np.empty((*ids.shape, 0), dtype=np.float32)
         return out.reshape(*ids.shape, -1)
 
 
-def rerank_exact(rows: VectorRows, space: str, vectors: np.ndarray, ids: np.ndarray, k: int):
+def rerank_exact(rows: VectorRows, space: str, vectors: np.ndarray, ids: np.ndarray, k: int,
+                 block: int = 64):
     """The top-k of candidate ids (−1 = none) by their true distances to the queries, computed from the
-    stored embeddings; ties by id, as merge_top_k orders them."""
+    stored embeddings (in blocks of queries, so the gathered candidates stay in cache); ties by id, as
+    merge_top_k orders them."""
     valid = ids >= 0
     exact = np.full(ids.shape, np.inf, dtype=np.float32)
-    if valid.any():
-        candidates = rows.take(np.where(valid, ids, 0))
-        exact = np.where(valid, exact_distances(vectors, candidates, space), np.inf).astype(np.float32)
+    for start in range(0, len(ids), block):
+        part = slice(start, start + block)
+        if valid[part].any():
+            candidates = rows.take(np.where(valid[part], ids[part], 0))
+            exact[part] = np.where(valid[part], exact_distances(vectors[part], candidates, space), np.inf)
     order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), exact), axis=1)[:, :k]
     top_ids = np.take_along_axis(ids, order, axis=1)
     top_d = np.take_along_axis(exact, order, axis=1)

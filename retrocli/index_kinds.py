@@ -75,14 +75,16 @@ def exact_distances(queries: np.ndarray, vectors: np.ndarray, space: str) -> np.
     hnswlib defines them: squared L2, 1 − ip, or 1 − cos."""
     queries = queries.astype(np.float32, copy=False)
     vectors = vectors.astype(np.float32, copy=False)
-    if space == "l2":
-        diff = vectors - queries[:, None, :]
-        return np.einsum("qcd,qcd->qc", diff, diff)
     if space == "cosine":
         queries = _prepared(queries, "cosine")
         norms = np.linalg.norm(vectors, axis=2, keepdims=True)
         vectors = vectors / np.where(norms > 0, norms, 1)
-    return 1.0 - np.einsum("qcd,qd->qc", vectors, queries)
+    dots = np.matmul(vectors, queries[:, :, None])[:, :, 0]
+    if space != "l2":
+        return 1.0 - dots
+    # ‖x − q‖² = ‖x‖² − 2 x·q + ‖q‖²: no [q, c, d] difference array
+    squared = np.einsum("qcd,qcd->qc", vectors, vectors) - 2 * dots + np.einsum("qd,qd->q", queries, queries)[:, None]
+    return np.maximum(squared, 0)
 
 
 # -- ivfpq: training -------------------------------------------------------------------------------

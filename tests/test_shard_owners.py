@@ -122,3 +122,27 @@ def test_replicas_below_one_is_one_line(db4, cluster):
 
     with pytest.raises(RetroError, match="--replicas"):
         OwnedShards(cluster, open_db(db4), ef=64, replicas=0)
+
+
+def test_an_ivfpq_index_built_and_searched_on_dask_equals_the_local_one(db4, cluster, tmp_path):
+    """One task per shard adds to the one trained quantiser; owners return their candidates, which this
+    process merges and re-ranks: the same files and neighbours as a build and search in one process."""
+    import shutil
+
+    from retrocli.index import index_db, remove_index
+
+    options = IndexOptions(kind="ivfpq", nlist=4, pq_bytes=16, rerank=20, shard_size=-(-open_db(db4).num_chunks // 4))
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    for path in (local, remote):
+        shutil.copytree(db4, path)
+        remove_index(path)
+    index_db(local, options)
+    index_db(remote, options, dask=cluster)
+    shards = lambda path: [s["sha256"] for s in open_db(path).manifest["index"]["shards"]]  # noqa: E731
+    assert shards(local) == shards(remote) and len(shards(local)) == SHARDS
+    settings = NeighborOptions(k=3, exclude_same_doc=True, block_size=BLOCK)
+    here = open_neighbors(batch_neighbors(local, [local], tmp_path / "nb-local", options=settings))
+    there = open_neighbors(batch_neighbors(remote, [remote], tmp_path / "nb-dask", dask=cluster, options=settings))
+    np.testing.assert_array_equal(here.ids, there.ids)
+    np.testing.assert_allclose(here.distances, there.distances, rtol=1e-5)
+    assert sorted(_loaded(cluster, remote).values()) == [[0, 2], [1, 3]]

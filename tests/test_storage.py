@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import os
 import signal
 import socket
@@ -489,3 +490,25 @@ def test_missing_credentials_are_one_line(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: object storage: Unable to locate credentials"), proc.stderr
+
+
+def test_an_ivfpq_index_on_s3_is_rebuilt_and_searched_like_a_local_one(s3_server, local_build, tmp_path, cli):
+    """`retro index URL --kind ivfpq --overwrite`: the trained quantisers and the shards go up with the
+    manifest; a fresh cache finds the same re-ranked neighbours as the same index built locally."""
+    url = f"s3://{BUCKET}/dbs/ivfpq"
+    with local_db(url, tmp_path / "writer", write="test copy") as path:
+        shutil.copytree(local_build, path, dirs_exist_ok=True)
+    args = ["--kind", "ivfpq", "--nlist", "4", "--pq-bytes", "16", "--rerank", "20", "--overwrite"]
+    built = cli("index", url, *args, "--cache-dir", str(tmp_path / "indexer"))
+    assert built.exit_code == 0, built.output
+    local = tmp_path / "local"
+    shutil.copytree(local_build, local)
+    assert cli("index", str(local), *args).exit_code == 0
+    query = ["--query", "a question about databases", "--k", "3", "--json"]
+    remote = cli("neighbors", url, *query, "--cache-dir", str(tmp_path / "reader"))
+    here = cli("neighbors", str(local), *query)
+    assert remote.exit_code == 0, remote.output
+    ids = lambda out: [n["id"] for n in json.loads(out)["chunks"][0]["neighbors"]]  # noqa: E731
+    assert ids(remote.stdout) == ids(here.stdout)
+    assert _fs().exists(f"{BUCKET}/dbs/ivfpq/index/trained.faiss")
+    assert cli("verify", url, "--cache-dir", str(tmp_path / "reader")).exit_code == 0
