@@ -87,11 +87,11 @@ def build(db: Path, work: Path, name: str, threads: int) -> dict:
 
 def search_child(path: str, queries_file: str, exact_file: str, threads: int) -> dict:
     """In its own process: load the index, then recall, speed and filtered recall."""
-    from retrocli.db import load_embeddings, open_db
-    from retrocli.index import ShardedIndex
-
     import faiss  # noqa: F401  (the libraries' own code is not the index's RAM)
     import hnswlib  # noqa: F401
+
+    from retrocli.db import load_embeddings, open_db
+    from retrocli.index import ShardedIndex
 
     queries, exact = np.load(queries_file), np.load(exact_file)
     db = open_db(path)
