@@ -8,10 +8,12 @@ documents). Each window's first token has no key (nothing precedes it in the win
 A datastore is a directory:
 
     manifest.json       format, the model's and the DB's identity, counts, stages and finished blocks
-    store.zarr/keys     [N, d] float16, one zarr chunk per block of --block-size keys (resumable)
+    store.zarr/keys     [N, d] float16, one zarr chunk per block of --block-size keys (resumable); an
+                        ivfpq datastore deletes them once they are indexed (keys_dropped)
     store.zarr/values   [N] int32: the token that followed the key's context
     store.zarr/doc      [N] int64: the DB document of that token (for exclusions)
-    index/shard-*.hnsw  HNSW (squared L2) over --shard-size keys each, sha256 in the manifest
+    index/shard-*.hnsw  HNSW (squared L2) over --shard-size keys each, sha256 in the manifest; or
+    index/shard-*.faiss IVF-PQ codes (--kind ivfpq) with index/trained.faiss, the quantisers they share
 
 The keys stage, when complete, records the size and sha256 of every file of its arrays, and readers go
 through the checked store, as for a DB; the manifest names the DB by its content id. Built by
@@ -25,7 +27,6 @@ import os
 import time
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 import torch
 import zarr
@@ -38,12 +39,14 @@ from retrocli.checksums import (
     file_sha256,
     groups_of,
 )
-from retrocli.db import DATASTORE_FORMAT, MANIFEST, SHARD_SCHEMA, STORE, RetroDB
+from retrocli.db import DATASTORE_FORMAT, MANIFEST, SHARD_SCHEMA, STORE, TRAINED_SCHEMA, RetroDB
 from retrocli.errors import RetroError
-from retrocli.index import checked_shard_file, merge_top_k
+from retrocli.index import checked_shard_file, index_files, merge_top_k
+from retrocli.index_kinds import KINDS, Shard, load_shard
 from retrocli.model.checkpoint import resolve_model
 from retrocli.options import (
     DEFAULT_KNN_EF,
+    DEFAULT_KNN_NPROBE,
     KNN_TEMPERATURE_RANGE,
     check_at_least,
     knn_temperature_ok,
@@ -141,8 +144,9 @@ def check_datastore_manifest(file: Path, manifest: dict) -> None:
         if "files" not in keys:
             raise RetroError(f"{file}: {OLDER_BUILD.format(out=file.parent)}")
         check_files_record(file, keys["files"], "stages.keys.files")
-        if set(keys["files"]) != set(DATASTORE_ARRAYS):
-            raise RetroError(f"{file}: field 'stages.keys.files' must record the arrays {', '.join(DATASTORE_ARRAYS)}")
+        arrays = kept_arrays(manifest)
+        if set(keys["files"]) != set(arrays):
+            raise RetroError(f"{file}: field 'stages.keys.files' must record the arrays {', '.join(arrays)}")
     if index["status"] == "complete":
         scale = index.get("temperature_scale")
         if not knn_temperature_ok(scale):
@@ -156,11 +160,23 @@ def check_datastore_manifest(file: Path, manifest: dict) -> None:
             if not isinstance(shard, dict):
                 raise RetroError(f"{file}: field 'stages.index.shards[{i}]' must be an object, not {shard!r}")
             check_fields(file, shard, SHARD_SCHEMA | {"sha256": (str, True)}, f"stages.index.shards[{i}].")
+        if index.get("kind", "hnsw") not in KINDS:
+            raise RetroError(f"{file}: field 'stages.index.kind' must be one of {', '.join(KINDS)}")
+        if index.get("kind", "hnsw") == "ivfpq":
+            if not isinstance(index.get("trained"), dict):
+                raise RetroError(f"{file}: field 'stages.index.trained' must be an object")
+            check_fields(file, index["trained"], TRAINED_SCHEMA, "stages.index.trained.")
         covered = sorted((s["start"], s["count"]) for s in shards)
         if [start for start, _ in covered] != [sum(c for _, c in covered[:i]) for i in range(len(covered))] \
                 or sum(c for _, c in covered) != counts["keys"]:
             raise RetroError(f"{file}: field 'stages.index.shards' does not cover the {counts['keys']:,} keys "
                              "exactly, in order")
+
+
+def kept_arrays(manifest: dict) -> tuple[str, ...]:
+    """The arrays a datastore holds: an ivfpq one drops its keys once they are indexed."""
+    dropped = manifest["stages"]["keys"].get("keys_dropped")
+    return tuple(name for name in DATASTORE_ARRAYS if not (dropped and name == "keys"))
 
 
 class Datastore:
@@ -185,7 +201,7 @@ class Datastore:
             raise RetroError(f"{problems[0]}; {damaged}")
         try:
             root = zarr.open_group(store=CheckedStore(self.path / STORE, records, damaged), mode="r")
-            shapes = {name: root[name].shape for name in DATASTORE_ARRAYS}
+            shapes = {name: root[name].shape for name in kept_arrays(self.manifest)}
             self.values = root["values"][:].astype(np.int64)
             self.docs = root["doc"][:]
         except RetroError:
@@ -195,12 +211,16 @@ class Datastore:
         problem = array_shape_problem(self.manifest, shapes)
         if problem:
             raise RetroError(f"{self.path / MANIFEST}: {problem}; {damaged}")
-        self.shards = []
+        self.kind = self.manifest["stages"]["index"].get("kind", "hnsw")
+        self.nprobe = int(self.manifest["options"].get("nprobe", DEFAULT_KNN_NPROBE))
+        self.shards: list[tuple[int, int, Shard]] = []
         for record in self.manifest["stages"]["index"]["shards"]:
             file = checked_shard_file(self.path, record, rerun="rerun `retro knn-datastore ... --overwrite`")
-            index = hnswlib.Index(space="l2", dim=self.dim)
-            index.load_index(str(file), max_elements=int(record["count"]))
-            self.shards.append((int(record["shard"]), int(record["start"]), index))
+            try:
+                shard = load_shard(file, self.kind, "l2", self.dim, int(record["count"]))
+            except (RuntimeError, ValueError, MemoryError) as err:
+                raise RetroError(f"{file}: cannot load index shard ({err})") from None
+            self.shards.append((int(record["shard"]), int(record["start"]), shard))
 
     @property
     def num_keys(self) -> int:
@@ -231,9 +251,9 @@ class Datastore:
 
     def search(self, queries: np.ndarray, k: int, exclude_docs: np.ndarray | None = None,
                threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """The k nearest keys (rows, −1 where fewer) and squared L2 distances per query, never a key of a
-        document in exclude_docs: first over-fetched and filtered, then, for queries left short, searched
-        again skipping those documents inside hnswlib."""
+        """The k nearest keys (rows, −1 where fewer) and squared L2 distances per query (from the codes on
+        an ivfpq datastore), never a key of a document in exclude_docs: first over-fetched and filtered,
+        then, for queries left short, searched again skipping those documents inside the index."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if exclude_docs is None or len(exclude_docs) == 0:
             return self._search(queries, k, threads)
@@ -253,17 +273,18 @@ class Datastore:
     def _search(self, queries: np.ndarray, k: int, threads: int, allowed: np.ndarray | None = None):
         """Top-k over every shard, merged; `allowed` (bool per key) restricts the search to those keys."""
         results = []
-        for number, start, index in self.shards:
-            count = index.get_current_count()
+        for number, start, shard in self.shards:
+            count = shard.count
             live = count if allowed is None else int(allowed[start : start + count].sum())
             kk = min(k, live)
             if kk == 0:
                 continue
             if allowed is None:
-                index.set_ef(max(self.ef, kk))
-                labels, distances = index.knn_query(queries, k=kk, num_threads=threads)
+                labels, distances = shard.search(queries, kk, self.ef if shard.exact else self.nprobe, threads)
+            elif not shard.exact:  # faiss tests the bitmap while it scans: nothing allowed is missed
+                labels, distances = shard.search(queries, kk, self.nprobe, threads, allowed=allowed)
             else:
-                labels, distances = self._filtered(index, queries, kk, allowed, start, count)
+                labels, distances = self._filtered(shard.index, queries, kk, allowed, start, count)
             results.append((number, labels.astype(np.int64), distances.astype(np.float32)))
         return merge_top_k(results, len(queries), k)
 
@@ -303,7 +324,7 @@ def verify_datastore(path: str | os.PathLike, progress: Progress | None = None) 
     where = Path(path)
     manifest = read_datastore_manifest(where)
     keys, index = manifest["stages"]["keys"], manifest["stages"]["index"]
-    shards = index.get("shards", []) if index["status"] == "complete" else []
+    shards = index_files(index) if index["status"] == "complete" else []
     files = keys.get("files", {}) if keys["status"] == "complete" else {}
     total = record_bytes(files) + sum(s["bytes"] for s in shards)
     task = progress.start("verify", total=max(total, 1), unit="bytes")

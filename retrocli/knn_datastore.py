@@ -6,10 +6,10 @@ documents, a block of keys at a time) and the HNSW shards over them.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 import torch
 import zarr
@@ -18,6 +18,7 @@ from retrocli import __version__
 from retrocli.artifacts import check_outside, write_json_atomic
 from retrocli.block_stage import BlockStage
 from retrocli.checksums import (
+    file_sha256,
     record_arrays,
 )
 from retrocli.cluster import dask_client
@@ -41,8 +42,17 @@ from retrocli.db import (
 )
 from retrocli.device import resolve_device
 from retrocli.errors import RetroError
-from retrocli.index import merge_top_k, shard_name, shard_record
-from retrocli.index_kinds import write_shard
+from retrocli.index import checked_shard_file, merge_top_k, shard_name, shard_record
+from retrocli.index_kinds import (
+    TRAINED_FILE,
+    IvfPqParams,
+    auto_nlist,
+    load_shard,
+    read_rows,
+    train_ivfpq,
+    train_sample_rows,
+    write_shard,
+)
 from retrocli.lock import holds_writer_lock
 from retrocli.model.checkpoint import load_model, resolve_model
 from retrocli.options import (
@@ -150,6 +160,7 @@ def build_datastore(
                 return out
         if manifest["stages"]["index"]["status"] != "complete":
             _build_index(out, manifest, options, progress, client)
+    drop_indexed_keys(out, manifest)
     return out
 
 
@@ -161,7 +172,8 @@ def _describes(out: Path, manifest: dict, identity: dict, db_identity: dict, opt
         return False
     return manifest["model"]["sha256"] == identity["sha256"] and \
         manifest["db"]["content_id"] == db_identity["content_id"] and \
-        manifest["options"] == asdict(options) | {"threads": manifest["options"].get("threads")}
+        asdict(DatastoreOptions()) | manifest["options"] == \
+        asdict(options) | {"threads": manifest["options"].get("threads")}
 
 
 def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOptions, progress, client,
@@ -229,34 +241,69 @@ def key_block(db_path: str, model_dir: str, out: str, block_size: int, windows_p
 def _build_index(out: Path, manifest: dict, options: DatastoreOptions, progress, client) -> None:
     state = manifest["stages"]["index"]
     if state["status"] != "running":
-        state.update(status="running", shards=[])
+        state.update(status="running", shards=[], kind=options.kind)
         write_json_atomic(out / MANIFEST, manifest)
     (out / INDEX_DIR).mkdir(exist_ok=True)
     for leftover in (out / INDEX_DIR).glob("*.partial"):
         leftover.unlink()
     n, d = manifest["counts"]["keys"], manifest["counts"]["dim"]
+    threads = options.threads or 1
+    if options.kind == "ivfpq" and "trained" not in state:
+        _train(out, state, options, n, threads, progress)
+        write_json_atomic(out / MANIFEST, manifest)
     stage = BlockStage("knn index", state, lambda: write_json_atomic(out / MANIFEST, manifest), n,
                        options.shard_size, "keys", shard_records=state["shards"])
-    args = (str(out), d, options.shard_size, options.M, options.ef_construction, options.seed, options.threads or 1)
+    params = {"M": options.M, "ef_construction": options.ef_construction, "seed": options.seed,
+              "trained": state.get("trained")}
+    args = (str(out), d, options.shard_size, options.kind, params, threads)
     stage.run(build_key_shard, args, progress, client,
-              finish=lambda record: record.update(temperature_scale=_distance_scale(out, d, record["shards"])))
+              finish=lambda record: record.update(temperature_scale=_distance_scale(out, d, record, options)))
+
+
+def _train(out: Path, state: dict, options: DatastoreOptions, n: int, threads: int, progress) -> None:
+    """ivfpq: train the quantisers on a seeded sample of the keys (index/trained.faiss)."""
+    keys = zarr.open_group(str(out / STORE), mode="r")["keys"]
+    nlist = auto_nlist(n)
+    rows = train_sample_rows(n, nlist, options.seed)
+    task = progress.start("knn train quantisers", total=len(rows), unit="keys")
+    sample = read_rows(lambda a, b: np.asarray(keys[a:b], dtype=np.float32), rows, n)
+    final = out / INDEX_DIR / TRAINED_FILE
+    info = train_ivfpq(sample, "l2", IvfPqParams(nlist, options.pq_bytes, False), nlist, options.seed, threads, final)
+    task.advance(len(rows))
+    task.finish()
+    state["trained"] = {**info, "file": f"{INDEX_DIR}/{TRAINED_FILE}", "bytes": final.stat().st_size,
+                        "sha256": file_sha256(final)}
+
+
+def drop_indexed_keys(out: Path, manifest: dict) -> None:
+    """An ivfpq datastore searches the codes alone: once indexed, the fp16 keys (most of its bytes) go.
+    The manifest stops recording them first, so a kill in between leaves only unrecorded files."""
+    keys = manifest["stages"]["keys"]
+    index = manifest["stages"]["index"]
+    if index.get("kind", "hnsw") != "ivfpq" or index["status"] != "complete":
+        return
+    if not keys.get("keys_dropped"):
+        keys["files"] = {name: record for name, record in keys["files"].items() if name != "keys"}
+        keys["keys_dropped"] = True
+        write_json_atomic(out / MANIFEST, manifest)
+    shutil.rmtree(out / STORE / "keys", ignore_errors=True)
 
 
 SCALE_SAMPLE = 2048
 
 
-def _distance_scale(out: Path, dim: int, shards: list[dict]) -> float:
+def _distance_scale(out: Path, dim: int, state: dict, options: DatastoreOptions) -> float:
     """The median distance from a key to its nearest other key (over the first SCALE_SAMPLE keys): the
-    default temperature with a fixed --lambda, so that T is on the scale of the distances."""
+    default temperature with a fixed --lambda, so that T is on the scale of the distances (the codes'
+    distances on an ivfpq datastore, which are the ones its searches return)."""
     sample = np.asarray(zarr.open_group(str(out / STORE), mode="r")["keys"][:SCALE_SAMPLE], dtype=np.float32)
+    kind = state.get("kind", "hnsw")
+    width = DEFAULT_KNN_EF if kind == "hnsw" else options.nprobe
     results = []
-    for record in shards:
-        index = hnswlib.Index(space="l2", dim=dim)
-        index.load_index(str(out / record["file"]), max_elements=int(record["count"]))
-        index.set_ef(DEFAULT_KNN_EF)
-        kk = min(2, index.get_current_count())
-        labels, distances = index.knn_query(sample, k=kk)
-        results.append((record["shard"], labels.astype(np.int64), distances.astype(np.float32)))
+    for record in state["shards"]:
+        shard = load_shard(out / record["file"], kind, "l2", dim, int(record["count"]))
+        labels, distances = shard.search(sample, min(2, shard.count), width, 1)
+        results.append((record["shard"], labels, distances))
     _, dists = merge_top_k(results, len(sample), 2)
     nearest_other = dists[:, 1][np.isfinite(dists[:, 1])]
     positive = nearest_other[nearest_other > 0]
@@ -264,13 +311,13 @@ def _distance_scale(out: Path, dim: int, shards: list[dict]) -> float:
     return float(np.clip(np.median(positive), low, high)) if len(positive) else 1.0
 
 
-def build_key_shard(out: str, dim: int, shard_size: int, M: int, ef_construction: int, seed: int, threads: int,
-                    shard: int) -> dict:
-    """HNSW over keys [shard·S, (shard+1)·S), labelled with their rows; written via a temp name and checked
-    whole before the rename. One thread gives the same graph for the same keys and seed."""
+def build_key_shard(out: str, dim: int, shard_size: int, kind: str, params: dict, threads: int, shard: int) -> dict:
+    """An index shard over keys [shard·S, (shard+1)·S), labelled with their rows; written via a temp name and
+    checked whole before the rename. One thread gives the same file for the same keys and seed."""
     keys = zarr.open_group(str(Path(out) / STORE), mode="r")["keys"]
     start, stop = shard * shard_size, min(keys.shape[0], (shard + 1) * shard_size)
-    final = Path(out) / INDEX_DIR / shard_name(shard)
-    write_shard("hnsw", lambda a, b: np.asarray(keys[a:b], dtype=np.float32), start, stop, 0, final, "l2", dim,
-                {"M": M, "ef_construction": ef_construction, "seed": seed}, threads)
+    final = Path(out) / INDEX_DIR / shard_name(shard, kind)
+    trained = checked_shard_file(Path(out), params["trained"]) if kind == "ivfpq" else None
+    write_shard(kind, lambda a, b: np.asarray(keys[a:b], dtype=np.float32), start, stop, 0, final, "l2", dim,
+                params, threads, trained=trained)
     return shard_record(shard, final, f"{INDEX_DIR}/{final.name}", start, stop - start)

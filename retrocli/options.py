@@ -108,6 +108,8 @@ DEFAULT_KNN_M = 16
 DEFAULT_KNN_EF_CONSTRUCTION = 100
 DEFAULT_KNN_SEED = 100
 DEFAULT_KNN_EF = 64
+DEFAULT_KNN_PQ_BYTES = 64
+DEFAULT_KNN_NPROBE = 32
 DEFAULT_KNN_K = 16
 DEFAULT_KNN_WINDOWS = 8  # windows of seq_len tokens per forward pass while computing keys
 DEFAULT_LAMBDA_BUCKETS = 8
@@ -175,11 +177,16 @@ class DatastoreOptions:
     """`retro knn-datastore`: how the keys are computed and indexed."""
 
     block_size: int = option(DEFAULT_KNN_BLOCK, "Keys per resumable block (one zarr chunk)")
-    shard_size: int = option(DEFAULT_KNN_SHARD, "Keys per HNSW shard")
+    shard_size: int = option(DEFAULT_KNN_SHARD, "Keys per index shard")
     M: int = option(DEFAULT_KNN_M, "HNSW graph degree")
     ef_construction: int = option(DEFAULT_KNN_EF_CONSTRUCTION, "HNSW build beam width")
     seed: int = option(DEFAULT_KNN_SEED, "HNSW seed")
     windows_per_batch: int = option(DEFAULT_KNN_WINDOWS, "Windows of seq_len tokens per forward pass")
+    kind: str = option(DEFAULT_INDEX_KIND, "hnsw (fp16 keys kept, HNSW over fp32 copies) or ivfpq (faiss IVF-PQ "
+                                           "codes of --pq-bytes a key; the keys are dropped once indexed, and "
+                                           "distances come from the codes)")
+    pq_bytes: int = option(DEFAULT_KNN_PQ_BYTES, "ivfpq: bytes of code a key (must divide the model's d_model)")
+    nprobe: int = option(DEFAULT_KNN_NPROBE, "ivfpq: lists a search visits")
     # torch threads for the keys, hnswlib threads per shard (default: 1 per shard)
     threads: int | None = option(None, "Torch/hnswlib threads (default: all cores)")
 

@@ -324,3 +324,37 @@ def test_a_knn_temperature_out_of_its_range_is_one_line(store, trained, tiny_db,
         result = cli(*args, "--model", out, "--knn-lm", store, "--knn-temperature", temperature)
         assert result.exit_code == 2 and len(result.error_lines) == 1, result.output
         assert result.error_lines[0].startswith("error: --knn-temperature: must be in [1e-06, 1e+09]")
+
+
+def test_an_ivfpq_datastore_drops_its_keys_searches_its_codes_and_evaluates(store, trained, tiny_db, small_jsonl,
+                                                                              tmp_path, cli):
+    from retrocli.datastore import verify_datastore
+    from retrocli.eval import evaluate
+
+    out, _ = trained
+    exact = Datastore(store)
+    options = DatastoreOptions(block_size=1000, shard_size=2500, threads=1, kind="ivfpq", pq_bytes=exact.dim // 4,
+                               nprobe=1024)
+    path = build_datastore(tiny_db, out, tmp_path / "pq", options)
+    quantised = Datastore(path)
+    manifest = quantised.manifest
+    assert manifest["stages"]["keys"]["keys_dropped"] and not (path / "store.zarr" / "keys").exists()
+    assert manifest["stages"]["index"]["kind"] == "ivfpq" and manifest["stages"]["index"]["shards"][0]["file"].endswith(
+        ".faiss")
+    assert quantised.disk_bytes() < exact.disk_bytes() / 2
+    assert verify_datastore(path).ok
+    keys = _arrays(store)["keys"].astype(np.float32)
+    queries = keys[:: max(1, len(keys) // 50)]
+    want, _ = exact.search(queries, 8)
+    got, dists = quantised.search(queries, 8)
+    assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(got, want)]) > 0.5
+    assert (np.diff(dists, axis=1) >= -1e-4).all()
+    banned = np.unique(quantised.docs[got[:, 0]])[:3]
+    ids_x, _ = quantised.search(queries, 8, exclude_docs=banned)
+    assert (ids_x >= 0).all() and not np.isin(quantised.docs[ids_x], banned).any()
+    assert build_datastore(tiny_db, out, path, options) == path  # complete: nothing redone, nothing lost
+    report = evaluate(tiny_db, [small_jsonl], out, work_dir=tmp_path / "w",
+                      knn=KnnOptions(datastore=path, lam=0.25))
+    rows = {r["method"]: r for r in report["knn_lm"]["methods"]}
+    assert rows["knn_lm"]["bpb"] > 0 and rows["knn_lm"]["disk_bytes"] == quantised.disk_bytes()
+    assert cli("verify", path).exit_code == 0

@@ -35,10 +35,13 @@ from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_EVAL_BATCH,
     DEFAULT_GENERATE_LAMBDA,
+    DEFAULT_INDEX_KIND,
     DEFAULT_KNN_BLOCK,
     DEFAULT_KNN_EF_CONSTRUCTION,
     DEFAULT_KNN_K,
     DEFAULT_KNN_M,
+    DEFAULT_KNN_NPROBE,
+    DEFAULT_KNN_PQ_BYTES,
     DEFAULT_KNN_SEED,
     DEFAULT_KNN_SHARD,
     DEFAULT_KNN_WINDOWS,
@@ -346,6 +349,9 @@ def knn_datastore(
     ef_construction: Annotated[int, field_option(DatastoreOptions, "ef_construction")] = DEFAULT_KNN_EF_CONSTRUCTION,
     seed: Annotated[int, field_option(DatastoreOptions, "seed")] = DEFAULT_KNN_SEED,
     windows: Annotated[int, field_option(DatastoreOptions, "windows_per_batch", "--windows")] = DEFAULT_KNN_WINDOWS,
+    kind: Annotated[str, field_option(DatastoreOptions, "kind")] = DEFAULT_INDEX_KIND,
+    pq_bytes: Annotated[int, field_option(DatastoreOptions, "pq_bytes")] = DEFAULT_KNN_PQ_BYTES,
+    nprobe: Annotated[int, field_option(DatastoreOptions, "nprobe")] = DEFAULT_KNN_NPROBE,
     threads: LocalThreads = None,
     dask: Dask = None,
     device: Device = "auto",
@@ -355,12 +361,13 @@ def knn_datastore(
     json_output: JsonOut = False,
 ):
     """Build a kNN-LM datastore: for every DB token, the model's hidden state before it (key) and the token
-    (value), fp16 keys in zarr and an HNSW index over them."""
+    (value), fp16 keys in zarr and an HNSW index over them, or (--kind ivfpq) IVF-PQ codes alone."""
     from retrocli.cli.common import cluster
     from retrocli.datastore import Datastore
     from retrocli.knn_datastore import build_datastore
     options = DatastoreOptions(block_size=block_size, shard_size=shard_size, M=hnsw_m, ef_construction=ef_construction,
-                               seed=seed, windows_per_batch=windows, threads=threads)
+                               seed=seed, windows_per_batch=windows, threads=threads, kind=kind, pq_bytes=pq_bytes,
+                               nprobe=nprobe)
     with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
         path = build_datastore(fetch_db(db, cache_dir), model, out, options, progress=progress, dask=client,
                                device=device, overwrite=overwrite)
