@@ -87,11 +87,19 @@ class FinalHidden:
 
 
 def model_identity(model_dir) -> dict:
+    """The model's directory and one sha256 of its weights: model.safetensors's own, or for weights split
+    into shards (the bundled model), the sha256 of their sha256s in order."""
+    import hashlib
+
+    from retrocli.model.retrofit import weight_files
+
     path = resolve_model(model_dir)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
+    files = weight_files(path)
+    if not all(file.is_file() for file in files):
         raise RetroError(f"{path}: no {WEIGHTS_FILE} (not a retro model directory)")
-    return {"path": str(path.absolute()), "sha256": file_sha256(weights)}
+    digests = [file_sha256(file) for file in files]
+    digest = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return {"path": str(path.absolute()), "sha256": digest}
 
 
 def read_datastore_manifest(out: Path, check_shape: bool = True) -> dict | None:
