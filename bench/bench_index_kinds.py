@@ -63,13 +63,12 @@ def recall(found, exact):
 def build(db: Path, work: Path, name: str, threads: int) -> dict:
     """Copy the DB without its index, build the kind in a child process; its wall time and peak RSS."""
     target = work / name
-    if not (target / "manifest.json").exists() or '"index"' not in (target / "manifest.json").read_text():
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(db, target, ignore=shutil.ignore_patterns("index", "*.lock"))
-        manifest = json.loads((target / "manifest.json").read_text())
-        manifest.pop("index", None)
-        manifest["stages"].pop("index", None)
-        (target / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(db, target, ignore=shutil.ignore_patterns("index", "*.lock"))
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest.pop("index", None)
+    manifest["stages"].pop("index", None)
+    (target / "manifest.json").write_text(json.dumps(manifest))
     retro = Path(sys.executable).with_name("retro")
     start = time.perf_counter()
     out = subprocess.run(["/usr/bin/time", "-f", "%M", str(retro), "index", str(target), *CONFIGS[name],

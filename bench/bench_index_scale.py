@@ -67,7 +67,7 @@ class Rows:
 
 
 def build_and_search(array, n, queries, exact, nlist, pq_bytes, seed, threads, train_rows, work: Path,
-                     rerank=100, nprobe=64):
+                     rerank=100, nprobe=128):
     from retrocli.index import rerank_exact
     from retrocli.index_kinds import IvfPqParams, load_shard, read_rows, train_ivfpq, write_shard
 

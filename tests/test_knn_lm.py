@@ -358,3 +358,20 @@ def test_an_ivfpq_datastore_drops_its_keys_searches_its_codes_and_evaluates(stor
     rows = {r["method"]: r for r in report["knn_lm"]["methods"]}
     assert rows["knn_lm"]["bpb"] > 0 and rows["knn_lm"]["disk_bytes"] == quantised.disk_bytes()
     assert cli("verify", path).exit_code == 0
+
+
+def test_a_model_with_sharded_weights_has_one_identity(tmp_path):
+    """The bundled model ships its weights as shards: a datastore for it records one sha256 of them all."""
+    from retrocli.datastore import model_identity
+    from retrocli.model.checkpoint import resolve_model
+
+    bundled = resolve_model(None)
+    identity = model_identity(bundled)
+    assert len(identity["sha256"]) == 64
+    copy = tmp_path / "model"
+    shutil.copytree(bundled, copy)
+    shard = sorted(copy.glob("model-*-of-*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert model_identity(copy)["sha256"] != identity["sha256"]
