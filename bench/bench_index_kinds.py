@@ -6,7 +6,8 @@ same run; every build and every search runs in its own process so RSS is its own
     .venv/bin/python bench/bench_index_kinds.py --db DB [--queries 1000] [--work bench-out/kinds]
 
 Queries are DB chunks drawn with --seed (each finds itself first, as in bench_retrieval.py). usearch's
-HNSW over int8 is measured as a candidate when the package is installed; it is not a retrocli kind.
+HNSW over int8 and ScaNN (tree + 96-byte asymmetric hashing, re-ranked as retrocli re-ranks) are measured
+as candidates when their packages are installed; they are not retrocli kinds.
 """
 
 from __future__ import annotations
@@ -152,6 +153,45 @@ def usearch_candidate(vectors, queries, exact, threads) -> dict | None:
             "usearch bytes per vector": index.memory_usage / len(vectors)}
 
 
+def scann_candidate(vectors, queries, exact, threads, rerank=100) -> dict | None:
+    """ScaNN's tree + asymmetric hashing, 96-byte codes (2 dims a 4-bit block), its top `rerank` re-ranked
+    with the stored vectors as retrocli re-ranks."""
+    try:
+        from scann import scann_ops_pybind
+    except ImportError:
+        return None
+    from retrocli.index import rerank_exact
+
+    class Rows:
+        def take(self, ids):
+            return vectors[ids.reshape(-1)].reshape(*ids.shape, -1)
+
+    before = rss_mb()
+    start = time.perf_counter()
+    searcher = (scann_ops_pybind.builder(vectors, rerank, "squared_l2")
+                .tree(num_leaves=1024, num_leaves_to_search=128, training_sample_size=65536)
+                .score_ah(2, anisotropic_quantization_threshold=0.2).build())
+    seconds = time.perf_counter() - start
+    ram = rss_mb() - before
+
+    def search(batch):
+        ids, _ = searcher.search_batched(batch, final_num_neighbors=rerank)
+        return rerank_exact(Rows(), "l2", batch, np.asarray(ids, dtype=np.int64), 10)[0]
+
+    raw, _ = searcher.search_batched(queries, final_num_neighbors=10)
+    found = search(queries)
+    start = time.perf_counter()
+    for q in queries[:200]:
+        search(q[None, :])
+    qps1 = 200 / (time.perf_counter() - start)
+    start = time.perf_counter()
+    search(np.concatenate([queries] * 2)[:1024])
+    return {"seconds": seconds, "ram_bytes_per_vector (incl. the dataset ScaNN keeps)": ram * 2**20 / len(vectors),
+            "recall@10 rerank=0": recall(np.asarray(raw, dtype=np.int64), exact),
+            f"recall@10 rerank={rerank}": recall(found, exact), "qps batch 1": qps1,
+            "qps batch 1024": 1024 / (time.perf_counter() - start)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True, help="an embedded DB (its index, if any, is not touched)")
@@ -182,7 +222,7 @@ def main() -> None:
     print(f"DB {args.db}: {db.num_chunks:,} vectors of {vectors.shape[1]}-d; {len(queries)} queries; "
           f"exact search (numpy, the recall reference) {exact_qps:.0f} q/s; threads {args.threads}")
     results = {}
-    for name in args.configs.split(","):
+    for name in filter(None, args.configs.split(",")):
         built = build(Path(args.db), work, name, threads=1)
         child = subprocess.run([sys.executable, __file__, "--db", args.db, "--threads", str(args.threads),
                                 "--search-child", built["path"], str(work / "queries.npy"), str(work / "exact.npy")],
@@ -193,10 +233,11 @@ def main() -> None:
         results[name]["disk_bytes_per_vector"] = built["disk_bytes"] / db.num_chunks
         print(name, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()}),
               flush=True)
-    candidate = usearch_candidate(vectors, queries, exact, args.threads)
-    if candidate:
-        results["usearch-i8 (candidate)"] = candidate
-        print("usearch-i8 (candidate)", json.dumps({k: round(v, 4) for k, v in candidate.items()}), flush=True)
+    for name, measure in (("usearch-i8 (candidate)", usearch_candidate), ("scann-ah96 (candidate)", scann_candidate)):
+        candidate = measure(vectors, queries, exact, args.threads)
+        if candidate:
+            results[name] = candidate
+            print(name, json.dumps({k: round(v, 4) for k, v in candidate.items()}), flush=True)
     anchor = results.get("hnsw")
     if anchor:
         print("\nratios against hnsw (the anchor, same run):")
