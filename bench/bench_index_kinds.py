@@ -7,7 +7,8 @@ same run; every build and every search runs in its own process so RSS is its own
 
 Queries are DB chunks drawn with --seed (each finds itself first, as in bench_retrieval.py). usearch's
 HNSW over int8 and ScaNN (tree + 96-byte asymmetric hashing, re-ranked as retrocli re-ranks) are measured
-as candidates when their packages are installed; they are not retrocli kinds.
+as candidates when their packages are installed (`pip install usearch scann protobuf`); they are not
+retrocli kinds.
 """
 
 from __future__ import annotations

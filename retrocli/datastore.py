@@ -22,6 +22,7 @@ retrocli.knn_datastore.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -44,6 +45,7 @@ from retrocli.errors import RetroError
 from retrocli.index import checked_shard_file, index_files, merge_top_k
 from retrocli.index_kinds import KINDS, Shard, load_shard
 from retrocli.model.checkpoint import resolve_model
+from retrocli.model.retrofit import weight_files
 from retrocli.options import (
     DEFAULT_KNN_EF,
     DEFAULT_KNN_NPROBE,
@@ -89,10 +91,6 @@ class FinalHidden:
 def model_identity(model_dir) -> dict:
     """The model's directory and one sha256 of its weights: model.safetensors's own, or for weights split
     into shards (the bundled model), the sha256 of their sha256s in order."""
-    import hashlib
-
-    from retrocli.model.retrofit import weight_files
-
     path = resolve_model(model_dir)
     files = weight_files(path)
     if not all(file.is_file() for file in files):
