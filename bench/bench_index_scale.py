@@ -22,14 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+from bench_index_kinds import recall, rss_mb  # the same directory: run as bench/bench_index_scale.py
 
 
 def exact_top_k(read_block, n, queries, k, block=262_144):
@@ -46,10 +39,6 @@ def exact_top_k(read_block, n, queries, k, block=262_144):
         best_d, best_i = np.take_along_axis(all_d, part, 1), np.take_along_axis(all_i, part, 1)
     order = np.argsort(best_d, axis=1)
     return np.take_along_axis(best_i, order, 1)
-
-
-def recall(found, exact):
-    return float(np.mean([len(set(f) & set(e)) / exact.shape[1] for f, e in zip(found, exact)]))
 
 
 class Rows:
