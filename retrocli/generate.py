@@ -36,6 +36,8 @@ from retrocli.retriever import HttpRetriever, LocalRetriever
 from retrocli.sequences import pad_id
 from retrocli.tokenizer import LoadedTokenizer, load_tokenizer
 
+COPY_MIN_TOKENS = 4  # a shorter shared run is too often a common phrase to call a copy
+
 
 @dataclass
 class Retrieval:
@@ -61,9 +63,62 @@ class Generation:
     text: str  # the continuation only
     retrievals: list[Retrieval] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # the continuation's tokens
+    prompt_tokens: int = 0
     copy: Copy | None = None
     seconds: float = 0.0  # from the first prompt token in to the last token out
     retrieval_wait_seconds: float = 0.0  # of which decoding stood waiting for retrieval
+
+
+@dataclass
+class CopiedSpan:
+    """A run of the continuation found verbatim in the [N, F] of a neighbour the model had read when it
+    wrote the run's first token. Token offsets into the continuation; character offsets into its text."""
+
+    start: int
+    end: int
+    start_char: int
+    end_char: int
+    text: str
+    chunk: int  # the completed chunk whose retrieval holds the neighbour
+    rank: int  # the neighbour's place in that retrieval (0 = nearest)
+    neighbor_id: int
+    doc: int
+    source: str
+
+
+def copied_spans(tokenizer, pad: int, token_ids: list[int], retrievals: list[Retrieval], prompt_tokens: int,
+                 chunk_size: int, min_tokens: int = COPY_MIN_TOKENS) -> list[CopiedSpan]:
+    """Left to right, the longest runs of at least `min_tokens` continuation tokens that occur in a
+    neighbour the model could attend to there. With the paper's CCA alignment the neighbours of chunk c
+    reach the tokens from position (c + 1)·m on, so a run starting earlier is never credited to them."""
+    sources = [(rec, rank, nb, row) for rec in retrievals if rec.rows is not None
+               for rank, (nb, row) in enumerate(zip(rec.neighbors, rec.rows))]
+    if not token_ids or not sources:
+        return []
+    rows = np.stack([np.where(row == pad, NEIGHBOR_PAD, row) for _, _, _, row in sources])  # [R, 2m]
+    ids = np.asarray(token_ids, dtype=np.int64)
+    T, S = len(ids), rows.shape[1]
+    # run[r, i, p]: how many tokens match from continuation token i and row r's token p on
+    run = np.zeros((len(rows), T + 1, S + 1), dtype=np.int32)
+    for i in range(T - 1, -1, -1):
+        run[:, i, :S] = (rows == ids[i]) * (1 + run[:, i + 1, 1:])
+    starts = prompt_tokens + np.arange(T)
+    reachable = starts[None, :] >= (np.array([rec.chunk_index for rec, _, _, _ in sources])[:, None] + 1) * chunk_size
+    best = np.where(reachable[:, :, None], run[:, :T, :S], 0).max(axis=2)  # [R, T]
+    spans, i = [], 0
+    while i < T:
+        r = int(best[:, i].argmax())
+        length = int(best[r, i])
+        if length < min_tokens:
+            i += 1
+            continue
+        rec, rank, nb, _ = sources[r]
+        start_char = len(tokenizer.decode(token_ids[:i]))
+        end_char = len(tokenizer.decode(token_ids[: i + length]))
+        spans.append(CopiedSpan(i, i + length, start_char, end_char, tokenizer.decode(token_ids[i : i + length]),
+                                rec.chunk_index, rank, nb.id, nb.doc, nb.source))
+        i += length
+    return spans
 
 
 def longest_copy(tokenizer, pad: int, token_ids: list[int], retrievals: list[Retrieval]) -> Copy | None:
@@ -132,7 +187,7 @@ def generate(
     sampling: SamplingOptions | None = None, k: int | None = None, ef: int = DEFAULT_EF_SEARCH,
     retrieval: bool = True, on_text: Callable[[str], None] | None = None,
     on_retrieval: Callable[[Retrieval], None] | None = None, device: str = "auto", retriever=None,
-    stale_retrieval: bool = False, knn: KnnOptions | None = None,
+    stale_retrieval: bool = False, knn: KnnOptions | None = None, loaded: tuple | None = None,
 ) -> Generation:
     """Continue `prompt` with the model (default: the bundled one for db's tokens), retrieving for each
     completed chunk from `db`. `device` runs the model and the query embedder there; greedy decoding gives
@@ -142,7 +197,10 @@ def generate(
 
     knn: a datastore (`retro knn-datastore`) for this model: each token is sampled from
     λ·p_kNN + (1−λ)·p_model, p_kNN from the knn.k keys nearest to the state that made the logits, at
-    temperature knn.temperature (default: the datastore's median nearest-key distance)."""
+    temperature knn.temperature (default: the datastore's median nearest-key distance).
+
+    loaded: (model, meta) from load_model, already checked against the DB: a server keeps its model loaded
+    instead of reading it again for every request."""
     sampling = sampling or SamplingOptions()
     if not prompt.strip():
         raise RetroError("--prompt is empty")
@@ -162,7 +220,7 @@ def generate(
         raise RetroError("give a DB (--db) or a retrieval server (--retriever)")
     else:
         db = as_db(db)
-    model, meta = load_model(model_dir, db if db is not None else retriever)
+    model, meta = loaded or load_model(model_dir, db if db is not None else retriever)
     model.to(where)
     tokenizer = db.tokenizer if db is not None else model_tokenizer(resolve_model(model_dir, retriever), meta)
     if isinstance(retriever, HttpRetriever):
@@ -254,6 +312,7 @@ def generate(
         record(last)
     result.text = tokenizer.decode(new_ids)
     result.token_ids = new_ids
+    result.prompt_tokens = len(prompt_ids)
     result.copy = longest_copy(tokenizer, pad, new_ids, result.retrievals)
     if on_text and len(result.text) > len(shown):
         on_text(result.text[len(shown):])

@@ -11,6 +11,8 @@ thread; requests that arrive while it runs form the next batch.
 
     GET  /health     {"status": "ok", db_id, version, content_id}, or 503 {"status": "unavailable", "error"}
     GET  /info       the DB: id, version, content id, chunks, chunk size, tokenizer, embedder, pad id, limits
+    GET  /documents/N  document N whole: {"doc", "source", "text", "chunks": [{"id", "text"}]} (404 when it
+                     does not exist or was removed)
     POST /neighbors  {"texts": [...]} or {"token_ids": [[...], ...]}, "k": 2,
                      optional "exclude_docs": [doc ids] (for every query) or
                      "exclude_docs_per_query": [[doc ids], ...], "exclude_same_doc": true
@@ -122,14 +124,20 @@ def strict_json(body: bytes):
     return data
 
 
-def parse_request(body: bytes, db: RetroDB) -> Query:
-    """The request body as a Query, or BadRequest naming the field at fault."""
+def json_object(body: bytes, fields: set[str]) -> dict:
+    """The body as a JSON object holding only `fields`, or BadRequest."""
     data = strict_json(body)
     if not isinstance(data, dict):
         raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(data) - REQUEST_FIELDS)
+    unknown = sorted(set(data) - fields)
     if unknown:
-        raise BadRequest(f"unknown field '{unknown[0]}' (expected some of {', '.join(sorted(REQUEST_FIELDS))})")
+        raise BadRequest(f"unknown field '{unknown[0]}' (expected some of {', '.join(sorted(fields))})")
+    return data
+
+
+def parse_request(body: bytes, db: RetroDB) -> Query:
+    """The request body as a Query, or BadRequest naming the field at fault."""
+    data = json_object(body, REQUEST_FIELDS)
     if ("texts" in data) == ("token_ids" in data):
         raise BadRequest("give exactly one of 'texts' or 'token_ids'")
     k = data.get("k", DEFAULT_QUERY_K)
@@ -359,14 +367,97 @@ class Batcher:
                 query.future.set_result(answer)
 
 
+# Every answer carries these: the page is self-contained (no CDN, no inline script), never framed by another
+# site, and a browser never guesses a content type.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "frame-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+SECURITY_HEADERS = {"x-content-type-options": "nosniff", "referrer-policy": "no-referrer",
+                    "cross-origin-opener-policy": "same-origin", "cross-origin-resource-policy": "same-origin"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+class SecurityHeaders:
+    """ASGI middleware: the headers above on every response, and PAGE_CSP unless a route set its own."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                names = {name.lower() for name, _ in headers}
+                extra = {**SECURITY_HEADERS, "content-security-policy": PAGE_CSP}
+                headers += [(k.encode(), v.encode()) for k, v in extra.items() if k.encode() not in names]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def json_reply(data: dict, served: Served | None = None, status: int = 200):
+    """Every answer computed from the DB names the version it came from."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({**data, **(served.identity if served else {})}, status_code=status)
+
+
+def json_error(status: int, message: str, served: Served | None = None):
+    return json_reply({"error": message}, served, status)
+
+
+async def read_body(request, limit: int = MAX_BODY_BYTES, strict_type: bool = False):
+    """The request's body as bytes, or the error response that refuses it (wrong type, too large, a client
+    gone mid-body). strict_type: the media type must be application/json exactly, which a cross-site form
+    or a CORS-simple request cannot send, so another site's page cannot start work here."""
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+
+    media = request.headers.get("content-type", "application/json")
+    if (media.split(";")[0].strip().lower() != "application/json") if strict_type else "json" not in media:
+        return json_error(415, "send the request as application/json")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        return json_error(413, f"the body is larger than {limit} bytes")
+    body = b""
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                return json_error(413, f"the body is larger than {limit} bytes")
+    except ClientDisconnect:
+        return Response(status_code=400)  # the client left mid-body: nobody reads this, nothing to log
+    return body
+
+
+def document_answer(served: Served, doc: int) -> dict:
+    """A whole document of the served DB, chunk by chunk (a removed one is not served)."""
+    db = served.db
+    if doc in db.removed_docs:
+        raise BadRequest(f"document {doc} was removed from the DB")
+    chunks = db.doc_chunks(doc)
+    return {"doc": doc, "source": db.source(doc), "text": db.document_text(doc),
+            "chunks": [{"id": c, "text": db.chunk_text(c)} for c in chunks]}
+
+
 def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu",
-               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH):
+               batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH,
+               extra_routes: list | None = None, allowed_hosts: list[str] | None = None,
+               route_help: str = "GET /health, GET /info, GET /documents/N, POST /neighbors"):
     """The Starlette app serving db_path. The DB, its index and its embedder are loaded here, and again
-    whenever a new version of the DB is committed."""
+    whenever a new version of the DB is committed. extra_routes: more routes (the page, generation);
+    their handlers find the followed DB as request.app.state.served_db. allowed_hosts: the Host headers
+    answered (a server on a loopback address answers only loopback names, which keeps a DNS-rebinding page
+    from reading it)."""
     try:
         import uvicorn  # noqa: F401 - checked here, before the DB is loaded
         from starlette.applications import Starlette
-        from starlette.requests import ClientDisconnect, Request
+        from starlette.middleware import Middleware
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        from starlette.requests import Request
         from starlette.responses import JSONResponse, Response
         from starlette.routing import Route
     except ImportError:
@@ -378,13 +469,7 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
     limits = {"batch_window_ms": batch_window_ms, "max_batch": max_batch, "max_query_chunks": MAX_QUERY_CHUNKS}
     served_db = ServedDB(db_path, ef, device, limits)
     batcher = Batcher(batch_window_ms / 1000, max_batch)
-
-    def reply(data: dict, served: Served | None = None, status: int = 200) -> JSONResponse:
-        """Every answer computed from the DB names the version it came from."""
-        return JSONResponse({**data, **(served.identity if served else {})}, status_code=status)
-
-    def error(status: int, message: str, served: Served | None = None) -> JSONResponse:
-        return reply({"error": message}, served, status)
+    reply, error = json_reply, json_error
 
     async def health(request: Request) -> JSONResponse:
         try:
@@ -398,22 +483,29 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
             served = await served_db.current()
         except Unavailable as err:
             return error(503, str(err))
-        return reply({**served.info, "batches": batcher.batches, "requests": batcher.batched_queries}, served)
+        return reply({**served.info, **request.app.state.info_extra, "batches": batcher.batches,
+                      "requests": batcher.batched_queries}, served)
+
+    async def document(request: Request) -> JSONResponse:
+        raw = request.path_params["doc"]
+        try:
+            served = await served_db.current()
+        except Unavailable as err:
+            return error(503, str(err))
+        if not raw.isdigit() or not 0 <= int(raw) < served.db.num_docs:
+            return error(404, f"no document {raw[:40]!r} in the DB (it has {served.db.num_docs} documents, "
+                              f"numbered from 0)", served)
+        try:
+            return reply(await asyncio.to_thread(document_answer, served, int(raw)), served)
+        except BadRequest as err:
+            return error(404, str(err), served)
+        except (RetroError, OSError) as err:
+            return error(503, served_db.damaged(served, err))
 
     async def neighbors(request: Request) -> Response:
-        if "json" not in request.headers.get("content-type", "application/json"):
-            return error(415, "send the request as application/json")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        body = b""
-        try:
-            async for part in request.stream():
-                body += part
-                if len(body) > MAX_BODY_BYTES:
-                    return error(413, f"the body is larger than {MAX_BODY_BYTES} bytes")
-        except ClientDisconnect:
-            return Response(status_code=400)  # the client left mid-body: nobody reads this, nothing to log
+        body = await read_body(request)
+        if not isinstance(body, bytes):
+            return body
         try:
             served = await served_db.current()
         except Unavailable as err:
@@ -432,8 +524,7 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
             return error(500, f"internal error ({type(err).__name__}); the server's log has the details")
 
     async def not_found(request: Request, exc) -> JSONResponse:
-        return error(404, f"no such route: {request.method} {request.url.path} (try GET /health, GET /info, "
-                          "POST /neighbors)")
+        return error(404, f"no such route: {request.method} {request.url.path} (try {route_help})")
 
     async def not_allowed(request: Request, exc) -> JSONResponse:
         return error(405, f"{request.method} is not allowed on {request.url.path}")
@@ -444,13 +535,19 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
         yield
         await batcher.stop()
 
+    middleware = [Middleware(SecurityHeaders)]
+    if allowed_hosts:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
     app = Starlette(
         routes=[Route("/health", health, methods=["GET"]), Route("/info", get_info, methods=["GET"]),
-                Route("/neighbors", neighbors, methods=["POST"])],
+                Route("/documents/{doc}", document, methods=["GET"]),
+                Route("/neighbors", neighbors, methods=["POST"]), *(extra_routes or [])],
         exception_handlers={404: not_found, 405: not_allowed},
+        middleware=middleware,
         lifespan=lifespan,
     )
     app.state.batcher, app.state.served_db, app.state.info = batcher, served_db, served_db.served.info
+    app.state.info_extra = {}  # what a layer above adds to GET /info (the loaded model, named test sets)
     return app
 
 

@@ -38,6 +38,7 @@ LAYERS = [
     ["retrocli.knn_datastore"],
     ["retrocli.train", "retrocli.eval", "retrocli.generate"],
     ["retrocli.leakage", "retrocli.leakage_html"],
+    ["retrocli.web"],  # the page and its routes: serve's JSON API plus generation and leakage reports
     ["retrocli.dedupe"],
     ["retrocli.cli", "retrocli.cli.common", "retrocli.cli.options", "retrocli.cli.db", "retrocli.cli.retrieval",
      "retrocli.cli.leakage", "retrocli.cli.model", "retrocli.cli.__main__",

@@ -9,7 +9,18 @@ import typer
 from rich.table import Table
 
 from retrocli.cli.common import cluster, console, handle_errors, print_json, progress_display, user
-from retrocli.cli.options import BlockSize, CacheDir, Dask, Device, Ef, JsonOut, Threads, field_option, flag
+from retrocli.cli.options import (
+    BlockSize,
+    CacheDir,
+    Dask,
+    Device,
+    Ef,
+    JsonOut,
+    ModelDir,
+    Threads,
+    field_option,
+    flag,
+)
 from retrocli.errors import RetroError
 from retrocli.options import (
     DEFAULT_BATCH_BLOCK,
@@ -147,27 +158,42 @@ def serve(
     batch_window_ms: Annotated[float, typer.Option(
         help="How long a request waits for others to share its embed + search call")] = DEFAULT_BATCH_WINDOW_MS,
     max_batch: Annotated[int, typer.Option(help="Query chunks per embed + search call at most")] = DEFAULT_MAX_BATCH,
+    model: ModelDir = None,
+    no_model: Annotated[bool, flag("--no-model", "Serve search and leakage only: load no model")] = False,
+    test_set: Annotated[list[str] | None, typer.Option(
+        "--test-set", help="NAME=FILE: a test set the page may run a leakage report on (repeatable)")] = None,
     threads: Threads = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
 ):
-    """Serve the DB's retrieval over HTTP: POST /neighbors, GET /info, GET /health (docs/guide.md)."""
+    """Serve the DB over HTTP: a page at / to search, generate and check leakage, and the JSON API
+    (POST /neighbors, POST /generate, POST /leakage, GET /documents/N, GET /info, GET /health; docs/guide.md)."""
     import torch
 
     from retrocli.device import resolve_device
-    from retrocli.serve import create_app, run_app
+    from retrocli.serve import run_app
+    from retrocli.web import create_web_app, named_test_sets
 
     if not 1 <= port <= 65535:
         raise RetroError(f"--port: {port} is not a TCP port (1-65535)")
     check_at_least("--threads", threads, allow_none=True)
     if threads:
         torch.set_num_threads(threads)
+    if no_model and model is not None:
+        raise RetroError("give at most one of --model and --no-model")
+    sets = named_test_sets(test_set or [])
     path = fetch_db(db, cache_dir)
-    app = create_app(path, ef=ef, device=str(resolve_device(device)),
-                     batch_window_ms=batch_window_ms, max_batch=max_batch)
+    app = create_web_app(path, model=str(model) if model is not None else None, use_model=not no_model,
+                         test_sets=sets, host=host, ef=ef, device=str(resolve_device(device)),
+                         batch_window_ms=batch_window_ms, max_batch=max_batch)
     info = app.state.info
-    console.print(f"serving {user(path)} ({info['chunks']:,} chunks) at [bold]http://{host}:{port}[/] "
-                  "— POST /neighbors, GET /info, GET /health; Ctrl-C stops", soft_wrap=True)
+    loaded = app.state.model
+    console.print(f"serving {user(path)} ({info['chunks']:,} chunks) at [bold]http://{host}:{port}/[/] "
+                  "— open it in a browser, or use the JSON API; Ctrl-C stops", soft_wrap=True)
+    if loaded is not None:
+        console.print(f"generating with {user(loaded.name)} ({loaded.num_neighbors} neighbours a chunk)")
+    else:
+        console.print(f"[yellow]note:[/] no generation: {user(app.state.model_note)}", soft_wrap=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]note:[/] bound to {host}: reachable from other machines, with no authentication")
     run_app(app, host, port)
