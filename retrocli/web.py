@@ -330,8 +330,10 @@ def create_web_app(db_path, model: str | None = None, use_model: bool = True, te
                 k=_number(data, "k", DEFAULT_LEAKAGE_K, int, 1, served.info["max_k"]),
                 alpha=_number(data, "alpha", DEFAULT_ALPHA, float, 0, 1),
                 examples=_number(data, "examples", DEFAULT_EXAMPLES, int, 0, 100), ef=ef)
-            report = leakage_report(served.db, [path], options, work_dir=Path(tmp) / "work",
-                                    device=device)
+            try:
+                report = leakage_report(served.db, [path], options, work_dir=Path(tmp) / "work", device=device)
+            except RetroError as err:  # about the upload: named as the client named it, not where it was put
+                raise RetroError(str(err).replace(tmp + "/", "")) from None
             answer = _scrub(report.to_json(), tmp + "/")
         answer["db"], answer["test_inputs"] = served.info["db"], [label]
         return answer

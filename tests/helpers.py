@@ -3,8 +3,15 @@ real transformers code, real MiniLM tokenizer files), a small corpus, and a snap
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,3 +56,50 @@ def tree_snapshot(path: Path) -> dict[str, tuple[int, int]]:
     """Every file under path with its size and mtime_ns: to prove a read command wrote nothing."""
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- a real `retro serve` process ------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def call(url: str, route: str, body=None, method: str | None = None, raw: bytes | None = None):
+    """A JSON request to a server: (status, parsed answer)."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url + route, data=data, method=method or ("GET" if data is None else "POST"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@contextlib.contextmanager
+def serving(db: Path, log: Path, *options):
+    """`retro serve db` as a real process on a free 127.0.0.1 port, its stderr in `log`: (url, port)."""
+    port = free_port()
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(db), "--port", str(port),
+                                 "--threads", "1", "--batch-window-ms", "20", *options],
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    try:
+        while True:
+            try:
+                if call(url, "/health")[0] == 200:
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"retro serve exited: {log.read_text()}") from None
+                if time.time() > deadline:
+                    raise RuntimeError("retro serve did not start") from None
+                time.sleep(0.2)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(20)

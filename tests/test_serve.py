@@ -5,22 +5,16 @@ text as a local DB."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tree_snapshot
+from helpers import call, free_port, serving, tree_snapshot
 
 from retrocli.db import open_db
 from retrocli.neighbors import query_neighbors
@@ -29,50 +23,6 @@ from retrocli.sequences import neighbor_rows, pad_id
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(url: str, route: str, body=None, method: str | None = None, raw: bytes | None = None):
-    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(url + route, data=data, method=method or ("GET" if data is None else "POST"),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-@contextlib.contextmanager
-def serving(db: Path, log: Path, *options):
-    """`retro serve db` as a real process on a free 127.0.0.1 port, its stderr in `log`: (url, port)."""
-    port = _free_port()
-    with open(log, "wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(db), "--port", str(port),
-                                 "--threads", "1", "--batch-window-ms", "20", *options],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    try:
-        while True:
-            try:
-                if _call(url, "/health")[0] == 200:
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"retro serve exited: {log.read_text()}") from None
-                if time.time() > deadline:
-                    raise RuntimeError("retro serve did not start") from None
-                time.sleep(0.2)
-        yield url, port
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +37,8 @@ def test_health_and_info_describe_the_db(server, tiny_db):
     url, _ = server
     db = open_db(tiny_db)
     served = {"db_id": db.manifest["db_id"], "version": db.version, "content_id": db.content_id}
-    assert _call(url, "/health") == (200, {"status": "ok", **served})
-    status, info = _call(url, "/info")
+    assert call(url, "/health") == (200, {"status": "ok", **served})
+    status, info = call(url, "/info")
     assert status == 200 and served.items() <= info.items()
     assert info["chunks"] == db.num_chunks and info["chunk_size"] == db.chunk_size
     assert info["tokenizer_sha256"] == db.tokenizer_sha256 and info["pad_id"] == pad_id(db)
@@ -98,7 +48,7 @@ def test_neighbors_of_texts_equal_query_mode(server, tiny_db):
     url, _ = server
     db = open_db(tiny_db)
     texts = [db.document_text(3)[:900], "how do I open a file"]
-    status, answer = _call(url, "/neighbors", {"texts": texts, "k": 3})
+    status, answer = call(url, "/neighbors", {"texts": texts, "k": 3})
     assert status == 200
     local = query_neighbors(db, texts, k=3)
     for result, chunks in zip(answer["results"], local):
@@ -118,14 +68,14 @@ def test_token_ids_and_exclusions(server, tiny_db):
     url, _ = server
     db = open_db(tiny_db)
     chunk = db.chunk_tokens(int(db.doc_chunks(2).start)).tolist()
-    _, by_ids = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2})
-    _, by_text = _call(url, "/neighbors", {"texts": [db.tokenizer.decode(chunk)], "k": 2})
+    _, by_ids = call(url, "/neighbors", {"token_ids": [chunk], "k": 2})
+    _, by_text = call(url, "/neighbors", {"texts": [db.tokenizer.decode(chunk)], "k": 2})
     first = by_ids["results"][0]["chunks"][0]["neighbors"]
     assert [n["id"] for n in first] == [n["id"] for n in by_text["results"][0]["chunks"][0]["neighbors"]]
     assert first[0]["doc"] == 2 and first[0]["distance"] < 1e-4  # the chunk itself
-    _, without = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_docs": [2]})
+    _, without = call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_docs": [2]})
     assert all(n["doc"] != 2 for n in without["results"][0]["chunks"][0]["neighbors"])
-    _, same = _call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_same_doc": True})
+    _, same = call(url, "/neighbors", {"token_ids": [chunk], "k": 2, "exclude_same_doc": True})
     local = query_neighbors(db, [db.tokenizer.decode(chunk)], k=2, exclude_same_doc=True)[0][0]
     assert [n["id"] for n in same["results"][0]["chunks"][0]["neighbors"]] == [n.id for n in local.neighbors]
 
@@ -152,7 +102,7 @@ def test_token_ids_and_exclusions(server, tiny_db):
 ])
 def test_bad_requests_get_a_400_with_one_line(server, body, words):
     url, _ = server
-    status, answer = _call(url, "/neighbors", raw=body)
+    status, answer = call(url, "/neighbors", raw=body)
     assert status == 400 and words in answer["error"] and "\n" not in answer["error"]
 
 
@@ -160,8 +110,8 @@ def test_wrong_routes_methods_and_sizes(server):
     import http.client
 
     url, port = server
-    assert _call(url, "/neighbors", method="GET")[0] == 405
-    status, answer = _call(url, "/../../etc/passwd")
+    assert call(url, "/neighbors", method="GET")[0] == 405
+    status, answer = call(url, "/../../etc/passwd")
     assert status == 404 and "no such route" in answer["error"]
     # a body announced larger than the limit is refused before it is read
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -178,11 +128,11 @@ def test_concurrent_requests_share_calls_and_get_their_own_answers(server, tiny_
     url, _ = server
     db = open_db(tiny_db)
     texts = [db.chunk_text(c) for c in range(0, min(db.num_chunks, 48), 3)]
-    alone = [_call(url, "/neighbors", {"texts": [t], "k": 2})[1] for t in texts]
-    _, before = _call(url, "/info")
+    alone = [call(url, "/neighbors", {"texts": [t], "k": 2})[1] for t in texts]
+    _, before = call(url, "/info")
     with ThreadPoolExecutor(len(texts)) as pool:
-        together = list(pool.map(lambda t: _call(url, "/neighbors", {"texts": [t], "k": 2})[1], texts))
-    _, after = _call(url, "/info")
+        together = list(pool.map(lambda t: call(url, "/neighbors", {"texts": [t], "k": 2})[1], texts))
+    _, after = call(url, "/info")
     ids = lambda a: [n["id"] for c in a["results"][0]["chunks"] for n in c["neighbors"]]  # noqa: E731
     assert [ids(a) for a in together] == [ids(a) for a in alone]
     assert after["requests"] - before["requests"] == len(texts)
@@ -212,7 +162,7 @@ def test_generate_needs_exactly_one_source_and_a_live_server(trained, tiny_db, c
     out, _ = trained
     neither = cli("generate", "--model", out, "--prompt", "x")
     assert neither.exit_code != 0 and "exactly one of --db" in neither.stderr
-    dead = cli("generate", "--retriever", f"http://127.0.0.1:{_free_port()}", "--model", out, "--prompt", "x")
+    dead = cli("generate", "--retriever", f"http://127.0.0.1:{free_port()}", "--model", out, "--prompt", "x")
     assert dead.exit_code != 0 and "cannot reach the retrieval server" in dead.stderr
     assert "Traceback" not in dead.output
 
@@ -237,33 +187,33 @@ def test_the_server_follows_each_committed_version_and_a_vanished_db(tiny_db, ti
     (tmp_path / "new.jsonl").write_text(json.dumps({"text": new_doc}) + "\n")
     log = tmp_path / "stderr.log"
     with serving(db, log) as (url, _):
-        status, before = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        status, before = call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
         assert status == 200 and before["version"] == 1 and 5 in docs(before)
         assert before["content_id"] == open_db(db).content_id
 
         removed = retro_proc("remove", db, "--doc", "5")
         assert removed.exit_code == 0, removed.output
-        status, after = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        status, after = call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
         assert status == 200 and 5 not in docs(after)  # the next request already sees the removal
         assert after["version"] == 2 and after["content_id"] == open_db(db).content_id != before["content_id"]
-        assert _call(url, "/info")[1]["version"] == 2 and _call(url, "/health")[1]["version"] == 2
+        assert call(url, "/info")[1]["version"] == 2 and call(url, "/health")[1]["version"] == 2
 
         added = retro_proc("add", db, tmp_path / "new.jsonl")
         assert added.exit_code == 0, added.output
         grown = open_db(db)
-        status, found = _call(url, "/neighbors", {"token_ids": [_first_chunk(db, grown.num_docs - 1)], "k": 1})
+        status, found = call(url, "/neighbors", {"token_ids": [_first_chunk(db, grown.num_docs - 1)], "k": 1})
         assert status == 200 and found["version"] == 3 and docs(found) == {grown.num_docs - 1}
-        assert _call(url, "/info")[1]["documents"] == grown.num_docs
+        assert call(url, "/info")[1]["documents"] == grown.num_docs
 
         shutil.rmtree(db)
         for route, body in (("/neighbors", {"token_ids": [chunk]}), ("/health", None), ("/info", None)):
-            status, gone = _call(url, route, body)
+            status, gone = call(url, route, body)
             assert status == 503 and "cannot be read" in gone["error"], (route, gone)
             assert "\n" not in gone["error"] and str(tmp_path) not in gone["error"]
-        assert _call(url, "/health")[1]["status"] == "unavailable"
+        assert call(url, "/health")[1]["status"] == "unavailable"
 
         shutil.copytree(tiny_db, db)  # a DB there again: served again
-        status, back = _call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
+        status, back = call(url, "/neighbors", {"token_ids": [chunk], "k": 3})
         assert status == 200 and back["version"] == 1 and 5 in docs(back)
     assert "Traceback" not in log.read_text()
 
@@ -286,11 +236,11 @@ def test_a_damaged_db_is_a_503_without_paths_and_disconnects_log_nothing(tiny_db
         data = bytearray(tokens.read_bytes())
         data[len(data) // 2] ^= 0xFF
         tokens.write_bytes(bytes(data))
-        status, answer = _call(url, "/neighbors", {"texts": ["how do I open a file"], "k": 2})
+        status, answer = call(url, "/neighbors", {"texts": ["how do I open a file"], "k": 2})
         assert status == 503 and "damaged" in answer["error"] and "\n" not in answer["error"]
         assert "/tmp" not in answer["error"] and str(tmp_path) not in answer["error"]
         for route in ("/health", "/info"):
-            status, body = _call(url, route)
+            status, body = call(url, route)
             assert status == 503 and body["error"] == answer["error"]
     text = log.read_text()
     assert "Traceback" not in text and "ClientDisconnect" not in text

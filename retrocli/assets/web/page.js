@@ -231,7 +231,11 @@ function markInside(card, copied) {
   }
 }
 
+// Every event's name in arrival order, for scripts that watch the page (the browser tests do).
+window.retroEvents = [];
+
 function handleEvent(name, data, state) {
+  window.retroEvents.push(name);
   if (name === "start") {
     state.start = data;
     $("generate-status").textContent = `generating with ${data.model}, ${data.k} neighbours a chunk, from DB version ${data.version}…`;
@@ -291,6 +295,7 @@ async function startGeneration(event) {
   $("gen-prompt").textContent = body.prompt;
   $("gen-text").replaceChildren();
   $("trail").replaceChildren();
+  window.retroEvents = [];
   $("generate-status").textContent = "waiting for the model…";
   $("generate-button").disabled = true;
   $("stop-button").disabled = false;
