@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint cli-docs bench clean-demo bundled-model retro-6m-model
+.PHONY: install test demo lint cli-docs bench clean-demo bundled-model retro-6m-model screenshots
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ cli-docs: install
 
 demo: install
 	bash examples/demo.sh
+
+# docs/images/page-*.png, taken by the browser tests (needs chromium and chromium-driver)
+screenshots: install
+	RETRO_SCREENSHOTS=docs/images RETRO_BROWSER_TESTS=required $(BIN)/python -m pytest tests/test_web_browser.py
 
 # Needs the full example corpus: python3 scripts/gather_corpus.py --out examples/data
 bench: install

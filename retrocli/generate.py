@@ -84,6 +84,7 @@ class CopiedSpan:
     neighbor_id: int
     doc: int
     source: str
+    neighbor_start: int  # where the run starts in the neighbour's [N, F] tokens
 
 
 def copied_spans(tokenizer, pad: int, token_ids: list[int], retrievals: list[Retrieval], prompt_tokens: int,
@@ -104,7 +105,8 @@ def copied_spans(tokenizer, pad: int, token_ids: list[int], retrievals: list[Ret
         run[:, i, :S] = (rows == ids[i]) * (1 + run[:, i + 1, 1:])
     starts = prompt_tokens + np.arange(T)
     reachable = starts[None, :] >= (np.array([rec.chunk_index for rec, _, _, _ in sources])[:, None] + 1) * chunk_size
-    best = np.where(reachable[:, :, None], run[:, :T, :S], 0).max(axis=2)  # [R, T]
+    reach = np.where(reachable[:, :, None], run[:, :T, :S], 0)
+    best, where = reach.max(axis=2), reach.argmax(axis=2)  # [R, T]: the longest run from i, and where in row r
     spans, i = [], 0
     while i < T:
         r = int(best[:, i].argmax())
@@ -116,7 +118,7 @@ def copied_spans(tokenizer, pad: int, token_ids: list[int], retrievals: list[Ret
         start_char = len(tokenizer.decode(token_ids[:i]))
         end_char = len(tokenizer.decode(token_ids[: i + length]))
         spans.append(CopiedSpan(i, i + length, start_char, end_char, tokenizer.decode(token_ids[i : i + length]),
-                                rec.chunk_index, rank, nb.id, nb.doc, nb.source))
+                                rec.chunk_index, rank, nb.id, nb.doc, nb.source, int(where[r, i])))
         i += length
     return spans
 

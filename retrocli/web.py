@@ -130,13 +130,33 @@ def retrieval_json(rec: Retrieval) -> dict:
     return {"chunk": rec.chunk_index, "chunk_text": rec.chunk_text, "neighbors": [nb.__dict__ for nb in rec.neighbors]}
 
 
+def in_neighbor(tokenizer, row, pad: int, chunk_size: int, start: int, end: int) -> dict:
+    """Where tokens [start, end) of a neighbour's [N, F] row sit in its two texts, as character ranges:
+    {"text": [a, b]} for N, {"continuation": [a, b]} for F, either or both."""
+    tokens = [int(t) for t in row if t != pad]
+    n_len = min(chunk_size, len(tokens))
+    ranges = {}
+    for name, low, high in (("text", 0, n_len), ("continuation", n_len, len(tokens))):
+        a, b = max(start, low), min(end, high)
+        if a < b:
+            part = tokens[low:high]
+            ranges[name] = [len(tokenizer.decode(part[: a - low])), len(tokenizer.decode(part[: b - low]))]
+    return ranges
+
+
 def done_json(result: Generation, served: Served) -> dict:
-    """The finished generation: its text, the spans it copied from neighbours it had read, timings."""
+    """The finished generation: its text, the spans it copied from neighbours it had read (with where each
+    sits in the neighbour's texts), timings."""
     db = served.db
-    copies = copied_spans(db.tokenizer, served.retriever.pad, result.token_ids, result.retrievals,
-                          result.prompt_tokens, db.chunk_size)
+    pad = served.retriever.pad
+    copies = copied_spans(db.tokenizer, pad, result.token_ids, result.retrievals, result.prompt_tokens,
+                          db.chunk_size)
+    rows = {rec.chunk_index: rec.rows for rec in result.retrievals}
+    marked = [{**asdict(span), "in_neighbor": in_neighbor(
+        db.tokenizer, rows[span.chunk][span.rank], pad, db.chunk_size, span.neighbor_start,
+        span.neighbor_start + span.end - span.start)} for span in copies]
     return {"text": result.text, "tokens": len(result.token_ids), "prompt_tokens": result.prompt_tokens,
-            "copies": [asdict(span) for span in copies], "copy": asdict(result.copy) if result.copy else None,
+            "copies": marked, "copy": asdict(result.copy) if result.copy else None,
             "seconds": round(result.seconds, 4), "retrieval_wait_seconds": round(result.retrieval_wait_seconds, 4),
             **served.identity}
 

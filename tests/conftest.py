@@ -251,3 +251,12 @@ def db_base(tmp_path_factory):
     model.save_pretrained(out, safe_serialization=True)
     shutil.copy(asset_path(NAMED_TOKENIZERS[BPE_8K_NAME]), out / "tokenizer.json")
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A skipped browser module gets its own line at the end, saying how to run it (pytest -q hides why)."""
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "browser tests need" in reason:
+            terminalreporter.write_line(f"NOTE: {reason.removeprefix('Skipped: ')}", yellow=True, bold=True)
+            return

@@ -79,13 +79,14 @@ def call(url: str, route: str, body=None, method: str | None = None, raw: bytes 
 
 
 @contextlib.contextmanager
-def serving(db: Path, log: Path, *options):
-    """`retro serve db` as a real process on a free 127.0.0.1 port, its stderr in `log`: (url, port)."""
+def serving(db: Path, log: Path, *options, cwd: Path | None = None):
+    """`retro serve db` as a real process on a free 127.0.0.1 port, its stderr in `log`: (url, port).
+    cwd: the server's working directory (sources are shown relative to it)."""
     port = free_port()
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "retrocli", "serve", str(db), "--port", str(port),
                                  "--threads", "1", "--batch-window-ms", "20", *options],
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+                                stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     try:

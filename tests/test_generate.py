@@ -65,6 +65,35 @@ def test_longest_copy_finds_the_run_taken_from_a_neighbour(tiny_db):
     assert longest_copy(db.tokenizer, pad, generated, []) is None
 
 
+def test_copied_spans_credit_only_neighbours_the_model_could_read(tiny_db):
+    """Two runs copied from two neighbours: each is found, with character offsets into the text; a run
+    written before its neighbour was retrieved (CCA: chunk c's neighbours reach positions from (c+1)·m on)
+    is not credited to it."""
+    from retrocli.generate import Retrieval, copied_spans
+    from retrocli.neighbors import neighbor_refs
+    from retrocli.sequences import neighbor_rows, pad_id
+
+    db = open_db(tiny_db)
+    m, pad = db.chunk_size, pad_id(db)
+    first, second = int(db.doc_chunks(4).start), int(db.doc_chunks(6).start)
+    run_a, run_b = db.chunk_tokens(first)[5:17].tolist(), db.chunk_tokens(second)[3:11].tolist()
+    generated = [5, 6] + run_a + [7, 8, 9] + run_b + [10]
+    ids = np.array([first, second])
+    rows = neighbor_rows(db, ids, pad)
+    refs = neighbor_refs(db, ids, np.array([0.1, 0.2], dtype=np.float32))
+    text = db.tokenizer.decode(generated)
+    # the prompt's chunk 0 retrieved both: both runs are readable (the prompt is one whole chunk)
+    spans = copied_spans(db.tokenizer, pad, generated, [Retrieval(0, "q", refs, rows)], prompt_tokens=m, chunk_size=m)
+    assert [(s.start, s.end, s.neighbor_id, s.rank) for s in spans] == [(2, 14, first, 0), (17, 25, second, 1)]
+    assert [text[s.start_char:s.end_char] for s in spans] == [s.text for s in spans]
+    assert spans[1].doc == 6 and spans[1].source == db.source(6)
+    # retrieved for chunk 1, which completes at token 2m: the runs, written before that, are not its copies
+    late = copied_spans(db.tokenizer, pad, generated, [Retrieval(1, "q", refs, rows)], prompt_tokens=m, chunk_size=m)
+    assert late == []
+    # a run shorter than min_tokens is not a copy
+    assert copied_spans(db.tokenizer, pad, generated[:5], [Retrieval(0, "q", refs, rows)], m, m) == []
+
+
 def test_stale_retrieval_hands_each_chunk_the_previous_chunk_s_neighbours():
     import threading
 

@@ -197,6 +197,7 @@ function showCopies(done) {
   const out = $("gen-text");
   const text = done.text;
   const parts = [];
+  const marks = new Map();  // neighbour card -> the ranges copied from it
   let at = 0;
   for (const [number, span] of done.copies.entries()) {
     const start = Math.max(at, Math.min(span.start_char, text.length));
@@ -212,22 +213,34 @@ function showCopies(done) {
     if (card) {
       card.classList.add("copied-from");
       card.querySelector(".nb-head").append(el("span", {class: "copied-badge"}, `copied ${span.end - span.start} tokens (span ${number + 1})`));
-      markInside(card, span.text);
+      if (!marks.has(card)) marks.set(card, []);
+      marks.get(card).push(span.in_neighbor);
     }
     at = end;
   }
   parts.push(text.slice(at));
   out.replaceChildren(...parts);
+  for (const [card, ranges] of marks) markInside(card, ranges);
 }
 
-// Highlight the copied text where it sits in the neighbour's [N] or [F] (where it is found whole).
-function markInside(card, copied) {
-  for (const pre of card.querySelectorAll("pre")) {
+// Highlight the copied tokens where they sit in the neighbour's [N] and [F]: character ranges from the server,
+// several where one neighbour gave several spans.
+function markInside(card, rangesList) {
+  for (const [field, selector] of [["text", ".nb-text"], ["continuation", ".nb-cont"]]) {
+    const pre = card.querySelector(selector);
+    const ranges = rangesList.map((r) => r[field]).filter(Boolean).sort((a, b) => a[0] - b[0]);
+    if (!pre || !ranges.length) continue;
     const text = pre.textContent;
-    const at = text.indexOf(copied);
-    if (at < 0) continue;
-    pre.replaceChildren(text.slice(0, at), el("mark", {}, copied), text.slice(at + copied.length));
-    return;
+    const parts = [];
+    let at = 0;
+    for (const [start, end] of ranges) {
+      const a = Math.max(at, start);
+      if (end <= a) continue;
+      parts.push(text.slice(at, a), el("mark", {}, text.slice(a, end)));
+      at = end;
+    }
+    parts.push(text.slice(at));
+    pre.replaceChildren(...parts);
   }
 }
 
