@@ -20,6 +20,9 @@ thread; requests that arrive while it runs form the next batch.
                         "source", "text", "continuation_id", "continuation", "tokens",
                         "continuation_tokens"}]}]}], "db_id", "version", "content_id"}
 
+The page at / and the routes it reads beyond retrieval (POST /generate, POST /leakage) are added by
+retrocli.web, which builds on this app.
+
 Each text (or token list) is cut into chunks of the DB's chunk size, as `retro neighbors` does. A request
 names no path: it can only read the DB's chunks and never changes anything. Bad requests (invalid UTF-8,
 lone surrogates, NaN, duplicate keys, nesting beyond JSON's depth limit, wrong fields) get a 4xx with

@@ -402,7 +402,7 @@ def create_web_app(db_path, model: str | None = None, use_model: bool = True, te
         try:
             app.state.model = LoadedModel(model, served, device)
             app.state.model_note = None
-        except RetroError as err:
+        except (RetroError, ImportError, OSError) as err:  # the default model may be absent from this install
             if model is not None:
                 raise
             app.state.model_note = f"no bundled model speaks this DB's tokens ({' '.join(str(err).split())}); " \
