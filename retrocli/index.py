@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,6 @@ from retrocli.db import (
 )
 from retrocli.errors import RetroError
 from retrocli.index_kinds import (
-    TRAINED_FILE,
     IvfPqParams,
     Shard,
     auto_nlist,
@@ -38,10 +38,8 @@ from retrocli.index_kinds import (
     check_pq_bytes,
     exact_distances,
     load_shard,
-    read_rows,
     shard_suffix,
-    train_ivfpq,
-    train_sample_rows,
+    train_recorded,
     write_shard,
 )
 from retrocli.lock import holds_writer_lock
@@ -157,16 +155,9 @@ def _train(db: RetroDB, recorded: dict, options: IndexOptions, threads: int, pro
     nlist = options.nlist or auto_nlist(n)
     if nlist > n:
         raise RetroError(f"--nlist {nlist} is more than the DB's {n:,} chunks")
-    rows = train_sample_rows(n, nlist, options.seed)
-    task = progress.start("train quantisers", total=len(rows), unit="vectors")
-    sample = read_rows(lambda a, b: load_embeddings(db, a, b), rows, n)
-    final = db.path / INDEX_DIR / TRAINED_FILE
-    info = train_ivfpq(sample, options.space, IvfPqParams(nlist, options.pq_bytes, options.opq), nlist,
-                       options.seed, threads, final)
-    task.advance(len(rows))
-    task.finish()
-    relative = f"{INDEX_DIR}/{TRAINED_FILE}"
-    recorded["trained"] = {**info, "file": relative, "bytes": final.stat().st_size, "sha256": file_sha256(final)}
+    recorded["trained"] = train_recorded(lambda a, b: load_embeddings(db, a, b), n, options.space,
+                                         IvfPqParams(nlist, options.pq_bytes, options.opq), nlist, options.seed,
+                                         threads, db.path / INDEX_DIR, progress, "train quantisers")
 
 
 def trained_file(db_path: Path, recorded: dict) -> Path:
@@ -361,7 +352,6 @@ class ShardedIndex:
         self.nprobe = nprobe or int(meta.get("nprobe", ef))
         self.rerank = int(meta.get("rerank", 0)) if rerank is None else rerank
         self.removed = db.removed_chunks
-        self.allowed = ~self.removed
         self.records = {int(s["shard"]): s for s in meta["shards"]}
         # shard number -> (loaded shard, first chunk, removed chunks in it), in shard order
         self.loaded: dict[int, tuple[Shard, int, int]] = {}
@@ -372,6 +362,11 @@ class ShardedIndex:
     @property
     def exact(self) -> bool:
         return self.kind == "hnsw"
+
+    @cached_property
+    def allowed(self) -> np.ndarray:
+        """bool [N]: the live chunks, made only when a shard has removed ones to filter out."""
+        return ~self.removed
 
     def candidates(self, k: int) -> int:
         """How many each shard returns for a top-k: k, or the re-ranked candidates on a quantised kind."""

@@ -152,15 +152,33 @@ def train_ivfpq(sample: np.ndarray, space: str, params: IvfPqParams, nlist: int,
     ivf.pq.cp.seed = seed + 1
     # a small DB trains on fewer points than faiss advises: that is expected, not worth a warning each time
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1
-    ivf.do_polysemous_training = False
+    ivf.do_polysemous_training = False  # Hamming-ordered codes: minutes of training, for a filter we do not use
     # codes of the vectors, not of their residuals from the list centroid: one distance table a query
     # instead of one a probed list (≈ 3× the queries/s), no precomputed table in RAM (50 MB at 1,024
     # lists), and after re-ranking, recall as good or better (benchmarks.md, "Index kinds")
-    ivf.by_residual = False  # Hamming-ordered codes: minutes of training, for a filter we do not use
+    ivf.by_residual = False
     index.train(_prepared(sample, space))
     _write_checked(index, final, 0)
     return {"factory": factory, "nlist": nlist, "pq_bytes": params.pq_bytes, "pq_bits": bits,
             "opq": opq, "by_residual": False, "train_sample": len(sample)}
+
+
+def train_recorded(read_vectors: Callable[[int, int], np.ndarray], n: int, space: str, params: IvfPqParams,
+                   nlist: int, seed: int, threads: int, index_dir: Path, progress, what: str) -> dict:
+    """Train the quantisers on a seeded sample of n vectors (read_vectors(a, b) reads rows a to b) into
+    index_dir/trained.faiss; returns its manifest record (the file relative to index_dir's parent, its
+    bytes and sha256). A DB's index and a kNN-LM datastore's both come from here."""
+    from retrocli.checksums import file_sha256
+
+    rows = train_sample_rows(n, nlist, seed)
+    task = progress.start(what, total=len(rows), unit="vectors")
+    sample = read_rows(read_vectors, rows, n)
+    final = index_dir / TRAINED_FILE
+    info = train_ivfpq(sample, space, params, nlist, seed, threads, final)
+    task.advance(len(rows))
+    task.finish()
+    return {**info, "file": f"{index_dir.name}/{TRAINED_FILE}", "bytes": final.stat().st_size,
+            "sha256": file_sha256(final)}
 
 
 def _write_checked(index, final: Path, count: int) -> None:
@@ -259,6 +277,15 @@ class IvfPqShard(Shard):
         self.index, self.space = index, space
         self.count = int(index.ntotal)
         self.ivf = _faiss().extract_index_ivf(index)
+        self._filter: tuple[np.ndarray, np.ndarray, object] | None = None  # (allowed, its bitmap, the selector)
+
+    def _selector(self, allowed: np.ndarray):
+        """faiss's bitmap selector for `allowed`, packed once per array (a DB version's live chunks) rather
+        than once per search: packing N bits costs more than a small batch's scan."""
+        if self._filter is None or self._filter[0] is not allowed:
+            bitmap = np.packbits(allowed.astype(bool), bitorder="little")
+            self._filter = (allowed, bitmap, _faiss().IDSelectorBitmap(len(allowed), _faiss().swig_ptr(bitmap)))
+        return self._filter[2]  # the tuple keeps the bitmap alive as long as faiss may read it
 
     def search(self, vectors, k, width, threads, allowed=None):
         """`width`: lists probed. `allowed`: bool over the labels; faiss tests each listed id against the
@@ -268,9 +295,7 @@ class IvfPqShard(Shard):
         params = faiss.SearchParametersIVF()
         params.nprobe = max(1, min(width, self.ivf.nlist))
         if allowed is not None:
-            bitmap = np.packbits(allowed.astype(bool), bitorder="little")
-            selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
-            params.sel = selector
+            params.sel = self._selector(allowed)
         distances, labels = self.index.search(_prepared(vectors, self.space), k, params=params)
         labels = labels.astype(np.int64)
         distances = to_space_distance(distances.astype(np.float32), self.space)

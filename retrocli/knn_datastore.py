@@ -18,7 +18,6 @@ from retrocli import __version__
 from retrocli.artifacts import check_outside, write_json_atomic
 from retrocli.block_stage import BlockStage
 from retrocli.checksums import (
-    file_sha256,
     record_arrays,
 )
 from retrocli.cluster import dask_client
@@ -44,13 +43,10 @@ from retrocli.device import resolve_device
 from retrocli.errors import RetroError
 from retrocli.index import checked_shard_file, merge_top_k, shard_name, shard_record
 from retrocli.index_kinds import (
-    TRAINED_FILE,
     IvfPqParams,
     auto_nlist,
     load_shard,
-    read_rows,
-    train_ivfpq,
-    train_sample_rows,
+    train_recorded,
     write_shard,
 )
 from retrocli.lock import holds_writer_lock
@@ -264,15 +260,9 @@ def _train(out: Path, state: dict, options: DatastoreOptions, n: int, threads: i
     """ivfpq: train the quantisers on a seeded sample of the keys (index/trained.faiss)."""
     keys = zarr.open_group(str(out / STORE), mode="r")["keys"]
     nlist = auto_nlist(n)
-    rows = train_sample_rows(n, nlist, options.seed)
-    task = progress.start("knn train quantisers", total=len(rows), unit="keys")
-    sample = read_rows(lambda a, b: np.asarray(keys[a:b], dtype=np.float32), rows, n)
-    final = out / INDEX_DIR / TRAINED_FILE
-    info = train_ivfpq(sample, "l2", IvfPqParams(nlist, options.pq_bytes, False), nlist, options.seed, threads, final)
-    task.advance(len(rows))
-    task.finish()
-    state["trained"] = {**info, "file": f"{INDEX_DIR}/{TRAINED_FILE}", "bytes": final.stat().st_size,
-                        "sha256": file_sha256(final)}
+    state["trained"] = train_recorded(lambda a, b: np.asarray(keys[a:b], dtype=np.float32), n, "l2",
+                                      IvfPqParams(nlist, options.pq_bytes, False), nlist, options.seed, threads,
+                                      out / INDEX_DIR, progress, "knn train quantisers")
 
 
 def drop_indexed_keys(out: Path, manifest: dict) -> None:

@@ -178,6 +178,15 @@ def k_table(evaluations: dict[int, dict], max_gain: dict[int, float], trained_k:
     return "\n".join(rows)
 
 
+def index_note(index: dict) -> str:
+    """The DB's index as the card describes it: HNSW by default, or IVF-PQ codes re-ranked exactly."""
+    if index.get("kind", "hnsw") == "hnsw":
+        return f"HNSW (hnswlib, M={index['M']}, ef_construction {index['ef_construction']})"
+    factory = index.get("trained", {}).get("factory", "IVF-PQ")
+    return (f"IVF-PQ (faiss, {factory}, nprobe {index['nprobe']}, the top {index['rerank']} candidates "
+            "re-ranked by exact distance)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="bundled-work", type=Path)
@@ -251,8 +260,7 @@ def main() -> None:
         pooling=embedder["pooling"],
         embedding_dim=embedder["dim"],
         embed_precision=embedder.get("precision", "fp32"),
-        index_m=index["M"],
-        index_ef=index["ef_construction"],
+        index_note=index_note(index),
         k=trained_k,
         neighbors_k=nb.manifest["settings"]["k"],
         precision=meta["precision"],

@@ -77,10 +77,17 @@ def test_removed_documents_never_come_back_on_any_kind(tiny_db_copy, kind, filte
     db = open_db(tiny_db_copy)
     removed = db.removed_chunks
     assert removed.sum() > 0
-    ids, dists = ShardedIndex(db, ef=500).search(vectors[removed][:15], 5)
+    index = ShardedIndex(db, ef=500)
+    ids, dists = index.search(vectors[removed][:15], 5)
     assert not removed[ids[ids >= 0]].any()
     exact_ids, exact_d = brute_force(vectors, vectors[removed][:15], 5, allowed=~removed)
     assert (ids == exact_ids).all()
+    if kind == "ivfpq":  # the live-chunk bitmap is packed once for the DB version, not once per search
+        [(shard, _, _)] = index.loaded.values()
+        packed = shard._filter
+        assert packed is not None and packed[0] is index.allowed
+        index.search(vectors[:3], 5)
+        assert shard._filter is packed
 
 
 @pytest.mark.parametrize("kind", KINDS)
