@@ -193,9 +193,15 @@ function jumpTo(id) {
 }
 
 // The finished continuation with each copied span marked and linked to the neighbour it copies.
+// The server's character offsets count code points (as Python does), not UTF-16 units: slice code points.
+class Chars {
+  constructor(text) { this.points = Array.from(text); this.length = this.points.length; }
+  slice(start, end) { return this.points.slice(start, end).join(""); }
+}
+
 function showCopies(done) {
   const out = $("gen-text");
-  const text = done.text;
+  const text = new Chars(done.text);
   const parts = [];
   const marks = new Map();  // neighbour card -> the ranges copied from it
   let at = 0;
@@ -230,7 +236,7 @@ function markInside(card, rangesList) {
     const pre = card.querySelector(selector);
     const ranges = rangesList.map((r) => r[field]).filter(Boolean).sort((a, b) => a[0] - b[0]);
     if (!pre || !ranges.length) continue;
-    const text = pre.textContent;
+    const text = new Chars(pre.textContent);
     const parts = [];
     let at = 0;
     for (const [start, end] of ranges) {
