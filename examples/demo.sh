@@ -62,3 +62,4 @@ $RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48
 $RETRO info "$OUT/living-db"
 
 echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors, leakage report in $OUT/leakage.html, the changed DB in $OUT/living-db"
+echo "next: $RETRO serve $OUT/db, then open http://127.0.0.1:8765/ to search, generate and check leakage in a browser"
