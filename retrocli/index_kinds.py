@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrocli.checksums import file_sha256
 from retrocli.errors import RetroError
 
 KINDS = ("hnsw", "ivfpq")
@@ -168,8 +169,6 @@ def train_recorded(read_vectors: Callable[[int, int], np.ndarray], n: int, space
     """Train the quantisers on a seeded sample of n vectors (read_vectors(a, b) reads rows a to b) into
     index_dir/trained.faiss; returns its manifest record (the file relative to index_dir's parent, its
     bytes and sha256). A DB's index and a kNN-LM datastore's both come from here."""
-    from retrocli.checksums import file_sha256
-
     rows = train_sample_rows(n, nlist, seed)
     task = progress.start(what, total=len(rows), unit="vectors")
     sample = read_rows(read_vectors, rows, n)
