@@ -231,3 +231,25 @@ def test_the_leakage_report_renders_in_the_page(site, page_db, browser, shots):
     assert not browser.find_elements(By.CSS_SELECTOR, "img, script")
     browser.switch_to.default_content()
     no_script_ran(browser)
+
+
+def test_the_header_follows_a_new_db_version(page_db, browser, tmp_path):
+    from retrocli.remove import remove_documents
+
+    copy = tmp_path / "db"
+    shutil.copytree(page_db, copy)
+    with serving(copy, tmp_path / "stderr.log", "--no-model") as (url, _):
+        open_view(browser, url, "search")
+
+        def fact(name: str) -> str:
+            facts = browser.find_element(By.ID, "db-facts")
+            names = [e.text for e in facts.find_elements(By.TAG_NAME, "dt")]
+            return facts.find_elements(By.TAG_NAME, "dd")[names.index(name)].text
+
+        assert fact("version") == "v1" and fact("model") == "none"  # no model: the page says so
+        documents = fact("documents")
+        remove_documents(copy, docs=[0])
+        search(browser, "lighthouse keeper")
+        WebDriverWait(browser, WAIT).until(lambda d: fact("version") == "v2")
+        assert "answered from DB version 2" in browser.find_element(By.ID, "search-results").text
+        assert fact("documents") == documents  # a removal keeps the numbering; the version tells it apart

@@ -72,8 +72,8 @@ function fact(name, value) {
   return [el("dt", {}, name), el("dd", {}, value)];
 }
 
-async function loadInfo() {
-  info = await api("/info");
+// The header's facts; shown again whenever an answer comes from a newer DB version (`retro add` meanwhile).
+function showFacts() {
   $("db-name").textContent = info.db;
   const facts = $("db-facts");
   facts.replaceChildren(
@@ -84,6 +84,19 @@ async function loadInfo() {
     ...fact("tokenizer", `${info.tokenizer_sha256.slice(0, 12)} (${info.vocab_size.toLocaleString("en")} tokens)`),
     ...fact("embedder", info.embedder),
     ...fact("model", info.model ? `${info.model.name} (${info.model.num_neighbors} neighbours)` : "none"));
+}
+
+async function followVersion(version) {
+  if (!info || version === info.version) return;
+  try {
+    info = await api("/info");
+    showFacts();
+  } catch (err) { /* the answer itself was fine: keep the old header */ }
+}
+
+async function loadInfo() {
+  info = await api("/info");
+  showFacts();
   $("search-k").max = info.max_k;
   $("gen-k").max = info.max_k;
   $("leakage-k").max = info.max_k;
@@ -141,6 +154,7 @@ async function search(event) {
         el("pre", {class: "query-chunk"}, chunk.text),
         ...chunk.neighbors.map((nb, rank) => neighbourCard(nb, rank)))));
     results.prepend(el("p", {class: "muted"}, `answered from DB version ${data.version}`));
+    followVersion(data.version);
   } catch (err) {
     results.replaceChildren();
     showError(err.message);
@@ -264,6 +278,7 @@ function handleEvent(name, data, state) {
     $("trail").append(trailItem(data));
   } else if (name === "done") {
     state.done = true;
+    followVersion(data.version);
     showCopies(data);
     const copied = data.copies.reduce((sum, s) => sum + s.end - s.start, 0);
     $("generate-status").textContent = `${data.tokens} tokens in ${data.seconds.toFixed(2)} s · `
