@@ -46,19 +46,44 @@ open(sys.argv[2], "w").write(json.dumps(doc) + "\n")
 tokenizer = open_db(sys.argv[4]).tokenizer
 print(tokenizer.decode(tokenizer.encode_batch([doc["text"]])[0][:448]), file=open(sys.argv[3], "w"), end="")' \
   "$NEW_DOC" "$OUT/new-page.jsonl" "$OUT/new-prompt.txt" "$OUT/db"
-NEW_PROMPT=$(cat "$OUT/new-prompt.txt")
 cp -r "$OUT/db" "$OUT/living-db.partial" && rm -rf "$OUT/living-db" && mv "$OUT/living-db.partial" "$OUT/living-db"
+# One `retro serve` answers the three generations: it follows the DB from version to version as `retro add`
+# and `retro remove` commit, and the model loads once instead of three times.
+PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+$RETRO serve "$OUT/living-db" --port "$PORT" > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true' EXIT
+$PY -c 'import sys, time, urllib.request
+for _ in range(600):
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=5)
+        sys.exit(0)
+    except OSError:
+        time.sleep(0.5)
+sys.exit("retro serve did not start: see " + sys.argv[2])' "$PORT" "$OUT/serve.log"
+copied_run() {  # greedy, 48 new tokens; prints the longest run copied from a neighbour, as --show-neighbors does
+  $PY -c 'import json, sys, urllib.request
+body = json.dumps({"prompt": open(sys.argv[2]).read(), "max_new_tokens": 48, "temperature": 0}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{sys.argv[1]}/generate", data=body,
+                                 headers={"Content-Type": "application/json"})
+answer = json.loads(urllib.request.urlopen(request, timeout=600).read())
+copy, version = answer["copy"], answer["version"]
+if copy and copy["tokens"] >= 4:
+    tokens, chunk, source, text = copy["tokens"], copy["neighbor_id"], copy["source"], copy["text"]
+    print(f"── the continuation shares a {tokens}-token run with retrieved chunk {chunk} ({source}), "
+          f"DB version {version}: {text}")
+else:
+    print(f"(no copied run), DB version {version}")' "$PORT" "$OUT/new-prompt.txt"
+}
 echo "--- before: the page is not in the DB"
-$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
-  | grep -E -A2 "shares a" || echo "(no copied run)"
+copied_run
 $RETRO add "$OUT/living-db" "$OUT/new-page.jsonl"
 echo "--- after retro add: the model copies the page's continuation from the DB"
-$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
-  | grep -E -A2 "shares a" || echo "(no copied run)"
+copied_run
 $RETRO remove "$OUT/living-db" --source "*new-page.jsonl*"
 echo "--- after retro remove: the page is gone from every search"
-$RETRO generate --db "$OUT/living-db" --prompt "$NEW_PROMPT" --max-new-tokens 48 --temperature 0 --show-neighbors 2>&1 \
-  | grep -E -A2 "shares a" || echo "(no copied run)"
+copied_run
+kill "$SERVER" 2>/dev/null || true
 $RETRO info "$OUT/living-db"
 
 echo "done: DB in $OUT/db, batch neighbours in $OUT/neighbors, leakage report in $OUT/leakage.html, the changed DB in $OUT/living-db"
