@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -24,12 +23,7 @@ import time
 import urllib.request
 
 import numpy as np
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_serve import free_port  # the same directory: run as bench/bench_web.py
 
 
 def post(url: str, route: str, body: dict) -> dict:
