@@ -2,10 +2,11 @@
 to the DB's), and the held-out bpb of kNN-LM and RETRO + kNN-LM. The anchor is the hnsw datastore,
 evaluated in the same run.
 
-    .venv/bin/python bench/bench_knn_kinds.py --db demo-out/db --datastore DS --test examples/subset/heldout.jsonl
+    .venv/bin/python bench/bench_knn_kinds.py --db demo-out/db --datastore DS --test examples/subset/heldout.jsonl \
+        --pq-bytes 64 96 144
 
-The ivfpq datastore reuses the anchor's keys: its directory is copied, marked as not yet indexed with the
-ivfpq options, and `build_datastore` resumes it at the index stage (which then drops the keys).
+Each ivfpq datastore (one per --pq-bytes) reuses the anchor's keys: its directory is copied, marked as not
+yet indexed with the ivfpq options, and `build_datastore` resumes it at the index stage (which then drops the keys).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def main() -> None:
     parser.add_argument("--datastore", required=True, help="a complete hnsw datastore of --db")
     parser.add_argument("--test", required=True)
     parser.add_argument("--model", default=None)
-    parser.add_argument("--pq-bytes", type=int, default=64)
+    parser.add_argument("--pq-bytes", type=int, nargs="+", default=[64], help="code sizes to compare")
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--work", default="bench-out/knn-kinds")
     args = parser.parse_args()
@@ -42,30 +43,35 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     anchor = Path(args.datastore)
-    quantised = work / "ivfpq"
-    manifest = json.loads((anchor / "manifest.json").read_text())
-    options = DatastoreOptions(**{**asdict(DatastoreOptions()), **manifest["options"]})
-    options.kind, options.pq_bytes, options.nprobe = "ivfpq", args.pq_bytes, args.nprobe
-    if not (quantised / "manifest.json").exists() or \
-            json.loads((quantised / "manifest.json").read_text())["stages"]["index"]["status"] != "complete":
-        shutil.rmtree(quantised, ignore_errors=True)
-        shutil.copytree(anchor, quantised, ignore=shutil.ignore_patterns("index", "*.lock"))
-        manifest["options"] = asdict(options)
-        manifest["stages"]["index"] = {"status": "missing"}
-        (quantised / "manifest.json").write_text(json.dumps(manifest))
-    start = time.perf_counter()
-    build_datastore(args.db, args.model, quantised, options)
-    index_seconds = time.perf_counter() - start
     db_bytes = disk_bytes(open_db(args.db).path)
+    stores, index_seconds = {"hnsw": anchor}, {}
+    for pq_bytes in args.pq_bytes:
+        name = f"ivfpq{pq_bytes}"
+        quantised = work / name
+        manifest = json.loads((anchor / "manifest.json").read_text())
+        options = DatastoreOptions(**{**asdict(DatastoreOptions()), **manifest["options"]})
+        options.kind, options.pq_bytes, options.nprobe = "ivfpq", pq_bytes, args.nprobe
+        done = (quantised / "manifest.json").exists() and json.loads(
+            (quantised / "manifest.json").read_text())["stages"]["index"]["status"] == "complete"
+        if not done:
+            shutil.rmtree(quantised, ignore_errors=True)
+            shutil.copytree(anchor, quantised, ignore=shutil.ignore_patterns("index", "*.lock"))
+            manifest["options"] = asdict(options)
+            manifest["stages"]["index"] = {"status": "missing"}
+            (quantised / "manifest.json").write_text(json.dumps(manifest))
+        start = time.perf_counter()
+        build_datastore(args.db, args.model, quantised, options)
+        index_seconds[name] = time.perf_counter() - start
+        stores[name] = quantised
     rows = {}
-    for name, store in (("hnsw", anchor), ("ivfpq", quantised)):
+    for name, store in stores.items():
         report = evaluate(args.db, [args.test], args.model, leakage=False, work_dir=work / f"eval-{name}",
                           exclude_near_duplicates=True, knn=KnnOptions(datastore=store))
         methods = {r["method"]: r["bpb"] for r in report["knn_lm"]["methods"]}
         rows[name] = {"disk_bytes": disk_bytes(store), **methods}
         print(name, json.dumps(rows[name]), flush=True)
-    print(f"\nDB {args.db}: {db_bytes:,} bytes on disk; ivfpq index built in {index_seconds:.0f} s "
-          "from the copied keys")
+    print(f"\nDB {args.db}: {db_bytes:,} bytes on disk; --nprobe {args.nprobe}; ivfpq indexes built from the copied "
+          "keys in " + ", ".join(f"{s:.0f} s ({name})" for name, s in index_seconds.items()))
     print("| datastore | disk | × the DB | kNN-LM bpb | RETRO + kNN-LM bpb | bucketed: kNN-LM / RETRO + kNN-LM |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
@@ -73,10 +79,13 @@ def main() -> None:
               f"{row['knn_lm']:.4f} | {row['retro_knn_lm']:.4f} | "
               f"{row.get('knn_lm_bucketed', float('nan')):.4f} / "
               f"{row.get('retro_knn_lm_bucketed', float('nan')):.4f} |")
-    for method in ("knn_lm", "retro_knn_lm", "knn_lm_bucketed", "retro_knn_lm_bucketed"):
-        if method in rows["hnsw"]:
-            change = rows["ivfpq"][method] / rows["hnsw"][method] - 1
-            print(f"{method}: ivfpq {change:+.2%} against hnsw (the anchor)")
+    for name in stores:
+        if name == "hnsw":
+            continue
+        changes = [f"{method} {rows[name][method] / rows['hnsw'][method] - 1:+.2%}"
+                   for method in ("knn_lm", "retro_knn_lm", "knn_lm_bucketed", "retro_knn_lm_bucketed")
+                   if method in rows["hnsw"]]
+        print(f"{name} against hnsw (the anchor): " + ", ".join(changes))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from retrocli.db import (
 )
 from retrocli.embed import embed_db
 from retrocli.errors import RetroError
-from retrocli.index import ShardedIndex
+from retrocli.index import SearchWidth, ShardedIndex
 from retrocli.lock import holds_writer_lock
 from retrocli.neighbor_arrays import (
     NEIGHBOR_ARRAYS,
@@ -102,9 +103,12 @@ def batch_neighbors(
     recomputing only the rows that can have changed (see update_neighbors)."""
     options = options or NeighborOptions()
     k, ef, exclude_same_doc = options.k, options.ef, options.exclude_same_doc
+    width = SearchWidth(ef, options.nprobe, options.rerank)
     candidates, block_size = options.candidates, options.block_size
     progress = progress or NullProgress()
     check_at_least("--ef", ef)
+    check_at_least("--nprobe", options.nprobe, allow_none=True)
+    check_at_least("--rerank", options.rerank, low=0, allow_none=True)
     check_at_least("--threads", threads, allow_none=True)
     check_at_least("--block-size", block_size)
     db = as_db(db)
@@ -128,7 +132,7 @@ def batch_neighbors(
         raise RetroError(f"{out}: --out must be a new directory, not a DB")
     settings = {"db_id": db.manifest["db_id"], "db_version": db.version, "db_content": db.content_id,
                 "db": str(db.path.absolute()),
-                "input": [str(p.absolute()) for p in inputs], "k": k, "candidates": candidates, "ef": ef,
+                "input": [str(p.absolute()) for p in inputs], "k": k, "candidates": candidates, **width.settings(db),
                 "exclude_same_doc": exclude_same_doc, "block_size": block_size}
     manifest_file = out / MANIFEST
     if out.exists() and overwrite:
@@ -195,14 +199,14 @@ def batch_neighbors(
         manifest["db_lineage"] = _lineage(db)
         write_json_atomic(manifest_file, manifest)
     if dask is None:
-        _cached_index(str(db.path), ef)  # load and check the shards before the first block
+        _cached_index(str(db.path), width)  # load and check the shards before the first block
     stage = BlockStage("neighbors", manifest, lambda: write_json_atomic(manifest_file, manifest), n, block_size,
                        "chunks")
     with dask_client(dask) as client:
-        args = (str(db.path), str(queries.path), str(store), candidates, ef, exclude_same_doc, block_size)
+        args = (str(db.path), str(queries.path), str(store), candidates, width, exclude_same_doc, block_size)
         execute = None
         if client is not None:  # each shard stays on the workers that own it; this process merges and writes
-            owners = OwnedShards(client, db, ef, replicas)
+            owners = OwnedShards(client, db, width, replicas)
             execute = lambda todo, _args: _search_blocks_threaded(  # noqa: E731
                 owners, db, queries, str(store), candidates, exclude_same_doc, block_size, todo,
                 in_flight=2 * len(owners.placement()) + 2)
@@ -214,23 +218,23 @@ def batch_neighbors(
 _SEARCH_CACHE: dict[tuple, tuple[RetroDB, ShardedIndex]] = {}
 
 
-def _cached_index(db_path: str, ef: int) -> tuple[RetroDB, ShardedIndex]:
+def _cached_index(db_path: str, width: SearchWidth) -> tuple[RetroDB, ShardedIndex]:
     """The DB and its loaded shards, kept for the next block: loading every shard costs far more than a
     block's search. One entry, so a long-lived process holds at most one index."""
     db = open_db(db_path)
-    key = (db_path, db.content_id, ef)  # the content, not the id: a remove must not reuse the old index
+    key = (db_path, db.content_id, width)  # the content, not the id: a remove must not reuse the old index
     if key not in _SEARCH_CACHE:
         _SEARCH_CACHE.clear()
-        _SEARCH_CACHE[key] = (db, ShardedIndex(db, ef=ef))
+        _SEARCH_CACHE[key] = (db, ShardedIndex(db, **asdict(width)))
     return _SEARCH_CACHE[key]
 
 
 def search_block(
-    db_path: str, queries_path: str, store: str, k: int, ef: int, exclude_same_doc: bool, block_size: int,
-    block: int,
+    db_path: str, queries_path: str, store: str, k: int, width: SearchWidth, exclude_same_doc: bool,
+    block_size: int, block: int,
 ) -> tuple[int, int]:
     """Search the neighbours of query block `block` and write them to its zarr chunk of `store`."""
-    db, index = _cached_index(db_path, ef)
+    db, index = _cached_index(db_path, width)
     queries = db if queries_path == db_path else open_db(queries_path)
     return _search_block_with(index, db, queries, store, k, exclude_same_doc, block_size, block)
 
@@ -315,7 +319,7 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     queries = db if manifest.get("query_db_id") == db.manifest["db_id"] else query_db_of(out, old)
     n_old, width = old.ids.shape
     n = queries.num_chunks
-    index = ShardedIndex(db, ef=settings["ef"])
+    index = ShardedIndex(db, **asdict(SearchWidth(settings["ef"], settings.get("nprobe"), settings.get("rerank"))))
     exclude_same_doc, block = settings["exclude_same_doc"], settings["block_size"]
     removed = np.flatnonzero(db.removed_chunks)
     stale = np.isin(old.ids, removed).any(axis=1)

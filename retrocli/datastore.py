@@ -190,8 +190,10 @@ class Datastore:
     their record (a stat each, then each file's sha256 as it is read), every shard loaded after checking
     its sha256; values and documents in memory (12 bytes a key)."""
 
-    def __init__(self, path: str | os.PathLike, ef: int = DEFAULT_KNN_EF):
+    def __init__(self, path: str | os.PathLike, ef: int = DEFAULT_KNN_EF, nprobe: int | None = None):
+        """nprobe (ivfpq): overrides the value recorded with the datastore."""
         check_at_least("--knn-ef", ef)
+        check_at_least("--knn-nprobe", nprobe, allow_none=True)
         self.path = Path(path)
         if not (self.path / MANIFEST).is_file():
             raise RetroError(f"{self.path}: no kNN-LM datastore there (build one with `retro knn-datastore`)")
@@ -218,7 +220,9 @@ class Datastore:
         if problem:
             raise RetroError(f"{self.path / MANIFEST}: {problem}; {damaged}")
         self.kind = self.manifest["stages"]["index"].get("kind", "hnsw")
-        self.nprobe = int(self.manifest["options"].get("nprobe", DEFAULT_KNN_NPROBE))
+        if nprobe is not None and self.kind == "hnsw":
+            raise RetroError(f"--knn-nprobe: applies to an ivfpq datastore; {self.path} is hnsw (exact distances)")
+        self.nprobe = nprobe or int(self.manifest["options"].get("nprobe", DEFAULT_KNN_NPROBE))
         self.shards: list[tuple[int, int, Shard]] = []
         for record in self.manifest["stages"]["index"]["shards"]:
             file = checked_shard_file(self.path, record, rerun="rerun `retro knn-datastore ... --overwrite`")

@@ -218,6 +218,8 @@ def evaluate(
     stale_retrieval: bool = False,
     knn: KnnOptions | None = None,
     losses_out: str | os.PathLike | None = None,
+    nprobe: int | None = None,
+    rerank: int | None = None,
 ) -> dict:
     """bpb with and without retrieval on `inputs`; with leakage=True also r(C) (k=DEFAULT_LEAKAGE_K) and bpb(α).
     `k` neighbours per chunk are fed to the model (default: its training k; the paper evaluates 1-10).
@@ -233,7 +235,10 @@ def evaluate(
     near-duplicates of each test document are excluded from both kinds of retrieval.
 
     losses_out: an .npz (no pickle) of every scored token's bits with and without retrieval and the
-    neighbour ids fed, for analysis (bench/bench_retrieval_ceiling.py --losses reads it)."""
+    neighbour ids fed, for analysis (bench/bench_retrieval_ceiling.py --losses reads it).
+
+    nprobe, rerank (an ivfpq DB): override the values recorded with its index; knn.nprobe does the same for
+    an ivfpq datastore."""
     if losses_out is not None and not str(losses_out).endswith(".npz"):
         raise RetroError(f"--losses-out {losses_out}: must name an .npz file")
     if k is not None and k < 1:
@@ -254,7 +259,7 @@ def evaluate(
         check_at_least("--lambda-buckets", knn.buckets)
         if knn.temperature is not None and not knn.temperature > 0:
             raise RetroError("--knn-temperature: must be > 0")
-        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore, knn.ef)
+        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore, knn.ef, knn.nprobe)
         store.check_matches(model_dir, db)
         exclude_near_duplicates = True  # the same exclusions for both kinds of retrieval
     model_k = k or model.config.num_neighbors
@@ -262,7 +267,8 @@ def evaluate(
     k = min(k, db.num_chunks)
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
     started = time.perf_counter()
-    with neighbors_of_inputs(db.path, inputs, work_dir, NeighborOptions(k, candidates=candidates), threads=threads,
+    search = NeighborOptions(k, candidates=candidates, nprobe=nprobe, rerank=rerank)
+    with neighbors_of_inputs(db.path, inputs, work_dir, search, threads=threads,
                              progress=progress, text_field=text_field, device=str(where)) as (nb, test):
         retrieval_seconds = time.perf_counter() - started
         ids, excluded, knn_exclude = nb.ids[:, :k], None, None

@@ -190,6 +190,7 @@ def generate(
     retrieval: bool = True, on_text: Callable[[str], None] | None = None,
     on_retrieval: Callable[[Retrieval], None] | None = None, device: str = "auto", retriever=None,
     stale_retrieval: bool = False, knn: KnnOptions | None = None, loaded: tuple | None = None,
+    nprobe: int | None = None, rerank: int | None = None,
 ) -> Generation:
     """Continue `prompt` with the model (default: the bundled one for db's tokens), retrieving for each
     completed chunk from `db`. `device` runs the model and the query embedder there; greedy decoding gives
@@ -202,7 +203,8 @@ def generate(
     temperature knn.temperature (default: the datastore's median nearest-key distance).
 
     loaded: (model, meta) from load_model, already checked against the DB: a server keeps its model loaded
-    instead of reading it again for every request."""
+    instead of reading it again for every request. nprobe, rerank (ivfpq): override the values recorded with
+    the DB's index (with `db`; a given retriever keeps its own)."""
     sampling = sampling or SamplingOptions()
     if not prompt.strip():
         raise RetroError("--prompt is empty")
@@ -243,7 +245,7 @@ def generate(
 
     if retrieval:
         if retriever is None:
-            retriever = LocalRetriever(db, ef=ef, device=where)
+            retriever = LocalRetriever(db, ef=ef, device=where, nprobe=nprobe, rerank=rerank)
         if k > retriever.num_chunks:
             raise RetroError(f"--k {k} is larger than the DB ({retriever.num_chunks} chunks)")
 
@@ -270,7 +272,7 @@ def generate(
         if not 0 <= knn_lambda <= 1:  # NaN too
             raise RetroError(f"--lambda: must be in [0, 1], got {knn_lambda}")
         check_at_least("--knn-k", knn.k)
-        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore)
+        store = knn.datastore if isinstance(knn.datastore, Datastore) else Datastore(knn.datastore, knn.ef, knn.nprobe)
         if db is not None:
             store.check_matches(model_dir, db)
         else:

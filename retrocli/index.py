@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -327,6 +328,29 @@ def rerank_exact(rows: VectorRows, space: str, vectors: np.ndarray, ids: np.ndar
     return top_ids, top_d
 
 
+@dataclass(frozen=True)
+class SearchWidth:
+    """How wide a search looks: HNSW's ef, or on ivfpq the lists visited and the candidates re-ranked (None:
+    the values recorded with the index). A read command's --nprobe/--rerank change them for that run only."""
+
+    ef: int = DEFAULT_EF_SEARCH
+    nprobe: int | None = None
+    rerank: int | None = None
+
+    def settings(self, db: RetroDB) -> dict:
+        """What a search with this width depends on, for a record of its results: on ivfpq the values in
+        force, on hnsw nothing beyond ef (so results recorded before these options existed still match)."""
+        meta = db.manifest.get("index", {})
+        if meta.get("kind", "hnsw") == "hnsw":
+            if self.nprobe is not None or self.rerank is not None:
+                option = "--nprobe" if self.nprobe is not None else "--rerank"
+                raise RetroError(f"{option}: applies to an ivfpq index; {db.path} has an hnsw index, whose "
+                                 "distances are already exact (its search width is --ef)")
+            return {"ef": self.ef}
+        return {"ef": self.ef, "nprobe": self.nprobe or int(meta["nprobe"]),
+                "rerank": int(meta["rerank"]) if self.rerank is None else self.rerank}
+
+
 class ShardedIndex:
     """All shards of a DB, loaded for search. Exact merge of per-shard top-k. Chunks of removed documents
     are never returned: a shard with a few of them is searched for k + (their number) and they are
@@ -346,6 +370,7 @@ class ShardedIndex:
         meta = db.manifest["index"]
         self.db, self.db_path = db, db.path
         self.kind = meta.get("kind", "hnsw")
+        SearchWidth(ef, nprobe, rerank).settings(db)  # refuses ivfpq's options on an hnsw index
         self.space, self.dim = meta["space"], int(meta["dim"])
         self.size = db.num_chunks
         self.ef = ef

@@ -132,7 +132,8 @@ def leakage_report(
     started = time.time()
     candidates = min(db.num_chunks, CANDIDATES_PER_K * k) if exclude_near_duplicates else k
     where = resolve_device(device)
-    with neighbors_of_inputs(db.path, test_inputs, work_dir, NeighborOptions(k, ef, candidates=candidates),
+    search = NeighborOptions(k, ef, candidates=candidates, nprobe=options.nprobe, rerank=options.rerank)
+    with neighbors_of_inputs(db.path, test_inputs, work_dir, search,
                              threads=threads, progress=progress, text_field=text_field, dask=dask,
                              device=str(where) if dask is None else device) as (neighbors, test):
         t_neighbors = time.time() - started

@@ -142,10 +142,10 @@ def check_k(db: RetroDB, k: int) -> None:
 
 def query_neighbors(
     db: DBLike, queries: list[str], k: int = DEFAULT_QUERY_K, ef: int = DEFAULT_EF_SEARCH,
-    exclude_same_doc: bool = False, device: str = "cpu",
+    exclude_same_doc: bool = False, device: str = "cpu", nprobe: int | None = None, rerank: int | None = None,
 ) -> list[list[QueryChunk]]:
     """For each query text: its chunks, each with k neighbours ([N, F] text, distance, source). `device`
-    embeds the queries there."""
+    embeds the queries there; nprobe, rerank (ivfpq) override the values recorded with the index."""
     db = as_db(db)
     check_k(db, k)
     if not queries:
@@ -153,7 +153,7 @@ def query_neighbors(
     for number, text in enumerate(queries, start=1):
         if not text.strip():
             raise RetroError(f"query {number} is empty")
-    index = ShardedIndex(db, ef=ef)
+    index = ShardedIndex(db, ef=ef, nprobe=nprobe, rerank=rerank)
     embedder = db_embedder(db, device=device)
     per_query = [split_query(db, text) for text in queries]
     flat = [chunk for chunks in per_query for chunk in chunks]

@@ -191,6 +191,11 @@ class DatastoreOptions:
     threads: int | None = option(None, "Torch/hnswlib threads (default: all cores)")
 
 
+# a read command's overrides of what an ivfpq index records (retrocli.index.SearchWidth)
+NPROBE_HELP = "ivfpq: lists to visit in this run (default: the value recorded with the index)"
+RERANK_HELP = "ivfpq: candidates to re-rank by exact distance in this run (default: the value recorded with the index)"
+
+
 @dataclass
 class NeighborOptions:
     """`retro neighbors` in batch mode: what is searched and kept for every query chunk (recorded as the
@@ -203,6 +208,8 @@ class NeighborOptions:
                                           "--k, or 4·k with --exclude-same-doc so training can drop those from "
                                           "other documents of its window)")
     block_size: int = option(DEFAULT_BATCH_BLOCK, "Chunks per resumable block (one zarr chunk)")
+    nprobe: int | None = option(None, NPROBE_HELP)
+    rerank: int | None = option(None, RERANK_HELP)
 
 
 @dataclass
@@ -219,6 +226,8 @@ class LeakageOptions:
                                                "near-duplicates) or 'none' (raw LM tokens, the paper's definition)")
     ef: int = option(DEFAULT_EF_SEARCH, "HNSW search width (accuracy vs speed)")
     examples: int = option(DEFAULT_EXAMPLES, "Leaking chunks to show side by side")
+    nprobe: int | None = option(None, NPROBE_HELP)
+    rerank: int | None = option(None, RERANK_HELP)
 
 
 @dataclass
@@ -253,6 +262,8 @@ class KnnOptions:
     ef: int = DEFAULT_KNN_EF
     buckets: int = option(DEFAULT_LAMBDA_BUCKETS,
                           "With --lambda auto: also tune one lambda per this many buckets of nearest-key distance")
+    nprobe: int | None = option(None, "With --knn-lm on an ivfpq datastore: lists to visit in this run "
+                                      "(default: the value recorded with the datastore)")
 
 
 WINDOW_EXCLUSIONS = ("all", "later")  # --window-exclusion: see TrainingData.window_neighbors

@@ -71,10 +71,12 @@ class LocalRetriever:
     """Retrieval from a DB opened in this process. Thread-safe: calls are serialised (the index and the
     embedder are used by one call at a time), so a background thread and the caller can share one."""
 
-    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu"):
+    def __init__(self, db: RetroDB, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu", nprobe: int | None = None,
+                 rerank: int | None = None):
+        """nprobe, rerank (ivfpq): override the values recorded with the index."""
         require_searchable(db)
         self.db = db
-        self.index = ShardedIndex(db, ef=ef)
+        self.index = ShardedIndex(db, ef=ef, nprobe=nprobe, rerank=rerank)
         self.embedder = db_embedder(db, device=device)
         self.pad = pad_id(db)
         self.chunk_size = db.chunk_size

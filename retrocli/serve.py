@@ -39,11 +39,12 @@ import re
 import socket
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from retrocli.db import MANIFEST, RetroDB, open_db
 from retrocli.errors import RetroError
+from retrocli.index import SearchWidth
 from retrocli.neighbors import QueryChunk, split_query
 from retrocli.options import DEFAULT_BATCH_WINDOW_MS, DEFAULT_EF_SEARCH, DEFAULT_MAX_BATCH, DEFAULT_QUERY_K
 from retrocli.retriever import MAX_K, MAX_QUERY_CHUNKS, LocalRetriever
@@ -225,10 +226,10 @@ class ServedDB:
     opens a newly committed version before answering from it; a DB that cannot be opened, or that a read
     finds damaged, is unavailable until its manifest changes again (a new commit, a rebuild, a restore)."""
 
-    def __init__(self, path: str | os.PathLike, ef: int, device: str, limits: dict):
+    def __init__(self, path: str | os.PathLike, width: SearchWidth, device: str, limits: dict):
         self.path = Path(path).absolute()
         self.name = self.path.resolve().name or "db"
-        self.ef, self.device, self.limits = ef, device, limits
+        self.width, self.device, self.limits = width, device, limits
         self.problem: str | None = None  # why it is unavailable, while the manifest keeps problem_stamp
         self.problem_stamp: tuple[int, int, int, int] | None = None
         self._lock = asyncio.Lock()
@@ -236,13 +237,15 @@ class ServedDB:
 
     def _open(self, stamp: tuple[int, int, int, int] | None) -> Served:
         db = open_db(self.path)
-        retriever = LocalRetriever(db, ef=self.ef, device=self.device)
+        retriever = LocalRetriever(db, device=self.device, **asdict(self.width))
         info = {
             "db": self.name, "db_id": db.manifest["db_id"], "version": db.version, "content_id": db.content_id,
             "chunks": db.num_chunks, "documents": db.num_docs, "chunk_size": db.chunk_size,
             "tokenizer_sha256": db.tokenizer_sha256, "vocab_size": db.tokenizer.vocab_size,
             "embedder": db.manifest["embedder"]["name"], "pad_id": retriever.pad, **self.limits,
             "max_k": min(MAX_K, db.num_chunks),
+            # how the index is searched: its kind, and the width in force (ef; on ivfpq nprobe and rerank)
+            "search": {"kind": retriever.index.kind, **self.width.settings(db)},
         }
         return Served(retriever, stamp, info)
 
@@ -447,6 +450,7 @@ def document_answer(served: Served, doc: int) -> dict:
 
 
 def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: str = "cpu",
+               nprobe: int | None = None, rerank: int | None = None,
                batch_window_ms: float = DEFAULT_BATCH_WINDOW_MS, max_batch: int = DEFAULT_MAX_BATCH,
                extra_routes: list | None = None, allowed_hosts: list[str] | None = None,
                route_help: str = "GET /health, GET /info, GET /documents/N, POST /neighbors"):
@@ -470,7 +474,7 @@ def create_app(db_path: str | os.PathLike, ef: int = DEFAULT_EF_SEARCH, device: 
     if max_batch < 1:
         raise RetroError("--max-batch: must be at least 1")
     limits = {"batch_window_ms": batch_window_ms, "max_batch": max_batch, "max_query_chunks": MAX_QUERY_CHUNKS}
-    served_db = ServedDB(db_path, ef, device, limits)
+    served_db = ServedDB(db_path, SearchWidth(ef, nprobe, rerank), device, limits)
     batcher = Batcher(batch_window_ms / 1000, max_batch)
     reply, error = json_reply, json_error
 

@@ -19,6 +19,7 @@ their new owners. A worker only ever loads the shards placed on it.
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from retrocli.cluster import import_distributed
 from retrocli.db import RetroDB, open_db
 from retrocli.errors import RetroError
-from retrocli.index import ShardedIndex, VectorRows, merge_top_k, rerank_exact
+from retrocli.index import SearchWidth, ShardedIndex, VectorRows, merge_top_k, rerank_exact
 from retrocli.storage import fetch_for_search, origin_of
 
 POLL_SECONDS = 1.0  # how often a waiting search checks that the owners it waits on are alive
@@ -52,20 +53,20 @@ def _local_copy(location: str | tuple, shards: tuple[int, ...]) -> tuple[str, bo
     return _FETCHED[(url, cache_dir, content)][0], True
 
 
-def _owned_index(db_path: str, ef: int, partial: bool = False) -> tuple[tuple, ShardedIndex | None]:
+def _owned_index(db_path: str, width: SearchWidth, partial: bool = False) -> tuple[tuple, ShardedIndex | None]:
     db = open_db(db_path, check_files=not partial)  # a partial copy lacks the arrays search never reads
-    key = (db_path, db.content_id, ef)  # the content: after a remove, never the old index
+    key = (db_path, db.content_id, width)  # the content: after a remove, never the old index
     if key not in _OWNED:
         _OWNED.clear()  # one DB's shards at a time: a long-lived worker never piles up old indexes
-        _OWNED[key] = ShardedIndex(db, ef=ef, shards=())
+        _OWNED[key] = ShardedIndex(db, **asdict(width), shards=())
     return key, _OWNED[key]
 
 
-def search_owned(location: str | tuple, ef: int, shards: tuple[int, ...], vectors: np.ndarray, k: int):
+def search_owned(location: str | tuple, width: SearchWidth, shards: tuple[int, ...], vectors: np.ndarray, k: int):
     """On the owner: the per-shard top-k of `shards` (loaded on first use and kept). `location`: the DB's
     path, or (URL, cache dir, content id) for a DB on object storage."""
     db_path, partial = _local_copy(location, shards)
-    _, index = _owned_index(db_path, ef, partial)
+    _, index = _owned_index(db_path, width, partial)
     index.load(shards)
     wanted = set(shards)
     return [result for result in index.search_shards(vectors, k) if result[0] in wanted]
@@ -79,16 +80,16 @@ def loaded_shards() -> dict[str, list[int]]:
 class OwnedShards:
     """The DB's index as its owners on the cluster hold it; `search` has ShardedIndex's interface."""
 
-    def __init__(self, client: Any, db: RetroDB, ef: int, replicas: int = 1):
+    def __init__(self, client: Any, db: RetroDB, width: SearchWidth, replicas: int = 1):
         if replicas < 1:
             raise RetroError(f"--replicas: must be at least 1, got {replicas}")
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
-        self.client, self.ef = client, ef
+        self.client, self.width = client, width
         self.db = db
         meta = db.manifest["index"]
         # a quantised kind: the owners return their top `rerank` candidates, re-ranked here once merged
-        self.rerank = int(meta.get("rerank", 0)) if meta.get("kind", "hnsw") != "hnsw" else 0
+        self.rerank = width.settings(db).get("rerank", 0)
         self.space = meta["space"]
         self._rows = None
         origin = origin_of(db.path)  # a DB on object storage: each owner fetches its shards itself
@@ -156,7 +157,7 @@ class OwnedShards:
         while todo:
             sent = {}  # future -> (the worker it must run on, its shards)
             for worker, shards in self._plan(todo).items():
-                future = self.client.submit(search_owned, self.location, self.ef, tuple(shards), vectors, k,
+                future = self.client.submit(search_owned, self.location, self.width, tuple(shards), vectors, k,
                                             workers=[worker], allow_other_workers=False, pure=False)
                 sent[future] = (worker, shards)
             todo = []

@@ -228,7 +228,8 @@ def _scrub(data, prefix: str):
 
 
 def create_web_app(db_path, model: str | None = None, use_model: bool = True, test_sets: dict | None = None,
-                   host: str = "127.0.0.1", ef: int = DEFAULT_EF_SEARCH, device: str = "cpu", **serve_options):
+                   host: str = "127.0.0.1", ef: int = DEFAULT_EF_SEARCH, device: str = "cpu",
+                   nprobe: int | None = None, rerank: int | None = None, **serve_options):
     """The JSON API of retrocli.serve plus the page, generation with `model` (None: the bundled model that
     speaks the DB's tokens; when none does, the page searches but does not generate) and leakage reports."""
     from starlette.requests import Request
@@ -349,7 +350,8 @@ def create_web_app(db_path, model: str | None = None, use_model: bool = True, te
             options = LeakageOptions(
                 k=_number(data, "k", DEFAULT_LEAKAGE_K, int, 1, served.info["max_k"]),
                 alpha=_number(data, "alpha", DEFAULT_ALPHA, float, 0, 1),
-                examples=_number(data, "examples", DEFAULT_EXAMPLES, int, 0, 100), ef=ef)
+                examples=_number(data, "examples", DEFAULT_EXAMPLES, int, 0, 100), ef=ef, nprobe=nprobe,
+                rerank=rerank)
             try:
                 report = leakage_report(served.db, [path], options, work_dir=Path(tmp) / "work", device=device)
             except RetroError as err:  # about the upload: named as the client named it, not where it was put
@@ -389,7 +391,7 @@ def create_web_app(db_path, model: str | None = None, use_model: bool = True, te
         return HTMLResponse(html, headers={"content-security-policy": REPORT_CSP})
 
     allowed = ["127.0.0.1", "localhost", "[::1]", "::1"] if host in LOOPBACK_HOSTS else None
-    app = create_app(db_path, ef=ef, device=device, extra_routes=[
+    app = create_app(db_path, ef=ef, device=device, nprobe=nprobe, rerank=rerank, extra_routes=[
         Route("/", page, methods=["GET"]),
         Route("/static/{name}", static, methods=["GET"]),
         Route("/generate", generate_route, methods=["POST"]),

@@ -228,3 +228,48 @@ def test_ivfpq_add_then_search_equals_build_then_search(tmp_path, small_jsonl, t
     assert compacted.manifest["index"]["kind"] == "ivfpq" and compacted.manifest["index"]["rerank"] == 30
     assert verify_db(tmp_path / "compacted").ok
     assert compacted.num_chunks == added.num_chunks - int(added.chunk_doc.__eq__(0).sum())
+
+
+def test_a_read_command_overrides_nprobe_and_rerank_for_its_run_only(tiny_db_copy, tiny_db, retro_proc):
+    """`retro neighbors --rerank 0` answers with the codes' distances and the recorded --rerank with the true
+    ones, and the DB's manifest stays as it was; an hnsw DB refuses ivfpq's options in one line."""
+    db = reindexed(tiny_db_copy, exhaustive(open_db(tiny_db_copy), "ivfpq"))
+    manifest = (tiny_db_copy / "manifest.json").read_bytes()
+    query = db.document_text(2)[:300]
+
+    def distances(*options):
+        result = retro_proc("neighbors", tiny_db_copy, "--query", query, "--k", "3", "--json", *options)
+        assert result.exit_code == 0, result.stderr
+        return np.array([n["distance"] for n in json.loads(result.stdout)["chunks"][0]["neighbors"]])
+
+    exact, coded = distances(), distances("--rerank", "0")
+    assert not np.allclose(exact, coded, atol=1e-3)
+    np.testing.assert_allclose(distances("--rerank", "0", "--nprobe", "4"), coded, rtol=1e-5)
+    assert (tiny_db_copy / "manifest.json").read_bytes() == manifest
+
+    vectors = load_embeddings(db)
+    exact_ids, _ = brute_force(vectors, vectors[:25], 6)
+    one_list, _ = ShardedIndex(db, nprobe=1).search(vectors[:25], 6)  # 1 of 4 lists: neighbours are missed
+    assert (one_list != exact_ids).any() and (ShardedIndex(db).search(vectors[:25], 6)[0] == exact_ids).all()
+
+    refused = retro_proc("neighbors", tiny_db, "--query", query, "--nprobe", "8")
+    assert refused.exit_code != 0 and "Traceback" not in refused.stderr
+    assert "--nprobe: applies to an ivfpq index" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_batch_neighbours_record_the_width_they_searched_with(tiny_db_copy, tmp_path):
+    """Batch neighbours (what training, eval and the leakage report read) record the nprobe and rerank in
+    force, so neighbours found with other ones are not taken as these."""
+    from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.errors import RetroError
+    from retrocli.neighbor_arrays import open_neighbors
+    from retrocli.options import NeighborOptions
+
+    db = reindexed(tiny_db_copy, exhaustive(open_db(tiny_db_copy), "ivfpq"))
+    recorded = open_neighbors(batch_neighbors(db, [tiny_db_copy], tmp_path / "recorded", NeighborOptions(k=3)))
+    assert recorded.manifest["settings"]["nprobe"] == 4 and recorded.manifest["settings"]["rerank"] == db.num_chunks
+    coded = open_neighbors(batch_neighbors(db, [tiny_db_copy], tmp_path / "coded", NeighborOptions(k=3, rerank=0)))
+    assert coded.manifest["settings"]["rerank"] == 0
+    assert not np.allclose(np.asarray(coded.distances), np.asarray(recorded.distances), atol=1e-3)
+    with pytest.raises(RetroError, match="other settings; pass --overwrite"):
+        batch_neighbors(db, [tiny_db_copy], tmp_path / "coded", NeighborOptions(k=3, rerank=5))

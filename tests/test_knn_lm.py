@@ -349,6 +349,11 @@ def test_an_ivfpq_datastore_drops_its_keys_searches_its_codes_and_evaluates(stor
     got, dists = quantised.search(queries, 8)
     assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(got, want)]) > 0.5
     assert (np.diff(dists, axis=1) >= -1e-4).all()
+    narrow, _ = Datastore(path, nprobe=1).search(queries, 8)  # --knn-nprobe: this run only
+    assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(narrow, want)]) < \
+        np.mean([len(set(a) & set(b)) / 8 for a, b in zip(got, want)])
+    with pytest.raises(RetroError, match="--knn-nprobe: applies to an ivfpq datastore"):
+        Datastore(store, nprobe=4)
     banned = np.unique(quantised.docs[got[:, 0]])[:3]
     ids_x, _ = quantised.search(queries, 8, exclude_docs=banned)
     assert (ids_x >= 0).all() and not np.isin(quantised.docs[ids_x], banned).any()

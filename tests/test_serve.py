@@ -64,6 +64,26 @@ def test_neighbors_of_texts_equal_query_mode(server, tiny_db):
                 assert row[: len(tokens)].tolist() == tokens  # the [N, F] the model reads
 
 
+def test_an_ivfpq_db_is_served_with_the_width_given_to_serve(tiny_db_copy, tmp_path):
+    """`retro serve --rerank 0` searches the codes alone, as query mode with --rerank 0 does; /info says
+    which width is in force; the DB keeps the one it recorded."""
+    from retrocli.index import index_db, remove_index
+    from retrocli.options import IndexOptions
+
+    remove_index(tiny_db_copy)
+    db = index_db(tiny_db_copy, IndexOptions(kind="ivfpq", nlist=4, pq_bytes=16, nprobe=4, rerank=50))
+    texts = [db.document_text(3)[:600]]
+    with serving(tiny_db_copy, tmp_path / "stderr.log", "--no-model", "--rerank", "0") as (url, _):
+        assert call(url, "/info")[1]["search"] == {"kind": "ivfpq", "ef": 128, "nprobe": 4, "rerank": 0}
+        status, answer = call(url, "/neighbors", {"texts": texts, "k": 3})
+    assert status == 200
+    got = [n["distance"] for n in answer["results"][0]["chunks"][0]["neighbors"]]
+    coded, exact = (query_neighbors(db, texts, k=3, rerank=rerank)[0][0].neighbors for rerank in (0, None))
+    np.testing.assert_allclose(got, [n.distance for n in coded], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, [n.distance for n in exact], atol=1e-3)
+    assert open_db(tiny_db_copy).manifest["index"]["rerank"] == 50
+
+
 def test_token_ids_and_exclusions(server, tiny_db):
     url, _ = server
     db = open_db(tiny_db)

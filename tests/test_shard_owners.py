@@ -12,6 +12,7 @@ import pytest
 from retrocli.batch_neighbors import batch_neighbors
 from retrocli.build_db import build_db
 from retrocli.db import open_db
+from retrocli.index import SearchWidth
 from retrocli.neighbor_arrays import open_neighbors
 from retrocli.options import EmbedOptions, IndexOptions, NeighborOptions
 
@@ -69,7 +70,7 @@ def test_each_worker_loads_only_its_own_shards_and_the_result_is_exact(db4, expe
     np.testing.assert_array_equal(got.distances, expected.distances)
     loaded = _loaded(cluster, db4)
     assert sorted(loaded.values()) == [[0, 2], [1, 3]]  # round-robin, disjoint, together all four
-    assert OwnedShards(cluster, open_db(db4), ef=64).placement() == loaded
+    assert OwnedShards(cluster, open_db(db4), SearchWidth(64)).placement() == loaded
 
 
 def test_replicas_place_every_shard_twice_with_the_same_result(db4, expected, cluster, tmp_path):
@@ -121,7 +122,7 @@ def test_replicas_below_one_is_one_line(db4, cluster):
     from retrocli.errors import RetroError
 
     with pytest.raises(RetroError, match="--replicas"):
-        OwnedShards(cluster, open_db(db4), ef=64, replicas=0)
+        OwnedShards(cluster, open_db(db4), SearchWidth(64), replicas=0)
 
 
 def test_an_ivfpq_index_built_and_searched_on_dask_equals_the_local_one(db4, cluster, tmp_path):

@@ -25,6 +25,8 @@ from retrocli.cli.options import (
     JsonOut,
     LocalThreads,
     ModelDir,
+    SearchNprobe,
+    SearchRerank,
     TestInputs,
     TextField,
     WorkDir,
@@ -64,6 +66,7 @@ from retrocli.storage import fetch_db, local_inputs
 
 KnnStore = Annotated[Path | None, field_option(KnnOptions, "datastore", "--knn-lm")]
 KnnK = Annotated[int, field_option(KnnOptions, "k")]
+KnnNprobe = Annotated[int | None, field_option(KnnOptions, "nprobe", "--knn-nprobe")]
 KnnTemperature = Annotated[float | None, typer.Option(
     help="With --knn-lm: softmax temperature over -distance (default: tuned with --lambda auto, else the "
          "datastore's median nearest-key distance)")]
@@ -244,6 +247,9 @@ def eval_cmd(
     knn_k: KnnK = DEFAULT_KNN_K,
     knn_temperature: KnnTemperature = None,
     lambda_buckets: Annotated[int, field_option(KnnOptions, "buckets", "--lambda-buckets")] = DEFAULT_LAMBDA_BUCKETS,
+    knn_nprobe: KnnNprobe = None,
+    nprobe: SearchNprobe = None,
+    rerank: SearchRerank = None,
     losses_out: Annotated[Path | None, typer.Option(
         help="Also write every scored token's bits with and without retrieval, and the neighbours fed, to this "
         ".npz")] = None,
@@ -258,12 +264,14 @@ def eval_cmd(
     check_threads(threads)
     check_knn_temperature(knn_temperature)
     with progress_display(enabled=not json_output) as progress:
-        knn = KnnOptions(knn_lm, lam, knn_k, knn_temperature, buckets=lambda_buckets) if knn_lm else None
+        knn = KnnOptions(knn_lm, lam, knn_k, knn_temperature, buckets=lambda_buckets, nprobe=knn_nprobe) \
+            if knn_lm else None
         result = evaluate(fetch_db(db, cache_dir), local_inputs(test, cache_dir), model, leakage=leakage,
                           batch_size=batch_size, threads=threads, work_dir=work_dir,
                           text_field=text_field, progress=progress, k=k,
                           exclude_near_duplicates=exclude_near_duplicates, device=device,
-                          stale_retrieval=stale_retrieval, knn=knn, losses_out=losses_out)
+                          stale_retrieval=stale_retrieval, knn=knn, losses_out=losses_out, nprobe=nprobe,
+                          rerank=rerank)
     if result["exact_match_fraction"] > EXACT_WARNING:
         err_console.print(
             f"[yellow]warning:[/] {result['exact_match_fraction']:.0%} of test chunks retrieve themselves "
@@ -406,6 +414,9 @@ def generate(
     = DEFAULT_GENERATE_LAMBDA,
     knn_k: KnnK = DEFAULT_KNN_K,
     knn_temperature: GenerateKnnTemperature = None,
+    knn_nprobe: KnnNprobe = None,
+    nprobe: SearchNprobe = None,
+    rerank: SearchRerank = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     json_output: JsonOut = False,
@@ -440,6 +451,9 @@ def generate(
 
     if (db is None) == (retriever is None):
         raise RetroError("give exactly one of --db DB or --retriever http://host:port")
+    if retriever is not None and (nprobe is not None or rerank is not None):
+        raise RetroError(f"{'--nprobe' if nprobe is not None else '--rerank'}: applies to --db; a server "
+                         "searches with its own (retro serve --nprobe/--rerank)")
     result = run_generate(
         fetch_db(db, cache_dir) if db is not None else None,
         prompt,
@@ -452,7 +466,9 @@ def generate(
         on_retrieval=on_retrieval,
         retriever=retriever,
         stale_retrieval=stale_retrieval,
-        knn=KnnOptions(knn_lm, lam, knn_k, knn_temperature) if knn_lm else None,
+        knn=KnnOptions(knn_lm, lam, knn_k, knn_temperature, nprobe=knn_nprobe) if knn_lm else None,
+        nprobe=nprobe,
+        rerank=rerank,
     )
     if json_output:
         print_json(

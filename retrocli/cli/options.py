@@ -72,8 +72,10 @@ Dask = Annotated[
     typer.Option(help="Run on Dask: a scheduler address (tcp://host:8786) or local:N worker processes"),
 ]
 
-# retrieval (neighbors, leakage-report, dedupe, generate)
+# retrieval (neighbors, leakage-report, dedupe, serve, generate, eval)
 Ef = Annotated[int, field_option(LeakageOptions, "ef")]
+SearchNprobe = Annotated[int | None, field_option(LeakageOptions, "nprobe")]
+SearchRerank = Annotated[int | None, field_option(LeakageOptions, "rerank")]
 
 # test sets (leakage-report, dedupe, eval)
 TestInputs = Annotated[

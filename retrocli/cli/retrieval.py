@@ -17,6 +17,8 @@ from retrocli.cli.options import (
     Ef,
     JsonOut,
     ModelDir,
+    SearchNprobe,
+    SearchRerank,
     Threads,
     field_option,
     flag,
@@ -51,6 +53,8 @@ def neighbors(
     query_file: Annotated[Path | None, typer.Option(help="File with one query per line")] = None,
     k: Annotated[int, field_option(NeighborOptions, "k")] = DEFAULT_QUERY_K,
     ef: Ef = DEFAULT_EF_SEARCH,
+    nprobe: SearchNprobe = None,
+    rerank: SearchRerank = None,
     exclude_same_doc: Annotated[bool, flag("--exclude-same-doc", help_of(NeighborOptions, "exclude_same_doc"))
                                 ] = False,
     input: Annotated[list[Path] | None, typer.Option(
@@ -90,7 +94,7 @@ def neighbors(
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
-            options = NeighborOptions(k, ef, exclude_same_doc, candidates, block_size)
+            options = NeighborOptions(k, ef, exclude_same_doc, candidates, block_size, nprobe, rerank)
             path = batch_neighbors(db, local_inputs(input, cache_dir), out, options, threads=threads,
                                    overwrite=overwrite, progress=progress, dask=client, device=device,
                                    update=update, replicas=replicas)
@@ -122,7 +126,8 @@ def neighbors(
             texts += [line.rstrip("\n") for line in query_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as err:
             raise RetroError(f"{query_file}: cannot read query file ({err})") from None
-    results = query_neighbors(opened, texts, k=k, ef=ef, exclude_same_doc=exclude_same_doc, device=device)
+    results = query_neighbors(opened, texts, k=k, ef=ef, exclude_same_doc=exclude_same_doc, device=device,
+                              nprobe=nprobe, rerank=rerank)
     if json_output:
         for text, chunks in zip(texts, results):
             print_json(_neighbors_json(text, chunks))
@@ -155,6 +160,8 @@ def serve(
                                            "interface, with no authentication)")] = DEFAULT_SERVE_HOST,
     port: Annotated[int, typer.Option(help="TCP port")] = DEFAULT_SERVE_PORT,
     ef: Ef = DEFAULT_EF_SEARCH,
+    nprobe: SearchNprobe = None,
+    rerank: SearchRerank = None,
     batch_window_ms: Annotated[float, typer.Option(
         help="How long a request waits for others to share its embed + search call")] = DEFAULT_BATCH_WINDOW_MS,
     max_batch: Annotated[int, typer.Option(help="Query chunks per embed + search call at most")] = DEFAULT_MAX_BATCH,
@@ -184,8 +191,8 @@ def serve(
     sets = named_test_sets(test_set or [])
     path = fetch_db(db, cache_dir)
     app = create_web_app(path, model=str(model) if model is not None else None, use_model=not no_model,
-                         test_sets=sets, host=host, ef=ef, device=str(resolve_device(device)),
-                         batch_window_ms=batch_window_ms, max_batch=max_batch)
+                         test_sets=sets, host=host, ef=ef, nprobe=nprobe, rerank=rerank,
+                         device=str(resolve_device(device)), batch_window_ms=batch_window_ms, max_batch=max_batch)
     info = app.state.info
     loaded = app.state.model
     console.print(f"serving {user(path)} ({info['chunks']:,} chunks) at [bold]http://{host}:{port}/[/] "
