@@ -49,7 +49,7 @@ def main() -> None:
     from retrocli.build_db import build_db
     from retrocli.chunk import ChunkOptions, chunk_corpus
     from retrocli.db import load_embeddings, open_db
-    from retrocli.index import ShardedIndex
+    from retrocli.index import SearchWidth, ShardedIndex
     from retrocli.near_duplicates import near_duplicates
     from retrocli.neighbor_arrays import open_neighbors
     from retrocli.options import IndexOptions
@@ -107,7 +107,7 @@ def main() -> None:
         queries = load_embeddings(db, 0, min(args.queries, n)).astype(np.float32)
         one = ShardedIndex(db, shards=[0])
         merged_local = ShardedIndex(db)
-        owned = OwnedShards(client, db, ef=merged_local.ef)
+        owned = OwnedShards(client, db, SearchWidth(merged_local.ef))
         owned.search(queries[:8], 10)  # owners load their shards before the timing
         search = {}
         for name, index in (("one shard", one), ("all shards, this process", merged_local),

@@ -293,6 +293,7 @@ def _workers_with_own_caches(tmp_path: Path):
 
 def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_build, tmp_path):
     from retrocli.batch_neighbors import batch_neighbors
+    from retrocli.index import SearchWidth
     from retrocli.neighbor_arrays import open_neighbors
     from retrocli.shard_owners import OwnedShards
 
@@ -308,7 +309,7 @@ def test_dask_workers_fetch_only_their_own_shards_of_a_db_on_s3(s3_db, local_bui
         db = open_db(db_path)
         files = {int(s["shard"]): s["file"] for s in db.manifest["index"]["shards"]}
         assert len(files) >= 2
-        for worker, shards in OwnedShards(client, db, ef=128).placement().items():
+        for worker, shards in OwnedShards(client, db, SearchWidth(128)).placement().items():
             copy = mirror_path(s3_db, caches[worker], partial=True)
             assert sorted(p.relative_to(copy).as_posix() for p in copy.glob("index/*")) == \
                 sorted(files[s] for s in shards)  # its own shards, no other
