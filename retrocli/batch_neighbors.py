@@ -106,9 +106,6 @@ def batch_neighbors(
     width = SearchWidth(ef, options.nprobe, options.rerank)
     candidates, block_size = options.candidates, options.block_size
     progress = progress or NullProgress()
-    check_at_least("--ef", ef)
-    check_at_least("--nprobe", options.nprobe, allow_none=True)
-    check_at_least("--rerank", options.rerank, low=0, allow_none=True)
     check_at_least("--threads", threads, allow_none=True)
     check_at_least("--block-size", block_size)
     db = as_db(db)
@@ -319,7 +316,7 @@ def update_neighbors(out: Path, manifest: dict, db: RetroDB, settings: dict, pro
     queries = db if manifest.get("query_db_id") == db.manifest["db_id"] else query_db_of(out, old)
     n_old, width = old.ids.shape
     n = queries.num_chunks
-    index = ShardedIndex(db, **asdict(SearchWidth(settings["ef"], settings.get("nprobe"), settings.get("rerank"))))
+    index = ShardedIndex(db, ef=settings["ef"], nprobe=settings.get("nprobe"), rerank=settings.get("rerank"))
     exclude_same_doc, block = settings["exclude_same_doc"], settings["block_size"]
     removed = np.flatnonzero(db.removed_chunks)
     stale = np.isin(old.ids, removed).any(axis=1)

@@ -204,8 +204,11 @@ def generate(
 
     loaded: (model, meta) from load_model, already checked against the DB: a server keeps its model loaded
     instead of reading it again for every request. nprobe, rerank (ivfpq): override the values recorded with
-    the DB's index (with `db`; a given retriever keeps its own)."""
+    the DB's index (with `db`; a given retriever keeps its own and refuses them)."""
     sampling = sampling or SamplingOptions()
+    if retriever is not None and (nprobe is not None or rerank is not None):
+        raise RetroError(f"{'--nprobe' if nprobe is not None else '--rerank'}: applies to --db; a server "
+                         "searches with its own (retro serve --nprobe/--rerank)")
     if not prompt.strip():
         raise RetroError("--prompt is empty")
     sampling.check()

@@ -337,6 +337,11 @@ class SearchWidth:
     nprobe: int | None = None
     rerank: int | None = None
 
+    def __post_init__(self):
+        check_at_least("--ef", self.ef)
+        check_at_least("--nprobe", self.nprobe, allow_none=True)
+        check_at_least("--rerank", self.rerank, low=0, allow_none=True)
+
     def settings(self, db: RetroDB) -> dict:
         """What a search with this width depends on, for a record of its results: on ivfpq the values in
         force, on hnsw nothing beyond ef (so results recorded before these options existed still match)."""
@@ -362,20 +367,17 @@ class ShardedIndex:
                  nprobe: int | None = None, rerank: int | None = None):
         """shards: load only these shard numbers (a Dask worker's own); None loads every shard.
         nprobe, rerank (ivfpq): override the settings recorded with the index."""
-        check_at_least("--ef", ef)
-        check_at_least("--nprobe", nprobe, allow_none=True)
-        check_at_least("--rerank", rerank, low=0, allow_none=True)
+        width = SearchWidth(ef, nprobe, rerank)
         if db.stage("index") != "complete":
             raise RetroError(f"{db.path}: index stage is not complete; run `retro index {db.path}`")
         meta = db.manifest["index"]
         self.db, self.db_path = db, db.path
         self.kind = meta.get("kind", "hnsw")
-        SearchWidth(ef, nprobe, rerank).settings(db)  # refuses ivfpq's options on an hnsw index
+        in_force = width.settings(db)  # refuses ivfpq's options on an hnsw index
         self.space, self.dim = meta["space"], int(meta["dim"])
         self.size = db.num_chunks
         self.ef = ef
-        self.nprobe = nprobe or int(meta.get("nprobe", ef))
-        self.rerank = int(meta.get("rerank", 0)) if rerank is None else rerank
+        self.nprobe, self.rerank = in_force.get("nprobe", ef), in_force.get("rerank", 0)
         self.removed = db.removed_chunks
         self.records = {int(s["shard"]): s for s in meta["shards"]}
         # shard number -> (loaded shard, first chunk, removed chunks in it), in shard order

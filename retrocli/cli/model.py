@@ -451,9 +451,6 @@ def generate(
 
     if (db is None) == (retriever is None):
         raise RetroError("give exactly one of --db DB or --retriever http://host:port")
-    if retriever is not None and (nprobe is not None or rerank is not None):
-        raise RetroError(f"{'--nprobe' if nprobe is not None else '--rerank'}: applies to --db; a server "
-                         "searches with its own (retro serve --nprobe/--rerank)")
     result = run_generate(
         fetch_db(db, cache_dir) if db is not None else None,
         prompt,

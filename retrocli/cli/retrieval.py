@@ -94,7 +94,7 @@ def neighbors(
         if not (input and out):
             raise RetroError("batch mode needs both --input and --out")
         with cluster(dask) as client, progress_display(enabled=not json_output) as progress:
-            options = NeighborOptions(k, ef, exclude_same_doc, candidates, block_size, nprobe, rerank)
+            options = NeighborOptions(k, ef, exclude_same_doc, candidates, block_size, nprobe=nprobe, rerank=rerank)
             path = batch_neighbors(db, local_inputs(input, cache_dir), out, options, threads=threads,
                                    overwrite=overwrite, progress=progress, dask=client, device=device,
                                    update=update, replicas=replicas)
