@@ -156,9 +156,10 @@ def _train(db: RetroDB, recorded: dict, options: IndexOptions, threads: int, pro
     nlist = options.nlist or auto_nlist(n)
     if nlist > n:
         raise RetroError(f"--nlist {nlist} is more than the DB's {n:,} chunks")
-    recorded["trained"] = train_recorded(lambda a, b: load_embeddings(db, a, b), n, options.space,
-                                         IvfPqParams(nlist, options.pq_bytes, options.opq), nlist, options.seed,
-                                         threads, db.path / INDEX_DIR, progress, "train quantisers")
+    params = IvfPqParams(nlist, options.pq_bytes, options.opq, fast_scan=True)
+    recorded["trained"] = train_recorded(lambda a, b: load_embeddings(db, a, b), n, options.space, params,
+                                         nlist, options.seed, threads, db.path / INDEX_DIR, progress,
+                                         "train quantisers")
 
 
 def trained_file(db_path: Path, recorded: dict) -> Path:

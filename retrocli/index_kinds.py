@@ -3,7 +3,9 @@
     hnsw    hnswlib HNSW over fp32 vectors. Distances are exact; ≈ 1.9 KB a 384-d vector in RAM.
     ivfpq   faiss IVF + PQ: a coarse quantiser of `nlist` lists and a `pq_bytes`-byte code a vector
             (+ its 8-byte id) in RAM. Distances are approximate, so the search asks for the top `rerank`
-            candidates and re-ranks them with the exact vectors (retrocli.index.rerank_exact).
+            candidates and re-ranks them with the exact vectors (retrocli.index.rerank_exact). A DB's
+            codes are 4-bit (2·pq_bytes sub-spaces) in faiss's fast-scan layout, which scans a list with
+            SIMD table look-ups; a kNN-LM datastore, searched by its codes alone, keeps 8-bit codes.
 
 An ivfpq index is trained once, on a seeded sample of the vectors, and kept as an empty trained index
 (`index/trained.faiss`). Every shard is a copy of it with its vectors added, including the shards `retro
@@ -97,6 +99,8 @@ class IvfPqParams:
     nlist: int = 0
     pq_bytes: int = 48
     opq: bool = True
+    # 4-bit codes in the fast-scan layout: the same bytes, scanned ≈ 4× faster (benchmarks.md, "Index kinds")
+    fast_scan: bool = False
 
 
 def auto_nlist(n: int) -> int:
@@ -144,8 +148,14 @@ def train_ivfpq(sample: np.ndarray, space: str, params: IvfPqParams, nlist: int,
     dim = sample.shape[1]
     check_pq_bytes(dim, params.pq_bytes)
     bits = pq_bits(len(sample))
-    opq = params.opq and bits == 8  # OPQ trains an 8-bit PQ of its own (with faiss's fixed seeds)
-    factory = (f"OPQ{params.pq_bytes}," if opq else "") + f"IVF{nlist},PQ{params.pq_bytes}x{bits}"
+    # fast scan needs 4-bit codes (16 centroids a sub-space, so ≥ 64 training points) and an even split
+    fast = params.fast_scan and bits >= 4 and dim % (2 * params.pq_bytes) == 0
+    if fast:
+        bits, subspaces, suffix = 4, 2 * params.pq_bytes, "fs"
+    else:
+        subspaces, suffix = params.pq_bytes, ""
+    opq = params.opq and len(sample) >= 1024  # OPQ trains an 8-bit PQ of its own (with faiss's fixed seeds)
+    factory = (f"OPQ{subspaces}," if opq else "") + f"IVF{nlist},PQ{subspaces}x{bits}{suffix}"
     faiss.omp_set_num_threads(threads)
     index = faiss.index_factory(dim, factory, _metric(space))
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
@@ -153,7 +163,8 @@ def train_ivfpq(sample: np.ndarray, space: str, params: IvfPqParams, nlist: int,
     ivf.pq.cp.seed = seed + 1
     # a small DB trains on fewer points than faiss advises: that is expected, not worth a warning each time
     ivf.cp.min_points_per_centroid = ivf.pq.cp.min_points_per_centroid = 1
-    ivf.do_polysemous_training = False  # Hamming-ordered codes: minutes of training, for a filter we do not use
+    if not fast:  # Hamming-ordered codes: minutes of training, for a filter we do not use
+        ivf.do_polysemous_training = False
     # codes of the vectors, not of their residuals from the list centroid: one distance table a query
     # instead of one a probed list (≈ 3× the queries/s), no precomputed table in RAM (50 MB at 1,024
     # lists), and after re-ranking, recall as good or better (benchmarks.md, "Index kinds")
@@ -161,7 +172,7 @@ def train_ivfpq(sample: np.ndarray, space: str, params: IvfPqParams, nlist: int,
     index.train(_prepared(sample, space))
     _write_checked(index, final, 0)
     return {"factory": factory, "nlist": nlist, "pq_bytes": params.pq_bytes, "pq_bits": bits,
-            "opq": opq, "by_residual": False, "train_sample": len(sample)}
+            "fast_scan": fast, "opq": opq, "by_residual": False, "train_sample": len(sample)}
 
 
 def train_recorded(read_vectors: Callable[[int, int], np.ndarray], n: int, space: str, params: IvfPqParams,

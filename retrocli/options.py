@@ -164,7 +164,8 @@ class IndexOptions:
     threads: int | None = option(None, "Build threads (default 1: the same DB and --seed give a "
                                        "byte-identical index; more is faster but not reproducible)")
     nlist: int = option(0, "ivfpq: coarse lists (default 0: ≈ 4·√chunks, a power of two)")
-    pq_bytes: int = option(DEFAULT_PQ_BYTES, "ivfpq: bytes of code a vector (must divide the dimension)")
+    pq_bytes: int = option(DEFAULT_PQ_BYTES, "ivfpq: bytes of code a vector (must divide the dimension; where "
+                           "twice it does too, as 4-bit fast-scan codes)")
     opq: bool = option(False, "ivfpq: learn a rotation first (OPQ; slower to train)")
     nprobe: int = option(DEFAULT_NPROBE, "ivfpq: lists every search visits (recorded in the DB: every command "
                                          "searches with it; rerun `retro index` to change it, no rebuild)")

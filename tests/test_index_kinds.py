@@ -189,6 +189,26 @@ def test_auto_nlist_and_pq_bits_follow_the_data_size():
     assert pq_bits(300_000) == 8 and pq_bits(200) == 5
 
 
+def test_ivfpq_codes_are_4_bit_fast_scan_where_the_split_allows_and_8_bit_otherwise(tmp_path):
+    """A DB's codes use faiss's fast-scan layout (2·pq_bytes 4-bit sub-spaces, the same bytes); where
+    2·pq_bytes does not divide the dimension, or a kNN-LM datastore asks for them, codes stay 8-bit."""
+    import faiss
+
+    from retrocli.index_kinds import IvfPqParams, train_ivfpq
+
+    sample = np.random.default_rng(0).standard_normal((2048, 48)).astype(np.float32)
+    for params, factory, fast_type in (
+        (IvfPqParams(8, 12, False, fast_scan=True), "IVF8,PQ24x4fs", True),
+        (IvfPqParams(8, 16, False, fast_scan=True), "IVF8,PQ16x8", False),  # 32 does not divide 48
+        (IvfPqParams(8, 12, False), "IVF8,PQ12x8", False),
+    ):
+        record = train_ivfpq(sample, "l2", params, 8, 0, 1, tmp_path / "trained.faiss")
+        assert record["factory"] == factory and record["fast_scan"] == fast_type
+        index = faiss.read_index(str(tmp_path / "trained.faiss"))
+        assert isinstance(index, faiss.IndexIVFPQFastScan) == fast_type
+        assert faiss.extract_index_ivf(index).code_size == params.pq_bytes
+
+
 def recall_at_10(db, queries, exact_ids):
     found, _ = ShardedIndex(db).search(queries, 10)
     return np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact_ids)])
