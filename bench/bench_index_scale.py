@@ -7,14 +7,15 @@
    by block from --seed into an fp16 memory map (as a DB stores them).
    - The anchor, on the first --anchor-vectors (default 1M) of them: hnswlib (M 32, ef_construction 200,
      searched at ef 128) and ivfpq (auto --nlist, each --nprobe) built over the same vectors, in this run.
-   - ivfpq over all of them, searched at each --nprobe.
+   - ivfpq over all of them with each --nlist (default: auto, as `retro index` picks), searched at each
+     --nprobe.
    Each: bytes a vector on disk and in RAM, build time, recall@10 against exact search (after re-ranking
    --rerank candidates on ivfpq), queries/s at batch 1 and 1,024 (re-ranking included). hnswlib is not
    built over all of them: at ≈ 1.9 KB a vector that is ≈ 19 GB of RAM and hours on 2 cores. Its queries/s
    only fall as it grows, so its figure at the anchor size bounds its figure at the full size from above.
 
-    .venv/bin/python bench/bench_index_scale.py --db DB [--vectors 10100000] [--nlist 4096] \
-        [--nprobe 16 32 64 128] [--anchor-vectors 1000000] [--skip-drift] [--skip-scale]
+    .venv/bin/python bench/bench_index_scale.py --db DB [--vectors 10100000] [--nlist 4096 16384] \
+        [--nprobe 8 16 32 64] [--anchor-vectors 1000000] [--skip-drift] [--skip-scale]
 """
 
 from __future__ import annotations
@@ -149,13 +150,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", required=True)
     parser.add_argument("--vectors", type=int, default=10_100_000)
-    parser.add_argument("--nlist", type=int, default=4096)
+    parser.add_argument("--nlist", type=int, nargs="+", help="lists of the full-size index (default: auto)")
     parser.add_argument("--pq-bytes", type=int, default=48)
     parser.add_argument("--noise", type=float, default=0.5)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--rerank", type=int, default=100)
     parser.add_argument("--anchor-vectors", type=int, default=1_000_000, help="0: no hnswlib anchor")
     parser.add_argument("--skip-scale", action="store_true")
@@ -234,17 +235,20 @@ def main() -> None:
     exact = exact_top_k(read_block, total, queries, 10)
     print(f"scale: {total:,} vectors ({n:,} real + perturbed copies, noise σ={sigma:.4f}); exact search of "
           f"{args.queries} queries {time.perf_counter() - start:.0f} s", flush=True)
-    built, shard = build_ivfpq(vectors, total, args.nlist, args.pq_bytes, 1, args.threads,
-                               train_sample_rows(total, args.nlist, 1), work)
-    report(f"ivfpq over {total:,} (nlist {args.nlist}): built", built)
-    for nprobe in args.nprobe:
-        result = {**searched(shard, vectors, queries, exact, nprobe, 0, 1),
-                  **{f"{k}, re-ranked": v for k, v in
-                     searched(shard, vectors, queries, exact, nprobe, args.rerank, 1).items()}}
-        report(f"  nprobe {nprobe}", result)
-        if anchor_n:
-            print(f"    batch 1024 against the anchor's at {anchor_n:,}: "
-                  f"{result['qps batch 1024, re-ranked'] / anchor['qps batch 1024']:.2f}×", flush=True)
+    for nlist in args.nlist or [auto_nlist(total)]:
+        built, shard = build_ivfpq(vectors, total, nlist, args.pq_bytes, 1, args.threads,
+                                   train_sample_rows(total, nlist, 1), work)
+        report(f"ivfpq over {total:,} (nlist {nlist}): built", built)
+        for nprobe in args.nprobe:
+            result = {**searched(shard, vectors, queries, exact, nprobe, 0, 1),
+                      **{f"{k}, re-ranked": v for k, v in
+                         searched(shard, vectors, queries, exact, nprobe, args.rerank, 1).items()}}
+            report(f"  nprobe {nprobe}", result)
+            if anchor_n:
+                print(f"    against the anchor's at {anchor_n:,}: batch 1 "
+                      f"{result['qps batch 1, re-ranked'] / anchor['qps batch 1']:.2f}×, batch 1024 "
+                      f"{result['qps batch 1024, re-ranked'] / anchor['qps batch 1024']:.2f}×", flush=True)
+        del shard
     print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
           f"(the vectors are a {total * 384 * 2 / 2**30:.1f} GiB fp16 memory map in the page cache, not counted)")
 
