@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,9 @@ from retrocli.errors import RetroError
 from retrocli.index import checked_shard_file, merge_top_k, shard_name, shard_record
 from retrocli.index_kinds import (
     IvfPqParams,
+    auto_knn_pq_bytes,
     auto_nlist,
+    check_pq_bytes,
     load_shard,
     train_recorded,
     write_shard,
@@ -60,6 +62,8 @@ from retrocli.options import (
 )
 from retrocli.progress import NullProgress, Progress
 from retrocli.sequences import chunk_rows, pad_id
+
+IVFPQ_ONLY = ("pq_bytes", "nprobe")  # options that shape only an ivfpq datastore
 
 
 @dataclass
@@ -122,6 +126,9 @@ def build_datastore(
                    "content_id": db.content_id}
     plan = plan_keys(db, model.config.seq_len)
     n, d = plan.num_keys, model.config.d_model
+    if options.kind == "ivfpq":  # checked now, not after hours of keys
+        options = replace(options, pq_bytes=options.pq_bytes or auto_knn_pq_bytes(d))
+        check_pq_bytes(d, options.pq_bytes)
     if n == 0:
         raise RetroError(f"{db.path}: no document has two tokens in a row; nothing to store")
     # an older or damaged manifest of ours is not the same datastore: replaced with --overwrite
@@ -166,10 +173,13 @@ def _describes(out: Path, manifest: dict, identity: dict, db_identity: dict, opt
         check_datastore_manifest(out / MANIFEST, manifest)
     except RetroError:
         return False
+    recorded = asdict(DatastoreOptions()) | manifest["options"]
+    wanted = asdict(options) | {"threads": manifest["options"].get("threads")}
+    if recorded["kind"] == wanted["kind"] == "hnsw":  # the ivfpq options shape nothing an hnsw store holds
+        for name in IVFPQ_ONLY:
+            recorded.pop(name), wanted.pop(name)
     return manifest["model"]["sha256"] == identity["sha256"] and \
-        manifest["db"]["content_id"] == db_identity["content_id"] and \
-        asdict(DatastoreOptions()) | manifest["options"] == \
-        asdict(options) | {"threads": manifest["options"].get("threads")}
+        manifest["db"]["content_id"] == db_identity["content_id"] and recorded == wanted
 
 
 def _compute_keys(db, model_dir, out: Path, manifest: dict, options: DatastoreOptions, progress, client,

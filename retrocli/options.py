@@ -108,7 +108,7 @@ DEFAULT_KNN_M = 16
 DEFAULT_KNN_EF_CONSTRUCTION = 100
 DEFAULT_KNN_SEED = 100
 DEFAULT_KNN_EF = 64
-DEFAULT_KNN_PQ_BYTES = 64
+DEFAULT_KNN_PQ_BYTES = 0  # auto: retrocli.index_kinds.auto_knn_pq_bytes(d_model)
 DEFAULT_KNN_NPROBE = 32
 DEFAULT_KNN_K = 16
 DEFAULT_KNN_WINDOWS = 8  # windows of seq_len tokens per forward pass while computing keys
@@ -186,7 +186,8 @@ class DatastoreOptions:
     kind: str = option(DEFAULT_INDEX_KIND, "hnsw (fp16 keys kept, HNSW over fp32 copies) or ivfpq (faiss IVF-PQ "
                                            "codes of --pq-bytes a key; the keys are dropped once indexed, and "
                                            "distances come from the codes)")
-    pq_bytes: int = option(DEFAULT_KNN_PQ_BYTES, "ivfpq: bytes of code a key (must divide the model's d_model)")
+    pq_bytes: int = option(DEFAULT_KNN_PQ_BYTES, "ivfpq: bytes of code a key (must divide the model's d_model; "
+                           "0: 96 where it divides d_model, else 64, else the largest of 48/32/16/8 that does)")
     nprobe: int = option(DEFAULT_KNN_NPROBE, "ivfpq: lists a search visits")
     # torch threads for the keys, hnswlib threads per shard (default: 1 per shard)
     threads: int | None = option(None, "Torch/hnswlib threads (default: all cores)")

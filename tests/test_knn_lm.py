@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -314,6 +315,21 @@ def test_a_datastore_of_a_copy_that_took_another_change_is_refused(trained, tiny
     assert result.exit_code == 2 and len(result.error_lines) == 1 and "rebuild it" in result.error_lines[0]
     with pytest.raises(RetroError, match="another model, DB content or options"):  # and not resumed as if same
         build_datastore(y, trained[0], out, SMALL)
+
+
+def test_the_code_size_is_chosen_from_the_model_width_and_checked_before_any_key(store, trained, tiny_db, tmp_path):
+    from retrocli.index_kinds import auto_knn_pq_bytes
+
+    assert [auto_knn_pq_bytes(d) for d in (576, 256, 384, 200, 7)] == [96, 64, 96, 8, 1]
+    with pytest.raises(RetroError, match="--pq-bytes: must divide"):
+        build_datastore(tiny_db, trained[0], tmp_path / "bad", replace(SMALL, kind="ivfpq", pq_bytes=7))
+    assert not (tmp_path / "bad").exists()  # refused before a key was computed
+    # an hnsw store is not rebuilt for options only an ivfpq store uses
+    copy = tmp_path / "copy"
+    shutil.copytree(store, copy)
+    before = (copy / "manifest.json").read_bytes()
+    assert build_datastore(tiny_db, trained[0], copy, replace(SMALL, pq_bytes=32, nprobe=8)) == copy
+    assert (copy / "manifest.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("temperature", ["1e-300", "1e300", "nan", "0"])
