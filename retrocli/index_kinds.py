@@ -157,14 +157,11 @@ def train_ivfpq(sample: np.ndarray, space: str, params: IvfPqParams, nlist: int,
     faiss = _faiss()
     dim = sample.shape[1]
     check_pq_bytes(dim, params.pq_bytes)
-    bits = pq_bits(len(sample))
+    sample_bits = pq_bits(len(sample))
     # fast scan needs 4-bit codes (16 centroids a sub-space, so ≥ 64 training points) and an even split
-    fast = params.fast_scan and bits >= 4 and dim % (2 * params.pq_bytes) == 0
-    if fast:
-        bits, subspaces, suffix = 4, 2 * params.pq_bytes, "fs"
-    else:
-        subspaces, suffix = params.pq_bytes, ""
-    opq = params.opq and len(sample) >= 1024  # OPQ trains an 8-bit PQ of its own (with faiss's fixed seeds)
+    fast = params.fast_scan and sample_bits >= 4 and dim % (2 * params.pq_bytes) == 0
+    bits, subspaces, suffix = (4, 2 * params.pq_bytes, "fs") if fast else (sample_bits, params.pq_bytes, "")
+    opq = params.opq and sample_bits == 8  # OPQ trains an 8-bit PQ of its own (with faiss's fixed seeds)
     factory = (f"OPQ{subspaces}," if opq else "") + f"IVF{nlist},PQ{subspaces}x{bits}{suffix}"
     faiss.omp_set_num_threads(threads)
     index = faiss.index_factory(dim, factory, _metric(space))
